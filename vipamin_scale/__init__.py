@@ -1,0 +1,1 @@
+"""vipamin_scale."""

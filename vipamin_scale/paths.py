@@ -1,0 +1,24 @@
+"""Where the project keeps things it makes once and reuses (converted weights, demo shards)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$VIPAMIN_SCALE_CACHE`, else `~/.cache/vipamin_scale`; created on first use."""
+    root = Path(os.environ.get("VIPAMIN_SCALE_CACHE", Path.home() / ".cache" / "vipamin_scale"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
