@@ -1,0 +1,219 @@
+"""Typed config schemas (Hydra ConfigStore) and the checks run before any compute.
+
+Every knob of the project is a field here. OmegaConf checks types when Hydra merges the YAML
+tree onto these dataclasses; `validate` checks values and cross-field rules. Either way a bad
+value becomes one `ConfigError` line naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message starts with the field's dotted name."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch14_dinov2"  # timm name or one of backbones.TINY_CONFIGS
+    img_size: int = 224
+    checkpoint: Optional[str] = None  # local file: MAE / MoCo-v3 / timm (.pth, .safetensors)
+    checkpoint_format: str = "auto"  # auto | mae | mocov3 | timm
+    pool: str = "cls"  # cls | mean | img_mean | prompt_mean
+
+
+@dataclass
+class PromptConfig:
+    kind: str = "vpt"  # vpt | bpt
+    length: int = 10  # P
+    deep: bool = True
+    dropout: float = 0.0
+    init_file: Optional[str] = None  # safetensors file with a `prompts` tensor (L_p, P, d)
+    bpt: str = "whiten_fixed"  # whiten_fixed | whiten_trainable | lowrank
+    bpt_rank: int = 32
+    bpt_init: str = "xavier"  # xavier | whiten (lowrank only)
+
+
+@dataclass
+class InitConfig:
+    method: str = "random"  # random | vipamin | spt
+    seed: int = 0
+    num_images: int = 256  # B; all training images when it exceeds the split
+    batch_size: int = 64  # how calibration images are streamed (never changes the result)
+    k: int = 8
+    lam: float = 0.5
+    subspace: str = "mean"  # mean | tokens
+    energy: float = 1.0  # fraction of sum sigma^2 kept by the row-space basis (<1 truncates)
+    official_compat: bool = False
+    ln_aware: bool = False
+    orth_scale: str = "match"  # match | raw
+    spt_mode: str = "kmeans"  # kmeans | rand | mean_pool | max_pool
+    spt_source: str = "patch_embed"  # patch_embed | pos_embedded
+    kmeans_iters: int = 50
+    bpt_eps: float = 1e-5
+    out: Optional[str] = None  # where `vipamin-scale init` writes the prompts file
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits (embedded demo, built on first use) | shards
+    root: Optional[str] = None  # directory of shards + classes.json + manifest.json
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_train_samples: Optional[int] = None  # keep the first N training samples (demo speed)
+    batch_size: int = 32  # per rank
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    mean: Optional[list[float]] = None  # override the model's normalization
+    std: Optional[list[float]] = None
+    augment: bool = False  # VTAB protocol: no augmentation
+    backend: str = "wds"  # wds | dali
+    on_error: str = "raise"  # raise | skip
+    max_skip: int = 0
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale
+    zero_stage: int = 0
+    activation_checkpointing: bool = False
+    ds_config: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.05  # base lr, scaled by global batch / 256 (as VPT)
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    eval_every: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: bool = False
+    keep_last: int = 2
+    log_every: int = 10
+    progress: bool = True
+    eval_split: str = "val"  # which split the per-epoch eval reads (val | test)
+    test_at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: Optional[str] = None  # output file of `init` / `diagnose`
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.checkpoint_format": ("auto", "mae", "mocov3", "timm"),
+    "model.pool": ("cls", "mean", "img_mean", "prompt_mean"),
+    "prompt.kind": ("vpt", "bpt"),
+    "prompt.bpt": ("whiten_fixed", "whiten_trainable", "lowrank"),
+    "prompt.bpt_init": ("xavier", "whiten"),
+    "init.method": ("random", "vipamin", "spt"),
+    "init.subspace": ("mean", "tokens"),
+    "init.orth_scale": ("match", "raw"),
+    "init.spt_mode": ("kmeans", "rand", "mean_pool", "max_pool"),
+    "init.spt_source": ("patch_embed", "pos_embedded"),
+    "data.name": ("digits", "shards"),
+    "data.backend": ("wds", "dali"),
+    "data.on_error": ("raise", "skip"),
+    "engine.name": ("ddp", "deepspeed", "fairscale"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.eval_split": ("val", "test"),
+}
+
+_POSITIVE = ("model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size",
+             "init.k", "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every",
+             "train.keep_last", "train.log_every")
+_NON_NEGATIVE = ("data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay",
+                 "train.warmup_epochs", "init.bpt_eps", "data.shuffle_buffer")
+_UNIT_INTERVAL = ("init.lam", "prompt.dropout")
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="vipamin_scale_schema", node=Config)
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted, throw_on_missing=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError naming the first bad field; cheap, runs before any compute."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0; got {_get(cfg, key)!r}")
+    for key in _UNIT_INTERVAL:
+        value = _get(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must lie in [0, 1]; got {value!r}")
+    if not 0.0 < cfg.init.energy <= 1.0:
+        raise ConfigError(f"init.energy: must lie in (0, 1]; got {cfg.init.energy!r}")
+    if cfg.init.official_compat and (cfg.init.ln_aware or cfg.init.orth_scale != "raw"):
+        raise ConfigError(
+            "init.official_compat: the public code's map has no norm1 and raw scale; "
+            "use the preset init=vipamin_official (official_compat=true, ln_aware=false, orth_scale=raw)")
+    for key in ("data.mean", "data.std"):
+        value = _get(cfg, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"{key}: must list 3 channel values; got {list(value)!r}")
+    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std: every value must be > 0; got {list(cfg.data.std)!r}")
+    if cfg.data.name == "shards" and not cfg.data.root:
+        raise ConfigError("data.root: required when data.name=shards (a directory written by `vipamin-scale shards`)")
+    if cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 0:
+        raise ConfigError(f"data.max_train_samples: must be > 0; got {cfg.data.max_train_samples!r}")
+    if cfg.prompt.kind == "bpt" and cfg.prompt.bpt != "lowrank" and cfg.prompt.bpt_init != "xavier":
+        raise ConfigError("prompt.bpt_init: `whiten` applies to prompt.bpt=lowrank only")
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        raise ConfigError(f"model.checkpoint: no such file: {cfg.model.checkpoint}")
+    if cfg.prompt.init_file is not None and not Path(cfg.prompt.init_file).is_file():
+        raise ConfigError(f"prompt.init_file: no such file: {cfg.prompt.init_file}")
+    if cfg.engine.zero_stage and cfg.engine.name != "deepspeed":
+        raise ConfigError(f"engine.zero_stage: ZeRO stages need engine.name=deepspeed; got engine.name={cfg.engine.name}")
+    if cfg.engine.ds_config is not None and not Path(cfg.engine.ds_config).is_file():
+        raise ConfigError(f"engine.ds_config: no such file: {cfg.engine.ds_config}")
+
+
+def default_config(**overrides: Any) -> DictConfig:
+    """The schema's defaults as a structured DictConfig, with dotted overrides: for tests and library use."""
+    cfg = OmegaConf.structured(Config)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, merge=False)
+    return cfg
+
+
+def merge_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
+    """Apply `a.b=c` overrides to a structured config, turning type errors into ConfigError."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as exc:  # e.g. ValidationError, ConfigKeyError
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,160 @@
+"""PromptedViT: a frozen timm ViT, visual prompts (shallow or deep) and a linear head.
+
+Token layout (spec): `[CLS, p_1..p_P, patch_1..patch_Np]`. Shallow: the prompts are inserted
+after CLS before block 0. Deep: additionally, positions `1..P` of the input of every block
+`l >= 1` are replaced by layer `l`'s prompts. timm's blocks run unchanged (fused attention on).
+
+Prompts come from a provider module returning a `(L_p, P, d)` tensor: `VPTPrompts` (a plain
+parameter) here, BPT's bilinear prompts elsewhere. Only the provider and the head train; the
+backbone is frozen and stays in eval mode even when the module is put in train mode.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+POOLS = ("cls", "mean", "img_mean", "prompt_mean")
+
+
+class VPTPrompts(nn.Module):
+    """Prompts as one trainable tensor `(L_p, P, d)`."""
+
+    def __init__(self, prompts: torch.Tensor):
+        super().__init__()
+        self.prompts = nn.Parameter(prompts.detach().clone().float())
+
+    def forward(self) -> torch.Tensor:
+        return self.prompts
+
+
+def xavier_uniform_bound(patch_size: tuple[int, int], dim: int) -> float:
+    """VPT's bound `v = sqrt(6 / (3·ph·pw + d))`."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
+
+
+class PromptedViT(nn.Module):
+    def __init__(self, backbone: VisionTransformer, num_classes: int, prompt_length: int, deep: bool,
+                 prompts: Optional[nn.Module] = None, dropout: float = 0.0, pool: str = "cls",
+                 seed: int = 0):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"model.pool: must be one of {', '.join(POOLS)}; got {pool!r}")
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.num_prompts = prompt_length
+        self.deep = deep
+        self.pool = pool
+        self.dim = backbone.embed_dim
+        self.depth = len(backbone.blocks)
+        self.num_prompt_layers = self.depth if deep else 1
+        if prompts is None:
+            prompts = VPTPrompts(random_prompts(self.num_prompt_layers, prompt_length, self.dim,
+                                                self.patch_size, seed))
+        self.prompt = prompts
+        self.prompt_dropout = nn.Dropout(dropout)
+        # `mean` pooling is MAE's setting: the average token goes through a LayerNorm of its own,
+        # trained with the head (MAE pretrain checkpoints carry no fc_norm).
+        self.fc_norm = nn.LayerNorm(self.dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        self.head = nn.Linear(self.dim, num_classes)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * 0.02)
+            self.head.bias.zero_()
+        self._check_prompt_shape(self.prompt())
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.patch_size)
+
+    @property
+    def prompt_shape(self) -> tuple[int, int, int]:
+        return (self.num_prompt_layers, self.num_prompts, self.dim)
+
+    def _check_prompt_shape(self, prompts: torch.Tensor, source: str = "prompt provider") -> None:
+        if tuple(prompts.shape) != self.prompt_shape:
+            raise ValueError(f"{source}: prompts of shape {tuple(prompts.shape)} do not fit this model, "
+                             f"which needs (L_p, P, d) = {self.prompt_shape} "
+                             f"({'deep' if self.deep else 'shallow'}, P={self.num_prompts}, d={self.dim})")
+
+    def train(self, mode: bool = True) -> "PromptedViT":
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, no drop-path, ever
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- forward ------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + CLS + position embedding: the `N_e` embedded tokens."""
+        bb = self.backbone
+        x = bb.patch_embed(x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def _prompt_tokens(self, prompts: torch.Tensor, layer: int, batch: int) -> torch.Tensor:
+        return self.prompt_dropout(prompts[layer].unsqueeze(0).expand(batch, -1, -1))
+
+    def forward_tokens(self, x: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens after the last block (before the final norm), `(B, 1 + P + N_p, d)`.
+
+        `prompts=None` uses the model's own; a tensor of the same shape may be passed instead
+        (the initializer's pass A runs the backbone with random prompts this way).
+        """
+        prompts = self.prompt() if prompts is None else prompts
+        x = self.embed(x)
+        B, P = x.shape[0], self.num_prompts
+        prompts = prompts.to(x.dtype)
+        x = torch.cat([x[:, :1], self._prompt_tokens(prompts, 0, B), x[:, 1:]], dim=1)
+        for layer, block in enumerate(self.backbone.blocks):
+            if self.deep and layer > 0:
+                x = torch.cat([x[:, :1], self._prompt_tokens(prompts, layer, B), x[:, 1 + P:]], dim=1)
+            x = block(x)
+        return x
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        P = self.num_prompts
+        if self.pool == "mean":
+            return self.fc_norm(x[:, 1:].mean(dim=1))
+        x = self.backbone.norm(x)
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "img_mean":
+            return x[:, 1 + P:].mean(dim=1)
+        return x[:, 1:1 + P].mean(dim=1)  # prompt_mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool_tokens(self.forward_tokens(x)))
+
+
+def random_prompts(num_layers: int, length: int, dim: int, patch_size: tuple[int, int], seed: int) -> torch.Tensor:
+    """VPT's Xavier-uniform prompts `(L_p, P, d)`, seeded (float32)."""
+    from vipamin_scale.init.random import xavier_prompts
+
+    return xavier_prompts(num_layers, length, dim, patch_size, seed).float()
+
+
+def load_prompts_file(path: str | Path, model: PromptedViT) -> torch.Tensor:
+    """The `prompts` tensor of a safetensors file, checked against the model's shape."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt.init_file: no such file: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        if "prompts" not in f.keys():
+            raise ValueError(f"prompt.init_file: {path} has no `prompts` tensor (has {sorted(f.keys())})")
+        prompts = f.get_tensor("prompts")
+    model._check_prompt_shape(prompts, source=f"prompt.init_file {path}")
+    return prompts.float()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
