@@ -1,0 +1,468 @@
+"""The CPU loader over WebDataset shards (`data.backend=wds`): tar reading by the `webdataset`
+library, PIL decoding, torch DataLoader workers.
+
+    loader = build_loader(cfg.data, "train", train=True, img_size=224, mean=m, std=s,
+                          rank=r, world_size=w, seed=cfg.train.seed)
+    for epoch in range(E):
+        loader.set_epoch(epoch)
+        for images, labels, keys in loader:   # float32 (B,3,H,W), int64 (B,), list[str]
+            ...
+
+How an epoch is cut (pure functions below, `plan_slot`; no torch, so another backend can reuse them)
+-----------------------------------------------------------------------------------------------
+A "slot" is one (rank, DataLoader worker) pair: world_size x max(1, data.num_workers) slots.
+The split's samples (after `limit`, which keeps the first `limit` in global write order) form one
+stream of N positions. The stream is cut into global batches of B, the global batches are dealt
+to ranks in contiguous blocks, and each rank's block to its workers in contiguous blocks (the
+worker that the DataLoader's round-robin visits last holds the rank's final batch); a worker
+reads only the shards that overlap its range, reading through (without decoding) the part of a
+boundary shard that belongs to its neighbour. So
+
+* with at least as many shards as slots, a worker reads about 1/slots of the data: a shard-level
+  split, except that boundaries may fall inside a shard, which keeps every slot exactly balanced;
+* with fewer shards than slots, several workers read the same shard and keep disjoint sample
+  ranges of it (the fallback; it costs at most one full read of the split per worker, and less
+  than striding by `index % slots`, which it replaces because it keeps each worker's samples
+  contiguous and its batch count exact).
+
+Either way every position belongs to exactly one slot.
+
+train=False (eval, calibration): the stream is the shards in manifest order. Every sample of
+  the split (after limit) is yielded exactly once per epoch across all ranks x workers, nothing
+  dropped. Global batches: ceil(N / B); only the very last one may be short, so each rank has at
+  most one short batch (its last). Ranks' batch counts differ by at most one. Order is
+  deterministic and independent of the epoch.
+train=True: per epoch, the shard order is permuted and the stream rotated by a random offset,
+  both from (seed, epoch) (identical on every rank, so the ranges stay disjoint); each worker
+  shuffles its range with a buffer of data.shuffle_buffer samples seeded by (seed, epoch, rank,
+  worker). Every rank yields the same number of full batches, floor(N / (world_size x B)) (an error
+  when N is less than one global batch); each sample at most once per epoch (the N mod (world x B)
+  positions at the end of the rotated stream are left out, a different set each epoch).
+  Iterating the same epoch twice gives the same batches in the same order, so a resumed run can
+  skip the first n batches and continue exactly. Augmentation (data.augment, off by default)
+  draws from a seed of (seed, epoch, key).
+Within a rank, the DataLoader takes batches from its workers round-robin, which is deterministic.
+The layout (world size, num_workers, batch size) is part of what decides the order.
+
+Bad data (data.on_error):
+* raise (default): the first problem stops the epoch with one `DataError` line naming the shard
+  file and the key (for an unreadable tar, the key it could not read): a corrupt image, a missing
+  or bad label, a truncated tar, a shard file listed in manifest.json but absent (checked when
+  the loader is built).
+* skip: the bad sample (or the unreadable rest of a shard, or a missing shard) is left out,
+  logged on the `vipamin_scale.data` logger, and counted per worker and epoch; more than
+  data.max_skip (0 = no limit) is an error. A batch is B consecutive positions of a worker's
+  (shuffled) stream whether or not they are good, so skipping shortens a batch but keeps the
+  batch count; a batch left with no good sample is dropped, which in training is an error (the
+  ranks would fall out of step).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key
+from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
+
+__all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
+           "plan_slot", "epoch_order", "limit_counts"]
+
+log = logging.getLogger("vipamin_scale.data")
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of shard number `shard` (positions inside the shard, write order)."""
+
+    shard: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What one (rank, worker) slot reads in one epoch, and how many batches it yields."""
+
+    segments: tuple[Segment, ...]
+    num_batches: int
+    num_samples: int
+
+
+def limit_counts(shard_counts: Sequence[int], limit: int | None) -> list[int]:
+    """Samples per shard when only the first `limit` samples (global write order) are kept."""
+    if limit is None:
+        return list(shard_counts)
+    out, left = [], limit
+    for c in shard_counts:
+        out.append(min(c, left))
+        left -= out[-1]
+    return out
+
+
+def _slice(order: Sequence[Segment], lo: int, hi: int) -> list[Segment]:
+    """The segments covering stream positions [lo, hi) of `order`."""
+    out, pos = [], 0
+    for seg in order:
+        a, b = max(lo, pos), min(hi, pos + len(seg))
+        if a < b:
+            out.append(Segment(seg.shard, seg.start + a - pos, seg.start + b - pos))
+        pos += len(seg)
+    return out
+
+
+def epoch_order(counts: Sequence[int], *, train: bool, seed: int, epoch: int) -> list[Segment]:
+    """The epoch's stream: shards in manifest order (eval), or permuted and rotated from (seed, epoch) (train)."""
+    order = [Segment(i, 0, c) for i, c in enumerate(counts) if c > 0]
+    if not train or not order:
+        return order
+    rng = random.Random(f"vipamin_scale.wds.order/{seed}/{epoch}")
+    rng.shuffle(order)
+    n = sum(counts)
+    offset = rng.randrange(n)
+    return _slice(order, offset, n) + _slice(order, 0, offset)
+
+
+def _blocks(total: int, parts: int) -> list[tuple[int, int]]:
+    """`total` items cut into `parts` contiguous (start, count) blocks, the first ones one larger."""
+    base, extra = divmod(total, parts)
+    out, start = [], 0
+    for p in range(parts):
+        n = base + (p < extra)
+        out.append((start, n))
+        start += n
+    return out
+
+
+def _worker_blocks(total: int, workers: int) -> list[tuple[int, int]]:
+    """A rank's `total` batches as contiguous (start, count) blocks per worker, sized as in `_blocks`,
+    laid out so that the worker the DataLoader's round-robin visits last holds the final block
+    (so a short final batch comes out last)."""
+    sizes = [n for _, n in _blocks(total, workers)]
+    extra = total % workers
+    last = extra - 1 if extra else workers - 1
+    starts, start = {}, 0
+    for w in [w for w in range(workers) if w != last] + [last]:
+        starts[w], start = start, start + sizes[w]
+    return [(starts[w], sizes[w]) for w in range(workers)]
+
+
+def global_batches(num_samples: int, batch_size: int, world_size: int, train: bool) -> tuple[int, int]:
+    """(global batches per epoch, stream positions used): all samples for eval, full batches for train."""
+    if train:
+        per_rank = num_samples // (world_size * batch_size)
+        return per_rank * world_size, per_rank * world_size * batch_size
+    return math.ceil(num_samples / batch_size), num_samples
+
+
+def plan_slot(counts: Sequence[int], *, batch_size: int, train: bool, world_size: int, rank: int,
+              num_workers: int, worker: int, seed: int, epoch: int) -> SlotPlan:
+    """What worker `worker` (of max(1, num_workers)) of `rank` reads in `epoch`; see the module docstring."""
+    slots = max(1, num_workers)
+    n_global, used = global_batches(sum(counts), batch_size, world_size, train)
+    rank_start, rank_n = _blocks(n_global, world_size)[rank]
+    w_start, w_n = _worker_blocks(rank_n, slots)[worker]
+    lo = (rank_start + w_start) * batch_size
+    hi = min((rank_start + w_start + w_n) * batch_size, used)
+    segments = _slice(epoch_order(counts, train=train, seed=seed, epoch=epoch), lo, hi)
+    return SlotPlan(tuple(segments), w_n, max(0, hi - lo))
+
+
+def rank_num_batches(num_samples: int, *, batch_size: int, train: bool, world_size: int, rank: int) -> int:
+    n_global, _ = global_batches(num_samples, batch_size, world_size, train)
+    return _blocks(n_global, world_size)[rank][1]
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Failure:
+    """A worker's DataError, passed through the DataLoader as data so the message stays one line."""
+
+    message: str
+
+
+class _Skips:
+    """data.on_error: raise the error, or count it (per worker and epoch) and go on."""
+
+    def __init__(self, on_error: str, max_skip: int, where: str):
+        self.on_error, self.max_skip, self.where, self.count = on_error, max_skip, where, 0
+
+    def bad(self, exc: DataError, n: int = 1) -> None:
+        if self.on_error != "skip":
+            raise exc
+        self.count += n
+        log.warning("skipped %d sample(s) (%d so far in %s): %s", n, self.count, self.where, exc)
+        if self.max_skip and self.count > self.max_skip:
+            raise DataError(f"{exc} [{self.count} bad samples in {self.where}, more than data.max_skip={self.max_skip}]")
+
+
+def _short(exc: BaseException) -> str:
+    """One line for an exception from the tar readers (webdataset appends the stream to its args)."""
+    text = str(exc.args[0]) if exc.args else ""
+    return f"{type(exc).__name__}: {text.split(' @ ')[0]}".rstrip(": ").splitlines()[0]
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning for palette transparency
+    return img.convert("RGB")
+
+
+def _aug_seed(seed: int, epoch: int, key: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+class _ShardStream(IterableDataset):
+    """Yields collated batches of one slot; the plan is made inside the worker (see plan_slot)."""
+
+    def __init__(self, *, root: Path, split: str, shards: list[str], shard_counts: list[int], counts: list[int],
+                 num_classes: int, batch_size: int, train: bool, world_size: int, rank: int, num_workers: int,
+                 seed: int, shuffle_buffer: int, transform: EvalTransform, augment: bool, on_error: str,
+                 max_skip: int):
+        super().__init__()
+        self.root, self.split, self.shards, self.shard_counts, self.counts = root, split, shards, shard_counts, counts
+        self.offsets = [sum(shard_counts[:i]) for i in range(len(shard_counts))]
+        self.num_classes, self.batch_size, self.train = num_classes, batch_size, train
+        self.world_size, self.rank, self.num_workers, self.seed = world_size, rank, num_workers, seed
+        self.shuffle_buffer, self.transform, self.augment = shuffle_buffer, transform, augment
+        self.on_error, self.max_skip = on_error, max_skip
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        try:
+            yield from self._batches(worker)
+        except DataError as exc:
+            yield _Failure(str(exc))
+
+    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        plan = plan_slot(self.counts, batch_size=self.batch_size, train=self.train, world_size=self.world_size,
+                         rank=self.rank, num_workers=self.num_workers, worker=worker, seed=self.seed,
+                         epoch=self.epoch)
+        skips = _Skips(self.on_error, self.max_skip,
+                       f"split {self.split} epoch {self.epoch} rank {self.rank} worker {worker}")
+        samples: Iterator[dict[str, Any]] = (s for seg in plan.segments for s in self._read(seg, skips))
+        if self.train and self.shuffle_buffer > 1:
+            rng = random.Random(f"vipamin_scale.wds.buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        made = positions = consumed = 0
+        for sample in samples:  # a batch is B consecutive positions; bad ones are left out of it
+            positions += 1
+            consumed += 1
+            if not sample.get("__lost__"):
+                try:
+                    image, label = self._decode(sample)
+                except DataError as exc:
+                    skips.bad(exc)
+                else:
+                    images.append(image)
+                    labels.append(label)
+                    keys.append(sample["__key__"])
+            if positions == self.batch_size or consumed == plan.num_samples:
+                if images:
+                    yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
+                    made += 1
+                images, labels, keys, positions = [], [], [], 0
+        if self.train and made < plan.num_batches:
+            raise DataError(f"{skips.count} bad samples left {skips.where} with {made} of {plan.num_batches} "
+                            f"batches; the ranks would fall out of step")
+
+    def _read(self, seg: Segment, skips: _Skips) -> Iterator[dict[str, Any]]:
+        """Samples [seg.start, seg.stop) of one shard, read with webdataset's tar iterators."""
+        path = self.root / self.shards[seg.shard]
+        expected = self.shard_counts[seg.shard]
+        if not path.is_file():
+            skips.bad(DataError(f"{path}: shard file missing (listed in {self.root / MANIFEST})"), len(seg))
+            yield from ({"__lost__": True} for _ in range(len(seg)))  # on_error=skip: keep the positions
+            return
+        pos = 0
+        with open(path, "rb") as stream:
+            files = tar_file_expander([{"url": str(path), "stream": stream}])
+            for_shard = group_by_keys(files)
+            while pos < seg.stop:
+                want = sample_key(self.split, self.offsets[seg.shard] + pos)
+                error = None
+                try:
+                    sample = next(for_shard)
+                except StopIteration:
+                    error = DataError(f"{path}: ends before key {want}, after {pos} of the {expected} samples "
+                                      f"{MANIFEST} lists: truncated shard?")
+                except Exception as exc:  # tarfile.ReadError, OSError, ... from the tar readers
+                    error = DataError(f"{path}: unreadable at key {want} (sample {pos} of {expected}): {_short(exc)}")
+                else:
+                    if sample["__key__"] != want:
+                        error = DataError(f"{path}: key {sample['__key__']} where {want} was expected: shard and "
+                                          f"{MANIFEST} do not match")
+                if error is not None:
+                    lost = seg.stop - max(pos, seg.start)
+                    skips.bad(error, lost)
+                    yield from ({"__lost__": True} for _ in range(lost))
+                    return
+                if pos >= seg.start:
+                    sample["__shard__"] = str(path)
+                    yield sample
+                pos += 1
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        where = f"{sample['__shard__']}: key {sample['__key__']}"
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            raise DataError(f"{where}: no image (.jpg or .png) in the sample; it has {fields}")
+        if "cls" not in sample:
+            raise DataError(f"{where}: no label (.cls) in the sample")
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise DataError(f"{where}: label {bytes(sample['cls'][:20])!r} is not an integer") from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{where}: label {label} outside [0, {self.num_classes})")
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                img = _rgb(im)
+        except Exception as exc:  # PIL raises many types for bad data
+            raise DataError(f"{where}: cannot decode the {ext} image ({type(exc).__name__}: {exc})") from None
+        seed = _aug_seed(self.seed, self.epoch, sample["__key__"]) if self.augment else None
+        return self.transform(img, seed), label
+
+
+# ----------------------------------------------------------------------------------- the loader
+
+
+class ShardLoader:
+    """Iterable of (images float32 (B,3,H,W), labels int64 (B,), keys list[str]) for one rank.
+
+    `len()` is the number of batches this rank yields per epoch (the same every epoch);
+    `num_samples` the split's size after `limit` (all ranks together).
+    """
+
+    def __init__(self, stream: _ShardStream, *, num_workers: int, pin_memory: bool):
+        self._stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.split = stream.split
+        self.train = stream.train
+        self.batch_size = stream.batch_size
+        self.num_samples = sum(stream.counts)
+        self._len = rank_num_batches(self.num_samples, batch_size=stream.batch_size, train=stream.train,
+                                     world_size=stream.world_size, rank=stream.rank)
+
+    @property
+    def epoch(self) -> int:
+        return self._stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration yields (shuffling and augmentation depend on it)."""
+        self._stream.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        if self.num_workers == 0:
+            source: Any = iter(self._stream)
+        else:  # fresh workers each epoch: they receive the current epoch with the dataset
+            source = iter(DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory, persistent_workers=False))
+        for item in source:
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            yield item
+
+    def __repr__(self) -> str:
+        s = self._stream
+        return (f"ShardLoader(split={s.split!r}, train={s.train}, num_samples={self.num_samples}, "
+                f"batch_size={s.batch_size}, batches={len(self)}, rank={s.rank}/{s.world_size}, "
+                f"workers={self.num_workers}, root={str(s.root)!r})")
+
+
+def resolve_root(data_cfg: Any) -> Path:
+    """The shard directory of a data config: the embedded digits demo (built on first use) or data.root."""
+    name = getattr(data_cfg, "name", "shards")
+    if name == "digits":
+        from vipamin_scale.data.digits import digits_root
+
+        return digits_root()
+    if name == "shards":
+        root = getattr(data_cfg, "root", None)
+        if not root:
+            raise DataError("data.root: required when data.name=shards (a directory written by `vipamin-scale shards`)")
+        return Path(root)
+    raise DataError(f"data.name: must be digits or shards; got {name!r}")
+
+
+def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
+                 std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 limit: int | None = None, batch_size: int | None = None) -> ShardLoader:
+    """The loader of one split for one rank; semantics in the module docstring.
+
+    mean/std: the model's normalization; data.mean/data.std override them when set.
+    batch_size: per rank; default data.batch_size (train) or data.eval_batch_size (eval).
+    limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit: must be > 0 or None; got {limit}")
+    if batch_size is None:
+        batch_size = int(data_cfg.batch_size if train else data_cfg.eval_batch_size)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size: must be > 0; got {batch_size}")
+    root = resolve_root(data_cfg)
+    info = dataset_info(root)
+    if split not in info["splits"]:
+        raise DataError(f"{root / MANIFEST}: no split {split!r}; it has {sorted(info['splits'])}")
+    entry = info["splits"][split]
+    counts = limit_counts(entry["shard_counts"], limit)
+    num_samples = sum(counts)
+    if num_samples == 0:
+        raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
+    if train and num_samples < world_size * batch_size:
+        raise DataError(f"{root / MANIFEST}: split {split!r} has {num_samples} samples, fewer than one global "
+                        f"batch ({world_size} ranks x {batch_size}); lower data.batch_size")
+    on_error = getattr(data_cfg, "on_error", "raise")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
+    if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
+        for name, c in zip(entry["shards"], counts):
+            if c and not (root / name).is_file():
+                raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+    data_mean = getattr(data_cfg, "mean", None)
+    data_std = getattr(data_cfg, "std", None)
+    mean = list(data_mean) if data_mean is not None else list(mean)
+    std = list(data_std) if data_std is not None else list(std)
+    augment = bool(train and getattr(data_cfg, "augment", False))
+    transform = train_transform(img_size, mean, std, augment=True) if augment else eval_transform(img_size, mean, std)
+    num_workers = int(getattr(data_cfg, "num_workers", 0))
+    stream = _ShardStream(
+        root=root, split=split, shards=list(entry["shards"]), shard_counts=list(entry["shard_counts"]),
+        counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train,
+        world_size=world_size, rank=rank, num_workers=num_workers, seed=seed,
+        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)), transform=transform, augment=augment,
+        on_error=on_error, max_skip=int(getattr(data_cfg, "max_skip", 0) or 0))
+    pin_memory = bool(getattr(data_cfg, "pin_memory", torch.cuda.is_available()))
+    return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
