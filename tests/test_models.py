@@ -98,13 +98,11 @@ def test_prompt_dropout_only_in_train_mode():
 # -- checkpoints --------------------------------------------------------------------------------
 
 def _reference_backbone():
-    torch.manual_seed(123)
-    return build_backbone(NAME)
+    return build_backbone(NAME, init_seed=123)
 
 
 def _fresh_equal(path, fmt="auto"):
-    torch.manual_seed(7)
-    fresh = build_backbone(NAME)
+    fresh = build_backbone(NAME, init_seed=7)
     load_checkpoint(fresh, path, fmt)
     return fresh
 
@@ -182,11 +180,17 @@ def test_pos_embed_resampled_for_other_resolution(tmp_path):
     torch.testing.assert_close(big.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
 
 
-def test_backbone_frozen_and_random_init_logged(caplog):
+def test_backbone_frozen_seeded_and_random_init_logged(caplog):
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
     with caplog.at_level("INFO", logger="vipamin_scale.models.backbones"):
         bb = build_backbone(NAME)
     assert "randomly initialized" in caplog.text
     assert not any(p.requires_grad for p in bb.parameters())
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.manual_seed(2)
+    _assert_same_weights(build_backbone(NAME), bb)  # same on every rank / process
+    assert not torch.equal(build_backbone(NAME, init_seed=1).pos_embed, bb.pos_embed)
 
 
 # -- prompt files ---------------------------------------------------------------------------------

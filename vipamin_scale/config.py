@@ -77,7 +77,7 @@ class DataConfig:
     augment: bool = False  # VTAB protocol: no augmentation
     backend: str = "wds"  # wds | dali
     on_error: str = "raise"  # raise | skip
-    max_skip: int = 0
+    max_skip: int = 0  # with on_error=skip: fail once more samples than this were skipped (0 = no limit)
 
 
 @dataclass

@@ -36,18 +36,24 @@ class CheckpointError(RuntimeError):
 
 
 def build_backbone(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
-                   checkpoint_format: str = "auto") -> VisionTransformer:
-    """A frozen timm ViT (eval mode, requires_grad False) with no classifier head."""
+                   checkpoint_format: str = "auto", init_seed: int = 0) -> VisionTransformer:
+    """A frozen timm ViT (eval mode, requires_grad False) with no classifier head.
+
+    Random initialization is seeded (`init_seed`, in a forked RNG that leaves the caller's
+    stream alone): every rank and every process builds the same backbone.
+    """
     kwargs = dict(num_classes=0, global_pool="token")
-    if name in TINY_CONFIGS:
-        cfg = dict(TINY_CONFIGS[name])
-        if img_size is not None:
-            cfg["img_size"] = img_size
-        model = VisionTransformer(**cfg, **kwargs)
-    else:
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        if name in TINY_CONFIGS:
+            cfg = dict(TINY_CONFIGS[name])
+            if img_size is not None:
+                cfg["img_size"] = img_size
+            model = VisionTransformer(**cfg, **kwargs)
+        else:
+            if img_size is not None:
+                kwargs["img_size"] = img_size
+            model = timm.create_model(name, pretrained=False, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model.name: {name} is not a timm VisionTransformer")
     if model.num_prefix_tokens != 1 or not model.has_class_token:

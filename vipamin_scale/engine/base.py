@@ -1,0 +1,172 @@
+"""The small interface the train loop uses, whatever hosts the model.
+
+An engine wraps a plain `PromptedViT` and its optimizer. The loop only calls `forward`,
+`backward`, `step`, `trainable_state` and `load_trainable_state`: torch DDP, DeepSpeed ZeRO and
+fairscale all fit behind it. The trainable state is engine-neutral (parameter names of the
+unwrapped model, optimizer moments by the same names), so a run saved under one engine and world
+size resumes under another.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from vipamin_scale import distributed as D
+from vipamin_scale.config import ConfigError
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """lr multiplier: linear warmup from ~0 to 1, then cosine to 0 (VPT's schedule)."""
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in name order; biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The optimizer every engine uses (plain torch AdamW, so the numbers agree across engines)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+
+
+def require_blocks(model: nn.Module) -> None:
+    """Activation checkpointing works per transformer block: the model must have some."""
+    blocks = getattr(getattr(model, "backbone", None), "blocks", None)
+    if not hasattr(model, "set_grad_checkpointing") or blocks is None or len(blocks) == 0:
+        raise ConfigError(f"engine.activation_checkpointing: {type(model).__name__} has no transformer blocks "
+                          f"(backbone.blocks) to checkpoint; set engine.activation_checkpointing=false")
+
+
+def set_lr_from_scheduler(optimizer, scheduler) -> None:
+    """A scheduler's state does not carry the optimizer's current lr; put it back after a load."""
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names in the order `param_groups` puts them (decay group first, then no-decay)."""
+    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
+    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+
+
+class Engine:
+    """Base: single process or torch DDP. Subclasses override `_wrap` and the state methods."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, total_steps: int,
+                 warmup_steps: int, device: torch.device, precision: str = "fp32",
+                 activation_checkpointing: bool = False):
+        self.model = model.to(device)
+        self.device = device
+        self.precision = precision
+        self.names = trainable_names(model)
+        if activation_checkpointing:
+            require_blocks(model)
+            self._enable_activation_checkpointing(model)
+        self.optimizer = self._build_optimizer(model, lr, weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        self.module = self._wrap(self.model)
+
+    def _enable_activation_checkpointing(self, model: nn.Module) -> None:
+        model.set_grad_checkpointing(True)  # torch.utils.checkpoint per block, non-reentrant
+
+    def _build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return adamw(model, lr, weight_decay)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if D.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.module(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def pad_eval(self, num_batches: int) -> None:
+        """Called by every rank before its `num_batches` eval batches; engines whose forward is a
+        collective (ZeRO-3) run throw-away forwards here so every rank runs the same count."""
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- engine-neutral state -------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Any]:
+        params = dict(self.model.named_parameters())
+        opt = self.optimizer.state_dict()
+        moments = {}
+        flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
+        for name, idx in zip(self.names, flat_ids):
+            if idx in opt["state"]:
+                moments[name] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                 for k, v in opt["state"][idx].items()}
+        return {
+            "params": {n: params[n].detach().cpu().clone() for n in self.names},
+            "optimizer": moments,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(self.names) - set(state["params"]))
+        if missing:
+            raise KeyError(f"checkpoint: trainable parameters missing: {', '.join(missing)}")
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(state["params"][n].to(params[n].device))
+        opt = self.optimizer.state_dict()
+        flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
+        opt["state"] = {idx: {k: v.to(self.device) if torch.is_tensor(v) and v.ndim > 0 else v
+                              for k, v in state["optimizer"][name].items()}
+                        for name, idx in zip(self.names, flat_ids) if name in state["optimizer"]}
+        self.optimizer.load_state_dict(opt)
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_lr_from_scheduler(self.optimizer, self.scheduler)
+
+
+def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr: float) -> Engine:
+    name = cfg.engine.name
+    if name == "ddp":
+        return Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
+                      activation_checkpointing=cfg.engine.activation_checkpointing)
+    if name == "deepspeed":
+        from vipamin_scale.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, lr, total_steps, warmup_steps)
+    if name == "fairscale":
+        from vipamin_scale.engine.fairscale import FairscaleEngine
+
+        return FairscaleEngine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(),
+                               cfg.train.precision, activation_checkpointing=cfg.engine.activation_checkpointing,
+                               offload_activations=bool(OmegaConf.select(cfg, "engine.offload_activations",
+                                                                         default=False)))
+    raise ConfigError(f"engine.name: must be one of ddp, deepspeed, fairscale; got {name!r}")

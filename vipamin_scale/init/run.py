@@ -1,0 +1,315 @@
+"""`vipamin-scale init` and `vipamin-scale diagnose`: the initializer's I/O around the pure math.
+
+run_init(cfg, out) — works unchanged under torchrun:
+  1. every rank reads its own contiguous block of the B calibration images (first B of the
+     training split, eval transform); the union is exactly the B images for any world size;
+  2. capture (`capture.py`) → per-layer sums → all-reduce (`sharded.reduce_means`);
+  3. per-layer math on rank `l mod world` (VIPAMIN) or collectively over the sharded tokens
+     (SPT k-means / rand draw, `linalg/`), gathered to `(L_p, P, d)` on every rank;
+  4. rank 0 writes the safetensors file atomically: tensors `prompts`, `random` (+ `match`,
+     `orth` for VIPAMIN) and metadata (options, per-layer energies, B, key fingerprint, world
+     size, wall time per phase). A failure anywhere leaves no file behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from vipamin_scale import distributed as D
+from vipamin_scale.config import validate
+from vipamin_scale.data import build_loader
+from vipamin_scale.init import spt as spt_math
+from vipamin_scale.init import vipamin as vip
+from vipamin_scale.init.capture import CaptureSpec, LayerSums, capture_layer_stats
+from vipamin_scale.init.random import xavier_prompts
+from vipamin_scale.init.sharded import map_layers, reduce_means
+from vipamin_scale.models import build_model, normalization
+from vipamin_scale.models.prompted import PromptedViT
+from vipamin_scale.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+class Calibration:
+    """The first B training images (eval transform), each rank reading its own contiguous block.
+
+    The loader's eval mode deals contiguous sample ranges to ranks, disjoint and covering the B
+    images exactly, whatever the world size. Iterating yields image batches; `keys` collects
+    this rank's sample keys in stream order (canonical order = sorted keys).
+    """
+
+    def __init__(self, cfg: DictConfig, model: PromptedViT):
+        mean, std = normalization(cfg, model.backbone)
+        self.loader = build_loader(cfg.data, cfg.data.train_split, train=False, img_size=cfg.model.img_size,
+                                   mean=mean, std=std, rank=D.rank(), world_size=D.world_size(),
+                                   limit=cfg.init.num_images, batch_size=cfg.init.batch_size)
+        self.B = self.loader.num_samples
+        self.keys: list[str] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.keys = []
+        for images, _labels, keys in self.loader:
+            self.keys.extend(keys)
+            yield images
+
+    def fingerprint(self) -> str:
+        parts: list = [self.keys]
+        if D.is_dist():
+            parts = [None] * D.world_size()
+            torch.distributed.all_gather_object(parts, self.keys)
+        keys = sorted(k for part in parts for k in part)
+        return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def _layer_weights(model: PromptedViT, layer: int) -> dict[str, torch.Tensor]:
+    blk = model.backbone.blocks[layer]
+    d = model.dim
+    W = blk.attn.qkv.weight.detach().double()  # (3d, d)
+    b = blk.attn.qkv.bias
+    b = torch.zeros(3 * d, dtype=torch.float64) if b is None else b.detach().double()
+    return {"W_Q": W[:d], "W_K": W[d:2 * d], "W_V": W[2 * d:], "b_V": b[2 * d:],
+            "gamma": blk.norm1.weight.detach().double(), "beta": blk.norm1.bias.detach().double(),
+            "ln_eps": float(blk.norm1.eps)}
+
+
+def _prepare(cfg: DictConfig) -> PromptedViT:
+    validate(cfg)
+    D.init_from_env()
+    return build_model(cfg, num_classes=1)
+
+
+def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int) -> torch.Tensor:
+    """This rank's tokens of `layer` `(n_img·N_p, d)` in canonical (key) order."""
+    X = torch.cat(sums.tokens[layer])
+    per = X.shape[0] // max(len(keys), 1)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return X.reshape(len(keys), per, -1)[order].reshape(-1, X.shape[-1]) if keys else X
+
+
+def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
+    out = Path(out)
+    model = _prepare(cfg)
+    icfg = cfg.init
+    L_p, P, d = model.prompt_shape
+    rows = list(range(L_p))  # prompt row l is inserted before block l
+    N_p = model.backbone.patch_embed.num_patches
+    if icfg.method == "vipamin":
+        vip.validate_vipamin_options(icfg.k, icfg.lam, icfg.official_compat, icfg.ln_aware, icfg.orth_scale, N_p=N_p)
+    R = xavier_prompts(L_p, P, d, model.patch_size, icfg.seed)  # (L_p, P, d) float64
+    times: dict[str, float] = {}
+    calib = Calibration(cfg, model)
+    method = icfg.method
+    tsqr_acc: dict[int, Any] = {}
+    if method == "vipamin" and icfg.subspace == "tokens":
+        from vipamin_scale.linalg import StreamingTSQR
+
+        tsqr_acc = {l: StreamingTSQR(d) for l in rows}
+    spec = CaptureSpec(
+        layers=rows,
+        match=method == "vipamin",
+        attn_out=method == "vipamin" and icfg.subspace == "mean",
+        tokens=method == "spt",
+        token_source=icfg.spt_source,
+        row_sink=(lambda l, s: tsqr_acc[l].update(s)) if tsqr_acc else None,
+    )
+
+    t = time.perf_counter()
+    sums = LayerSums()
+    if method != "random":
+        with _progress(len(calib.loader), "calibration") as bar:
+            sums = capture_layer_stats(model, calib, R.float(), spec, progress=lambda n: bar.update(1))
+    else:
+        sums.count = calib.B if D.rank() == 0 else 0
+    times["capture_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    B, means = reduce_means(sums)
+    Q_tokens = {}
+    for l, acc in tsqr_acc.items():  # collective, layer by layer
+        svals, V = acc.finalize()
+        Q_tokens[l] = vip.basis_from_svd(svals, V, icfg.energy)
+    times["allreduce_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tensors: dict[str, torch.Tensor] = {"random": R}
+    layer_info: dict[int, dict] = {}
+    if method == "random":
+        tensors["prompts"] = R
+    elif method == "vipamin":
+        def compute(l: int) -> dict:
+            w = _layer_weights(model, l)
+            res = vip.vipamin_layer(
+                E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
+                S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
+                energy=icfg.energy if icfg.energy < 1 else None, gamma=w["gamma"], beta=w["beta"],
+                official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
+                layer=l, ln_eps=w["ln_eps"])
+            return {"prompts": res.prompts, "match": res.match, "orth": res.orth, "info": res.info}
+
+        shapes = {name: (P, d) for name in ("prompts", "match", "orth")}
+        gathered, layer_info = map_layers(rows, compute, shapes)
+        tensors.update(gathered)
+    elif method == "spt":
+        tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d)
+    times["math_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fingerprint = calib.fingerprint()
+    times["gather_s"] = time.perf_counter() - t
+    meta = {
+        "method": method, "model": cfg.model.name, "img_size": cfg.model.img_size, "deep": cfg.prompt.deep,
+        "prompt_length": P, "num_layers": L_p, "B": B, "keys_sha256": fingerprint, "world_size": D.world_size(),
+        "seed": icfg.seed, "wall_times": times,
+    }
+    if method == "vipamin":
+        meta.update(k=icfg.k, lam=icfg.lam, subspace=icfg.subspace, energy=icfg.energy,
+                    official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
+                    layers=layer_info)
+    if method == "spt":
+        meta.update(spt_mode=icfg.spt_mode, spt_source=icfg.spt_source, kmeans_iters=icfg.kmeans_iters)
+    if D.rank() == 0:
+        write_prompts_file(out, tensors, meta)
+        log.info("init %s: wrote %s (prompts %s, B=%d, world %d; capture %.2fs, math %.2fs)", method, out,
+                 tuple(tensors["prompts"].shape), B, D.world_size(), times["capture_s"], times["math_s"])
+    D.barrier()
+    return {"prompts": tensors["prompts"].float(), "tensors": tensors, "meta": meta}
+
+
+def _spt_prompts(cfg: DictConfig, sums: LayerSums, keys: list[str], rows: list[int], P: int, d: int) -> torch.Tensor:
+    from vipamin_scale.linalg import distributed_rand_draw, kmeans
+
+    icfg = cfg.init
+    out = torch.zeros((len(rows), P, d), dtype=torch.float64)
+    for i, l in enumerate(rows):  # collective per layer: the tokens stay sharded
+        X = _sorted_tokens(sums, keys, l).double() if sums.tokens.get(l) else torch.zeros((0, d), dtype=torch.float64)
+        seed = icfg.seed + 1000 * l
+        if icfg.spt_mode == "kmeans":
+            out[i] = kmeans(X, P, seed=seed, iters=icfg.kmeans_iters).centroids
+        elif icfg.spt_mode == "rand":
+            out[i] = distributed_rand_draw(X, P, seed)
+        else:
+            n_img = len(keys)
+            pooled = spt_math.pool_windows(X.reshape(n_img, -1, d), P, icfg.spt_mode.split("_")[0])
+            out[i] = distributed_rand_draw(pooled.reshape(-1, d), P, seed)
+    return out
+
+
+def write_prompts_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().float().contiguous() for k, v in tensors.items()},
+                metadata={k: json.dumps(v) for k, v in meta.items()})
+    atomic_write_bytes(Path(path), data)
+
+
+def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+class _progress:
+    """tqdm over this rank's calibration batches on rank 0 (a no-op bar elsewhere)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="batch", disable=D.rank() != 0, mininterval=2.0, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+
+# -- diagnose ---------------------------------------------------------------------------------
+
+def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
+    """Attention entropy, projection energy (after norm1 and without) and scale, per layer, of
+    the given prompts (prompt.init_file, or computed with init.method) next to random prompts
+    of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir)."""
+    from vipamin_scale.init.diagnostics import projection_energy, value_vectors
+
+    model = _prepare(cfg)
+    L_p, P, d = model.prompt_shape
+    out_dir = Path(cfg.train.out_dir)
+    out = Path(cfg.out) if cfg.out else out_dir / "diagnostics.json"
+    if cfg.prompt.init_file:
+        prompts = model.prompt().detach().double()
+        label = Path(cfg.prompt.init_file).stem
+    else:
+        prompts = run_init(cfg, out.with_name(out.stem + ".prompts.safetensors"))["tensors"]["prompts"]
+        label = cfg.init.method
+    R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)
+    candidates = {label: prompts} if label == "random" else {label: prompts, "random": R}
+    rows = list(range(L_p))
+    calib = Calibration(cfg, model)
+    heads = model.backbone.blocks[0].attn.num_heads
+    n_tokens = 1 + P + model.backbone.patch_embed.num_patches
+
+    _, base = reduce_means(capture_layer_stats(model, calib, R.float(), CaptureSpec(layers=rows, attn_out=True)))
+    report: dict[str, Any] = {"layers": rows, "methods": {}, "B": calib.B, "prompt_shape": [L_p, P, d]}
+    for name, p in candidates.items():
+        B, m = reduce_means(capture_layer_stats(model, calib, p.float(), CaptureSpec(layers=rows, entropy=True)))
+        per = {"entropy": [], "entropy_norm": [], "energy_norm1": [], "energy_raw": [], "scale": []}
+        for l in rows:
+            w = _layer_weights(model, l)
+            Q = vip.row_space_basis(base["S"][l])
+            u = value_vectors(p[l], w["W_V"], w["b_V"], norm=(w["gamma"], w["beta"], w["ln_eps"]))
+            H = (m["H"][l] / (heads * P)).item()
+            per["entropy"].append(H)
+            per["entropy_norm"].append(H / torch.log(torch.tensor(float(n_tokens))).item())
+            per["energy_norm1"].append(float(projection_energy(u.norm1, Q)))
+            per["energy_raw"].append(float(projection_energy(u.raw, Q)))
+            per["scale"].append((p[l].norm(dim=-1).mean() / m["T"][l]).item())
+        report["methods"][name] = per
+    if D.rank() == 0:
+        print(format_diagnostics(report))
+        atomic_write_bytes(out, json.dumps(report, indent=2).encode())
+        plot_diagnostics(report, out.with_suffix(".png"))
+        log.info("diagnostics written to %s and %s", out, out.with_suffix(".png"))
+    D.barrier()
+    return report
+
+
+_COLUMNS = (("entropy_norm", "H/lnN"), ("energy_norm1", "E(norm1)"), ("energy_raw", "E(raw)"), ("scale", "scale"))
+
+
+def format_diagnostics(report: dict[str, Any]) -> str:
+    names = list(report["methods"])
+    head = "| layer | " + " | ".join(f"{n} {c}" for n in names for _, c in _COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) * len(_COLUMNS))]
+    for i, l in enumerate(report["layers"]):
+        cells = [f"{report['methods'][n][key][i]:.3f}" for n in names for key, _ in _COLUMNS]
+        lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_diagnostics(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(_COLUMNS), figsize=(4 * len(_COLUMNS), 3.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, _COLUMNS):
+        for name, per in report["methods"].items():
+            ax.plot(report["layers"], per[key], marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+    axes[0].legend()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,248 @@
+"""One training loop, engine-agnostic: initialize prompts, train, evaluate, checkpoint, resume, log.
+
+    run_training(cfg) -> result dict (also written to `<out_dir>/result.json`)
+
+Per epoch: every rank runs the same number of steps (the loader guarantees it), the loss is
+averaged over ranks for logging, top-1 accuracy is computed over the whole eval split (counts
+all-reduced). A checkpoint is written at the end of every epoch (rank 0, atomic, last K kept);
+`train.resume=true` continues from the newest one, skipping the steps already taken in a
+partial epoch, so a resumed run ends where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vipamin_scale import checkpoint as ckpt
+from vipamin_scale import distributed as D
+from vipamin_scale.config import validate
+from vipamin_scale.data import build_loader, dataset_info, resolve_root
+from vipamin_scale.engine.base import build_engine
+from vipamin_scale.models import build_model, normalization
+from vipamin_scale.models.prompted import cross_entropy
+from vipamin_scale.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+# Fault injection for tests of resume and elastic restarts: the process kills itself (SIGKILL, no
+# clean-up, exactly like a lost node) right after this global step. Optional rank filter.
+KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
+KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """`metrics.jsonl` (one JSON object a line) and TensorBoard scalars, rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key not in ("step", "epoch", "event") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{record.get('event', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@torch.no_grad()
+def evaluate(engine, loader) -> dict[str, float]:
+    engine.model.eval()
+    correct = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    engine.pad_eval(len(loader))  # ZeRO-3: ranks with fewer eval batches join the others' collectives
+    for images, labels, _ in loader:
+        images, labels = images.to(engine.device), labels.to(engine.device)
+        logits = engine.forward(images)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double().cpu()
+        correct += (logits.argmax(dim=1) == labels).sum().double().cpu()
+        total += labels.numel()
+    stats = torch.stack([correct, total, loss_sum])
+    D.all_reduce_sum(stats)
+    correct, total, loss_sum = stats.tolist()
+    return {"acc": correct / max(total, 1.0), "loss": loss_sum / max(total, 1.0), "count": int(total)}
+
+
+def initial_prompts(cfg: DictConfig, out_dir: Path) -> Optional[torch.Tensor]:
+    """Run the configured initializer when prompts are not given by a file; None means random."""
+    if cfg.prompt.init_file or cfg.init.method == "random":
+        return None
+    from vipamin_scale.init.run import run_init
+
+    path = out_dir / "prompts.safetensors"
+    result = run_init(cfg, path)
+    return result["prompts"]
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg)
+    D.init_from_env()
+    rank, world = D.rank(), D.world_size()
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume_from = ckpt.latest(ckpt_dir) if cfg.train.resume or restarted else None
+    seed_everything(cfg.train.seed)
+
+    root = resolve_root(cfg.data)
+    info = dataset_info(root)
+    num_classes = int(info["num_classes"])
+
+    t0 = time.perf_counter()
+    prompts = None if resume_from is not None else initial_prompts(cfg, out_dir)
+    init_time = time.perf_counter() - t0
+    model = build_model(cfg, num_classes, prompts=prompts)
+    seed_everything(cfg.train.seed)  # the initializer must not shift training's random stream
+    mean, std = normalization(cfg, model.backbone)
+    img_size = cfg.model.img_size
+    train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=img_size, mean=mean, std=std,
+                                rank=rank, world_size=world, seed=cfg.train.seed, limit=cfg.data.max_train_samples)
+    eval_loader = build_loader(cfg.data, getattr(cfg.data, f"{cfg.train.eval_split}_split"), train=False,
+                               img_size=img_size, mean=mean, std=std, rank=rank, world_size=world)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+    global_batch = cfg.data.batch_size * world
+    lr = cfg.train.lr * global_batch / 256.0
+    num_trainable = sum(p.numel() for p in model.trainable_parameters())  # before ZeRO-3 partitions them
+    engine = build_engine(cfg, model, total_steps, warmup_steps, lr)
+
+    start_epoch, skip_steps, global_step, best = 0, 0, 0, {"acc": -1.0, "epoch": -1}
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        engine.load_trainable_state(state["trainable"])
+        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start_epoch, skip_steps, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        best = state.get("best", best)
+        if skip_steps >= steps_per_epoch:
+            start_epoch, skip_steps = start_epoch + 1, 0
+        if rank == 0:
+            log.info("resumed from %s (epoch %d, step %d)", resume_from, start_epoch, global_step)
+
+    metrics = MetricsLog(out_dir, enabled=rank == 0)
+    if rank == 0:
+        OmegaConf.save(cfg, out_dir / "config.resolved.yaml", resolve=True)
+        log.info("model %s: %d trainable parameters (prompts %s + head), lr %.3g (base %.3g x %d/256), "
+                 "%d steps/epoch, world %d", cfg.model.name, num_trainable, tuple(model.prompt_shape), lr,
+                 cfg.train.lr, global_batch, steps_per_epoch, world)
+
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
+    kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
+    progress = _progress(total_steps, global_step, enabled=cfg.train.progress and rank == 0)
+    train_time, images_seen, last_eval = 0.0, 0, {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)
+        engine.model.train()
+        t_epoch = time.perf_counter()
+        loss_acc, loss_n = torch.zeros(2, dtype=torch.float64), 0
+        for i, (images, labels, _) in enumerate(train_loader):
+            if i < skip_steps:
+                continue
+            images, labels = images.to(engine.device), labels.to(engine.device)
+            loss = cross_entropy(engine.forward(images), labels)
+            engine.backward(loss)
+            engine.step()
+            global_step += 1
+            images_seen += labels.numel() * world
+            loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            loss_n += 1
+            progress.update(1)
+            if global_step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
+                D.all_reduce_sum(loss_acc)
+                mean_loss = (loss_acc[0] / loss_acc[1]).item()
+                progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+                metrics.write({"event": "train", "epoch": epoch, "step": global_step, "loss": mean_loss, "lr": engine.lr})
+                loss_acc.zero_()
+            if global_step == kill_at and kill_rank in (-1, rank):
+                os.kill(os.getpid(), signal.SIGKILL)
+        skip_steps = 0
+        train_time += time.perf_counter() - t_epoch
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            last_eval = evaluate(engine, eval_loader)
+            if last_eval["acc"] > best["acc"]:
+                best = {"acc": last_eval["acc"], "epoch": epoch}
+            metrics.write({"event": cfg.train.eval_split, "epoch": epoch, "step": global_step, **last_eval})
+            if rank == 0:
+                log.info("epoch %d: %s acc %.4f loss %.4f", epoch, cfg.train.eval_split, last_eval["acc"], last_eval["loss"])
+        save_checkpoint(cfg, engine, ckpt_dir, epoch + 1, 0, global_step, best)
+    progress.close()
+
+    result: dict[str, Any] = {
+        "method": cfg.init.method if not cfg.prompt.init_file else "file",
+        "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep,
+        "best_val": best, "final_eval": last_eval, "trainable_params": num_trainable,
+        "init_time_s": init_time, "train_time_s": train_time,
+        "images_per_s": images_seen / train_time if train_time > 0 else None,
+        "world_size": world, "steps": global_step,
+        "prompt_params": sum(p.numel() for p in model.prompt.parameters() if p.requires_grad), "vpt_prompt_params": int(np.prod(model.prompt_shape)),
+    }
+    if cfg.train.test_at_end:
+        test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, img_size=img_size, mean=mean,
+                                   std=std, rank=rank, world_size=world)
+        result["test"] = evaluate(engine, test_loader)
+        metrics.write({"event": "test", "step": global_step, **result["test"]})
+    if rank == 0:
+        atomic_write_bytes(out_dir / "result.json", json.dumps(result, indent=2).encode())
+    metrics.close()
+    result["model"] = engine.model
+    return result
+
+
+def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int, best) -> None:
+    """Every rank's RNG state is gathered; rank 0 writes (the trainable state is replicated)."""
+    rngs = _gather_objects(ckpt.rng_state())
+    state = engine.trainable_state()
+    if D.rank() == 0:
+        payload = {"trainable": state, "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                   "global_step": global_step, "best": best, "world_size": D.world_size(),
+                   "engine": engine.name, "config": OmegaConf.to_container(cfg, resolve=True)}
+        ckpt.save(ckpt_dir, payload, global_step, cfg.train.keep_last)
+    D.barrier()
+
+
+def _gather_objects(obj) -> list:
+    if not D.is_dist():
+        return [obj]
+    out = [None] * D.world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
