@@ -1,0 +1,84 @@
+"""BPT's whitening statistics: the capture pass and the sharded per-layer math around `init/bpt.py`.
+
+    compute_whitening(cfg, model) -> Whitening(W (L_p, d, d), U (L_p, d, d), S (L_p, d), Xbar (L_p, N_p, d), B)
+
+Works unchanged under torchrun, like `vipamin-scale init`:
+  1. every rank reads its contiguous block of the first `init.num_images` training images
+     (`run.Calibration`, eval transform);
+  2. one prompt-free forward per batch collects `X[l]`, the sum of block `l`'s input at the patch
+     positions (layer 0: the `patch_embed` output) — `capture_layer_stats(block_in=True)`;
+  3. `reduce_means` all-reduces the sums into `Xbar[l]` (float64) on every rank;
+  4. layer `l`'s whitening (`bpt.whitening_matrix`) runs on rank `l mod world` and is gathered
+     to every rank (`map_layers`).
+The result depends only on the backbone's weights, the calibration images, `init.bpt_eps` and
+the float rounding of the reduction: the same run (same world size) recomputes it bit for bit,
+which is what a resumed run relies on for a frozen whitening matrix.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from vipamin_scale.init import bpt as bpt_math
+from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats
+from vipamin_scale.init.sharded import map_layers, reduce_means
+from vipamin_scale.models.prompted import PromptedViT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Whitening:
+    """Per prompt row `l` (the layer the row is inserted before): float64 tensors."""
+
+    W: torch.Tensor  # (L_p, d, d)  (Σ_l + εI)^{-1/2}
+    U: torch.Tensor  # (L_p, d, d)  eigenvectors of Σ_l + εI, columns by descending eigenvalue
+    S: torch.Tensor  # (L_p, d)     eigenvalues of Σ_l + εI, descending (ε included)
+    Xbar: torch.Tensor  # (L_p, N_p, d) mean block input at the patch positions (layer 0: patch_embed output)
+    B: int  # calibration images used
+    seconds: float  # wall time of capture + math
+
+
+def _qk(model: PromptedViT, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    W = model.backbone.blocks[layer].attn.qkv.weight.detach().double().cpu()  # (3d, d)
+    d = model.dim
+    return W[:d], W[d:2 * d]
+
+
+def compute_whitening(cfg: DictConfig, model: PromptedViT) -> Whitening:
+    """Σ^{-1/2} (and its eigenbasis) for every prompt row of `model`, from its own backbone."""
+    from vipamin_scale.init.run import Calibration  # run.py imports the model builder: import late
+
+    t0 = time.perf_counter()
+    L_p, P, d = model.prompt_shape
+    rows = list(range(L_p))
+    calib = Calibration(cfg, model)
+    device = next(model.backbone.parameters()).device
+
+    def batches() -> Iterator[torch.Tensor]:
+        for images in calib:
+            yield images.to(device)
+
+    was_training = model.training
+    sums = capture_layer_stats(model, batches(), torch.zeros(model.prompt_shape),
+                               CaptureSpec(layers=rows, block_in=True))
+    model.train(was_training)
+    B, means = reduce_means(sums, tables=("X",))
+    eps = float(cfg.init.bpt_eps)
+
+    def compute(l: int) -> dict:
+        W_Q, W_K = _qk(model, l)
+        W, U, S = bpt_math.whitening_matrix(W_Q, W_K, means["X"][l], eps, layer=l)
+        return {"W": W, "U": U, "S": S}
+
+    out, _ = map_layers(rows, compute, {"W": (d, d), "U": (d, d), "S": (d,)})
+    seconds = time.perf_counter() - t0
+    log.info("bpt: whitening of %d layer(s) from B=%d images in %.2fs (eigenvalues of Σ+εI, layer 0: "
+             "max %.3g, min %.3g; ε=%g)", L_p, B, seconds, out["S"][0, 0].item(), out["S"][0, -1].item(), eps)
+    Xbar = torch.stack([means["X"][l] for l in rows])
+    return Whitening(W=out["W"], U=out["U"], S=out["S"], Xbar=Xbar, B=B, seconds=seconds)
