@@ -48,9 +48,18 @@ def device() -> torch.device:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity without a process group). Returns `t`."""
+    """In-place sum over ranks (identity without a process group). Returns `t`.
+
+    NCCL reduces GPU tensors only: a CPU tensor (the initializer's float64 statistics) takes a
+    round trip through this rank's GPU; gloo reduces it where it is.
+    """
     if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            buf = t.to(device())
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
