@@ -195,3 +195,22 @@ def test_train_from_init_and_diagnose_cli(tmp_path, digits_root):
         assert all(0 <= e <= 1 for e in per["energy_norm1"] + per["energy_raw"])
     assert (diag / "diagnostics.png").stat().st_size > 1000
     assert "| layer |" in proc.stdout
+
+
+def test_no_room_for_orthogonal_is_a_config_error_before_compute(tmp_path, digits_root, monkeypatch):
+    """96 px = 144 patches >= width 64: the row space of S fills the width, so lam > 0 needs energy < 1."""
+    from vipamin_scale.config import ConfigError
+    import vipamin_scale.init.run as run_mod
+
+    def no_capture(*a, **k):
+        raise AssertionError("capture ran before the configuration error")
+
+    monkeypatch.setattr(run_mod, "capture_layer_stats", no_capture)
+    with pytest.raises(ConfigError, match=r"^init\.energy: .*N_e = 145 .*d = 64"):
+        run_init(_cfg(tmp_path, model__img_size=96), tmp_path / "x.safetensors")
+    with pytest.raises(ConfigError, match=r"^init\.energy: .*subspace=tokens"):
+        run_init(_cfg(tmp_path, init__subspace="tokens", init__energy=1.0), tmp_path / "x.safetensors")
+    monkeypatch.undo()
+    meta_out = tmp_path / "ok.safetensors"
+    run_init(_cfg(tmp_path, init__subspace="tokens", init__num_images=16), meta_out)  # default energy 0.99
+    assert read_prompts_metadata(meta_out)["energy"] == 0.99

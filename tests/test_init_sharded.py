@@ -26,6 +26,9 @@ CASES = {
     "spt_kmeans_deep": dict(init__method="spt", init__spt_mode="kmeans", init__kmeans_iters=20),
     "spt_rand_shallow": dict(init__method="spt", init__spt_mode="rand", prompt__deep=False),
     "spt_meanpool_deep": dict(init__method="spt", init__spt_mode="mean_pool", init__spt_source="pos_embedded"),
+    # 20 images in batches of 16: at world 4 ranks 2 and 3 read nothing and must still take part
+    "vipamin_few_images": dict(init__method="vipamin", init__num_images=20, init__k=2),
+    "spt_kmeans_few_images": dict(init__method="spt", init__num_images=20, init__kmeans_iters=10),
 }
 WORLDS = (1, 2, 4)
 
@@ -61,7 +64,7 @@ def test_same_prompts_at_world_sizes_1_2_4(sharded_runs, case):
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=f"{case}/{name} at world {world}")
         meta, ref_meta = read_prompts_metadata(files[world]), read_prompts_metadata(files[1])
-        assert meta["world_size"] == world and meta["B"] == 70
+        assert meta["world_size"] == world and meta["B"] == {**BASE, **CASES[case]}["init__num_images"]
         assert meta["keys_sha256"] == ref_meta["keys_sha256"]
 
 

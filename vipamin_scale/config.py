@@ -50,7 +50,7 @@ class InitConfig:
     k: int = 8
     lam: float = 0.5
     subspace: str = "mean"  # mean | tokens
-    energy: float = 1.0  # fraction of sum sigma^2 kept by the row-space basis (<1 truncates)
+    energy: Optional[float] = None  # fraction of sum sigma^2 the row-space basis keeps; None: 1 (mean), 0.99 (tokens)
     official_compat: bool = False
     ln_aware: bool = False
     orth_scale: str = "match"  # match | raw
@@ -146,6 +146,13 @@ _NON_NEGATIVE = ("data.num_workers", "data.max_skip", "train.epochs", "train.lr"
 _UNIT_INTERVAL = ("init.lam", "prompt.dropout")
 
 
+def subspace_energy(init_cfg) -> float:
+    """`init.energy`, or the spec's default for the subspace mode: all of it (mean), 0.99 (tokens)."""
+    if init_cfg.energy is not None:
+        return float(init_cfg.energy)
+    return 0.99 if init_cfg.subspace == "tokens" else 1.0
+
+
 def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
@@ -173,7 +180,7 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must lie in [0, 1]; got {value!r}")
-    if not 0.0 < cfg.init.energy <= 1.0:
+    if cfg.init.energy is not None and not 0.0 < cfg.init.energy <= 1.0:
         raise ConfigError(f"init.energy: must lie in (0, 1]; got {cfg.init.energy!r}")
     if cfg.init.official_compat and (cfg.init.ln_aware or cfg.init.orth_scale != "raw"):
         raise ConfigError(

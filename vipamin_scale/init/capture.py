@@ -88,7 +88,7 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
     P = model.num_prompts
     last = max(spec.layers)
     wanted = set(spec.layers)
-    sums = LayerSums()
+    sums = _zero_sums(model, spec)
     handles = []
 
     def stop_after(layer: int) -> None:
@@ -189,6 +189,21 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
         sums.count += n
         if progress is not None:
             progress(n)
+    return sums
+
+
+def _zero_sums(model: PromptedViT, spec: CaptureSpec) -> LayerSums:
+    """Every requested (table, layer) starts at zero, so every rank holds the same tables, even a
+    rank that reads no image: the all-reduces that follow then line up on every rank."""
+    d, P = model.dim, model.num_prompts
+    N_p = model.backbone.patch_embed.num_patches
+    d_h = d // model.backbone.blocks[0].attn.num_heads
+    shapes = {"E": (N_p, d), "K": (P + N_p, d_h), "H": (), "T": (), "S": (1 + N_p, d), "X": (N_p, d)}
+    tables = (["E", "K"] if spec.match else []) + (["H", "T"] if spec.entropy else []) \
+        + (["S"] if spec.attn_out else []) + (["X"] if spec.block_in else [])
+    sums = LayerSums()
+    for table in tables:
+        getattr(sums, table).update({l: torch.zeros(shapes[table], dtype=torch.float64) for l in spec.layers})
     return sums
 
 

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from vipamin_scale import distributed as D
-from vipamin_scale.config import validate
+from vipamin_scale.config import ConfigError, subspace_energy, validate
 from vipamin_scale.data import build_loader
 from vipamin_scale.init import spt as spt_math
 from vipamin_scale.init import vipamin as vip
@@ -85,12 +85,12 @@ def _prepare(cfg: DictConfig) -> PromptedViT:
     return build_model(cfg, num_classes=1)
 
 
-def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int) -> torch.Tensor:
-    """This rank's tokens of `layer` `(n_img·N_p, d)` in canonical (key) order."""
-    X = torch.cat(sums.tokens[layer])
-    per = X.shape[0] // max(len(keys), 1)
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    return X.reshape(len(keys), per, -1)[order].reshape(-1, X.shape[-1]) if keys else X
+def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int, N_p: int, d: int) -> torch.Tensor:
+    """This rank's tokens of `layer` `(n_img, N_p, d)` in canonical (key) order (n_img may be 0)."""
+    if not sums.tokens.get(layer):
+        return torch.zeros((0, N_p, d), dtype=torch.float64)
+    X = torch.cat(sums.tokens[layer]).double().reshape(len(keys), N_p, d)
+    return X[sorted(range(len(keys)), key=keys.__getitem__)]
 
 
 def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
@@ -102,6 +102,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
     N_p = model.backbone.patch_embed.num_patches
     if icfg.method == "vipamin":
         vip.validate_vipamin_options(icfg.k, icfg.lam, icfg.official_compat, icfg.ln_aware, icfg.orth_scale, N_p=N_p)
+        _check_room_for_orthogonal(icfg, N_p + 1, d)
     R = xavier_prompts(L_p, P, d, model.patch_size, icfg.seed)  # (L_p, P, d) float64
     times: dict[str, float] = {}
     calib = Calibration(cfg, model)
@@ -134,7 +135,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
     Q_tokens = {}
     for l, acc in tsqr_acc.items():  # collective, layer by layer
         svals, V = acc.finalize()
-        Q_tokens[l] = vip.basis_from_svd(svals, V, icfg.energy)
+        Q_tokens[l] = vip.basis_from_svd(svals, V, subspace_energy(icfg))
     times["allreduce_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -148,7 +149,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
             res = vip.vipamin_layer(
                 E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
                 S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
-                energy=icfg.energy if icfg.energy < 1 else None, gamma=w["gamma"], beta=w["beta"],
+                energy=subspace_energy(icfg) if subspace_energy(icfg) < 1 else None, gamma=w["gamma"], beta=w["beta"],
                 official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
                 layer=l, ln_eps=w["ln_eps"])
             return {"prompts": res.prompts, "match": res.match, "orth": res.orth, "info": res.info}
@@ -157,7 +158,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
         gathered, layer_info = map_layers(rows, compute, shapes)
         tensors.update(gathered)
     elif method == "spt":
-        tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d)
+        tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d, N_p)
     times["math_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -169,7 +170,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
         "seed": icfg.seed, "wall_times": times,
     }
     if method == "vipamin":
-        meta.update(k=icfg.k, lam=icfg.lam, subspace=icfg.subspace, energy=icfg.energy,
+        meta.update(k=icfg.k, lam=icfg.lam, subspace=icfg.subspace, energy=subspace_energy(icfg),
                     official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
                     layers=layer_info)
     if method == "spt":
@@ -182,21 +183,36 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
     return {"prompts": tensors["prompts"].float(), "tensors": tensors, "meta": meta}
 
 
-def _spt_prompts(cfg: DictConfig, sums: LayerSums, keys: list[str], rows: list[int], P: int, d: int) -> torch.Tensor:
+def _check_room_for_orthogonal(icfg, n_tokens: int, d: int) -> None:
+    """Before any compute: a row space that must fill the width leaves the orthogonal module nothing.
+
+    `subspace=mean`: rank(S) <= N_e, so N_e >= d fills the width (generically); `subspace=tokens`
+    stacks B·N_e >> d rows. Either way, with lam > 0 only `init.energy < 1` leaves room.
+    """
+    if icfg.lam == 0 or subspace_energy(icfg) < 1:
+        return
+    rows = "B x N_e" if icfg.subspace == "tokens" else f"N_e = {n_tokens}"
+    if icfg.subspace == "tokens" or n_tokens + (1 if icfg.ln_aware else 0) >= d:
+        raise ConfigError(f"init.energy: with init.subspace={icfg.subspace} the row space spans {rows} tokens "
+                          f"of width d = {d}, which leaves no orthogonal complement for init.lam={icfg.lam}; "
+                          "set init.energy < 1 (e.g. 0.99) to truncate it, or init.lam=0")
+
+
+def _spt_prompts(cfg: DictConfig, sums: LayerSums, keys: list[str], rows: list[int], P: int, d: int,
+                 N_p: int) -> torch.Tensor:
     from vipamin_scale.linalg import distributed_rand_draw, kmeans
 
     icfg = cfg.init
     out = torch.zeros((len(rows), P, d), dtype=torch.float64)
     for i, l in enumerate(rows):  # collective per layer: the tokens stay sharded
-        X = _sorted_tokens(sums, keys, l).double() if sums.tokens.get(l) else torch.zeros((0, d), dtype=torch.float64)
+        X = _sorted_tokens(sums, keys, l, N_p, d)  # (n_img, N_p, d)
         seed = icfg.seed + 1000 * l
         if icfg.spt_mode == "kmeans":
-            out[i] = kmeans(X, P, seed=seed, iters=icfg.kmeans_iters).centroids
+            out[i] = kmeans(X.reshape(-1, d), P, seed=seed, iters=icfg.kmeans_iters).centroids
         elif icfg.spt_mode == "rand":
-            out[i] = distributed_rand_draw(X, P, seed)
+            out[i] = distributed_rand_draw(X.reshape(-1, d), P, seed)
         else:
-            n_img = len(keys)
-            pooled = spt_math.pool_windows(X.reshape(n_img, -1, d), P, icfg.spt_mode.split("_")[0])
+            pooled = spt_math.pool_windows(X, P, icfg.spt_mode.split("_")[0])  # (n_img, n_w, d)
             out[i] = distributed_rand_draw(pooled.reshape(-1, d), P, seed)
     return out
 
