@@ -80,9 +80,13 @@ def _layer_weights(model: PromptedViT, layer: int) -> dict[str, torch.Tensor]:
 
 
 def _prepare(cfg: DictConfig) -> PromptedViT:
+    """The frozen backbone with plain prompts: the initializer never needs BPT's provider (nor its
+    whitening pass), and the head is irrelevant."""
     validate(cfg)
     D.init_from_env()
-    return build_model(cfg, num_classes=1)
+    plain = cfg.copy()
+    plain.prompt.kind = "vpt"
+    return build_model(plain, num_classes=1)
 
 
 def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int, N_p: int, d: int) -> torch.Tensor:
