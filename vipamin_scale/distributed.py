@@ -37,9 +37,22 @@ def init_from_env(timeout_s: float = 600.0) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and backend == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After a torchrun restart the agent's store still holds the dead attempt's gloo addresses
+        # under the same keys; a rank reading a peer's stale key connects to a dead process
+        # ("connectFullMesh: connection refused", 3 restarts in 4 here). Rendezvous under a
+        # prefix of this attempt instead.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"vipamin_scale/restart_{restart}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=timeout)
+        return True
+    dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 

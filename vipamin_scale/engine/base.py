@@ -120,9 +120,13 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- engine-neutral state -------------------------------------------------------------------
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's full state_dict (torch format: state by index in param-group order)."""
+        return self.optimizer.state_dict()
+
     def trainable_state(self) -> dict[str, Any]:
         params = dict(self.model.named_parameters())
-        opt = self.optimizer.state_dict()
+        opt = self._optimizer_state()
         moments = {}
         flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
         for name, idx in zip(self.names, flat_ids):
@@ -143,7 +147,7 @@ class Engine:
         with torch.no_grad():
             for n in self.names:
                 params[n].copy_(state["params"][n].to(params[n].device))
-        opt = self.optimizer.state_dict()
+        opt = self._optimizer_state()
         flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
         opt["state"] = {idx: {k: v.to(self.device) if torch.is_tensor(v) and v.ndim > 0 else v
                               for k, v in state["optimizer"][name].items()}

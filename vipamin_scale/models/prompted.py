@@ -62,6 +62,7 @@ class PromptedViT(nn.Module):
         # trained with the head (MAE pretrain checkpoints carry no fc_norm).
         self.fc_norm = nn.LayerNorm(self.dim, eps=1e-6) if pool == "mean" else nn.Identity()
         self.head = nn.Linear(self.dim, num_classes)
+        self._block_wrapper = None  # set by `set_grad_checkpointing`
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * 0.02)
@@ -86,6 +87,16 @@ class PromptedViT(nn.Module):
         super().train(mode)
         self.backbone.eval()  # frozen: no dropout, no drop-path, ever
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True, wrapper=None) -> None:
+        """Recompute each block's activations in backward instead of keeping them.
+
+        `wrapper(block, x)` runs one block; the default is torch's non-reentrant checkpoint.
+        Engines pass their own (DeepSpeed's, fairscale's). Used only while grad is enabled.
+        """
+        if enable and wrapper is None:
+            wrapper = _checkpoint_block
+        self._block_wrapper = wrapper if enable else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -113,10 +124,11 @@ class PromptedViT(nn.Module):
         B, P = x.shape[0], self.num_prompts
         prompts = prompts.to(x.dtype)
         x = torch.cat([x[:, :1], self._prompt_tokens(prompts, 0, B), x[:, 1:]], dim=1)
+        wrapper = self._block_wrapper if torch.is_grad_enabled() else None
         for layer, block in enumerate(self.backbone.blocks):
             if self.deep and layer > 0:
                 x = torch.cat([x[:, :1], self._prompt_tokens(prompts, layer, B), x[:, 1 + P:]], dim=1)
-            x = block(x)
+            x = block(x) if wrapper is None else wrapper(block, x)
         return x
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +144,12 @@ class PromptedViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool_tokens(self.forward_tokens(x)))
+
+
+def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(block, x, use_reentrant=False)
 
 
 def random_prompts(num_layers: int, length: int, dim: int, patch_size: tuple[int, int], seed: int) -> torch.Tensor:

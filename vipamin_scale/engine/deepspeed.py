@@ -1,0 +1,255 @@
+"""DeepSpeed ZeRO 1/2/3 behind the engine interface.
+
+    engine.name=deepspeed engine.zero_stage=1|2|3 [engine.ds_config=FILE.json]
+
+The DeepSpeed config is generated from the Hydra config (`deepspeed_config`): micro batch =
+data.batch_size, no gradient accumulation, ZeRO stage, bf16/fp16 from train.precision. A user's
+JSON (engine.ds_config) is merged on top; where it contradicts the Hydra config (batch sizes,
+stage, precision) that is one ConfigError naming both fields.
+
+The optimizer is ours, not DeepSpeed's: plain torch AdamW over the same parameter groups as the
+DDP engine (no fused/CPU Adam extension to build, and the same update rule, so the numbers agree
+with DDP). ZeRO partitions its state (and with stage 3 every parameter, the frozen backbone's
+included). The trainable state is read and written by parameter name through DeepSpeed's
+`safe_get/set_full_*` API, so a checkpoint saved under ZeRO-3 on 2 ranks loads under DDP on 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vipamin_scale import distributed as D
+from vipamin_scale.config import ConfigError
+from vipamin_scale.engine.base import (Engine, adamw, cosine_with_warmup, require_blocks, set_lr_from_scheduler,
+                                       trainable_names)
+
+
+def import_deepspeed():
+    """DeepSpeed picks its accelerator at import: CPU when no GPU (then gloo, no extension builds)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated from the Hydra config, a user's file merged on top."""
+    micro = int(cfg.data.batch_size)
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * world_size,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": int(cfg.engine.zero_stage)},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if not cfg.engine.ds_config:
+        return generated
+    with open(cfg.engine.ds_config) as f:
+        try:
+            user = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"engine.ds_config: {cfg.engine.ds_config} is not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"engine.ds_config: {cfg.engine.ds_config} must hold a JSON object")
+    src = cfg.engine.ds_config
+    checks = [
+        ("train_micro_batch_size_per_gpu", user.get("train_micro_batch_size_per_gpu"), micro, "data.batch_size"),
+        ("gradient_accumulation_steps", user.get("gradient_accumulation_steps"), 1,
+         "the train loop (one optimizer step per batch)"),
+        ("train_batch_size", user.get("train_batch_size"), micro * world_size,
+         f"data.batch_size x world size ({micro} x {world_size})"),
+        ("zero_optimization.stage", (user.get("zero_optimization") or {}).get("stage"), int(cfg.engine.zero_stage),
+         "engine.zero_stage"),
+        ("bf16.enabled", (user.get("bf16") or {}).get("enabled"), cfg.train.precision == "bf16", "train.precision"),
+        ("fp16.enabled", (user.get("fp16") or {}).get("enabled"), cfg.train.precision == "fp16", "train.precision"),
+    ]
+    for key, theirs, ours, field in checks:
+        if theirs is not None and theirs != ours:
+            raise ConfigError(f"engine.ds_config: {src} sets {key}={theirs!r} but {field} gives {ours!r}; "
+                              f"make them agree (or drop {key} from the JSON)")
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(f"engine.ds_config: {src} sets optimizer/scheduler; the engine builds torch AdamW and "
+                          f"the cosine schedule from train.* (drop those sections)")
+    return _merge(generated, user)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _init_deepspeed_comm(deepspeed) -> None:
+    """DeepSpeed's comm layer over our process group (torchrun's); a plain single process gets a
+    1-rank gloo group, since DeepSpeed always needs one."""
+    if D.is_dist():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        os.environ.setdefault(key, value)  # what torchrun would set; deepspeed.initialize checks LOCAL_RANK
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg, model: nn.Module, lr: float, total_steps: int, warmup_steps: int):
+        self.config = deepspeed_config(cfg, D.world_size())  # config errors before the slow import
+        deepspeed = import_deepspeed()
+        _init_deepspeed_comm(deepspeed)
+        self.ds = deepspeed
+        self.device = D.device()
+        self.precision = cfg.train.precision
+        self.stage = int(cfg.engine.zero_stage)
+        self.names = trainable_names(model)
+        self.model = model.to(self.device)
+        if cfg.engine.activation_checkpointing:
+            require_blocks(model)
+            deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
+                                              checkpoint_in_cpu=False, synchronize=False, profile=False)
+            model.set_grad_checkpointing(True, wrapper=_ds_checkpoint_block)
+        optimizer = adamw(model, lr, cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            dist_init_required=False)
+        if self.stage == 3:
+            # Parameters that belong to a module whose own forward never runs (the backbone's
+            # cls_token / pos_embed, read by PromptedViT.embed): gathered with the root's forward.
+            for owner in _modules_not_called(model):
+                for p in owner.parameters(recurse=False):
+                    deepspeed.zero.register_external_parameter(model, p)
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        # AdamW's state, created now as torch would at the first step (step 0, zero moments): ZeRO
+        # links each parameter to its slice of the flat state after the first step, and for a second
+        # param group that is not stepped yet it would link an empty state (exp_avg not found).
+        self._init_moments(0.0)
+
+    def _flat_fp32_partitions(self) -> list[torch.Tensor]:
+        """The tensors torch AdamW steps under ZeRO: this rank's flat fp32 partition per group
+        (stage 3 puts them into the param groups only for the duration of a step)."""
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)  # stage 3
+        if flats is None:
+            flats = getattr(self.optimizer, "single_partition_of_fp32_groups", None)  # stages 1, 2
+        if flats is None:  # stage 0: the parameters themselves
+            flats = [p for group in self._base_optimizer().param_groups for p in group["params"]]
+        return list(flats)
+
+    def _init_moments(self, step: float) -> None:
+        base = self._base_optimizer()
+        for flat in self._flat_fp32_partitions():
+            base.state[flat] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                                "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+
+    # -- the loop's interface -------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.to(self._dtype))  # DeepSpeed holds the module in the working dtype
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)
+
+    def step(self) -> None:
+        self.module.step()  # optimizer step, zero grad, scheduler step
+
+    def pad_eval(self, num_batches: int) -> None:
+        """Under ZeRO-3 every forward all-gathers parameters: a rank with fewer eval batches (the
+        split need not divide evenly over ranks) first runs throw-away forwards, so that all ranks
+        run the same number of forwards."""
+        if self.stage != 3 or D.world_size() == 1:
+            return
+        most = torch.tensor([num_batches], dtype=torch.int64)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        size = self.model.backbone.patch_embed.img_size
+        dummy = torch.zeros(1, 3, *size, device=self.device)
+        with torch.no_grad():
+            for _ in range(int(most.item()) - num_batches):
+                self.forward(dummy)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- engine-neutral state -------------------------------------------------------------------
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _shape(self, p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+    def trainable_state(self) -> dict[str, Any]:
+        """Collective: every rank must call it (partitions are gathered); all get the full state."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        named = dict(self.model.named_parameters())
+        base_state = self._base_optimizer().state
+        step = next(iter(base_state.values()))["step"]
+        step = None if float(step) == 0 else step  # no step taken yet: no moments (as torch AdamW)
+        params, moments = {}, {}
+        for n in self.names:
+            p, shape = named[n], self._shape(named[n])
+            params[n] = safe_get_full_fp32_param(p).detach().reshape(shape).cpu().clone()
+            if step is not None:
+                moments[n] = {"step": step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moments[n][key] = safe_get_full_optimizer_state(p, key).detach().reshape(shape).cpu().clone()
+        return {"params": params, "optimizer": moments, "scheduler": self.scheduler.state_dict()}
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        named = dict(self.model.named_parameters())
+        missing = sorted(set(self.names) - set(state["params"]))
+        if missing:
+            raise KeyError(f"checkpoint: trainable parameters missing: {', '.join(missing)}")
+        moments = state["optimizer"]
+        self._init_moments(float(next(iter(moments.values()))["step"]) if moments else 0.0)
+        for n in self.names:
+            p = named[n]
+            value = state["params"][n].to(self.device, torch.float32)
+            safe_set_full_fp32_param(p, value.flatten() if self.stage == 3 else value)
+            if n in moments:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    m = moments[n][key].to(self.device, torch.float32)
+                    safe_set_full_optimizer_state(p, m.flatten() if self.stage == 3 else m, key)
+            self._set_working_param(p, value)
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_lr_from_scheduler(self.optimizer, self.scheduler)
+
+    def _set_working_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """The module's (working-precision) copy; the fp32 master was set above."""
+        with torch.no_grad():
+            if self.stage == 3:
+                with self.ds.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.to(p.dtype))
+            else:
+                p.data.copy_(value.to(p.dtype))
+
+
+def _ds_checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from deepspeed import checkpointing
+
+    return checkpointing.checkpoint(block, x)
+
+
+def _modules_not_called(model: nn.Module) -> list[nn.Module]:
+    """Modules whose parameters the model reads directly without calling the module itself."""
+    backbone = getattr(model, "backbone", None)
+    return [backbone] if backbone is not None else []
