@@ -32,6 +32,7 @@ from vipamin_scale.engine.base import build_engine
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.preempt import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
     kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
     progress = _progress(total_steps, global_step, enabled=cfg.train.progress and rank == 0)
+    preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
     train_time, images_seen, last_eval = 0.0, 0, {}
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)
@@ -188,6 +190,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 loss_acc.zero_()
             if global_step == kill_at and kill_rank in (-1, rank):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if i + 1 < steps_per_epoch and preempt.requested(global_step):
+                save_checkpoint(cfg, engine, ckpt_dir, epoch, i + 1, global_step, best)
+                metrics.close()
+                preempt.stop(global_step)
         skip_steps = 0
         train_time += time.perf_counter() - t_epoch
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -198,6 +204,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             if rank == 0:
                 log.info("epoch %d: %s acc %.4f loss %.4f", epoch, cfg.train.eval_split, last_eval["acc"], last_eval["loss"])
         save_checkpoint(cfg, engine, ckpt_dir, epoch + 1, 0, global_step, best)
+        if epoch + 1 < cfg.train.epochs and preempt.requested(global_step):
+            metrics.close()
+            preempt.stop(global_step)
     progress.close()
 
     result: dict[str, Any] = {

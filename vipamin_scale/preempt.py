@@ -1,0 +1,72 @@
+"""Preemption: checkpoint at the next step boundary, requeue the Slurm job, exit.
+
+Slurm sends SIGUSR1 before a job's time limit (`#SBATCH --signal=USR1@120`), and an operator can
+send it at any time (`scancel --signal=USR1 JOBID`). Each rank's handler only sets a flag; at
+every step boundary the ranks agree (all-reduce max: the signal reaches ranks at different steps,
+or only some of them), then every rank takes part in the checkpoint, rank 0 runs
+`scontrol requeue $SLURM_JOB_ID`, and every rank exits with `PREEMPT_EXIT_CODE`. The requeued
+job runs the same script with `train.resume=true` and continues exactly where this one stopped
+(the checkpoint records the step within the epoch; `train.py` skips the steps already taken).
+
+Outside Slurm (no `SLURM_JOB_ID`) the same signal checkpoints and exits; resume by hand with
+`train.resume=true`. `VIPAMIN_SCALE_PREEMPT_AT_STEP=N` acts as if the signal arrived just
+before global step N ended (for tests).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+import torch
+
+from vipamin_scale import distributed as D
+
+log = logging.getLogger(__name__)
+
+PREEMPT_SIGNAL = signal.SIGUSR1
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on purpose, resumable
+PREEMPT_AT_STEP_ENV = "VIPAMIN_SCALE_PREEMPT_AT_STEP"
+
+_flag = threading.Event()
+
+
+def _on_signal(signum, frame) -> None:  # async-signal context: set a flag, nothing else
+    _flag.set()
+
+
+class Preemption:
+    """One per training run: `requested(step)` is collective (every rank calls it at the same step)."""
+
+    def __init__(self):
+        _flag.clear()
+        self.at_step = int(os.environ.get(PREEMPT_AT_STEP_ENV, "-1"))
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            signal.signal(PREEMPT_SIGNAL, _on_signal)
+
+    def requested(self, global_step: int) -> bool:
+        local = _flag.is_set() or global_step == self.at_step
+        if not D.is_dist():
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float64)
+        D.all_reduce_sum(flag)
+        return flag.item() > 0
+
+    def stop(self, global_step: int) -> None:
+        """After the checkpoint: rank 0 requeues the Slurm job; every rank exits."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if D.rank() == 0:
+            if job:
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if proc.returncode == 0:
+                    log.info("preempted at step %d: checkpoint written, Slurm job %s requeued", global_step, job)
+                else:
+                    log.error("preempted at step %d: checkpoint written, but `scontrol requeue %s` failed: %s",
+                              global_step, job, proc.stderr.strip())
+            else:
+                log.info("preempted at step %d: checkpoint written; continue with train.resume=true", global_step)
+        D.destroy()
+        raise SystemExit(PREEMPT_EXIT_CODE)
