@@ -4,6 +4,8 @@ A shard directory holds:
 
     {split}-{i:06d}.tar   WebDataset shards. One sample = `<key>.jpg` or `<key>.png` (the encoded
                           image, stored as given) + `<key>.cls` (the label, ASCII decimal).
+    {split}-{i:06d}.idx   the shard's index for DALI's `fn.readers.webdataset` (format below), written
+                          right after its tar; `data.dali` builds a missing or stale one into the cache.
     classes.json          list of class names; the index is the label.
     manifest.json         {"format": "vipamin_scale.shards", "version": 1, "num_classes": C,
                            "splits": {split: {"count": n, "shards": [file names],
@@ -15,6 +17,11 @@ position (what `data.wds` uses to split the data between ranks and to apply `lim
 Sources are shuffled (seeded) before writing, so "the first N samples" is a random subset
 rather than the first classes. `manifest.json` is written last and atomically: a directory
 without it is an unfinished write.
+
+DALI index (version v1.2, what DALI's `wds2idx` writes; written here by our own code): a first
+line `v1.2 <samples>`, then one line per sample, its components in tar order, each as
+`<ext> <data offset in bytes> <size in bytes> <member name>`. A sample is a run of consecutive
+regular files with the same key; key and extension split at the first dot of the file name.
 
 Bad input fails with one `DataError` line naming the file (or CSV row).
 """
@@ -44,6 +51,7 @@ IMAGE_EXTS = ("jpg", "png")  # what the writer stores; the readers accept exactl
 DEFAULT_MAXCOUNT = 10_000
 DEFAULT_MAXSIZE = 500_000_000  # bytes of payload per shard (a shard may exceed it by one sample)
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test for a tree or CSV without splits
+DALI_INDEX_VERSION = "v1.2"
 
 # An image given to the writer: a PIL image (stored as PNG), already encoded bytes + extension,
 # or the Path of an image file (read only when the writer reaches it, so memory stays at one image).
@@ -79,6 +87,87 @@ def sample_key(split: str, index: int) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def index_name(shard: str) -> str:
+    """The DALI index file beside shard `shard` (`train-000000.tar` -> `train-000000.idx`)."""
+    return (shard[:-4] if shard.endswith(".tar") else shard) + ".idx"
+
+
+# ----------------------------------------------------------------------------------- DALI index
+
+# One component of a sample as the index lists it: (extension, data offset, size, member name).
+Component = tuple[str, int, int, str]
+
+
+def tar_samples(tar_path: str | Path, strict: bool = True) -> tuple[list[list[Component]], str | None]:
+    """The samples of a tar in DALI's grouping, and None; with strict=False, reading stops at the first
+    unreadable header and the reason comes back instead of an error (a truncated shard)."""
+    import tarfile
+
+    samples: list[list[Component]] = []
+    last = None
+    problem = None
+    end = 0  # where the last member's data (padded to 512-byte blocks) ends
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar:
+                end = member.offset_data + -(-member.size // 512) * 512
+                if not member.isreg():
+                    continue
+                name = member.name
+                dot = name.find(".", name.rfind("/") + 1)
+                key, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
+                if not key or key.endswith("/"):
+                    continue  # hidden files: DALI skips them too
+                if key != last:
+                    samples.append([])
+                    last = key
+                samples[-1].append((ext, member.offset_data, member.size, name))
+        with open(tar_path, "rb") as f:  # tarfile takes a cut header for the end of the archive: check the end
+            f.seek(end)
+            tail = f.read()
+        if len(tail) < 1024 or tail.strip(b"\0"):
+            raise tarfile.ReadError(f"unexpected end of data after byte {end} (no end-of-archive blocks)")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if strict:
+            raise DataError(f"{tar_path}: unreadable tar ({type(exc).__name__}: {exc})") from None
+        problem = f"{type(exc).__name__}: {exc}"
+    return samples, problem
+
+
+def dali_index_text(samples: Sequence[Sequence[Component]]) -> str:
+    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
+    return "\n".join(lines) + "\n"
+
+
+def write_dali_index(tar_path: str | Path, idx_path: str | Path | None = None) -> Path:
+    """Write the DALI index of a (complete) shard; default path: beside it (`index_name`)."""
+    tar_path = Path(tar_path)
+    idx_path = Path(idx_path) if idx_path is not None else tar_path.with_name(index_name(tar_path.name))
+    samples, _ = tar_samples(tar_path)
+    atomic_write_bytes(idx_path, dali_index_text(samples).encode())
+    return idx_path
+
+
+def read_dali_index(idx_path: str | Path) -> list[list[Component]]:
+    """Parse a v1.2 DALI index file; a malformed one is a DataError naming it."""
+    idx_path = Path(idx_path)
+    try:
+        lines = idx_path.read_text().splitlines()
+        head = lines[0].split()
+        if len(head) != 2 or head[0] != DALI_INDEX_VERSION or int(head[1]) != len(lines) - 1:
+            raise ValueError(f"header {lines[0]!r} (want '{DALI_INDEX_VERSION} <samples>' and that many lines)")
+        samples = []
+        for line in lines[1:]:
+            f = line.split()
+            if not f or len(f) % 4:
+                raise ValueError(f"line {line[:80]!r}")
+            samples.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    except (OSError, ValueError, IndexError) as exc:
+        raise DataError(f"{idx_path}: not a readable DALI index ({exc})") from None
+    return samples
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -139,6 +228,7 @@ def write_split(
     def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
         info.shards.append(Path(fname).name)
         info.shard_counts.append(writer.count)
+        write_dali_index(fname)
 
     try:
         for source, image, label in samples:
@@ -201,7 +291,7 @@ def write_dataset(
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CLASSES) or p.suffix == ".tar"]
+    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CLASSES) or p.suffix in (".tar", ".idx")]
     if ours and not overwrite:
         raise DataError(f"{out_dir}: already holds shards ({ours[0].name}); pass overwrite=True to replace them")
     for p in ours:

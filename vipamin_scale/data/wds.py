@@ -77,7 +77,7 @@ from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_i
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "limit_counts"]
+           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec"]
 
 log = logging.getLogger("vipamin_scale.data")
 
@@ -415,15 +415,39 @@ def resolve_root(data_cfg: Any) -> Path:
     raise DataError(f"data.name: must be digits or shards; got {name!r}")
 
 
-def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
-                 std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
-                 limit: int | None = None, batch_size: int | None = None) -> ShardLoader:
-    """The loader of one split for one rank; semantics in the module docstring.
+@dataclass
+class LoaderSpec:
+    """A loader's checked arguments, shared by the backends (`build_loader` here, `data.dali`)."""
 
-    mean/std: the model's normalization; data.mean/data.std override them when set.
-    batch_size: per rank; default data.batch_size (train) or data.eval_batch_size (eval).
-    limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples).
-    """
+    root: Path
+    split: str
+    shards: list[str]
+    shard_counts: list[int]  # per shard, as written
+    counts: list[int]  # per shard, after `limit`
+    num_classes: int
+    batch_size: int
+    train: bool
+    rank: int
+    world_size: int
+    seed: int
+    img_size: int
+    mean: list[float]
+    std: list[float]
+    augment: bool
+    on_error: str
+    max_skip: int
+    num_workers: int
+    shuffle_buffer: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
+                std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
+                limit: int | None = None, batch_size: int | None = None) -> LoaderSpec:
+    """Check a loader's arguments against the config and the manifest (see `build_loader`)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank/world_size: need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
     if limit is not None and limit <= 0:
@@ -453,16 +477,37 @@ def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean:
                 raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
     data_mean = getattr(data_cfg, "mean", None)
     data_std = getattr(data_cfg, "std", None)
-    mean = list(data_mean) if data_mean is not None else list(mean)
-    std = list(data_std) if data_std is not None else list(std)
-    augment = bool(train and getattr(data_cfg, "augment", False))
-    transform = train_transform(img_size, mean, std, augment=True) if augment else eval_transform(img_size, mean, std)
-    num_workers = int(getattr(data_cfg, "num_workers", 0))
-    stream = _ShardStream(
+    return LoaderSpec(
         root=root, split=split, shards=list(entry["shards"]), shard_counts=list(entry["shard_counts"]),
-        counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train,
-        world_size=world_size, rank=rank, num_workers=num_workers, seed=seed,
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)), transform=transform, augment=augment,
-        on_error=on_error, max_skip=int(getattr(data_cfg, "max_skip", 0) or 0))
+        counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train, rank=rank,
+        world_size=world_size, seed=seed, img_size=int(img_size),
+        mean=list(data_mean) if data_mean is not None else list(mean),
+        std=list(data_std) if data_std is not None else list(std),
+        augment=bool(train and getattr(data_cfg, "augment", False)), on_error=on_error,
+        max_skip=int(getattr(data_cfg, "max_skip", 0) or 0), num_workers=int(getattr(data_cfg, "num_workers", 0)),
+        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)))
+
+
+def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
+                 std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 limit: int | None = None, batch_size: int | None = None) -> ShardLoader:
+    """The webdataset loader of one split for one rank; semantics in the module docstring.
+    (`vipamin_scale.data.build_loader` picks this one or DALI's by data.backend.)
+
+    mean/std: the model's normalization; data.mean/data.std override them when set.
+    batch_size: per rank; default data.batch_size (train) or data.eval_batch_size (eval).
+    limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples).
+    """
+    spec = loader_spec(data_cfg, split, train=train, img_size=img_size, mean=mean, std=std, rank=rank,
+                       world_size=world_size, seed=seed, limit=limit, batch_size=batch_size)
+    if spec.augment:
+        transform = train_transform(spec.img_size, spec.mean, spec.std, augment=True)
+    else:
+        transform = eval_transform(spec.img_size, spec.mean, spec.std)
+    stream = _ShardStream(
+        root=spec.root, split=split, shards=spec.shards, shard_counts=spec.shard_counts, counts=spec.counts,
+        num_classes=spec.num_classes, batch_size=spec.batch_size, train=train, world_size=world_size, rank=rank,
+        num_workers=spec.num_workers, seed=seed, shuffle_buffer=spec.shuffle_buffer, transform=transform,
+        augment=spec.augment, on_error=spec.on_error, max_skip=spec.max_skip)
     pin_memory = bool(getattr(data_cfg, "pin_memory", torch.cuda.is_available()))
-    return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+    return ShardLoader(stream, num_workers=spec.num_workers, pin_memory=pin_memory)
