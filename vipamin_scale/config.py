@@ -71,7 +71,7 @@ class DataConfig:
     max_train_samples: Optional[int] = None  # keep the first N training samples (demo speed)
     batch_size: int = 32  # per rank
     eval_batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
     shuffle_buffer: int = 1000
     mean: Optional[list[float]] = None  # override the model's normalization
     std: Optional[list[float]] = None
