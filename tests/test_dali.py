@@ -23,12 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali")
+from data_support import keys_of, loader_cfg, run_epoch
 
-from vipamin_scale.config import default_config  # noqa: E402
-from vipamin_scale.data import DataError, build_loader, make_shards  # noqa: E402
-from vipamin_scale.data.dali import DaliLoader, shard_index  # noqa: E402
-from vipamin_scale.data.shards import read_dali_index, tar_samples, write_dataset  # noqa: E402
+from vipamin_scale.data import DataError, build_loader, make_shards
+from vipamin_scale.data.dali import DaliLoader, shard_index
+from vipamin_scale.data.shards import read_dali_index, tar_samples, write_dataset
 
 SIZE = 16
 ZERO, ONE = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
@@ -67,20 +66,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, backend: str = "dali", **data):
-    cfg = default_config()
-    cfg.data.name, cfg.data.root, cfg.data.backend = "shards", str(root), backend
-    for k, v in {"num_workers": 1, "batch_size": 4, "eval_batch_size": 5, **data}.items():
-        setattr(cfg.data, k, v)
-    return cfg.data
+    return loader_cfg(root, backend, **{"num_workers": 1, **data})
 
 
-def _run(loader, epoch=0):
-    loader.set_epoch(epoch)
-    return [(x, y, k) for x, y, k in loader]
-
-
-def _keys(batches):
-    return [k for _, _, ks in batches for k in ks]
+_run, _keys = run_epoch, keys_of
 
 
 def _stored_size(root: Path, key: str) -> tuple[int, int]:

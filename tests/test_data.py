@@ -22,6 +22,7 @@ from vipamin_scale.data import digits as digits_mod
 from vipamin_scale.data.shards import write_dataset
 from vipamin_scale.data.transforms import EvalTransform, TrainTransform
 from vipamin_scale.data.wds import plan_slot, rank_num_batches
+from data_support import keys_of, loader_cfg, run_epoch
 
 CLASSES = ["cat", "dog", "eel"]
 PER_CLASS = 11  # 33 training samples: uneven on purpose
@@ -72,21 +73,10 @@ def one_shard(tmp_path_factory, tree) -> Path:  # 1 train shard < 4 slots: the f
 
 
 def _cfg(root: Path, **data):
-    cfg = default_config()
-    cfg.data.name = "shards"
-    cfg.data.root = str(root)
-    for k, v in {"num_workers": 2, "batch_size": 4, "eval_batch_size": 5, **data}.items():
-        setattr(cfg.data, k, v)
-    return cfg.data
+    return loader_cfg(root, "wds", **{"num_workers": 2, **data})
 
 
-def _run(loader, epoch=0):
-    loader.set_epoch(epoch)
-    return [(x, y, k) for x, y, k in loader]
-
-
-def _keys(batches):
-    return [k for _, _, ks in batches for k in ks]
+_run, _keys = run_epoch, keys_of
 
 
 # ----------------------------------------------------------------------------------- writer
