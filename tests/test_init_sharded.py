@@ -112,3 +112,17 @@ def test_failing_rank_fails_the_job_and_leaves_no_file(tmp_path):
     assert proc.returncode != 0
     assert "train_00000012" in proc.stderr and "train-000000.tar" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".p.safetensors*"))
+
+
+def test_launch_script_runs_init_on_two_ranks(sharded_runs, tmp_path):
+    """`launch/torchrun.sh` (the documented entry) gives the single-process prompts at 2 ranks."""
+    script = Path(__file__).resolve().parent.parent / "launch" / "torchrun.sh"
+    out = tmp_path / "p.safetensors"
+    env = cli_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    proc = subprocess.run([str(script), "init", "model=vit_test_d64", "prompt.length=4", "init=vipamin", "init.k=3",
+                           "init.lam=0.5", "init.num_images=70", "init.batch_size=16", f"out={out}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_prompts_metadata(out)["world_size"] == 2
+    ref = load_file(str(sharded_runs / "world1" / "vipamin_deep_mean.safetensors"))
+    torch.testing.assert_close(load_file(str(out))["prompts"], ref["prompts"], rtol=0, atol=1e-5)
