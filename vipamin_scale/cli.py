@@ -25,6 +25,7 @@ log = logging.getLogger("vipamin_scale")
 
 
 def _task_train(cfg) -> None:
+    from vipamin_scale import distributed as D
     from vipamin_scale.studies import record_failure
     from vipamin_scale.train import run_training
 
@@ -33,7 +34,7 @@ def _task_train(cfg) -> None:
     except Exception as exc:  # a sweep's report lists the failed run with its error
         record_failure(cfg, exc)
         raise
-    if result.get("test"):
+    if result.get("test") and D.rank() == 0:
         log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
                  result["best_val"]["acc"], result["best_val"]["epoch"])
 

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from vipamin_scale import distributed as D
 from vipamin_scale.init import bpt as bpt_math
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,9 @@ def build_bpt_prompts(mode: str, shape: tuple[int, int, int], seed: int, rank: i
         Z0 = random_Z(L_p, P, c, seed + 2)
     provider = BPTPrompts(mode, W0, Z0)
     provider.fit_residual = residual
-    log.info("bpt %s: prompts (L_p, P, d) = %s, c = %d: %d trainable prompt parameters (VPT at the same P: %d)%s",
-             mode, shape, c, provider.num_trainable, vpt_param_count(L_p, P, d),
-             "" if residual is None else f"; initial prompts fitted by least squares, relative residual max "
-             f"{max(residual):.3g}")
+    if D.rank() == 0:
+        log.info("bpt %s: prompts (L_p, P, d) = %s, c = %d: %d trainable prompt parameters (VPT at the same P: %d)%s",
+                 mode, shape, c, provider.num_trainable, vpt_param_count(L_p, P, d),
+                 "" if residual is None else f"; initial prompts fitted by least squares, relative residual max "
+                 f"{max(residual):.3g}")
     return provider
