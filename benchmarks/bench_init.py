@@ -84,9 +84,9 @@ def public_structure_math(stats: dict, weights: list[dict], R: torch.Tensor, k: 
 def math_comparison(name: str, depth, img: int, images: int, P: int, layers: int) -> dict:
     from vipamin_scale.config import default_config
     from vipamin_scale.init import vipamin as vip
-    from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats
+    from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats, layer_weights
     from vipamin_scale.init.random import xavier_prompts
-    from vipamin_scale.init.run import Calibration, _layer_weights
+    from vipamin_scale.init.run import Calibration
     from vipamin_scale.init.sharded import reduce_means
     from vipamin_scale.models import build_model
 
@@ -97,7 +97,7 @@ def math_comparison(name: str, depth, img: int, images: int, P: int, layers: int
     R = xavier_prompts(model.num_prompt_layers, P, model.dim, model.patch_size, 0)
     sums = capture_layer_stats(model, Calibration(cfg, model), R.float(), CaptureSpec(layers=rows, match=True, attn_out=True))
     _, stats = reduce_means(sums)
-    weights = [_layer_weights(model, l) for l in rows]
+    weights = [layer_weights(model, l) for l in rows]
     t = time.perf_counter()
     ours = torch.stack([vip.vipamin_layer(E=stats["E"][l], K=stats["K"][l], R=R[l], W_V=weights[l]["W_V"],
                                           b_V=weights[l]["b_V"], k=8, lam=0.5, S=stats["S"][l], orth_scale="raw").prompts

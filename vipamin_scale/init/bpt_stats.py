@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from vipamin_scale.init import bpt as bpt_math
-from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats
+from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats, layer_weights
 from vipamin_scale.init.sharded import map_layers, reduce_means
 from vipamin_scale.models.prompted import PromptedViT
 
@@ -42,12 +42,6 @@ class Whitening:
     Xbar: torch.Tensor  # (L_p, N_p, d) mean block input at the patch positions (layer 0: patch_embed output)
     B: int  # calibration images used
     seconds: float  # wall time of capture + math
-
-
-def _qk(model: PromptedViT, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    W = model.backbone.blocks[layer].attn.qkv.weight.detach().double().cpu()  # (3d, d)
-    d = model.dim
-    return W[:d], W[d:2 * d]
 
 
 def compute_whitening(cfg: DictConfig, model: PromptedViT) -> Whitening:
@@ -72,8 +66,8 @@ def compute_whitening(cfg: DictConfig, model: PromptedViT) -> Whitening:
     eps = float(cfg.init.bpt_eps)
 
     def compute(l: int) -> dict:
-        W_Q, W_K = _qk(model, l)
-        W, U, S = bpt_math.whitening_matrix(W_Q, W_K, means["X"][l], eps, layer=l)
+        w = layer_weights(model, l)
+        W, U, S = bpt_math.whitening_matrix(w["W_Q"], w["W_K"], means["X"][l], eps, layer=l)
         return {"W": W, "U": U, "S": S}
 
     out, _ = map_layers(rows, compute, {"W": (d, d), "U": (d, d), "S": (d,)})

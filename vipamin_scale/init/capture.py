@@ -71,6 +71,19 @@ class LayerSums:
         store[layer] = value if layer not in store else store[layer] + value
 
 
+def layer_weights(model: PromptedViT, layer: int) -> dict:
+    """Block `layer`'s frozen weights the initializers use, float64: W_Q, W_K, W_V (d, d) from
+    `attn.qkv` (out x in), b_V (d,), norm1's gamma, beta (d,) and eps."""
+    blk = model.backbone.blocks[layer]
+    d = model.dim
+    W = blk.attn.qkv.weight.detach().double()  # (3d, d)
+    b = blk.attn.qkv.bias
+    b = torch.zeros(3 * d, dtype=torch.float64) if b is None else b.detach().double()
+    return {"W_Q": W[:d], "W_K": W[d:2 * d], "W_V": W[2 * d:], "b_V": b[2 * d:],
+            "gamma": blk.norm1.weight.detach().double(), "beta": blk.norm1.bias.detach().double(),
+            "ln_eps": float(blk.norm1.eps)}
+
+
 def _split_qkv(model: PromptedViT, layer: int, qkv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k of shape (B, h, N, d_h) from a qkv Linear's output (B, N, 3d), norms as timm applies them."""
     attn = model.backbone.blocks[layer].attn

@@ -27,7 +27,7 @@ from vipamin_scale.config import ConfigError, subspace_energy, validate
 from vipamin_scale.data import build_loader
 from vipamin_scale.init import spt as spt_math
 from vipamin_scale.init import vipamin as vip
-from vipamin_scale.init.capture import CaptureSpec, LayerSums, capture_layer_stats
+from vipamin_scale.init.capture import CaptureSpec, LayerSums, capture_layer_stats, layer_weights
 from vipamin_scale.init.random import xavier_prompts
 from vipamin_scale.init.sharded import map_layers, reduce_means
 from vipamin_scale.models import build_model, normalization
@@ -66,17 +66,6 @@ class Calibration:
             torch.distributed.all_gather_object(parts, self.keys)
         keys = sorted(k for part in parts for k in part)
         return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-
-
-def _layer_weights(model: PromptedViT, layer: int) -> dict[str, torch.Tensor]:
-    blk = model.backbone.blocks[layer]
-    d = model.dim
-    W = blk.attn.qkv.weight.detach().double()  # (3d, d)
-    b = blk.attn.qkv.bias
-    b = torch.zeros(3 * d, dtype=torch.float64) if b is None else b.detach().double()
-    return {"W_Q": W[:d], "W_K": W[d:2 * d], "W_V": W[2 * d:], "b_V": b[2 * d:],
-            "gamma": blk.norm1.weight.detach().double(), "beta": blk.norm1.bias.detach().double(),
-            "ln_eps": float(blk.norm1.eps)}
 
 
 def _prepare(cfg: DictConfig) -> PromptedViT:
@@ -149,7 +138,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
         tensors["prompts"] = R
     elif method == "vipamin":
         def compute(l: int) -> dict:
-            w = _layer_weights(model, l)
+            w = layer_weights(model, l)
             res = vip.vipamin_layer(
                 E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
                 S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
@@ -284,7 +273,7 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
         B, m = reduce_means(capture_layer_stats(model, calib, p.float(), CaptureSpec(layers=rows, entropy=True)))
         per = {"entropy": [], "entropy_norm": [], "energy_norm1": [], "energy_raw": [], "scale": []}
         for l in rows:
-            w = _layer_weights(model, l)
+            w = layer_weights(model, l)
             Q = vip.row_space_basis(base["S"][l])
             u = value_vectors(p[l], w["W_V"], w["b_V"], norm=(w["gamma"], w["beta"], w["ln_eps"]))
             H = (m["H"][l] / (heads * P)).item()
