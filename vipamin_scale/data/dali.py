@@ -9,6 +9,8 @@ the batches over. Same contract as `data.wds.ShardLoader`:
 
 Which samples (the same as the webdataset backend)
 --------------------------------------------------
+A split union ("train+val") is the same concatenated stream as there (see `data.wds`); keys are
+checked per shard against its own split (`LoaderSpec.expected_key`).
 One DALI pipeline per rank, so a rank is one slot: its part of the epoch is `plan_slot(...,
 num_workers=0)`, the rank's contiguous block of global batches in `epoch_order`. Per rank and epoch
 the set of samples is exactly the webdataset backend's (whatever its data.num_workers), so
@@ -81,7 +83,7 @@ import torch
 from PIL import Image
 
 from vipamin_scale.data.shards import (IMAGE_EXTS, MANIFEST, Component, DataError, dali_index_text, index_name,
-                                       read_dali_index, sample_key, tar_samples)
+                                       read_dali_index, tar_samples)
 from vipamin_scale.data.wds import LoaderSpec, _rgb, _Skips, loader_spec, plan_slot, rank_num_batches
 from vipamin_scale.paths import atomic_write_bytes, cache_dir
 
@@ -161,7 +163,6 @@ class DaliLoader:
         self.num_samples = spec.num_samples
         self.device_id = device_id
         self.num_threads = max(1, int(num_threads))
-        self.offsets = [sum(spec.shard_counts[:i]) for i in range(len(spec.shard_counts))]
         self._epoch = 0
         self._indexes: dict[int, tuple[list[list[Component]], str | None]] = {}
         self._len = rank_num_batches(self.num_samples, batch_size=spec.batch_size, train=spec.train,
@@ -211,7 +212,7 @@ class DaliLoader:
         s = self.spec
         tar = s.root / s.shards[shard]
         expected = s.shard_counts[shard]
-        entries = [_Entry(shard, p, sample_key(s.split, self.offsets[shard] + p), tar) for p in positions]
+        entries = [_Entry(shard, p, s.expected_key(shard, p), tar) for p in positions]
         if not tar.is_file():
             skips.bad(DataError(f"{tar}: shard file missing (listed in {s.root / MANIFEST})"), len(entries))
             return entries
@@ -220,7 +221,7 @@ class DaliLoader:
         lost_from = expected  # first position that cannot be read, and why
         why = ""
         for p in range(expected):
-            want = sample_key(s.split, self.offsets[shard] + p)
+            want = s.expected_key(shard, p)
             if p >= len(samples) and problem:
                 why = f"{tar}: unreadable at key {want} (sample {p} of {expected}): {problem.splitlines()[0]}"
             elif p >= len(samples):

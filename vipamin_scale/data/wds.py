@@ -44,6 +44,18 @@ train=True: per epoch, the shard order is permuted and the stream rotated by a r
 Within a rank, the DataLoader takes batches from its workers round-robin, which is deterministic.
 The layout (world size, num_workers, batch size) is part of what decides the order.
 
+Split unions (`"train+val"`: any number of distinct split names of manifest.json joined by `+`;
+for the final run on train+val after choosing hyper-parameters on val):
+* the stream is the first split's shards (in manifest order), then the second's, and so on;
+  everything above (slot plan, shuffling, eval exactly-once, batch counts) works on that
+  concatenated stream unchanged;
+* `limit` applies to the FIRST split only: `train+val` with limit 320 is the 320 samples a `train`
+  run with limit 320 reads, plus all of val;
+* keys are checked as for one split: each shard's expected key uses its own split's name and its
+  offset within that split (`LoaderSpec.expected_key`);
+* an unknown, repeated or empty component is a DataError (naming manifest.json and the component)
+  when the loader is built; messages that name the split print the whole expression.
+
 Bad data (data.on_error):
 * raise (default): the first problem stops the epoch with one `DataError` line naming the shard
   file and the key (for an unreadable tar, the key it could not read): a corrupt image, a missing
@@ -77,7 +89,7 @@ from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_i
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec"]
+           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components"]
 
 log = logging.getLogger("vipamin_scale.data")
 
@@ -238,10 +250,13 @@ class _ShardStream(IterableDataset):
     def __init__(self, *, root: Path, split: str, shards: list[str], shard_counts: list[int], counts: list[int],
                  num_classes: int, batch_size: int, train: bool, world_size: int, rank: int, num_workers: int,
                  seed: int, shuffle_buffer: int, transform: EvalTransform, augment: bool, on_error: str,
-                 max_skip: int):
+                 max_skip: int, shard_splits: list[str] | None = None, shard_offsets: list[int] | None = None):
         super().__init__()
         self.root, self.split, self.shards, self.shard_counts, self.counts = root, split, shards, shard_counts, counts
-        self.offsets = [sum(shard_counts[:i]) for i in range(len(shard_counts))]
+        # per shard: the split it belongs to and its first sample's index within that split (see LoaderSpec)
+        self.shard_splits = list(shard_splits) if shard_splits is not None else [split] * len(shards)
+        self.offsets = (list(shard_offsets) if shard_offsets is not None
+                        else [sum(shard_counts[:i]) for i in range(len(shard_counts))])
         self.num_classes, self.batch_size, self.train = num_classes, batch_size, train
         self.world_size, self.rank, self.num_workers, self.seed = world_size, rank, num_workers, seed
         self.shuffle_buffer, self.transform, self.augment = shuffle_buffer, transform, augment
@@ -304,7 +319,7 @@ class _ShardStream(IterableDataset):
             files = tar_file_expander([{"url": str(path), "stream": stream}])
             for_shard = group_by_keys(files)
             while pos < seg.stop:
-                want = sample_key(self.split, self.offsets[seg.shard] + pos)
+                want = sample_key(self.shard_splits[seg.shard], self.offsets[seg.shard] + pos)
                 error = None
                 try:
                     sample = next(for_shard)
@@ -417,7 +432,10 @@ def resolve_root(data_cfg: Any) -> Path:
 
 @dataclass
 class LoaderSpec:
-    """A loader's checked arguments, shared by the backends (`build_loader` here, `data.dali`)."""
+    """A loader's checked arguments, shared by the backends (`build_loader` here, `data.dali`).
+
+    `split` is the expression as given (`"train"` or a union `"train+val"`); the per-shard lists
+    cover the union's stream (the components' shards one after another)."""
 
     root: Path
     split: str
@@ -438,10 +456,35 @@ class LoaderSpec:
     max_skip: int
     num_workers: int
     shuffle_buffer: int
+    shard_splits: list[str]  # per shard, the split it belongs to
+    shard_offsets: list[int]  # per shard, the index of its first sample within its own split
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    def expected_key(self, shard: int, pos: int) -> str:
+        """The key that sample `pos` (write order) of shard number `shard` must have."""
+        return sample_key(self.shard_splits[shard], self.shard_offsets[shard] + pos)
+
+
+def split_components(expr: str, splits: Sequence[str], manifest: Path) -> list[str]:
+    """The split names of `expr` ("train" or "train+val"), checked against the manifest's `splits`."""
+    parts = expr.split("+")
+    if len(parts) == 1:  # one split: as before unions existed
+        if expr not in splits:
+            raise DataError(f"{manifest}: no split {expr!r}; it has {sorted(splits)}")
+        return parts
+    for part in parts:
+        if not part:
+            raise DataError(f"{manifest}: split {expr!r} has an empty component; join split names with '+', "
+                            f"e.g. 'train+val' (it has {sorted(splits)})")
+        if part not in splits:
+            raise DataError(f"{manifest}: no split {part!r} (in {expr!r}); it has {sorted(splits)}")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise DataError(f"{manifest}: split {repeated[0]!r} appears more than once in {expr!r}")
+    return parts
 
 
 def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
@@ -458,10 +501,18 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
         raise ValueError(f"batch_size: must be > 0; got {batch_size}")
     root = resolve_root(data_cfg)
     info = dataset_info(root)
-    if split not in info["splits"]:
-        raise DataError(f"{root / MANIFEST}: no split {split!r}; it has {sorted(info['splits'])}")
-    entry = info["splits"][split]
-    counts = limit_counts(entry["shard_counts"], limit)
+    shards: list[str] = []
+    shard_counts: list[int] = []
+    counts: list[int] = []
+    shard_splits: list[str] = []
+    shard_offsets: list[int] = []
+    for i, part in enumerate(split_components(split, list(info["splits"]), root / MANIFEST)):
+        entry = info["splits"][part]
+        shards += entry["shards"]
+        shard_counts += entry["shard_counts"]
+        counts += limit_counts(entry["shard_counts"], limit if i == 0 else None)  # limit: the first split only
+        shard_splits += [part] * len(entry["shards"])
+        shard_offsets += [sum(entry["shard_counts"][:j]) for j in range(len(entry["shard_counts"]))]
     num_samples = sum(counts)
     if num_samples == 0:
         raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
@@ -472,31 +523,32 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
     if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
-        for name, c in zip(entry["shards"], counts):
+        for name, c in zip(shards, counts):
             if c and not (root / name).is_file():
                 raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
     data_mean = getattr(data_cfg, "mean", None)
     data_std = getattr(data_cfg, "std", None)
     return LoaderSpec(
-        root=root, split=split, shards=list(entry["shards"]), shard_counts=list(entry["shard_counts"]),
-        counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train, rank=rank,
+        root=root, split=split, shards=shards, shard_counts=shard_counts, counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train, rank=rank,
         world_size=world_size, seed=seed, img_size=int(img_size),
         mean=list(data_mean) if data_mean is not None else list(mean),
         std=list(data_std) if data_std is not None else list(std),
         augment=bool(train and getattr(data_cfg, "augment", False)), on_error=on_error,
         max_skip=int(getattr(data_cfg, "max_skip", 0) or 0), num_workers=int(getattr(data_cfg, "num_workers", 0)),
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)))
+        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)), shard_splits=shard_splits,
+        shard_offsets=shard_offsets)
 
 
 def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
                  std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
                  limit: int | None = None, batch_size: int | None = None) -> ShardLoader:
-    """The webdataset loader of one split for one rank; semantics in the module docstring.
-    (`vipamin_scale.data.build_loader` picks this one or DALI's by data.backend.)
+    """The webdataset loader of one split (or a union "train+val") for one rank; semantics in the module
+    docstring. (`vipamin_scale.data.build_loader` picks this one or DALI's by data.backend.)
 
     mean/std: the model's normalization; data.mean/data.std override them when set.
     batch_size: per rank; default data.batch_size (train) or data.eval_batch_size (eval).
-    limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples).
+    limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples);
+    of a union, of its first split only.
     """
     spec = loader_spec(data_cfg, split, train=train, img_size=img_size, mean=mean, std=std, rank=rank,
                        world_size=world_size, seed=seed, limit=limit, batch_size=batch_size)
@@ -508,6 +560,7 @@ def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean:
         root=spec.root, split=split, shards=spec.shards, shard_counts=spec.shard_counts, counts=spec.counts,
         num_classes=spec.num_classes, batch_size=spec.batch_size, train=train, world_size=world_size, rank=rank,
         num_workers=spec.num_workers, seed=seed, shuffle_buffer=spec.shuffle_buffer, transform=transform,
-        augment=spec.augment, on_error=spec.on_error, max_skip=spec.max_skip)
+        augment=spec.augment, on_error=spec.on_error, max_skip=spec.max_skip, shard_splits=spec.shard_splits,
+        shard_offsets=spec.shard_offsets)
     pin_memory = bool(getattr(data_cfg, "pin_memory", torch.cuda.is_available()))
     return ShardLoader(stream, num_workers=spec.num_workers, pin_memory=pin_memory)
