@@ -2,6 +2,8 @@
 
 Hydra-configured commands (config tree in `configs/`, schema in `vipamin_scale/config.py`):
   train      prompt-tune a frozen ViT (runs the configured initializer first)
+  tune       successive halving over tune.space on train -> val, then the winner retrained on
+             train+val over tune.final_seeds seeds and tested (`tune=lr`, `tune=vipamin`, `tune=vtab`)
   init       compute prompts (init.method=vipamin|spt|random) and write out=FILE.safetensors
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
@@ -39,6 +41,12 @@ def _task_train(cfg) -> None:
                  result["best_val"]["acc"], result["best_val"]["epoch"])
 
 
+def _task_tune(cfg) -> None:
+    from vipamin_scale.tune import main_task
+
+    main_task(cfg)
+
+
 def _task_init(cfg) -> None:
     from vipamin_scale.init.run import run_init
 
@@ -59,7 +67,7 @@ def _task_demo(cfg) -> None:
     run_demo(cfg)
 
 
-HYDRA_TASKS: dict[str, Callable] = {"train": _task_train, "init": _task_init, "diagnose": _task_diagnose,
+HYDRA_TASKS: dict[str, Callable] = {"train": _task_train, "tune": _task_tune, "init": _task_init, "diagnose": _task_diagnose,
                                     "demo": _task_demo}
 
 

@@ -108,6 +108,29 @@ class TrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`vipamin-scale tune`: successive halving (or a full grid) over `space` on train -> val, then
+    the winner retrained on `final_train_split` over `final_seeds` seeds and tested (vipamin_scale/tune.py)."""
+
+    # field -> values, nested like the config: {train: {lr: {log: [1e-3, 1e-1], num: 5}}, init: {lam: [0.1, 0.5]}}
+    # a leaf is a list (the values), {log: [lo, hi], num: n} (geometric grid), {range: [lo, hi], num: n}
+    # (linear grid) or a scalar (fixed); the candidates are the grid's Cartesian product
+    space: dict[str, Any] = field(default_factory=dict)
+    mode: str = "halving"  # halving (successive halving, rungs in epochs) | grid (every candidate at max_epochs)
+    eta: int = 3  # reduction factor: each rung keeps the top floor(n / eta)
+    max_epochs: Optional[int] = None  # budget of the last rung and of the final runs; None: train.epochs
+    min_epochs: int = 1  # no rung trains for fewer epochs
+    trials: Optional[int] = None  # sample this many candidates of the grid (seeded by `seed`); None: all
+    seed: int = 0
+    final_seeds: int = 3  # the winner is retrained with train.seed = init.seed = 0..final_seeds-1 (0: skip)
+    final_train_split: Optional[str] = None  # None: "<data.train_split>+<data.val_split>"
+    launcher: str = "inline"  # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
+    workers: int = 1  # local: trials run at once
+    command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 60}
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +138,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     out: Optional[str] = None  # output file of `init` / `diagnose`
 
 
@@ -136,13 +160,15 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "engine.zero_stage": (0, 1, 2, 3),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.eval_split": ("val", "test"),
+    "tune.mode": ("halving", "grid"),
+    "tune.launcher": ("inline", "local", "slurm"),
 }
 
 _POSITIVE = ("model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size",
              "init.k", "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every",
-             "train.keep_last", "train.log_every")
+             "train.keep_last", "train.log_every", "tune.min_epochs", "tune.workers")
 _NON_NEGATIVE = ("data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay",
-                 "train.warmup_epochs", "init.bpt_eps", "data.shuffle_buffer")
+                 "train.warmup_epochs", "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds")
 _UNIT_INTERVAL = ("init.lam", "prompt.dropout")
 
 
@@ -209,6 +235,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"prompt.init_file: no such file: {cfg.prompt.init_file}")
     if cfg.engine.zero_stage and cfg.engine.name != "deepspeed":
         raise ConfigError(f"engine.zero_stage: ZeRO stages need engine.name=deepspeed; got engine.name={cfg.engine.name}")
+    if cfg.tune.eta < 2:
+        raise ConfigError(f"tune.eta: must be >= 2; got {cfg.tune.eta!r}")
+    for key in ("tune.max_epochs", "tune.trials"):
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")
     if cfg.engine.ds_config is not None and not Path(cfg.engine.ds_config).is_file():
         raise ConfigError(f"engine.ds_config: no such file: {cfg.engine.ds_config}")
 

@@ -11,6 +11,8 @@ per job (`hydra.sweep.subdir`, the job number by default), each holding `.hydra/
   accuracy_vs_prompt_length.png   test accuracy (best val where no test ran) against prompt
                length, one line per init method, one panel each for shallow and deep prompts
   init_time_vs_prompt_length.png  initializer wall time against prompt length
+  tune_val_vs_budget*.png         for each `vipamin-scale tune` directory found (its tune.json): val
+               accuracy against budget; report.md gets its rung table, winner and final mean +- std
 """
 from __future__ import annotations
 
@@ -116,7 +118,8 @@ def find_runs(sweep_dir: Path) -> list[Run]:
     sweep_dir = Path(sweep_dir)
     dirs = sorted({p.parent for p in sweep_dir.rglob("result.json")}
                   | {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"})
-    dirs = [d for d in dirs if _is_run_dir(d) and "checkpoints" not in d.parts]
+    dirs = [d for d in dirs if _is_run_dir(d) and "checkpoints" not in d.parts
+            and not (d / "tune.json").is_file()]  # a tune's own directory is not a run; its trials are
     runs = []
     for d in sorted(dirs, key=_natural_key(sweep_dir)):
         overrides = _load_yaml(d / ".hydra" / "overrides.yaml") or []
@@ -192,7 +195,7 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str]) -> str:
+def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str], tunes: list[str] = ()) -> str:
     cols = [c for c in COLUMNS if c != "error"]
     lines = [f"# Sweep report: {sweep_dir}", ""]
     counts = {s: sum(r["status"] == s for r in table) for s in ("ok", "failed", "incomplete")}
@@ -209,6 +212,8 @@ def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str]) -> 
             lines.append(f"- `{row['run']}` ({row['status']}) {row['overrides']}: {why}")
     else:
         lines.append("none")
+    for section in tunes:
+        lines += ["", section.rstrip("\n")]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -288,8 +293,22 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         init = _series(runs, lambda r: r.result.get("init_time_s"))
         _plot(out / "init_time_vs_prompt_length.png", init, "init time (s)", "initializer time vs prompt length")
         plots = ["accuracy_vs_prompt_length.png", "init_time_vs_prompt_length.png"]
+    tunes = []
+    for path in sorted(sweep_dir.rglob("tune.json"), key=_natural_key(sweep_dir)):  # `vipamin-scale tune` runs
+        from vipamin_scale.tune import plot_tune, tune_markdown
+
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            tunes.append(f"## Tuning: {path}\n\nunreadable: {exc}\n")
+            continue
+        rel = path.parent.relative_to(sweep_dir)
+        name = "tune_val_vs_budget.png" if rel == Path(".") else f"tune_val_vs_budget.{'.'.join(rel.parts)}.png"
+        plot_tune(doc, out / name)
+        where = "" if rel == Path(".") else f" `{rel}`"
+        tunes.append(tune_markdown(doc).replace("## Tuning", f"## Tuning{where}", 1) + f"\n![{name}]({name})\n")
     atomic_write_bytes(out / "report.csv", write_csv(table).encode())
-    atomic_write_bytes(out / "report.md", markdown(sweep_dir, table, plots).encode())
+    atomic_write_bytes(out / "report.md", markdown(sweep_dir, table, plots, tunes).encode())
     return {"runs": runs, "table": table, "report": out / "report.md", "csv": out / "report.csv",
             "plots": [out / p for p in plots]}
 

@@ -1,0 +1,230 @@
+"""`vipamin-scale tune`: successive halving, the planted-objective search, failures, resume, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, TINY, cli, cli_env
+from vipamin_scale.config import ConfigError, default_config
+from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.tune import candidates, parse_space, promote, rung_budgets, run_tune
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_space_grids_in_declaration_order():
+    space = {"train": {"lr": {"log": [0.001, 0.1], "num": 3}, "weight_decay": [0.0, 0.01]},
+             "init": {"lam": {"range": [0.0, 1.0], "num": 3}, "k": 8}}
+    axes = parse_space(space)
+    assert axes == [("train.lr", [0.001, 0.01, 0.1]), ("train.weight_decay", [0.0, 0.01]),
+                    ("init.lam", [0.0, 0.5, 1.0]), ("init.k", [8])]
+    points = candidates(space)
+    assert len(points) == 3 * 2 * 3
+    assert points[0] == {"train.lr": 0.001, "train.weight_decay": 0.0, "init.lam": 0.0, "init.k": 8}
+    assert points[1]["init.lam"] == 0.5 and points[3]["train.weight_decay"] == 0.01  # last axis fastest
+    sampled = candidates(space, trials=5, seed=3)
+    assert len(sampled) == 5 and sampled == candidates(space, trials=5, seed=3)
+    assert all(p in points for p in sampled) and sampled != candidates(space, trials=5, seed=4)
+
+
+@pytest.mark.parametrize("space, field", [({}, "tune.space"), ({"train": {"lr": []}}, "tune.space.train.lr"),
+                                          ({"train": {"lr": {"log": [0, 1], "num": 3}}}, "tune.space.train.lr"),
+                                          ({"train": {"lr": [0.1, 0.1]}}, "tune.space.train.lr")])
+def test_bad_space_names_the_field(space, field):
+    with pytest.raises(ConfigError, match=f"^{field.replace('.', '[.]')}"):
+        parse_space(space)
+
+
+def test_rung_budgets():
+    assert rung_budgets(27, 3, 27) == [(27, 1), (9, 3), (3, 9), (1, 27)]
+    assert rung_budgets(9, 3, 10) == [(9, 1), (3, 3), (1, 10)]
+    assert rung_budgets(5, 3, 6) == [(5, 2), (1, 6)]
+    assert rung_budgets(2, 3, 6) == [(2, 6)]  # fewer candidates than eta: one rung
+    assert rung_budgets(27, 3, 4, min_epochs=1) == [(27, 1), (9, 1), (3, 1), (1, 4)]
+    assert rung_budgets(12, 3, 9, mode="grid") == [(12, 9)]
+
+
+def test_promote_keeps_exactly_the_top_fraction_deterministically():
+    rng = random.Random(0)
+    for n in (3, 9, 10, 27, 28):
+        scores = [rng.random() for _ in range(n)]
+        kept = promote(scores, n // 3)
+        assert len(kept) == n // 3
+        assert sorted(kept) == kept
+        assert min(scores[i] for i in kept) >= max(s for i, s in enumerate(scores) if i not in kept)
+        assert promote(scores, n // 3) == kept
+    assert promote([0.5, 0.9, 0.5, 0.5], 2) == [0, 1]  # a tie goes to the earlier candidate
+    assert promote([None, 0.1, float("nan"), 0.2], 3) == [1, 3]  # failed trials are never promoted
+
+
+# ----------------------------------------------------------------------------- with a stand-in trial
+
+
+def planted(lr: float, lam: float) -> float:
+    """Val accuracy peaks at lr = 0.03, lam = 0.6."""
+    return 0.9 - 0.08 * (math.log10(lr) - math.log10(0.03)) ** 2 - 0.3 * (lam - 0.6) ** 2
+
+
+class StandIn:
+    """A trial whose val (and test) accuracy is `planted` plus noise that shrinks with the budget,
+    written as run_training writes result.json. Calls are counted; some can fail or interrupt."""
+
+    def __init__(self, fail=lambda cfg: False, interrupt_after: int | None = None):
+        self.calls: list[str] = []
+        self.fail, self.interrupt_after = fail, interrupt_after
+
+    def __call__(self, cfg):
+        if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
+            raise KeyboardInterrupt  # the process is killed mid-search
+        self.calls.append(cfg.train.out_dir)
+        if self.fail(cfg):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        noise = random.Random(f"{cfg.train.lr}/{cfg.init.lam}/{cfg.train.seed}/{cfg.train.epochs}").gauss(0, 1)
+        acc = planted(cfg.train.lr, cfg.init.lam) + 0.02 * noise / cfg.train.epochs
+        result = {"best_val": {"acc": acc, "epoch": cfg.train.epochs - 1}, "final_eval": {"acc": acc},
+                  "method": cfg.init.method, "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep,
+                  "train_split": cfg.data.train_split, "seed": cfg.train.seed}
+        if cfg.train.test_at_end:
+            result["test"] = {"acc": acc - 0.01}
+        atomic_write_bytes(Path(cfg.train.out_dir) / "result.json", json.dumps(result).encode())
+
+
+def tune_cfg(tmp_path: Path, **extra):
+    overrides = {"train__out_dir": str(tmp_path), "train__epochs": 27, "init__method": "vipamin",
+                 "tune__space": {"train": {"lr": {"log": [0.001, 1.0], "num": 7}},
+                                 "init": {"lam": {"range": [0.0, 1.0], "num": 6}}}}
+    overrides.update(extra)
+    return default_config(**overrides)
+
+
+def test_planted_optimum_found_within_one_grid_step(tmp_path):
+    fn = StandIn()
+    result = run_tune(tune_cfg(tmp_path), train_fn=fn)
+    # 42 candidates, eta 3: 42 -> 14 -> 4 -> 1 at 1, 3, 9, 27 epochs; then 3 final seeds
+    assert [(len(r["trials"]), r["epochs"]) for r in result.rungs] == [(42, 1), (14, 3), (4, 9), (1, 27)]
+    assert len(fn.calls) == 42 + 14 + 4 + 1 + 3
+    for r, nxt in zip(result.rungs, result.rungs[1:]):
+        promoted = sorted(t["candidate"] for t in r["trials"] if t["promoted"])
+        assert promoted == sorted(t["candidate"] for t in nxt["trials"])
+        assert len(promoted) == len(r["trials"]) // 3
+    best = result.winner["params"]
+    step_lr = 0.5  # the log10 grid step of 7 values over 3 decades
+    assert abs(math.log10(best["train.lr"]) - math.log10(0.03)) <= step_lr + 1e-9
+    assert abs(best["init.lam"] - 0.6) <= 0.2 + 1e-9
+    final = result.final
+    assert final["train_split"] == "train+val" and [r["seed"] for r in final["runs"]] == [0, 1, 2]
+    seen = [json.loads((tmp_path / r["dir"] / "result.json").read_text()) for r in final["runs"]]
+    assert [s["train_split"] for s in seen] == ["train+val"] * 3 and [s["seed"] for s in seen] == [0, 1, 2]
+    accs = [s["test"]["acc"] for s in seen]
+    assert final["test_mean"] == pytest.approx(sum(accs) / 3)
+    mean = sum(accs) / 3
+    assert final["test_std"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in accs) / 2))
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    assert doc["winner"]["params"] == best
+    md = (tmp_path / "tune.md").read_text()
+    assert "Winner: candidate" in md and "± " in md
+    assert (tmp_path / "tune_val_vs_budget.png").stat().st_size > 1000
+    # deterministic: the same search in a fresh directory picks the same winner through the same rungs
+    again = run_tune(tune_cfg(tmp_path / "again"), train_fn=StandIn())
+    assert again.rungs == result.rungs and again.winner == result.winner
+
+
+def test_failed_trial_is_recorded_and_the_search_finishes(tmp_path):
+    bad_lr = 0.03162  # the best lr: its trials fail, so the search must settle elsewhere
+    fn = StandIn(fail=lambda cfg: cfg.train.lr == bad_lr)
+    result = run_tune(tune_cfg(tmp_path, tune__final_seeds=1), train_fn=fn)
+    failed = [t for t in result.rungs[0]["trials"] if t["status"] == "failed"]
+    assert len(failed) == 6 and all(t["params"]["train.lr"] == bad_lr for t in failed)
+    assert all("illegal memory access" in t["error"] and not t["promoted"] for t in failed)
+    assert result.winner["params"]["train.lr"] != bad_lr
+    assert "failed: RuntimeError: CUDA error" in (tmp_path / "tune.md").read_text()
+    record = json.loads((tmp_path / failed[0]["dir"] / "result.json").read_text())
+    assert record["status"] == "failed" and "Traceback" in record["traceback"]
+
+
+def test_killed_tune_resumes_and_skips_finished_trials(tmp_path):
+    first = StandIn(interrupt_after=20)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(tune_cfg(tmp_path), train_fn=first)
+    assert len(first.calls) == 20
+    second = StandIn()
+    result = run_tune(tune_cfg(tmp_path), train_fn=second)
+    assert not set(first.calls) & set(second.calls)  # nothing that finished ran again
+    assert len(first.calls) + len(second.calls) == 42 + 14 + 4 + 1 + 3
+    reference = run_tune(tune_cfg(tmp_path / "ref"), train_fn=StandIn())
+    assert result.winner == reference.winner and result.final["test_mean"] == reference.final["test_mean"]
+    # a re-run with another space in the same directory is refused before any training
+    changed = tune_cfg(tmp_path, tune__space={"train": {"lr": [0.5, 0.1]}, "init": {"lam": [0.1, 0.5]}})
+    third = StandIn()
+    with pytest.raises(ConfigError, match="^tune.space: .*other settings"):
+        run_tune(changed, train_fn=third)
+    assert third.calls == []
+
+
+def test_space_checked_before_any_training(tmp_path):
+    fn = StandIn()
+    with pytest.raises(ConfigError, match="^tune.space.train.lrr: no such config field"):
+        run_tune(tune_cfg(tmp_path, tune__space={"train": {"lrr": [0.1]}}), train_fn=fn)
+    with pytest.raises(ConfigError, match="init.lam: must lie in"):
+        run_tune(tune_cfg(tmp_path, tune__space={"init": {"lam": [0.5, 1.5]}}), train_fn=fn)
+    assert fn.calls == []
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def test_tune_cli_inline_kill_resume_and_report(tmp_path):
+    """Real training runs (tiny ViT) in one process; a SIGKILL inside the second rung, then a re-run."""
+    out = tmp_path / "tune"
+    args = cli("tune", *TINY, "init=vipamin", "init.num_images=64", "init.k=2", "+tune.space.train.lr=[0.05,0.5,2.0]",
+               "tune.max_epochs=3", "tune.final_seeds=2", f"hydra.run.dir={out}")
+    # rung 0: 3 trials x 1 epoch (8 steps each); rung 1: 1 trial x 3 epochs -> killed at its step 12
+    killed = subprocess.run(args, cwd=REPO, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="12"), capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    rung0 = sorted((out / "trials" / "rung0").glob("c*/result.json"))
+    assert len(rung0) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in rung0}
+    rung1 = list((out / "trials" / "rung1").iterdir())
+    assert len(rung1) == 1 and not (rung1[0] / "result.json").exists()
+    assert list((rung1[0] / "checkpoints").glob("ckpt-*.pt"))  # the cut trial left its checkpoint
+    done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in rung0} == stamps  # finished trials were not run again
+    assert "resumed from" in done.stdout + done.stderr
+    doc = json.loads((out / "tune.json").read_text())
+    assert doc["final"]["n"] == 2 and 0.0 <= doc["final"]["test_mean"] <= 1.0
+    final0 = json.loads((out / "final" / "seed0" / "result.json").read_text())
+    assert final0["steps"] == 3 * ((256 + 297) // 32)  # trained on train (256) + val (297)
+    report = subprocess.run(cli("report", str(out)), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    text = (out / "report.md").read_text()
+    assert "## Tuning (halving, eta 3)" in text and "Final: trained on train+val" in text
+    assert "| rung0/c000 |" in text or "trials/rung0/c000" in text
+
+
+def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):
+    out = tmp_path / "tune"
+    args = cli("tune", *TINY, "+tune.space.train.lr=[0.05,2.0]", "+tune.space.train.weight_decay=[0.0]",
+               "tune.max_epochs=1", "tune.final_seeds=1", "tune.launcher=local", "tune.workers=2",
+               f"hydra.run.dir={out}")
+    done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((out / "tune.json").read_text())
+    assert [len(r["trials"]) for r in doc["rungs"]] == [2]
+    for t in doc["rungs"][0]["trials"]:
+        trial = out / t["dir"]
+        saved = OmegaConf.load(trial / ".hydra" / "config.yaml")  # an ordinary Hydra job of `train`
+        assert saved.model.name == "vit_test_d64" and saved.train.lr == t["params"]["train.lr"]
+        assert (trial / "trial.log").is_file() and t["val_acc"] is not None
+    final = OmegaConf.load(out / "final" / "seed0" / ".hydra" / "config.yaml")
+    assert final.data.train_split == "train+val" and final.train.epochs == 1
