@@ -34,3 +34,11 @@ sweep-demo: $(STAMP)
 	  init.num_images=64 init.k=2 prompt=shallow,deep prompt.length=1,4,8 init=random,vipamin \
 	  hydra.sweep.dir=$(SWEEP_DIR)
 	$(PY) -m vipamin_scale.cli report $(SWEEP_DIR)
+
+# Every initializer at its own tuned lr on the demo backbone (56 px) and digits, full data and
+# 1/2/4/8-shot, 3 seeds; writes benchmarks/results/accuracy.{json,png} and RESULTS.md (~1 h, 2 cores).
+bench-accuracy: $(STAMP)
+	$(PY) benchmarks/accuracy.py
+
+bench-init: $(STAMP)
+	$(PY) benchmarks/bench_init.py

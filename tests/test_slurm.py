@@ -219,3 +219,19 @@ def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, dig
     assert list(sweep.glob(".submitit/*/*.out"))  # ran under Slurm, through submitit
     report = subprocess.run(cli("report", str(sweep)), env=cli_env(), capture_output=True, text=True, timeout=300)
     assert report.returncode == 0 and "2 runs: 2 finished, 0 failed, 0 incomplete." in report.stdout
+
+
+def test_tune_runs_its_trials_as_slurm_jobs(slurm, tmp_path, digits_root):
+    """`vipamin-scale tune tune.launcher=slurm`: every trial and final run a Slurm job, through submitit."""
+    out = tmp_path / "tune"
+    args = ["tune", *TINY, "data.max_train_samples=128", "+tune.space.train.lr=[0.05,2.0]", "tune.max_epochs=1",
+            "tune.final_seeds=1", "tune.launcher=slurm", "tune.slurm.slurm_partition=debug",
+            "tune.slurm.gpus_per_node=null", "tune.slurm.cpus_per_task=1", "tune.slurm.timeout_min=10",
+            f"hydra.run.dir={out}"]
+    proc = subprocess.run(cli(*args), cwd=REPO, env={**cli_env(), **slurm.env}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{slurm.logs()}"
+    doc = json.loads((out / "tune.json").read_text())
+    assert [t["status"] for t in doc["rungs"][0]["trials"]] == ["ok", "ok"]
+    assert doc["final"]["n"] == 1 and doc["final"]["runs"][0]["test_acc"] is not None
+    assert len(list((out / ".submitit").glob("*/*_log.out"))) == 3  # 2 trials + 1 final, each a Slurm job

@@ -169,6 +169,21 @@ def test_killed_tune_resumes_and_skips_finished_trials(tmp_path):
     assert third.calls == []
 
 
+def test_grid_mode_is_the_vtab_selection_protocol(tmp_path):
+    """mode=grid (configs/tune/vtab.yaml): every candidate at the full budget on train -> val, the best
+    retrained on the given final split over the seeds, mean +- std on test."""
+    fn = StandIn()
+    cfg = tune_cfg(tmp_path, tune__mode="grid", tune__final_train_split="train800val200",
+                   tune__space={"train": {"lr": [0.003, 0.03, 0.3]}, "init": {"lam": [0.2, 0.6]}},
+                   data__train_split="train800", data__val_split="val200")
+    result = run_tune(cfg, train_fn=fn)
+    assert len(result.rungs) == 1 and result.rungs[0]["epochs"] == 27 and len(result.rungs[0]["trials"]) == 6
+    best = max(result.rungs[0]["trials"], key=lambda t: t["val_acc"])
+    assert result.winner["params"] == best["params"] == {"train.lr": 0.03, "init.lam": 0.6}
+    finals = [json.loads((tmp_path / r["dir"] / "result.json").read_text()) for r in result.final["runs"]]
+    assert [f["train_split"] for f in finals] == ["train800val200"] * 3
+
+
 def test_space_checked_before_any_training(tmp_path):
     fn = StandIn()
     with pytest.raises(ConfigError, match="^tune.space.train.lrr: no such config field"):
@@ -228,3 +243,13 @@ def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):
         assert (trial / "trial.log").is_file() and t["val_acc"] is not None
     final = OmegaConf.load(out / "final" / "seed0" / ".hydra" / "config.yaml")
     assert final.data.train_split == "train+val" and final.train.epochs == 1
+
+
+def test_tune_cli_bad_final_split_stops_before_any_trial(tmp_path):
+    out = tmp_path / "tune"
+    args = cli("tune", *TINY, "+tune.space.train.lr=[0.05,0.5]", "tune.final_train_split=train+tset",
+               f"hydra.run.dir={out}")
+    done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "error: tune.final_train_split: " in done.stderr and "no split 'tset'" in done.stderr
+    assert not (out / "trials").exists()

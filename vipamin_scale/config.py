@@ -127,7 +127,11 @@ class TuneConfig:
     launcher: str = "inline"  # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
     workers: int = 1  # local: trials run at once
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
-    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 60}
+    # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
+    # `+tune.slurm.<name>=...` (submitit names: slurm_partition, slurm_account, slurm_qos, mem_gb, ...)
+    slurm: dict[str, Any] = field(default_factory=lambda: {
+        "slurm_partition": None, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 1, "cpus_per_task": 16,
+        "timeout_min": 720})
 
 
 @dataclass

@@ -294,7 +294,8 @@ class SlurmLauncher(LocalLauncher):
         import submitit
 
         executor = submitit.AutoExecutor(folder=str(self.folder / "%j"))
-        executor.update_parameters(**{"name": "vipamin-tune", **self.parameters})
+        executor.update_parameters(**{"name": "vipamin-tune", **{k: v for k, v in self.parameters.items()
+                                                                 if v is not None}})
         jobs = []
         for trial in trials:
             trial.dir.mkdir(parents=True, exist_ok=True)
@@ -575,8 +576,26 @@ def tune_overrides_from_hydra() -> list[str]:
     return out
 
 
+def check_splits(cfg: DictConfig) -> None:
+    """The search's and the final runs' splits exist in the data's manifest (before any training)."""
+    from vipamin_scale.data import DataError, dataset_info, resolve_root
+    from vipamin_scale.data.wds import split_components
+
+    validate(cfg)
+    root = resolve_root(cfg.data)
+    splits = list(dataset_info(root)["splits"])
+    final = cfg.tune.final_train_split or f"{cfg.data.train_split}+{cfg.data.val_split}"
+    for key, expr in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split),
+                      ("tune.final_train_split", final), ("data.test_split", cfg.data.test_split)):
+        try:
+            split_components(expr, splits, root / "manifest.json")
+        except DataError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
 def main_task(cfg: DictConfig) -> TuneResult:
     """The `vipamin-scale tune` task (under Hydra)."""
+    check_splits(cfg)
     base = tune_overrides_from_hydra() if cfg.tune.launcher != "inline" else []
     result = run_tune(cfg, base_overrides=base)
     if result.final and result.final["test_mean"] is not None:

