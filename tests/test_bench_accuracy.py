@@ -21,17 +21,21 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     bench = load_accuracy_module()
     assert list(doc["methods"]) == list(bench.METHODS) and doc["regimes"] == ["full", "1shot", "4shot"]
     for name, m in doc["methods"].items():
-        assert m["lr"]["full"] in doc["args"]["lrs"] and m["lr"]["fewshot"] in doc["args"]["lrs"]
+        assert m["lr"] in doc["args"]["lrs"]
         for regime in doc["regimes"]:
             cell = m["results"][regime]
             assert cell["n"] == 2, (name, regime, cell)  # every run finished
             assert 0.0 <= cell["mean"] <= 1.0 and cell["std"] >= 0.0
             assert abs(cell["mean"] - sum(cell["runs"]) / 2) < 1e-12
-        rungs = m["tune"]["full"]["rungs"]  # 3 lrs, eta 3: 3 trials, then the winner alone
-        assert [len(r["trials"]) for r in rungs] == [3, 1]
+        rungs = m["tune"]["rungs"]  # grid: the 3 lrs at the full budget, the best val wins
+        assert [len(r["trials"]) for r in rungs] == [3]
+        best = max(rungs[0]["trials"], key=lambda t: (t["val_acc"], -t["candidate"]))
+        assert m["lr"] == best["params"]["train.lr"]
     # the printed table: a header, a rule, one row per method, each cell "mean ± std"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
-    assert lines[0].startswith("| method | full | 1shot | 4shot |") and len(lines) == 2 + len(bench.METHODS)
+    printed = proc.stdout.splitlines()
+    start = printed.index("| method | full | 1shot | 4shot | tuned lr |")
+    lines = [ln for ln in printed[start:] if ln.startswith("|")]
+    assert lines[0] == "| method | full | 1shot | 4shot | tuned lr |" and len(lines) == 2 + len(bench.METHODS)
     for line in lines[2:]:
         assert len(re.findall(r"\d+\.\d ± \d+\.\d", line)) == 3, line
     assert out.with_suffix(".png").stat().st_size > 10_000

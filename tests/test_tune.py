@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, cli, cli_env
+from conftest import REPO, TINY, cli, cli_env, torchrun
 from vipamin_scale.config import ConfigError, default_config
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.tune import candidates, parse_space, promote, rung_budgets, run_tune
@@ -253,3 +252,18 @@ def test_tune_cli_bad_final_split_stops_before_any_trial(tmp_path):
     assert done.returncode == 2
     assert "error: tune.final_train_split: " in done.stderr and "no split 'tset'" in done.stderr
     assert not (out / "trials").exists()
+
+
+def test_tune_inline_under_torchrun_with_deepspeed(tmp_path):
+    """Under torchrun every rank runs the same search; each trial is a 2-rank ZeRO-2 run."""
+    out = tmp_path / "tune"
+    args = torchrun(2, "tune", *TINY, "engine=zero2", "data.max_train_samples=128", "+tune.space.train.lr=[0.05,2.0]",
+                    "tune.max_epochs=1", "tune.final_seeds=1", f"hydra.run.dir={out}")
+    done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    doc = json.loads((out / "tune.json").read_text())
+    assert [t["status"] for t in doc["rungs"][0]["trials"]] == ["ok", "ok"]
+    trial = json.loads((out / doc["rungs"][0]["trials"][0]["dir"] / "result.json").read_text())
+    assert trial["world_size"] == 2 and trial["steps"] == 128 // (2 * 32)
+    final = json.loads((out / "final" / "seed0" / "result.json").read_text())
+    assert final["world_size"] == 2 and final["test"]["count"] == 500

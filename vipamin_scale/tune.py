@@ -44,7 +44,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import shlex
 import subprocess
@@ -53,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -443,12 +442,11 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
 def _launch(launcher: Any, trials: list[Trial]) -> None:
     from vipamin_scale import distributed as D
 
-    if D.rank() == 0:
-        for t in trials:
+    for t in trials:  # rank 0 checks (and records) the trial directories; the others wait for it
+        if D.rank() == 0:
             t.dir.mkdir(parents=True, exist_ok=True)
+            _same_trial(t)
     D.barrier()
-    for t in trials:
-        _same_trial(t)
     todo = [t for t in trials if read_result(t.dir) is None]
     if len(todo) < len(trials):
         log.info("tune: %d of %d trials already ended; skipped", len(trials) - len(todo), len(trials))
