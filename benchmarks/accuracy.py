@@ -437,7 +437,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    ap.add_argument("--proxy-k", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--proxy-k", type=int, nargs="+", default=[2, 8, 16], help="at most the patch count")
     ap.add_argument("--proxy-lam", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--no-proxy", action="store_true")
     ap.add_argument("--workers", type=int, default=None,
@@ -495,6 +495,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     bench = Bench(args)
+    if not args.no_proxy and args.part is None:  # the proxy's k must fit the patch count: say so before any run
+        from vipamin_scale.models import build_model
+
+        n_p = build_model(bench.regime_cfg("full")[0], 10).backbone.patch_embed.num_patches
+        if max(args.proxy_k) > n_p:
+            raise SystemExit(f"error: --proxy-k: k must be at most the {n_p} patches at {args.img_size} px; "
+                             f"got {max(args.proxy_k)}")
     regimes = ["full"] + [f"{k}shot" for k in args.shots]
     fewshot_tune = f"{max(args.shots)}shot"
     doc: dict[str, Any] = {
