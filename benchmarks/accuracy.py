@@ -361,6 +361,7 @@ def table_markdown(doc: dict[str, Any]) -> str:
 def plot(doc: dict[str, Any], path: Path) -> None:
     import io
 
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -374,7 +375,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         means = [doc["methods"][name]["results"][r]["mean"] or 0.0 for r in regimes]
         stds = [doc["methods"][name]["results"][r]["std"] or 0.0 for r in regimes]
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(regimes))]
-        ax.bar(xs, means, width, yerr=stds, label=name, capsize=1.5)
+        ax.bar(xs, means, width, yerr=stds, label=name, capsize=1.5, color=colormaps["tab20"](i % 20))
     ax.set_xticks(range(len(regimes)))
     ax.set_xticklabels(regimes)
     ax.set_ylabel("test accuracy (mean ± std, 3 seeds)")
