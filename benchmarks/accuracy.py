@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from vipamin_scale.config import default_config  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes  # noqa: E402
-from vipamin_scale.tune import run_tune  # noqa: E402
+from vipamin_scale.tune import run_tune, sample_std  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
 
@@ -273,9 +273,7 @@ def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[f
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None, 0
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return m, s, len(vals)
+    return sum(vals) / len(vals), sample_std(vals), len(vals)
 
 
 # ----------------------------------------------------------------------------- the proxy study

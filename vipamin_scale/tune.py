@@ -433,7 +433,7 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
         accs = [r["test_acc"] for r in runs if r["test_acc"] is not None]
         result.final = {"train_split": final_split, "epochs": max_epochs, "runs": runs,
                         "test_mean": sum(accs) / len(accs) if accs else None,
-                        "test_std": _std(accs), "n": len(accs)}
+                        "test_std": sample_std(accs), "n": len(accs)}
     if D.rank() == 0:
         _write_summary(root, cfg, result, plan, final_split)
     return result
@@ -454,7 +454,8 @@ def _launch(launcher: Any, trials: list[Trial]) -> None:
         launcher.run(todo)
 
 
-def _std(values: Sequence[float]) -> Optional[float]:
+def sample_std(values: Sequence[float]) -> Optional[float]:
+    """Sample standard deviation (n-1); 0 for one value, None for none."""
     if len(values) < 2:
         return 0.0 if values else None
     mean = sum(values) / len(values)
