@@ -145,6 +145,7 @@ class LinearProbe:
 
     def __call__(self, cfg: DictConfig) -> None:
         from vipamin_scale.data import dataset_info, resolve_root
+        from vipamin_scale.engine.base import cosine_with_warmup
 
         t0 = time.perf_counter()
         num_classes = int(dataset_info(resolve_root(cfg.data))["num_classes"])
@@ -160,14 +161,13 @@ class LinearProbe:
         warm = int(round(cfg.train.warmup_epochs * steps_per_epoch))
         lr = cfg.train.lr * b / 256.0
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+        schedule = cosine_with_warmup(total, warm)  # the engines' schedule
         step = 0
         for _ in range(int(cfg.train.epochs)):
             order = torch.randperm(len(X), generator=g)
             for i in range(steps_per_epoch):
-                f = (step + 1) / max(1, warm) if step < warm else \
-                    0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
                 for group in opt.param_groups:
-                    group["lr"] = lr * f
+                    group["lr"] = lr * schedule(step)
                 idx = order[i * b:(i + 1) * b]
                 loss = torch.nn.functional.cross_entropy(head(X[idx]), y[idx])
                 opt.zero_grad()
