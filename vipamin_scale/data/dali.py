@@ -83,8 +83,8 @@ import torch
 from PIL import Image
 
 from vipamin_scale.data.shards import (IMAGE_EXTS, MANIFEST, Component, DataError, dali_index_text, index_name,
-                                       read_dali_index, tar_samples)
-from vipamin_scale.data.wds import LoaderSpec, _rgb, _Skips, loader_spec, plan_slot, rank_num_batches
+                                       read_dali_index, tar_samples, to_rgb)
+from vipamin_scale.data.wds import LoaderSpec, _Skips, loader_spec, plan_slot, rank_num_batches
 from vipamin_scale.paths import atomic_write_bytes, cache_dir
 
 __all__ = ["DaliLoader", "build_dali_loader", "shard_index"]
@@ -409,7 +409,7 @@ class DaliLoader:
                     f.seek(offset)
                     data = f.read(size)
                 with Image.open(io.BytesIO(data)) as im:
-                    _rgb(im)
+                    to_rgb(im)
             except Exception as exc:  # PIL raises many types for bad data
                 found += 1
                 e.image = e.label = None

@@ -77,7 +77,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import webdataset as wds
@@ -85,11 +85,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key
+from vipamin_scale.config import ConfigError
+from vipamin_scale.data.shards import CLASSES, IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key, to_rgb
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components"]
+           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components",
+           "check_splits"]
 
 log = logging.getLogger("vipamin_scale.data")
 
@@ -233,12 +235,6 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.split(' @ ')[0]}".rstrip(": ").splitlines()[0]
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's warning for palette transparency
-    return img.convert("RGB")
-
-
 def _aug_seed(seed: int, epoch: int, key: str) -> int:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=7).digest()
     return int.from_bytes(digest, "little")
@@ -358,7 +354,7 @@ class _ShardStream(IterableDataset):
             raise DataError(f"{where}: label {label} outside [0, {self.num_classes})")
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:
-                img = _rgb(im)
+                img = to_rgb(im)
         except Exception as exc:  # PIL raises many types for bad data
             raise DataError(f"{where}: cannot decode the {ext} image ({type(exc).__name__}: {exc})") from None
         seed = _aug_seed(self.seed, self.epoch, sample["__key__"]) if self.augment else None
@@ -485,6 +481,45 @@ def split_components(expr: str, splits: Sequence[str], manifest: Path) -> list[s
     if repeated:
         raise DataError(f"{manifest}: split {repeated[0]!r} appears more than once in {expr!r}")
     return parts
+
+
+def check_splits(data_cfg: Any, reads: Mapping[str, str], *, train: str | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+    """Check, before any compute, the splits a run will read. Returns `dataset_info` of the data.
+
+    reads: {config field: split expression}, e.g. {"data.train_split": "train+val",
+    "data.test_split": "test"}: every split the run will read, named by the field that chose it.
+    train: the field (a key of `reads`) of the split trained on: it must hold at least one full
+    global batch, data.batch_size samples (the global batch), after `limit` (as `build_loader`
+    applies it: to its first component). Also checked: the shard directory's manifest and class
+    list (`dataset_info`), at least 2 classes, each expression's components (`split_components`),
+    no empty split. Each problem is one line starting with the field that chose it (data.root for
+    the directory, the class count) and naming manifest.json: a ConfigError for a
+    split or batch the config asks for, a DataError for what the data holds.
+    (The loaders check the same again per rank: `loader_spec`.)"""
+    root = resolve_root(data_cfg)
+    try:
+        info = dataset_info(root)
+    except DataError as exc:
+        raise DataError(f"data.root: {exc}") from None
+    manifest = root / MANIFEST
+    if info["num_classes"] < 2:
+        raise DataError(f"data.root: {root / CLASSES} lists {info['num_classes']} class ({info['classes']}); "
+                        f"a classification run needs at least 2")
+    for field_name, expr in reads.items():
+        try:
+            parts = split_components(str(expr), list(info["splits"]), manifest)
+        except DataError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from None
+        counts = [sum(limit_counts(info["splits"][p]["shard_counts"], limit if field_name == train and i == 0 else None))
+                  for i, p in enumerate(parts)]
+        if sum(counts) == 0:
+            raise DataError(f"{field_name}: {manifest}: split {expr!r} has no samples")
+        if field_name == train and sum(counts) < int(data_cfg.batch_size):
+            held = f"{sum(counts)} samples" + (f" (data.max_train_samples={limit})" if limit is not None else "")
+            raise ConfigError(f"data.batch_size: {data_cfg.batch_size} is more than {field_name}={expr!r} holds "
+                              f"({held} in {manifest}): not one full global batch; lower data.batch_size")
+    return info
 
 
 def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
