@@ -483,42 +483,58 @@ def split_components(expr: str, splits: Sequence[str], manifest: Path) -> list[s
     return parts
 
 
+def _check_shard_files(root: Path, shards: Sequence[str], counts: Sequence[int]) -> None:
+    """Every shard a loader will read (count > 0) exists; else a DataError naming it."""
+    for name, c in zip(shards, counts):
+        if c and not (root / name).is_file():
+            raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+
+
 def check_splits(data_cfg: Any, reads: Mapping[str, str], *, train: str | None = None,
                  limit: int | None = None) -> dict[str, Any]:
-    """Check, before any compute, the splits a run will read. Returns `dataset_info` of the data.
+    """Check, before any compute, the data a run will read. Returns `dataset_info` of the data.
 
     reads: {config field: split expression}, e.g. {"data.train_split": "train+val",
     "data.test_split": "test"}: every split the run will read, named by the field that chose it.
     train: the field (a key of `reads`) of the split trained on: it must hold at least one full
-    global batch, data.batch_size samples (the global batch), after `limit` (as `build_loader`
-    applies it: to its first component). Also checked: the shard directory's manifest and class
-    list (`dataset_info`), at least 2 classes, each expression's components (`split_components`),
-    no empty split. Each problem is one line starting with the field that chose it (data.root for
-    the directory, the class count) and naming manifest.json: a ConfigError for a
-    split or batch the config asks for, a DataError for what the data holds.
-    (The loaders check the same again per rank: `loader_spec`.)"""
+    global batch, data.batch_size samples, after `limit` (applied as `build_loader` does: to the
+    expression's first split).
+    Also checked: the shard directory's manifest and class list (`dataset_info`), at least 2
+    classes, each expression's splits (`split_components`), no empty split, and, with
+    data.on_error=raise, that every shard file the run reads exists. Each problem is one line that
+    starts with the field it comes from (data.root for the directory and the class count) and names
+    the file: a ConfigError for a split or batch size the config asks for that the data does not
+    have, a DataError for faulty data. (Each loader checks its own split again: `loader_spec`.)"""
     root = resolve_root(data_cfg)
+    manifest = root / MANIFEST
     try:
         info = dataset_info(root)
     except DataError as exc:
         raise DataError(f"data.root: {exc}") from None
-    manifest = root / MANIFEST
     if info["num_classes"] < 2:
-        raise DataError(f"data.root: {root / CLASSES} lists {info['num_classes']} class ({info['classes']}); "
+        raise DataError(f"data.root: {root / CLASSES} lists {info['num_classes']} class {info['classes']}; "
                         f"a classification run needs at least 2")
     for field_name, expr in reads.items():
         try:
             parts = split_components(str(expr), list(info["splits"]), manifest)
         except DataError as exc:
             raise ConfigError(f"{field_name}: {exc}") from None
-        counts = [sum(limit_counts(info["splits"][p]["shard_counts"], limit if field_name == train and i == 0 else None))
-                  for i, p in enumerate(parts)]
-        if sum(counts) == 0:
+        num_samples = 0
+        for i, part in enumerate(parts):
+            entry = info["splits"][part]
+            counts = limit_counts(entry["shard_counts"], limit if field_name == train and i == 0 else None)
+            num_samples += sum(counts)
+            if getattr(data_cfg, "on_error", "raise") == "raise":
+                try:
+                    _check_shard_files(root, entry["shards"], counts)
+                except DataError as exc:
+                    raise DataError(f"{field_name}: {exc}") from None
+        if num_samples == 0:
             raise DataError(f"{field_name}: {manifest}: split {expr!r} has no samples")
-        if field_name == train and sum(counts) < int(data_cfg.batch_size):
-            held = f"{sum(counts)} samples" + (f" (data.max_train_samples={limit})" if limit is not None else "")
+        if field_name == train and num_samples < int(data_cfg.batch_size):
+            held = f"{num_samples} samples" + (f" with data.max_train_samples={limit}" if limit is not None else "")
             raise ConfigError(f"data.batch_size: {data_cfg.batch_size} is more than {field_name}={expr!r} holds "
-                              f"({held} in {manifest}): not one full global batch; lower data.batch_size")
+                              f"({held}, {manifest}): not one full global batch; lower data.batch_size")
     return info
 
 
@@ -558,9 +574,7 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
     if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
-        for name, c in zip(shards, counts):
-            if c and not (root / name).is_file():
-                raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+        _check_shard_files(root, shards, counts)
     data_mean = getattr(data_cfg, "mean", None)
     data_std = getattr(data_cfg, "std", None)
     return LoaderSpec(
