@@ -7,12 +7,14 @@ shard.
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import TINY, cli, cli_env
 from PIL import Image
 
+from vipamin_scale.cli import main
 from vipamin_scale.config import ConfigError
 from vipamin_scale.data import DataError, check_splits, make_shards
 from vipamin_scale.data.shards import write_dataset
@@ -41,21 +43,38 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli(*args), env=cli_env(), capture_output=True, text=True, timeout=600)
+@dataclass
+class Done:
+    returncode: int
+    stderr: str
 
 
-def _user_error(proc: subprocess.CompletedProcess) -> str:
+@pytest.fixture
+def run_cli(capfd):
+    """`vipamin-scale ARGS` as a user runs it: in this process (`cli.main`, what the console script calls;
+    saves a Python start per case), or as a subprocess with subprocess=True. An exception that escapes
+    main() is a traceback for the user: the test fails with it."""
+    def run(*args: str, subprocess_: bool = False) -> Done:
+        if subprocess_:
+            proc = subprocess.run(cli(*args), env=cli_env(), capture_output=True, text=True, timeout=600)
+            return Done(proc.returncode, proc.stderr)
+        capfd.readouterr()
+        code = main(list(args))
+        return Done(code, capfd.readouterr().err)
+    return run
+
+
+def _user_error(done: Done) -> str:
     """The one `error:` line a user's mistake must end with (exit 2, no traceback); returned for checks."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-3000:]
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), done.stderr[-3000:]
     return last
 
 
-def _train(root: Path, run: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return _cli("train", *RUN, f"data.root={root}", f"hydra.run.dir={run}", *overrides)
+def _train(run_cli, root: Path, run: Path, *overrides: str, subprocess_: bool = False) -> Done:
+    return run_cli("train", *RUN, f"data.root={root}", f"hydra.run.dir={run}", *overrides, subprocess_=subprocess_)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -76,35 +95,35 @@ def _copy(src: Path, dst: Path) -> Path:
     (["data.max_train_samples=6"], "error: data.batch_size: 8 is more than data.train_split='train' holds "
                                    "(6 samples with data.max_train_samples=6"),
 ], ids=["test_split", "eval_split", "train_union", "batch", "max_train_samples"])
-def test_run_config_checked_against_the_data_before_training(shards, tmp_path, overrides, says):
+def test_run_config_checked_against_the_data_before_training(run_cli, shards, tmp_path, overrides, says):
     run = tmp_path / "run"
-    line = _user_error(_train(shards, run, *overrides))
+    line = _user_error(_train(run_cli, shards, run, *overrides, subprocess_=overrides == ["data.test_split=tset"]))
     assert line.startswith(says.format(manifest=shards / "manifest.json")), line
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # nothing trained
 
 
-def test_splits_the_run_does_not_read_are_not_required(shards, tmp_path):
+def test_splits_the_run_does_not_read_are_not_required(run_cli, shards, tmp_path):
     run = tmp_path / "run"
-    proc = _train(shards, run, "data.test_split=tset", "train.test_at_end=false")
+    proc = _train(run_cli, shards, run, "data.test_split=tset", "train.test_at_end=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "result.json").is_file()
 
 
-def test_one_class_dataset(tmp_path):
+def test_one_class_dataset(run_cli, tmp_path):
     src = tmp_path / "src"
     _tree(src, classes=("only",))
-    line = _user_error(_cli("shards", str(src), str(tmp_path / "out")))
+    line = _user_error(run_cli("shards", str(src), str(tmp_path / "out")))
     assert line == f"error: {src}: 1 class ('only'); a classification dataset needs at least 2"
     assert not (tmp_path / "out" / "manifest.json").exists()
     # shards of one class written some other way: the run refuses them before any compute
     out = tmp_path / "one"
     write_dataset({"train": [(f"s{i}", Image.new("RGB", (8, 8)), 0) for i in range(16)]}, ["only"], out)
-    line = _user_error(_train(out, tmp_path / "run"))
+    line = _user_error(_train(run_cli, out, tmp_path / "run"))
     assert line == f"error: data.root: {out / 'classes.json'} lists 1 class ['only']; a classification run needs at least 2"
 
 
 @pytest.mark.parametrize("layout", ["class", "split/class"])
-def test_empty_class_folder_is_an_error(tmp_path, layout):
+def test_empty_class_folder_is_an_error(run_cli, tmp_path, layout):
     src = tmp_path / "src"
     if layout == "class":
         _tree(tmp_path / "tmp", per_class={"x": 5})
@@ -115,7 +134,7 @@ def test_empty_class_folder_is_an_error(tmp_path, layout):
         empty = src / "val" / "d"
     empty.mkdir()
     (empty / "readme.txt").write_text("not an image")
-    line = _user_error(_cli("shards", str(src), str(tmp_path / "out")))
+    line = _user_error(run_cli("shards", str(src), str(tmp_path / "out")))
     assert line == f"error: {empty}: class folder holds no image files (.jpg/.jpeg/.png/...); remove it or add images"
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -139,33 +158,33 @@ def test_check_splits_direct(shards, tmp_path):
 # ----------------------------------------------------------------------------------- bad data, one line
 
 
-def test_missing_shard_one_line_before_compute(shards, tmp_path):
+def test_missing_shard_one_line_before_compute(run_cli, shards, tmp_path):
     root = _copy(shards, tmp_path / "data")
     (root / "train-000001.tar").unlink()
     run = tmp_path / "run"
-    line = _user_error(_train(root, run))
+    line = _user_error(_train(run_cli, root, run))
     assert line == f"error: data.train_split: {root / 'train-000001.tar'}: shard file missing (listed in " \
                    f"{root / 'manifest.json'})"
     assert not (run / "checkpoints").exists()
     # init reads the training split too
-    line = _user_error(_cli("init", *RUN, "init.method=vipamin", f"data.root={root}", f"out={tmp_path / 'p.safetensors'}",
+    line = _user_error(run_cli("init", *RUN, "init.method=vipamin", f"data.root={root}", f"out={tmp_path / 'p.safetensors'}",
                             f"hydra.run.dir={tmp_path / 'init'}"))
     assert "train-000001.tar: shard file missing" in line and not (tmp_path / "p.safetensors").exists()
 
 
-def test_truncated_shard_one_line(shards, tmp_path):
+def test_truncated_shard_one_line(run_cli, shards, tmp_path):
     root = _copy(shards, tmp_path / "data")
     shard = root / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
-    line = _user_error(_train(root, tmp_path / "run"))
+    line = _user_error(_train(run_cli, root, tmp_path / "run"))
     assert line.startswith(f"error: {shard}: unreadable at key train_000000") or \
         line.startswith(f"error: {shard}: ends before key train_000000"), line
 
 
-def test_corrupt_image_one_line(tmp_path):
+def test_corrupt_image_one_line(run_cli, tmp_path):
     samples = [(f"s{i}", Image.new("RGB", (8, 8), (20 * i, 0, 0)), i % 2) for i in range(16)]
     samples[5] = ("s5", (b"\x89PNG\r\n\x1a\n garbage", "png"), 1)
     root = tmp_path / "data"
     write_dataset({"train": samples, "val": samples[:4]}, ["a", "b"], root, shuffle=False, verify=False)
-    line = _user_error(_train(root, tmp_path / "run", "train.test_at_end=false"))
+    line = _user_error(_train(run_cli, root, tmp_path / "run", "train.test_at_end=false"))
     assert line.startswith(f"error: {root / 'train-000000.tar'}: key train_00000005: cannot decode the png image"), line
