@@ -3,7 +3,8 @@
 A shard directory holds:
 
     {split}-{i:06d}.tar   WebDataset shards. One sample = `<key>.jpg` or `<key>.png` (the encoded
-                          image, stored as given) + `<key>.cls` (the label, ASCII decimal).
+                          image, stored as given except what `encode_image` converts so that both
+                          readers decode the same pixels) + `<key>.cls` (the label, ASCII decimal).
     {split}-{i:06d}.idx   the shard's index for DALI's `fn.readers.webdataset` (format below), written
                           right after its tar; `data.dali` builds a missing or stale one into the cache.
     classes.json          list of class names; the index is the label.
