@@ -115,6 +115,9 @@ def test_one_class_dataset(run_cli, tmp_path):
     line = _user_error(run_cli("shards", str(src), str(tmp_path / "out")))
     assert line == f"error: {src}: 1 class ('only'); a classification dataset needs at least 2"
     assert not (tmp_path / "out" / "manifest.json").exists()
+    (tmp_path / "one.csv").write_text("".join(f"{f.relative_to(tmp_path)},only\n" for f in sorted(src.rglob("*.png"))))
+    line = _user_error(run_cli("shards", str(tmp_path / "one.csv"), str(tmp_path / "out")))
+    assert line == f"error: {tmp_path / 'one.csv'}: 1 class ('only'); a classification dataset needs at least 2"
     # shards of one class written some other way: the run refuses them before any compute
     out = tmp_path / "one"
     write_dataset({"train": [(f"s{i}", Image.new("RGB", (8, 8)), 0) for i in range(16)]}, ["only"], out)
@@ -122,7 +125,7 @@ def test_one_class_dataset(run_cli, tmp_path):
     assert line == f"error: data.root: {out / 'classes.json'} lists 1 class ['only']; a classification run needs at least 2"
 
 
-@pytest.mark.parametrize("layout", ["class", "split/class"])
+@pytest.mark.parametrize("layout", ["class", "split/class", "fewshot"])
 def test_empty_class_folder_is_an_error(run_cli, tmp_path, layout):
     src = tmp_path / "src"
     if layout == "class":
@@ -131,10 +134,12 @@ def test_empty_class_folder_is_an_error(run_cli, tmp_path, layout):
         empty = src / "d"
     else:
         _tree(src)
-        empty = src / "val" / "d"
+        empty = src / ("val" if layout == "split/class" else "train") / "d"
     empty.mkdir()
     (empty / "readme.txt").write_text("not an image")
-    line = _user_error(run_cli("shards", str(src), str(tmp_path / "out")))
+    (src / ("" if layout == "class" else "train") / ".hidden").mkdir()  # hidden folders are no classes
+    protocol = ["--protocol", "fewshot", "--shots", "1"] if layout == "fewshot" else []
+    line = _user_error(run_cli("shards", str(src), str(tmp_path / "out"), *protocol))
     assert line == f"error: {empty}: class folder holds no image files (.jpg/.jpeg/.png/...); remove it or add images"
     assert not (tmp_path / "out" / "manifest.json").exists()
 

@@ -109,7 +109,7 @@ def _read_tree(root: Path) -> tuple[dict[str, list[Entry]], list[str], str]:
                         f"found {others[:3] or 'none'}")
     splits: dict[str, list[Entry]] = {}
     for d in split_dirs:
-        splits[d.name] = [(str(f), f, c.name) for c in sorted(p for p in d.iterdir() if p.is_dir())
+        splits[d.name] = [(str(f), f, c.name) for c in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
                           for f in image_files(c)]
     classes = sorted({c for entries in splits.values() for _, _, c in entries})
     check_class_count(classes, root)
