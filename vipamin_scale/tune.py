@@ -576,7 +576,8 @@ def tune_overrides_from_hydra() -> list[str]:
 
 
 def check_splits(cfg: DictConfig) -> None:
-    """The search's and the final runs' splits exist in the data's manifest (before any training)."""
+    """Before any training: the search's and the final runs' splits exist in the data's manifest, the data has
+    2+ classes and its training split one full batch (`data.check_splits`)."""
     from vipamin_scale.data import check_splits as check_data_splits
 
     validate(cfg)

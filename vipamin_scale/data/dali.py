@@ -39,10 +39,10 @@ a batch still a random draw of the split. Augmentation (data.augment) is DALI's 
 Eval transform (as `transforms.EvalTransform`): shorter side to img_size by torchvision's rule (longer
 side int(S * long / short)), bicubic with antialiasing, center crop with torchvision's offsets
 (round half to even), (x / 255 - mean) / std, CHW float32. An image already S x S is untouched.
-Decoding follows `data.shards.to_rgb`'s rule (alpha dropped, 16-bit scaled by 1/257), the same pixels as
-PIL within one level for every mode the writer stores; JPEG decoders may differ by a level or two. Resampled images differ
-from PIL's by a mean under one level of 255 and a few levels at edges: tests/test_dali.py states the
-bound it checks.
+Decoding follows `data.shards.to_rgb`'s rule (alpha dropped, 16-bit scaled by 1/257): the same pixels
+as PIL within one level for every mode the writer stores (JPEG decoders may differ by a level or two).
+Resampled images differ from PIL's by a mean under one level of 255 and a few levels at edges:
+tests/test_dali.py states the bound it checks.
 
 Index files: each shard's `.idx` beside its tar (written by `data.shards`), or, when absent or older
 than the tar, built from the tar into `<cache>/dali_index/`. The index is checked against the
