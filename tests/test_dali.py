@@ -160,6 +160,112 @@ def test_train_partition_equal_batches_and_reproducible(shards):
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b)) and a[0][0].shape == (4, 3, SIZE, SIZE)
 
 
+# ----------------------------------------------------------------------------------- decoding parity
+
+
+def _png16(a: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 (H, W, C), C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (PIL cannot write 16-bit colour)."""
+    import struct
+    import zlib
+
+    h, w, c = a.shape
+    raw = b"".join(b"\0" + a[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue(), {"PNG": "png", "JPEG": "jpg"}[fmt]
+
+
+def _mode_samples() -> list[tuple[str, object, tuple[int, int, int] | None]]:
+    """(name, writer input, the 8-bit RGB pixel (0, 0) must read as, or None): one image of each mode, SIZE x SIZE
+    (stored at model size: the loaders only normalize). Pixel (0, 0) is transparent where there is alpha
+    (to_rgb's rule: alpha dropped, not composited) and 16-bit mid gray where there are 16 bits (-> 128)."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    rgb[0, 0] = (200, 100, 50)
+    gray = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    gray[0, 0] = 90
+    alpha = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    alpha[0, 0] = 0
+    g16 = rng.integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+    g16[0, 0] = 32768
+    rgb16 = rng.integers(0, 65536, (SIZE, SIZE, 3), dtype=np.uint16)
+    rgb16[0, 0] = 32768
+    palette = Image.fromarray(rgb).quantize(32)
+    with_tr = palette.copy()
+    with_tr.info["transparency"] = palette.getpixel((0, 0))
+    cmyk = Image.frombytes("CMYK", (SIZE, SIZE), np.dstack([rgb, gray]).tobytes())
+    return [
+        ("RGB", Image.fromarray(rgb), (200, 100, 50)),
+        ("L", Image.fromarray(gray), (90, 90, 90)),
+        ("1", Image.fromarray(gray > 127), (0, 0, 0)),
+        ("LA", Image.frombytes("LA", (SIZE, SIZE), np.dstack([gray, alpha]).tobytes()), (90, 90, 90)),
+        ("RGBA", Image.fromarray(np.dstack([rgb, alpha])), (200, 100, 50)),
+        ("P", palette, tuple(palette.convert("RGB").getpixel((0, 0)))),
+        ("P+transparency", with_tr, tuple(palette.convert("RGB").getpixel((0, 0)))),
+        ("I;16", Image.fromarray(g16), (128, 128, 128)),
+        ("CMYK", cmyk, None),
+        ("CMYK jpg", _encoded(cmyk, "JPEG", quality=95), None),
+        ("L jpg", _encoded(Image.fromarray(gray), "JPEG", quality=95), None),
+        ("RGB jpg", _encoded(Image.fromarray(rgb), "JPEG", quality=95), None),
+        ("16-bit gray png", (_png16(g16[..., None]), "png"), (128, 128, 128)),
+        ("16-bit gray+alpha png", (_png16(np.dstack([g16, g16[::-1]])), "png"), (128, 128, 128)),
+        ("16-bit RGB png", (_png16(rgb16), "png"), (128, 128, 128)),
+        ("16-bit RGBA png", (_png16(np.dstack([rgb16, g16 * 0])), "png"), (128, 128, 128)),
+        ("P png with tRNS", _encoded(with_tr, "PNG", transparency=with_tr.info["transparency"]),
+         tuple(palette.convert("RGB").getpixel((0, 0)))),
+    ]
+
+
+def test_every_image_mode_decodes_alike(tmp_path):
+    """Both backends read every mode the writer accepts as the same pixels, within one level of 255 (16-bit
+    colour: PIL keeps the high byte, DALI rounds), and as to_rgb's rule says (pixel (0, 0))."""
+    cases = _mode_samples()
+    write_dataset({"train": [(name, image, i % 2) for i, (name, image, _) in enumerate(cases)]}, ["a", "b"],
+                  tmp_path / "modes", shuffle=False)
+    with tarfile.open(tmp_path / "modes" / "train-000000.tar") as tar:
+        stored = sorted(m.name for m in tar.getmembers() if not m.name.endswith(".cls"))
+    cmyk_jpg = 9  # stored as the RGB PNG of to_rgb: DALI's GPU decoder is not known to convert CMYK as PIL does
+    assert f"train_{cmyk_jpg:08d}.png" in stored and f"train_{cmyk_jpg + 1:08d}.jpg" in stored
+    kw = dict(train=False, img_size=SIZE, mean=ZERO, std=ONE)
+    got = {k: x for xs, _, keys in _run(build_loader(_cfg(tmp_path / "modes"), "train", **kw)) for x, k in zip(xs, keys)}
+    ref = {k: x for xs, _, keys in _run(build_loader(_cfg(tmp_path / "modes", "wds", num_workers=0), "train", **kw))
+           for x, k in zip(xs, keys)}
+    assert sorted(got) == sorted(ref) == [f"train_{i:08d}" for i in range(len(cases))]
+    for i, (name, _, pixel) in enumerate(cases):
+        dali, pil = got[f"train_{i:08d}"].cpu(), ref[f"train_{i:08d}"]
+        assert dali.shape == pil.shape == (3, SIZE, SIZE)
+        levels = ((dali - pil).abs() * 255).max().item()
+        assert levels <= 1 + 1e-3, (name, levels)
+        if pixel is not None:
+            for x, backend in ((dali, "dali"), (pil, "wds")):
+                assert (x[:, 0, 0] * 255).round().tolist() == list(pixel), (name, backend, x[:, 0, 0] * 255)
+
+
+def test_writer_refuses_pixels_without_an_8bit_reading(tmp_path):
+    floats = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
+    with pytest.raises(DataError, match=r"^f\.tif: 32-bit float pixels \(mode F\) have no 8-bit reading"):
+        write_dataset({"train": [("f.tif", floats, 0)]}, ["a", "b"], tmp_path / "f")
+    wide = Image.fromarray(np.full((4, 4), 70000, dtype=np.int32))
+    with pytest.raises(DataError, match=r"^w\.tif: 32-bit integer pixels in \[70000, 70000\], outside the 16-bit"):
+        write_dataset({"train": [("w.tif", wide, 0)]}, ["a", "b"], tmp_path / "w")
+    assert not (tmp_path / "f" / "manifest.json").exists() and not (tmp_path / "w" / "manifest.json").exists()
+    in_range = Image.fromarray(np.full((SIZE, SIZE), 32768, dtype=np.int32))  # mode I within 16 bits: read as 16-bit
+    write_dataset({"train": [("i.tif", in_range, 0)]}, ["a", "b"], tmp_path / "i")
+    for backend in ("dali", "wds"):
+        (x,), _, _ = _run(build_loader(_cfg(tmp_path / "i", backend), "train", train=False, img_size=SIZE,
+                                       mean=ZERO, std=ONE))[0]
+        assert (x.cpu() * 255).round().unique().tolist() == [128.0], backend
+
+
 # ----------------------------------------------------------------------------------- bad data
 
 

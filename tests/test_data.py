@@ -295,6 +295,8 @@ def test_bad_csv_rows_name_file_and_row(tmp_path):
         make_shards(tmp_path / "b.csv", tmp_path / "out")
     (tmp_path / "src" / "x").mkdir(parents=True)
     (tmp_path / "src" / "x" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "src" / "y").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "src" / "y" / "ok.png")
     with pytest.raises(DataError, match="broken.png: not a readable image"):
         make_shards(tmp_path / "src", tmp_path / "out")
     (tmp_path / "src" / "train").mkdir()

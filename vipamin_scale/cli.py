@@ -75,6 +75,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     import hydra
 
     from vipamin_scale import distributed as D
+    from vipamin_scale.data.shards import DataError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
         print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "
@@ -89,7 +90,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     def app(cfg) -> None:
         try:
             task(cfg)
-        except ConfigError as exc:
+        except (ConfigError, DataError) as exc:  # a user's mistake in config or data: one line, exit 2
             print(f"error: {exc}", file=sys.stderr)
             status["code"] = 2
         finally:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import distributed as D
 from vipamin_scale.config import validate
-from vipamin_scale.data import build_loader, dataset_info, resolve_root
+from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine.base import build_engine
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
@@ -105,9 +105,17 @@ def initial_prompts(cfg: DictConfig, out_dir: Path) -> Optional[torch.Tensor]:
     return result["prompts"]
 
 
+def splits_read(cfg: DictConfig) -> dict[str, str]:
+    """{config field: split} of every split a training run reads (for `data.check_splits`)."""
+    eval_field = f"{cfg.train.eval_split}_split"
+    reads = {"data.train_split": cfg.data.train_split, f"data.{eval_field}": cfg.data[eval_field]}
+    return {**reads, "data.test_split": cfg.data.test_split} if cfg.train.test_at_end else reads
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     D.init_from_env()
+    check_splits(cfg.data, splits_read(cfg), train="data.train_split", limit=cfg.data.max_train_samples)
     rank, world = D.rank(), D.world_size()
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

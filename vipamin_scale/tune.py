@@ -576,20 +576,15 @@ def tune_overrides_from_hydra() -> list[str]:
 
 
 def check_splits(cfg: DictConfig) -> None:
-    """The search's and the final runs' splits exist in the data's manifest (before any training)."""
-    from vipamin_scale.data import DataError, dataset_info, resolve_root
-    from vipamin_scale.data.wds import split_components
+    """Before any training: the search's and the final runs' splits exist in the data's manifest, the data has
+    2+ classes and its training split one full batch (`data.check_splits`)."""
+    from vipamin_scale.data import check_splits as check_data_splits
 
     validate(cfg)
-    root = resolve_root(cfg.data)
-    splits = list(dataset_info(root)["splits"])
     final = cfg.tune.final_train_split or f"{cfg.data.train_split}+{cfg.data.val_split}"
-    for key, expr in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split),
-                      ("tune.final_train_split", final), ("data.test_split", cfg.data.test_split)):
-        try:
-            split_components(expr, splits, root / "manifest.json")
-        except DataError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+    check_data_splits(cfg.data, {"data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split,
+                                 "tune.final_train_split": final, "data.test_split": cfg.data.test_split},
+                      train="data.train_split", limit=cfg.data.max_train_samples)
 
 
 def main_task(cfg: DictConfig) -> TuneResult:

@@ -39,9 +39,10 @@ a batch still a random draw of the split. Augmentation (data.augment) is DALI's 
 Eval transform (as `transforms.EvalTransform`): shorter side to img_size by torchvision's rule (longer
 side int(S * long / short)), bicubic with antialiasing, center crop with torchvision's offsets
 (round half to even), (x / 255 - mean) / std, CHW float32. An image already S x S is untouched.
-PNG decodes to the same pixels; JPEG decoders may differ by a level or two. Resampled images differ
-from PIL's by a mean under one level of 255 and a few levels at edges: tests/test_dali.py states the
-bound it checks.
+Decoding follows `data.shards.to_rgb`'s rule (alpha dropped, 16-bit scaled by 1/257): the same pixels
+as PIL within one level for every mode the writer stores (JPEG decoders may differ by a level or two).
+Resampled images differ from PIL's by a mean under one level of 255 and a few levels at edges:
+tests/test_dali.py states the bound it checks.
 
 Index files: each shard's `.idx` beside its tar (written by `data.shards`), or, when absent or older
 than the tar, built from the tar into `<cache>/dali_index/`. The index is checked against the
@@ -83,8 +84,8 @@ import torch
 from PIL import Image
 
 from vipamin_scale.data.shards import (IMAGE_EXTS, MANIFEST, Component, DataError, dali_index_text, index_name,
-                                       read_dali_index, tar_samples)
-from vipamin_scale.data.wds import LoaderSpec, _rgb, _Skips, loader_spec, plan_slot, rank_num_batches
+                                       read_dali_index, tar_samples, to_rgb)
+from vipamin_scale.data.wds import LoaderSpec, _Skips, loader_spec, plan_slot, rank_num_batches
 from vipamin_scale.paths import atomic_write_bytes, cache_dir
 
 __all__ = ["DaliLoader", "build_dali_loader", "shard_index"]
@@ -409,7 +410,7 @@ class DaliLoader:
                     f.seek(offset)
                     data = f.read(size)
                 with Image.open(io.BytesIO(data)) as im:
-                    _rgb(im)
+                    to_rgb(im)
             except Exception as exc:  # PIL raises many types for bad data
                 found += 1
                 e.image = e.label = None

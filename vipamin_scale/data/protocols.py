@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from vipamin_scale.data.shards import SPLITS, DataError, _is_image, write_dataset
+from vipamin_scale.data.shards import SPLITS, DataError, check_class_count, image_files, write_dataset
 
 __all__ = ["VtabTask", "VTAB_TASKS", "VTAB_SPLITS", "FEWSHOT_SHOTS", "vtab_task", "vtab_positions", "vtab_shards",
            "fewshot_draw", "fewshot_shards", "read_source"]
@@ -109,9 +109,10 @@ def _read_tree(root: Path) -> tuple[dict[str, list[Entry]], list[str], str]:
                         f"found {others[:3] or 'none'}")
     splits: dict[str, list[Entry]] = {}
     for d in split_dirs:
-        splits[d.name] = [(str(f), f, c.name) for c in sorted(p for p in d.iterdir() if p.is_dir())
-                          for f in sorted(c.iterdir()) if _is_image(f)]
+        splits[d.name] = [(str(f), f, c.name) for c in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+                          for f in image_files(c)]
     classes = sorted({c for entries in splits.values() for _, _, c in entries})
+    check_class_count(classes, root)
     return splits, classes, "tree"
 
 

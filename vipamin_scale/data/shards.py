@@ -3,7 +3,8 @@
 A shard directory holds:
 
     {split}-{i:06d}.tar   WebDataset shards. One sample = `<key>.jpg` or `<key>.png` (the encoded
-                          image, stored as given) + `<key>.cls` (the label, ASCII decimal).
+                          image, stored as given except what `encode_image` converts so that both
+                          readers decode the same pixels) + `<key>.cls` (the label, ASCII decimal).
     {split}-{i:06d}.idx   the shard's index for DALI's `fn.readers.webdataset` (format below), written
                           right after its tar; `data.dali` builds a missing or stale one into the cache.
     classes.json          list of class names; the index is the label.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -178,12 +180,57 @@ def _check_split_name(split: str) -> None:
         raise DataError(f"split name {split!r}: use letters, digits, '_' or '-' (it becomes part of file names and keys)")
 
 
+# ----------------------------------------------------------------------------------- pixels
+
+# PIL modes the writer stores as they are (PNG); both readers decode them to the same pixels (`to_rgb`).
+STORED_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image's pixels as 8-bit RGB: the one rule both readers follow (`data.wds` with PIL through this
+    function, `data.dali` with `fn.decoders.image(output_type=RGB)`; tests/test_dali.py checks every
+    mode below on both, within one level of 255):
+
+    * alpha is dropped, not composited (RGBA, LA, a palette's transparency): the colour channels as stored;
+    * gray (L, 1) is repeated in R, G and B; a palette is expanded to its colours;
+    * 16-bit samples become round(v / 257) (16-bit mid gray 32768 -> 128, 0.50), DALI's rounding: exact for
+      16-bit gray (modes I;16*, and I clipped to [0, 65535]); 16-bit RGB, RGBA and gray+alpha PNGs PIL
+      decodes to their high byte (v >> 8) itself, at most one level below DALI;
+    * CMYK (JPEG) by PIL's conversion. DALI's CPU decoder agrees within a level; its GPU decoder is not
+      known to, so the writer stores no CMYK: it converts it with this function (`encode_image`).
+    32-bit float images (mode F) have no agreed 8-bit reading: a ValueError.
+    """
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # palette colours; also avoids PIL's warning for palette transparency
+    elif img.mode == "I" or img.mode.startswith("I;16"):
+        v = np.asarray(img).astype(np.int64).clip(0, 65535)  # (H, W)
+        img = Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no 8-bit reading; store 8- or 16-bit images")
+    return img.convert("RGB")
+
+
 def encode_image(image: ImageInput, source: str, verify: bool = True) -> tuple[bytes, str]:
-    """Return (bytes, 'jpg'|'png'). PIL images become PNG; encoded bytes are kept as given
-    (after an optional full decode check, so a corrupt file fails here, naming `source`)."""
+    """Return (bytes, 'jpg'|'png'), what the shard stores, so that both readers decode the same pixels:
+
+    * a PIL image in one of STORED_MODES becomes PNG as it is (16-bit gray stays 16-bit); any other mode
+      (CMYK, YCbCr, I, ...) becomes an RGB PNG of `to_rgb`'s pixels; a mode `to_rgb` refuses (F), or an
+      I image outside [0, 65535], is a DataError naming `source`;
+    * encoded bytes are kept as given (after an optional full decode check, so a corrupt file fails here,
+      naming `source`), except a CMYK JPEG, stored as the RGB PNG of `to_rgb` (see there).
+    """
     if isinstance(image, Path):
         image = _read_image_file(image, source)
     if isinstance(image, Image.Image):
+        if image.mode not in STORED_MODES:
+            lo, hi = image.getextrema() if image.mode == "I" else (0, 0)
+            if lo < 0 or hi > 65535:
+                raise DataError(f"{source}: 32-bit integer pixels in [{lo}, {hi}], outside the 16-bit range "
+                                f"[0, 65535]; store 8- or 16-bit images")
+            try:
+                image = to_rgb(image)
+            except ValueError as exc:
+                raise DataError(f"{source}: {exc}") from None
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue(), "png"
@@ -195,13 +242,17 @@ def encode_image(image: ImageInput, source: str, verify: bool = True) -> tuple[b
     ext = "jpg" if ext == "jpeg" else ext
     if ext not in IMAGE_EXTS:
         raise DataError(f"{source}: image extension {ext!r} not supported in shards (use jpg or png)")
-    if verify:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
+    rgb = None
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            if verify or im.mode == "CMYK":
                 im.load()
-        except Exception as exc:  # PIL raises many types for bad data
+            if im.mode == "CMYK":
+                rgb = to_rgb(im)
+    except Exception as exc:  # PIL raises many types for bad data
+        if verify:
             raise DataError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from None
-    return bytes(data), ext
+    return encode_image(rgb, source) if rgb is not None else (bytes(data), ext)
 
 
 def write_split(
@@ -321,6 +372,22 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and (path.suffix.lower() in _FILE_EXTS or path.suffix.lower() in _OTHER_IMAGE_EXTS)
 
 
+def image_files(class_dir: Path) -> list[Path]:
+    """The image files of one class folder (sorted); a folder with none is a DataError naming it: an empty
+    class folder is a mistake, and counting it as a class would change num_classes silently."""
+    files = [f for f in sorted(class_dir.iterdir()) if _is_image(f)]
+    if not files:
+        raise DataError(f"{class_dir}: class folder holds no image files (.jpg/.jpeg/.png/...); remove it or add images")
+    return files
+
+
+def check_class_count(classes: Sequence[str], source: str | Path) -> None:
+    """A classification dataset needs at least 2 classes; one is a DataError naming `source`."""
+    if len(classes) < 2:
+        raise DataError(f"{source}: {len(classes)} class ({', '.join(map(repr, classes)) or 'none'}); "
+                        f"a classification dataset needs at least 2")
+
+
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
         raise DataError(f"fractions: need (train, val, test) >= 0 summing to 1 with train > 0; got {tuple(fractions)}")
@@ -357,9 +424,10 @@ def shards_from_imagefolder(
     * `root/<split>/<class>/<image>` when every subfolder of `root` is one of train/val/test;
     * `root/<class>/<image>` otherwise, split per class by `fractions` (train, val, test), seeded.
 
-    Classes are the sorted class-folder names (union over splits). Image files: .jpg/.jpeg/.png
-    are stored as they are; .bmp/.gif/.tif/.tiff/.webp/.ppm/.pgm are re-encoded as PNG;
-    other files are ignored. Returns the manifest.
+    Classes are the sorted class-folder names (union over splits); at least 2, and a class folder
+    without images is an error naming it (`image_files`). Image files: .jpg/.jpeg/.png are stored
+    as `encode_image` says; .bmp/.gif/.tif/.tiff/.webp/.ppm/.pgm are re-encoded as PNG; other files
+    are ignored. Returns the manifest.
     """
     root = Path(root)
     if not root.is_dir():
@@ -377,16 +445,17 @@ def shards_from_imagefolder(
         layout = "split/class"
         for split_dir in subdirs:
             for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                entries[split_dir.name] += [(f, class_dir.name) for f in sorted(class_dir.iterdir()) if _is_image(f)]
+                entries[split_dir.name] += [(f, class_dir.name) for f in image_files(class_dir)]
         classes = sorted({c for split in entries.values() for _, c in split})
     else:
         layout = "class"
         classes = [p.name for p in subdirs]
-        by_class = {i: [f for f in sorted(d.iterdir()) if _is_image(f)] for i, d in enumerate(subdirs)}
+        by_class = {i: image_files(d) for i, d in enumerate(subdirs)}
         for split, items in split_by_fractions(by_class, fractions, seed).items():
             entries[split] = [(f, classes[label]) for f, label in items]
     if not any(entries.values()):
         raise DataError(f"{root}: no image files (.jpg/.jpeg/.png/...) found")
+    check_class_count(classes, root)
     index = {c: i for i, c in enumerate(classes)}
     splits = {s: [(str(f), f, index[c]) for f, c in entries[s]] for s in SPLITS if entries.get(s)}
     return write_dataset(splits, classes, out_dir, seed=seed,
@@ -444,6 +513,7 @@ def shards_from_csv(
     else:
         classes = sorted({r[2] for r in rows})
         label_of = {c: i for i, c in enumerate(classes)}
+    check_class_count(classes, csv_path)
     if rows[0][3] is None:
         by_class: dict[int, list[tuple[int, Path]]] = defaultdict(list)
         for n, file, label, _ in rows:

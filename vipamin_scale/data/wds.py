@@ -77,7 +77,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import webdataset as wds
@@ -85,11 +85,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key
+from vipamin_scale.config import ConfigError
+from vipamin_scale.data.shards import CLASSES, IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key, to_rgb
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components"]
+           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components",
+           "check_splits"]
 
 log = logging.getLogger("vipamin_scale.data")
 
@@ -233,12 +235,6 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.split(' @ ')[0]}".rstrip(": ").splitlines()[0]
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's warning for palette transparency
-    return img.convert("RGB")
-
-
 def _aug_seed(seed: int, epoch: int, key: str) -> int:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=7).digest()
     return int.from_bytes(digest, "little")
@@ -358,7 +354,7 @@ class _ShardStream(IterableDataset):
             raise DataError(f"{where}: label {label} outside [0, {self.num_classes})")
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:
-                img = _rgb(im)
+                img = to_rgb(im)
         except Exception as exc:  # PIL raises many types for bad data
             raise DataError(f"{where}: cannot decode the {ext} image ({type(exc).__name__}: {exc})") from None
         seed = _aug_seed(self.seed, self.epoch, sample["__key__"]) if self.augment else None
@@ -487,6 +483,61 @@ def split_components(expr: str, splits: Sequence[str], manifest: Path) -> list[s
     return parts
 
 
+def _check_shard_files(root: Path, shards: Sequence[str], counts: Sequence[int]) -> None:
+    """Every shard a loader will read (count > 0) exists; else a DataError naming it."""
+    for name, c in zip(shards, counts):
+        if c and not (root / name).is_file():
+            raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+
+
+def check_splits(data_cfg: Any, reads: Mapping[str, str], *, train: str | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+    """Check, before any compute, the data a run will read. Returns `dataset_info` of the data.
+
+    reads: {config field: split expression}, e.g. {"data.train_split": "train+val",
+    "data.test_split": "test"}: every split the run will read, named by the field that chose it.
+    train: the field (a key of `reads`) of the split trained on: it must hold at least one full
+    global batch, data.batch_size samples, after `limit` (applied as `build_loader` does: to the
+    expression's first split).
+    Also checked: the shard directory's manifest and class list (`dataset_info`), at least 2
+    classes, each expression's splits (`split_components`), no empty split, and, with
+    data.on_error=raise, that every shard file the run reads exists. Each problem is one line that
+    starts with the field it comes from (data.root for the directory and the class count) and names
+    the file: a ConfigError for a split or batch size the config asks for that the data does not
+    have, a DataError for faulty data. (Each loader checks its own split again: `loader_spec`.)"""
+    root = resolve_root(data_cfg)
+    manifest = root / MANIFEST
+    try:
+        info = dataset_info(root)
+    except DataError as exc:
+        raise DataError(f"data.root: {exc}") from None
+    if info["num_classes"] < 2:
+        raise DataError(f"data.root: {root / CLASSES} lists {info['num_classes']} class {info['classes']}; "
+                        f"a classification run needs at least 2")
+    for field_name, expr in reads.items():
+        try:
+            parts = split_components(str(expr), list(info["splits"]), manifest)
+        except DataError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from None
+        num_samples = 0
+        for i, part in enumerate(parts):
+            entry = info["splits"][part]
+            counts = limit_counts(entry["shard_counts"], limit if field_name == train and i == 0 else None)
+            num_samples += sum(counts)
+            if getattr(data_cfg, "on_error", "raise") == "raise":
+                try:
+                    _check_shard_files(root, entry["shards"], counts)
+                except DataError as exc:
+                    raise DataError(f"{field_name}: {exc}") from None
+        if num_samples == 0:
+            raise DataError(f"{field_name}: {manifest}: split {expr!r} has no samples")
+        if field_name == train and num_samples < int(data_cfg.batch_size):
+            held = f"{num_samples} samples" + (f" with data.max_train_samples={limit}" if limit is not None else "")
+            raise ConfigError(f"data.batch_size: {data_cfg.batch_size} is more than {field_name}={expr!r} holds "
+                              f"({held}, {manifest}): not one full global batch; lower data.batch_size")
+    return info
+
+
 def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: Sequence[float],
                 std: Sequence[float], rank: int = 0, world_size: int = 1, seed: int = 0,
                 limit: int | None = None, batch_size: int | None = None) -> LoaderSpec:
@@ -523,9 +574,7 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
     if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
-        for name, c in zip(shards, counts):
-            if c and not (root / name).is_file():
-                raise DataError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+        _check_shard_files(root, shards, counts)
     data_mean = getattr(data_cfg, "mean", None)
     data_std = getattr(data_cfg, "std", None)
     return LoaderSpec(
