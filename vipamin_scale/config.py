@@ -87,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale | fsdp2
+    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale | fsdp2 (torch fully_shard)
     zero_stage: int = 0
     activation_checkpointing: bool = False
     ds_config: Optional[str] = None
