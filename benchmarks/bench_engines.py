@@ -90,8 +90,19 @@ def _child(engine: str, ac: bool, img_size: int, batch: int, steps: int, warmup:
         times.append(time.perf_counter() - t0)
     times = times[warmup:]
     return {"engine": engine, "activation_checkpointing": ac, "step_s": sorted(times)[len(times) // 2],
+            "param_mib": _resident_param_bytes(model) / 2**20,
             "step_s_all": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "final_loss": float(loss)}
+
+
+def _resident_param_bytes(model) -> int:
+    """Bytes of the model's parameters this rank keeps between steps: its ZeRO-3 partition
+    (`ds_tensor`), its FSDP2 shard (`DTensor.to_local()`), else the whole parameter."""
+    total = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p
+        total += t.numel() * t.element_size()
+    return total
 
 
 def main() -> None:
@@ -134,14 +145,14 @@ def main() -> None:
             r["rss_vs_bare"] = r["peak_rss_mib"] / bare["peak_rss_mib"]
     print(f"\nViT-B/16 shape, img {args.img_size}, batch {args.batch} per rank, world {args.world}, deep prompts "
           f"P=10, CPU, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, median of {args.steps} steps (rank 0)\n")
-    print(f"| engine | act. ckpt | step s | x {ref_name} | peak RSS MiB | x {ref_name} |")
-    print("|---|---|---|---|---|---|")
+    print(f"| engine | act. ckpt | step s | x {ref_name} | peak RSS MiB | x {ref_name} | weights MiB/rank |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['engine']} | {r['activation_checkpointing']} | failed | | | |")
+            print(f"| {r['engine']} | {r['activation_checkpointing']} | failed | | | | |")
         else:
             print(f"| {r['engine']} | {r['activation_checkpointing']} | {r['step_s']:.3f} | {r['time_vs_bare']:.2f} "
-                  f"| {r['peak_rss_mib']:.0f} | {r['rss_vs_bare']:.2f} |")
+                  f"| {r['peak_rss_mib']:.0f} | {r['rss_vs_bare']:.2f} | {r['param_mib']:.0f} |")
     default = "engines.json" if args.world == 1 else f"engines_world{args.world}.json"
     out = Path(args.out or REPO / "benchmarks" / "results" / default)
     out.parent.mkdir(parents=True, exist_ok=True)
