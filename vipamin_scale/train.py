@@ -33,6 +33,7 @@ from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.preempt import Preemption
+from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class MetricsLog:
-    """`metrics.jsonl` (one JSON object a line) and TensorBoard scalars, rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
-        for key, value in record.items():
-            if key not in ("step", "epoch", "event") and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{record.get('event', 'train')}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 @torch.no_grad()
@@ -124,6 +98,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume_from = ckpt.latest(ckpt_dir) if cfg.train.resume or restarted else None
     seed_everything(cfg.train.seed)
+    metrics = MetricsLog.from_config(cfg, out_dir, enabled=rank == 0)  # a tracker that cannot start fails here
 
     root = resolve_root(cfg.data)
     info = dataset_info(root)
@@ -133,6 +108,11 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     prompts = None if resume_from is not None else initial_prompts(cfg, out_dir)
     init_time = time.perf_counter() - t0
     model = build_model(cfg, num_classes, prompts=prompts)
+    diagnostics = None
+    if resume_from is None and wants_diagnostics(cfg.train):
+        from vipamin_scale.init.run import prompt_diagnostics
+
+        diagnostics = prompt_diagnostics(cfg, model, {"prompts": model.prompt().detach().double()})  # collective
     seed_everything(cfg.train.seed)  # the initializer must not shift training's random stream
     mean, std = normalization(cfg, model.backbone)
     img_size = cfg.model.img_size
@@ -161,9 +141,10 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         if rank == 0:
             log.info("resumed from %s (epoch %d, step %d)", resume_from, start_epoch, global_step)
 
-    metrics = MetricsLog(out_dir, enabled=rank == 0)
     if rank == 0:
         OmegaConf.save(cfg, out_dir / "config.resolved.yaml", resolve=True)
+        if resume_from is None:
+            metrics.start(OmegaConf.to_container(cfg, resolve=True), diagnostics)
         log.info("model %s: %d trainable parameters (prompts %s + head), lr %.3g (base %.3g x %d/256), "
                  "%d steps/epoch, world %d", cfg.model.name, num_trainable, tuple(model.prompt_shape), lr,
                  cfg.train.lr, global_batch, steps_per_epoch, world)

@@ -1,8 +1,8 @@
 """The small interface the train loop uses, whatever hosts the model.
 
 An engine wraps a plain `PromptedViT` and its optimizer. The loop only calls `forward`,
-`backward`, `step`, `trainable_state` and `load_trainable_state`: torch DDP, DeepSpeed ZeRO and
-fairscale all fit behind it. The trainable state is engine-neutral (parameter names of the
+`backward`, `step`, `trainable_state` and `load_trainable_state`: torch DDP, DeepSpeed ZeRO,
+fairscale and FSDP2 all fit behind it. The trainable state is engine-neutral (parameter names of the
 unwrapped model, optimizer moments by the same names), so a run saved under one engine and world
 size resumes under another.
 """
@@ -79,12 +79,16 @@ class Engine:
         if activation_checkpointing:
             require_blocks(model)
             self._enable_activation_checkpointing(model)
+        self._shard(model)
         self.optimizer = self._build_optimizer(model, lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
         self.module = self._wrap(self.model)
 
     def _enable_activation_checkpointing(self, model: nn.Module) -> None:
         model.set_grad_checkpointing(True)  # torch.utils.checkpoint per block, non-reentrant
+
+    def _shard(self, model: nn.Module) -> None:
+        """Engines that replace parameters in place (FSDP2) do it here, before the optimizer sees them."""
 
     def _build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return adamw(model, lr, weight_decay)
@@ -113,13 +117,32 @@ class Engine:
 
     def pad_eval(self, num_batches: int) -> None:
         """Called by every rank before its `num_batches` eval batches; engines whose forward is a
-        collective (ZeRO-3) run throw-away forwards here so every rank runs the same count."""
+        collective (ZeRO-3, FSDP2) call `_pad_forwards` here so every rank runs the same count."""
+
+    def _pad_forwards(self, num_batches: int) -> None:
+        """A rank with fewer eval batches than the most any rank has (the split need not divide
+        evenly over ranks) first runs throw-away forwards, so all ranks run the same number."""
+        most = torch.tensor([num_batches], dtype=torch.int64)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        size = self.model.backbone.patch_embed.img_size
+        dummy = torch.zeros(1, 3, *size, device=self.device)
+        with torch.no_grad():
+            for _ in range(int(most.item()) - num_batches):
+                self.forward(dummy)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     # -- engine-neutral state -------------------------------------------------------------------
+    def _full(self, t: torch.Tensor) -> torch.Tensor:
+        """A parameter or optimizer moment as a whole CPU tensor (sharded engines gather it here)."""
+        return t.detach().cpu().clone()
+
+    def _like(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A whole tensor from a checkpoint, laid out as `param` is (sharded engines take their shard)."""
+        return value.to(param.device)
+
     def _optimizer_state(self) -> dict[str, Any]:
         """The optimizer's full state_dict (torch format: state by index in param-group order)."""
         return self.optimizer.state_dict()
@@ -131,10 +154,10 @@ class Engine:
         flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
         for name, idx in zip(self.names, flat_ids):
             if idx in opt["state"]:
-                moments[name] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                moments[name] = {k: self._full(v) if torch.is_tensor(v) else v
                                  for k, v in opt["state"][idx].items()}
         return {
-            "params": {n: params[n].detach().cpu().clone() for n in self.names},
+            "params": {n: self._full(params[n]) for n in self.names},
             "optimizer": moments,
             "scheduler": self.scheduler.state_dict(),
         }
@@ -146,10 +169,10 @@ class Engine:
             raise KeyError(f"checkpoint: trainable parameters missing: {', '.join(missing)}")
         with torch.no_grad():
             for n in self.names:
-                params[n].copy_(state["params"][n].to(params[n].device))
+                params[n].copy_(self._like(state["params"][n], params[n]))
         opt = self._optimizer_state()
         flat_ids = [i for g in opt["param_groups"] for i in g["params"]]
-        opt["state"] = {idx: {k: v.to(self.device) if torch.is_tensor(v) and v.ndim > 0 else v
+        opt["state"] = {idx: {k: self._like(v, params[name]) if torch.is_tensor(v) and v.ndim > 0 else v
                               for k, v in state["optimizer"][name].items()}
                         for name, idx in zip(self.names, flat_ids) if name in state["optimizer"]}
         self.optimizer.load_state_dict(opt)
@@ -173,4 +196,9 @@ def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr:
                                cfg.train.precision, activation_checkpointing=cfg.engine.activation_checkpointing,
                                offload_activations=bool(OmegaConf.select(cfg, "engine.offload_activations",
                                                                          default=False)))
-    raise ConfigError(f"engine.name: must be one of ddp, deepspeed, fairscale; got {name!r}")
+    if name == "fsdp2":
+        from vipamin_scale.engine.fsdp2 import FSDP2Engine
+
+        return FSDP2Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
+                           activation_checkpointing=cfg.engine.activation_checkpointing)
+    raise ConfigError(f"engine.name: must be one of ddp, deepspeed, fairscale, fsdp2; got {name!r}")

@@ -170,18 +170,10 @@ class DeepSpeedEngine(Engine):
         self.module.step()  # optimizer step, zero grad, scheduler step
 
     def pad_eval(self, num_batches: int) -> None:
-        """Under ZeRO-3 every forward all-gathers parameters: a rank with fewer eval batches (the
-        split need not divide evenly over ranks) first runs throw-away forwards, so that all ranks
-        run the same number of forwards."""
+        """Under ZeRO-3 every forward all-gathers parameters: every rank runs the same number."""
         if self.stage != 3 or D.world_size() == 1:
             return
-        most = torch.tensor([num_batches], dtype=torch.int64)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        size = self.model.backbone.patch_embed.img_size
-        dummy = torch.zeros(1, 3, *size, device=self.device)
-        with torch.no_grad():
-            for _ in range(int(most.item()) - num_batches):
-                self.forward(dummy)
+        self._pad_forwards(num_batches)
 
     @property
     def lr(self) -> float:

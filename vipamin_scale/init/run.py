@@ -248,8 +248,6 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
     """Attention entropy, projection energy (after norm1 and without) and scale, per layer, of
     the given prompts (prompt.init_file, or computed with init.method) next to random prompts
     of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir)."""
-    from vipamin_scale.init.diagnostics import projection_energy, value_vectors
-
     model = _prepare(cfg)
     L_p, P, d = model.prompt_shape
     out_dir = Path(cfg.train.out_dir)
@@ -262,6 +260,28 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
         label = cfg.init.method
     R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)
     candidates = {label: prompts} if label == "random" else {label: prompts, "random": R}
+    report = prompt_diagnostics(cfg, model, candidates)
+    if D.rank() == 0:
+        print(format_diagnostics(report))
+        atomic_write_bytes(out, json.dumps(report, indent=2).encode())
+        plot_diagnostics(report, out.with_suffix(".png"))
+        log.info("diagnostics written to %s and %s", out, out.with_suffix(".png"))
+    D.barrier()
+    return report
+
+
+def prompt_diagnostics(cfg: DictConfig, model: PromptedViT, candidates: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per layer, for each named `(L_p, P, d)` prompts tensor: attention entropy (raw and / ln N),
+    projection energy of the value vectors onto the patch tokens' row space (after norm1 and
+    without) and scale, over the calibration images (`init.num_images`). The row space comes from
+    one pass with VPT's random prompts (`init.seed`). Collective under torchrun: every rank calls it.
+
+    Returns `{"layers", "methods": {name: {metric: [per layer]}}, "B", "prompt_shape"}`.
+    """
+    from vipamin_scale.init.diagnostics import projection_energy, value_vectors
+
+    L_p, P, d = model.prompt_shape
+    R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)
     rows = list(range(L_p))
     calib = Calibration(cfg, model)
     heads = model.backbone.blocks[0].attn.num_heads
@@ -283,12 +303,6 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
             per["energy_raw"].append(float(projection_energy(u.raw, Q)))
             per["scale"].append((p[l].norm(dim=-1).mean() / m["T"][l]).item())
         report["methods"][name] = per
-    if D.rank() == 0:
-        print(format_diagnostics(report))
-        atomic_write_bytes(out, json.dumps(report, indent=2).encode())
-        plot_diagnostics(report, out.with_suffix(".png"))
-        log.info("diagnostics written to %s and %s", out, out.with_suffix(".png"))
-    D.barrier()
     return report
 
 

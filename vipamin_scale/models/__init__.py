@@ -23,7 +23,7 @@ def build_model(cfg, num_classes: int, prompts: torch.Tensor | None = None, whit
     belong to the backbone that is trained, and a resumed run rebuilds them identically.
     """
     backbone = build_backbone(cfg.model.name, cfg.model.img_size, cfg.model.checkpoint, cfg.model.checkpoint_format,
-                              depth=cfg.model.depth)
+                              depth=cfg.model.depth, pretrained=cfg.model.pretrained)
     model = PromptedViT(backbone, num_classes, cfg.prompt.length, cfg.prompt.deep,
                         dropout=cfg.prompt.dropout, pool=cfg.model.pool, seed=cfg.init.seed)
     if prompts is None and cfg.prompt.init_file:

@@ -1,4 +1,12 @@
-"""Frozen timm ViT backbones by name, with weights from local MAE / MoCo-v3 / timm checkpoints.
+"""Frozen timm ViT backbones by name, with weights from a timm pretrained tag or a local checkpoint.
+
+Weights come from one of two places, never both:
+- `model.pretrained=<tag>` (`mae`, or the full `vit_large_patch16_224.mae`): timm's own pretrained
+  machinery (the tag's `pretrained_cfg`, weights from the Hugging Face hub cache, `HF_HUB_CACHE` /
+  `HF_HOME`, with `HF_HUB_OFFLINE=1` on machines without network), loaded strictly by timm, the
+  position grid resampled by timm when `img_size` differs from the tag's. Offline and not in the
+  cache: one `ConfigError` naming the tag and the cache directory, before any weights are built.
+- `model.checkpoint=PATH`: a local MAE / MoCo-v3 / timm file (MoCo-v3 has no timm tag), below.
 
 `build_backbone` returns a plain timm `VisionTransformer` with no classifier (`num_classes=0`),
 every parameter frozen. Foreign checkpoints are converted in one place, `filter_state_dict`, and
@@ -15,6 +23,8 @@ from typing import Optional
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
+from vipamin_scale.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +47,23 @@ class CheckpointError(RuntimeError):
 
 def build_backbone(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
                    checkpoint_format: str = "auto", init_seed: int = 0,
-                   depth: Optional[int] = None) -> VisionTransformer:
+                   depth: Optional[int] = None, pretrained: Optional[str] = None) -> VisionTransformer:
     """A frozen timm ViT (eval mode, requires_grad False) with no classifier head.
+
+    `pretrained` (a timm tag) and `checkpoint` (a local file) are exclusive; with neither, random.
 
     Random initialization is seeded (`init_seed`, in a forked RNG that leaves the caller's
     stream alone): every rank and every process builds the same backbone.
     """
     kwargs = dict(num_classes=0, global_pool="token")
+    if pretrained is not None:
+        if checkpoint is not None:
+            raise ConfigError(f"model.pretrained: give either model.checkpoint ({checkpoint}) or "
+                              f"model.pretrained ({pretrained}), not both")
+        if depth is not None:
+            raise ConfigError(f"model.depth: a reduced depth ({depth}) does not fit the weights of "
+                              f"model.pretrained={pretrained}")
+        return _frozen(_checked(_create_pretrained(name, pretrained, img_size, kwargs), name))
     if depth is not None:
         kwargs["depth"] = depth
     with torch.random.fork_rng(devices=[]):
@@ -57,19 +77,77 @@ def build_backbone(name: str, img_size: Optional[int] = None, checkpoint: Option
             if img_size is not None:
                 kwargs["img_size"] = img_size
             model = timm.create_model(name, pretrained=False, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model.name: {name} is not a timm VisionTransformer")
-    if model.num_prefix_tokens != 1 or not model.has_class_token:
-        raise ValueError(f"model.name: {name} has {model.num_prefix_tokens} prefix tokens; "
-                         "prompts need exactly one CLS token and no registers")
+    _checked(model, name)
     if checkpoint is None:
         log.info("model: %s randomly initialized (no model.checkpoint given)", name)
     else:
         path = resolve_checkpoint(checkpoint)
         load_checkpoint(model, path, checkpoint_format)
         log.info("model: %s loaded from %s", name, path)
+    return _frozen(model)
+
+
+def _checked(model, name: str) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"model.name: {name} is not a timm VisionTransformer")
+    if model.num_prefix_tokens != 1 or not model.has_class_token:
+        raise ValueError(f"model.name: {name} has {model.num_prefix_tokens} prefix tokens; "
+                         "prompts need exactly one CLS token and no registers")
+    return model
+
+
+def _frozen(model: VisionTransformer) -> VisionTransformer:
     model.requires_grad_(False)
     return model.eval()
+
+
+def pretrained_name(name: str, pretrained: str) -> str:
+    """`<model.name>.<tag>` for timm, checked against timm's registry of pretrained tags."""
+    if name in TINY_CONFIGS:
+        raise ConfigError(f"model.pretrained: {name} is a tiny test model with no pretrained weights")
+    arch, _, tag = pretrained.rpartition(".")
+    if arch and arch != name:
+        raise ConfigError(f"model.pretrained: {pretrained} is a tag of {arch}, but model.name is {name}")
+    full = f"{name}.{tag}"
+    known = timm.list_pretrained(f"{name}.*")
+    if full not in known:
+        tags = ", ".join(k.split(".", 1)[1] for k in known) or "none"
+        raise ConfigError(f"model.pretrained: timm has no tag {tag!r} for {name} (its tags: {tags})")
+    return full
+
+
+def hub_weights_cached(full_name: str) -> tuple[bool, str, str]:
+    """(cached?, hub repo id, cache dir) of a timm tag's weights in the Hugging Face hub cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(full_name)
+    repo = cfg.hf_hub_id or ""
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    found = bool(repo) and any(isinstance(try_to_load_from_cache(repo, f, cache_dir=constants.HF_HUB_CACHE), str)
+                               for f in files)
+    return found, repo, constants.HF_HUB_CACHE
+
+
+def _create_pretrained(name: str, pretrained: str, img_size: Optional[int], kwargs: dict) -> VisionTransformer:
+    from huggingface_hub import constants
+
+    full = pretrained_name(name, pretrained)
+    found, repo, cache = hub_weights_cached(full)
+    offline = constants.HF_HUB_OFFLINE
+    if offline and not found:
+        raise ConfigError(f"model.pretrained: {full} is not in the Hugging Face hub cache {cache} (repo {repo}) "
+                          "and the hub is offline (HF_HUB_OFFLINE=1); fetch it where there is network "
+                          "into that cache, or point HF_HUB_CACHE / HF_HOME at a cache that has it")
+    if img_size is not None:
+        kwargs = {**kwargs, "img_size": img_size}
+    try:
+        model = timm.create_model(full, pretrained=True, **kwargs)
+    except OSError as exc:  # huggingface_hub's errors (no network, not found) are OSErrors
+        raise ConfigError(f"model.pretrained: {full} could not be fetched into the Hugging Face hub cache "
+                          f"{cache} (repo {repo}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                          ) from None
+    log.info("model: %s pretrained weights from %s (hub cache %s%s)", full, repo, cache, ", offline" if offline else "")
+    return model
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
