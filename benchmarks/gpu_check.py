@@ -69,8 +69,8 @@ PEAK_BF16 = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12
 # name: (time cap on a GPU, time cap in --smoke), seconds. The GPU caps keep one hang from eating
 # the device's minutes; the smoke caps only stop a hang (a shared 2-core machine is slow).
 SECTIONS: dict[str, tuple[float, float]] = {
-    "env": (60, 120), "train": (150, 300), "init": (90, 300), "dali": (60, 180), "throughput": (200, 300),
-    "init_size": (100, 180), "data": (60, 180)}
+    "env": (45, 120), "train": (150, 300), "init": (120, 300), "dali": (60, 180), "throughput": (180, 300),
+    "init_size": (100, 180), "data": (75, 180)}
 BUDGET_S = {"gpu": 470.0, "smoke": 1200.0}  # the whole run (--budget-s)
 CORRECTNESS = ("train", "init", "dali")  # sections whose result carries `passed`
 
@@ -443,7 +443,8 @@ def section_init(rec: Record, ctx: dict) -> None:
     ref_path = work / "reference.safetensors"
     ref = rec.item("reference", lambda: {"B": run_init(compose_config([*INIT_ARGS, f"out={ref_path}"]), ref_path)["meta"]["B"],
                                          "device": "cpu", "world_size": 1})
-    runs = run_all(launch("nccl" if gpu else "gloo"), work / "logs", ctx["cap"] - 15)
+    left = ctx["cap"] - 15 - (time.perf_counter() - t0)
+    runs = run_all(launch("nccl" if gpu else "gloo"), work / "logs", left / 2 if gpu else left)
     if gpu and runs["w2_nccl"]["rc"] != 0:  # NCCL refuses two ranks on one GPU: gloo (with the GPU), recorded
         runs.update(run_all(launch("gloo"), work / "logs", ctx["cap"] - 15 - (time.perf_counter() - t0)))
     rec.data["runs"] = runs
@@ -593,8 +594,13 @@ def is_oom(exc: BaseException) -> bool:
 def largest_batch(step, img: int, device, start: int, limit: int, cap_s: float) -> dict[str, Any]:
     """The largest batch whose step runs: doubling from `start`, then bisection between the last
     batch that ran and the first that ran out of memory (to 1/8 of the former), until `limit`
-    or `cap_s` seconds. OOM is caught and the allocator's cache emptied after each failure."""
+    or `cap_s` seconds (a probe is not started when its predicted time, from the last one, would
+    pass the cap). OOM is caught and the allocator's cache emptied after each failure."""
     t_end = time.perf_counter() + cap_s
+
+    def no_time(next_b: int) -> bool:
+        predicted = (step_s or 0.0) * next_b / max(ok, 1)
+        return time.perf_counter() + predicted > t_end
 
     def fits(b: int) -> tuple[bool, float]:
         x = y = None
@@ -614,7 +620,7 @@ def largest_batch(step, img: int, device, start: int, limit: int, cap_s: float) 
 
     ok, bad, b, step_s, stopped = 0, None, start, None, "limit"
     while b <= limit:
-        if time.perf_counter() > t_end:
+        if no_time(b):
             stopped = "time"
             break
         fit, s = fits(b)
@@ -623,10 +629,10 @@ def largest_batch(step, img: int, device, start: int, limit: int, cap_s: float) 
             break
         ok, step_s, b = b, s, b * 2
     while bad is not None and bad - ok > max(1, ok // 8):
-        if time.perf_counter() > t_end:
+        mid = (ok + bad) // 2
+        if no_time(mid):
             stopped = "time"
             break
-        mid = (ok + bad) // 2
         fit, s = fits(mid)
         if fit:
             ok, step_s = mid, s
@@ -663,8 +669,6 @@ def section_throughput(rec: Record, ctx: dict) -> None:
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     dev_name = torch.cuda.get_device_name(0) if cuda() else "cpu"
     peak, reason = peak_bf16(dev_name)
-    if cuda():
-        torch.backends.cuda.matmul.allow_tf32 = True  # irrelevant under bf16 autocast; the head's fp32 matmul
     cfg = default_config(model__name=s["model"], model__img_size=s["img"], prompt__length=10, prompt__deep=True,
                          train__precision="bf16", data__batch_size=s["batch"])
     t = time.perf_counter()
@@ -720,7 +724,11 @@ def section_throughput(rec: Record, ctx: dict) -> None:
                 out["mfu"], out["mfu_note"] = None, reason or "model FLOPs not counted"
             rec.data[key] = out
             rec.save()
-            out.update(largest_batch(step, s["img"], device, s["search_start"], s["search_limit"], s["search_cap_s"]))
+            try:
+                out.update(largest_batch(step, s["img"], device, s["search_start"], s["search_limit"],
+                                         s["search_cap_s"]))
+            except Exception as exc:  # e.g. an engine left inconsistent by an OOM: keep the timing above
+                out["largest_batch_error"] = failure(exc)
             if out.get("images_per_s_at_largest") and counted and peak:
                 out["mfu_at_largest"] = counted["flops_per_image"] * out["images_per_s_at_largest"] / peak
             return out
@@ -876,6 +884,13 @@ def results_section(doc: dict) -> str:
         note = sec.get("error") or ""
         lines.append(f"| {name} | {sec['status']} | {fmt(sec.get('seconds'), '.0f')} | "
                      f"{fmt(res.get('passed')) if name in CORRECTNESS else ''} | {note.replace('|', '/')[:160]} |")
+    train = (secs.get("train") or {}).get("result") or {}
+    runs = [(k, v) for k, v in train.items() if isinstance(v, dict) and "passed" in v]
+    if runs:
+        lines += ["", f"Training runs (tiny ViT, 4 steps, on {train.get('device')}): max relative loss difference "
+                  "against the reference curve: " + ", ".join(
+                      f"{k} {fmt(v.get('max_rel_diff'), '.1e')} ({'ok' if v['passed'] else 'FAIL'})"
+                      for k, v in runs if k != train.get("reference")) + "."]
     tr = (secs.get("throughput") or {}).get("result") or {}
     if tr:
         flops = (tr.get("model_flops") or {}).get("flops_per_image")
@@ -977,7 +992,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--results-md", type=Path, default=None,
                     help="markdown file whose gpu-check section is replaced; default benchmarks/RESULTS.md "
                          "(with --smoke: OUT/RESULTS.md)")
-    ap.add_argument("--work", type=Path, default=None, help="scratch and per-section logs (default OUT/gpu_check_work)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch and per-section logs (default .cache/gpu_check; "
+                    "with --smoke OUT/gpu_check_work)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"the whole run's time (default {BUDGET_S['gpu']:.0f} s, with --smoke {BUDGET_S['smoke']:.0f} s); "
                          "a section gets min(its cap, what is left)")
@@ -1014,7 +1030,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         out, md = args.out or RESULTS_JSON.parent, args.results_md or RESULTS_MD
     out.mkdir(parents=True, exist_ok=True)
-    work = args.work or out / "gpu_check_work"
+    work = args.work or (out / "gpu_check_work" if args.smoke else REPO / ".cache" / "gpu_check")
     work.mkdir(parents=True, exist_ok=True)
     json_path = out / "gpu.json"
     names = [n for n in SECTIONS if not args.only or n in args.only.split(",")]
