@@ -86,3 +86,53 @@ def test_smoke_never_writes_the_committed_results(tmp_path):
     proc = _run("--smoke", "--out", str(REPO / "benchmarks" / "results"), timeout=120)
     assert proc.returncode == 2 and "never replaces the committed" in proc.stderr
     assert _digest(COMMITTED) == before
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_largest_batch_doubles_then_bisects_to_an_eighth():
+    gc = _module()
+    seen = []
+
+    def step(images, labels):
+        seen.append(images.shape[0])
+        if images.shape[0] > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    r = gc.largest_batch(step, img=2, device=torch.device("cpu"), start=8, limit=4096, cap_s=60)
+    assert seen[:7] == [8, 16, 32, 64, 128, 256, 512]  # doubling up to the first OOM
+    assert r["stopped_by"] == "oom" and r["first_oom"] > 300 >= r["largest_batch"] >= 256
+    assert r["first_oom"] - r["largest_batch"] <= r["largest_batch"] // 8  # bisected to 1/8
+    assert gc.largest_batch(step, 2, torch.device("cpu"), 8, 64, 60)["stopped_by"] == "limit"
+
+    def broken(images, labels):
+        raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):  # only OOM means "does not fit"
+        gc.largest_batch(broken, 2, torch.device("cpu"), 8, 64, 60)
+
+
+def test_mfu_peak_table_by_device_name():
+    gc = _module()
+    assert gc.peak_bf16("NVIDIA H200") == (989.4e12, None)
+    peak, reason = gc.peak_bf16("Some New Accelerator")
+    assert peak is None and "Some New Accelerator" in reason
+
+
+def test_dist_backend_override(monkeypatch):
+    from vipamin_scale import distributed as D
+
+    monkeypatch.delenv(D.BACKEND_ENV, raising=False)
+    assert D.backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setenv(D.BACKEND_ENV, "gloo")
+    assert D.backend() == "gloo"
+    monkeypatch.setenv(D.BACKEND_ENV, "mpi")
+    with pytest.raises(ValueError, match="VIPAMIN_SCALE_DIST_BACKEND: must be nccl or gloo"):
+        D.backend()
