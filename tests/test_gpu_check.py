@@ -45,6 +45,7 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     assert init["passed"] and init["backend_world2"] == "gloo"
     assert init["runs"]["w2_gloo"]["world_size"] == 2 and init["runs"]["w2_gloo"]["rel_max_diff"] <= 1e-5
     assert init["capture_on_device"]["passed"]
+    assert init["world1_group"]["passed"] and init["world1_group"]["backend"] == "gloo"
     assert s["dali"]["passed"] and s["dali"]["eval_keys_equal_in_order"] and s["dali"]["eval_keys"] > 0
     # throughput: every variant measured; model FLOPs counted (attention included), MFU null on a CPU
     tp = s["throughput"]
