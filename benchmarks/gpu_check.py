@@ -697,7 +697,9 @@ def section_throughput(rec: Record, ctx: dict) -> None:
     rec.data.update(model=f"{s['model']} (random weights) + VPT-Deep P=10, frozen backbone, 100 classes",
                     img_size=s["img"], precision="bf16", device=dev_name, batch=s["batch"],
                     build_s=round(time.perf_counter() - t, 1), peak_bf16_flops=peak, peak_note=reason,
-                    prompt_shape=list(base.prompt_shape))
+                    prompt_shape=list(base.prompt_shape),
+                    precision_note="bare and ddp: fp32 weights under bf16 autocast; zero3: DeepSpeed holds the "
+                                   "module in bf16 (fp32 master copy of the trainable parameters)")
     rec.save()
 
     def bare(ac: bool):
@@ -707,7 +709,7 @@ def section_throughput(rec: Record, ctx: dict) -> None:
         return bare_prompted_step(m.backbone, prompts, m.head, opt, ac, torch.bfloat16)
 
     def ours(engine: str, ac: bool):
-        c = cfg.copy()
+        c = copy.deepcopy(cfg)
         c.engine.activation_checkpointing = ac
         if engine == "zero3":
             c.engine.name, c.engine.zero_stage = "deepspeed", 3
@@ -989,9 +991,14 @@ def run_section(name: str, cap: float, args: argparse.Namespace, work: Path) -> 
 
 
 def child(args: argparse.Namespace) -> int:
+    import shutil
+
     work = Path(args.work)
     rec = Record(work / f"{args.child}.json")
-    ctx = {"smoke": args.smoke, "work": work, "cap": args.cap, "sizes": sizes(args.smoke)}
+    scratch = work / args.child  # this section's own, emptied first (a rerun must not append to old runs)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    ctx = {"smoke": args.smoke, "work": scratch, "cap": args.cap, "sizes": sizes(args.smoke)}
     try:
         SECTION_FUNCS[args.child](rec, ctx)
     except Exception as exc:
