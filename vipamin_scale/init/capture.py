@@ -16,9 +16,8 @@ Pass B — the backbone with no prompts:
 
 The model and images may be on a GPU: the sums (and the weights `layer_weights` returns) are kept
 on the CPU in float64, where the all-reduce and the pure math take them. Memory is independent of
-`B` except SPT's token store. The forward stops (by an exception
-raised from the hook) once the deepest layer needed has been seen: shallow prompts need block 0
-only.
+`B` except SPT's token store. The forward stops (by an exception raised from the hook) once the
+deepest layer needed has been seen: shallow prompts need block 0 only.
 """
 from __future__ import annotations
 
