@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test sweep-demo bench-init bench-accuracy clean
+.PHONY: setup demo test sweep-demo bench-init bench-accuracy gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,3 +42,10 @@ bench-accuracy: $(STAMP)
 
 bench-init: $(STAMP)
 	$(PY) benchmarks/bench_init.py
+
+# GPU readiness in one run (<= 8 min on one H200): correctness on CUDA (engines x fp32/bf16, NCCL init,
+# DALI mixed), ViT-H/14 throughput and MFU vs a bare timm loop, the initializer at B=256, loaders;
+# writes benchmarks/results/gpu.json and the gpu-check section of benchmarks/RESULTS.md.
+# Without a GPU it says so and exits 2 (`benchmarks/gpu_check.py --smoke` is the CPU smoke run).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py

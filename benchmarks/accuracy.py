@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vipamin_scale.config import default_config  # noqa: E402
-from vipamin_scale.paths import atomic_write_bytes  # noqa: E402
+from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
 from vipamin_scale.tune import run_tune, sample_std  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
@@ -405,13 +405,7 @@ def results_section(doc: dict[str, Any], png: str) -> str:
 
 
 def write_results_md(section: str, path: Path) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_bytes(path, text.encode())
+    write_marked_section(path, BEGIN, END, section)
 
 
 # ----------------------------------------------------------------------------- main

@@ -27,6 +27,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+BACKEND_ENV = "VIPAMIN_SCALE_DIST_BACKEND"
+
+
+def backend() -> str:
+    """The process-group backend to use: `$VIPAMIN_SCALE_DIST_BACKEND` (nccl | gloo) when set, else
+    NCCL with CUDA and gloo without. gloo on a GPU machine reduces CUDA tensors too (slower), and
+    accepts several ranks on one device, which NCCL refuses."""
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice and choice not in ("nccl", "gloo"):
+        raise ValueError(f"{BACKEND_ENV}: must be nccl or gloo; got {choice!r}")
+    if choice == "nccl" and not torch.cuda.is_available():
+        raise ValueError(f"{BACKEND_ENV}=nccl: no CUDA device is visible")
+    return choice or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def init_from_env(timeout_s: float = 600.0) -> bool:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on GPU).
 
@@ -36,28 +51,32 @@ def init_from_env(timeout_s: float = 600.0) -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    name = backend()
     timeout = datetime.timedelta(seconds=timeout_s)
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
+    if name == "nccl":
+        torch.cuda.set_device(device())
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart > 0 and backend == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if restart > 0 and name == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # After a torchrun restart the agent's store still holds the dead attempt's gloo addresses
         # under the same keys; a rank reading a peer's stale key connects to a dead process
         # ("connectFullMesh: connection refused", 3 restarts in 4 here). Rendezvous under a
         # prefix of this attempt instead.
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"vipamin_scale/restart_{restart}", store),
+        dist.init_process_group(name, store=dist.PrefixStore(f"vipamin_scale/restart_{restart}", store),
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                                 timeout=timeout)
         return True
-    dist.init_process_group(backend=backend, timeout=timeout)
+    dist.init_process_group(backend=name, timeout=timeout)
     return True
 
 
 def device() -> torch.device:
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device: GPU `local_rank mod device count` (several ranks share a GPU only under
+    gloo: NCCL refuses that), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

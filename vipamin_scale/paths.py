@@ -22,3 +22,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_marked_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Put `section` (which starts with the `begin` marker and ends with `end`) into the markdown
+    file `path` in place of the text between the markers, or append it; atomic. The rest of the
+    file is kept as it is."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_bytes(path, text.encode())

@@ -92,7 +92,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _init_deepspeed_comm(deepspeed) -> None:
     """DeepSpeed's comm layer over our process group (torchrun's); a plain single process gets a
-    1-rank gloo group, since DeepSpeed always needs one."""
+    1-rank group (NCCL with a GPU, gloo without: `distributed.backend`), since DeepSpeed always needs one."""
     if D.is_dist():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
         return
@@ -104,7 +104,7 @@ def _init_deepspeed_comm(deepspeed) -> None:
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(port)).items():
         os.environ.setdefault(key, value)  # what torchrun would set; deepspeed.initialize checks LOCAL_RANK
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=D.backend(), auto_mpi_discovery=False, verbose=False)
 
 
 class DeepSpeedEngine(Engine):

@@ -14,9 +14,10 @@ Pass B — the backbone with no prompts:
   tokens[l] (n, d)      every patch token, kept for SPT (the one statistic that grows with B)
   rows[l]               every S row fed to a streaming QR, for init.subspace=tokens
 
-Memory is independent of `B` except SPT's token store. The forward stops (by an exception
-raised from the hook) once the deepest layer needed has been seen: shallow prompts need block 0
-only.
+The model and images may be on a GPU: the sums (and the weights `layer_weights` returns) are kept
+on the CPU in float64, where the all-reduce and the pure math take them. Memory is independent of
+`B` except SPT's token store. The forward stops (by an exception raised from the hook) once the
+deepest layer needed has been seen: shallow prompts need block 0 only.
 """
 from __future__ import annotations
 
@@ -67,20 +68,21 @@ class LayerSums:
 
     def add(self, table: str, layer: int, value: torch.Tensor) -> None:
         store = getattr(self, table)
-        value = value.detach().to(torch.float64)
+        value = value.detach().to(device="cpu", dtype=torch.float64)
         store[layer] = value if layer not in store else store[layer] + value
 
 
 def layer_weights(model: PromptedViT, layer: int) -> dict:
-    """Block `layer`'s frozen weights the initializers use, float64: W_Q, W_K, W_V (d, d) from
-    `attn.qkv` (out x in), b_V (d,), norm1's gamma, beta (d,) and eps."""
+    """Block `layer`'s frozen weights the initializers use, float64 on the CPU: W_Q, W_K, W_V (d, d)
+    from `attn.qkv` (out x in), b_V (d,), norm1's gamma, beta (d,) and eps."""
     blk = model.backbone.blocks[layer]
     d = model.dim
-    W = blk.attn.qkv.weight.detach().double()  # (3d, d)
+    W = blk.attn.qkv.weight.detach().to("cpu", torch.float64)  # (3d, d)
     b = blk.attn.qkv.bias
-    b = torch.zeros(3 * d, dtype=torch.float64) if b is None else b.detach().double()
+    b = torch.zeros(3 * d, dtype=torch.float64) if b is None else b.detach().to("cpu", torch.float64)
     return {"W_Q": W[:d], "W_K": W[d:2 * d], "W_V": W[2 * d:], "b_V": b[2 * d:],
-            "gamma": blk.norm1.weight.detach().double(), "beta": blk.norm1.bias.detach().double(),
+            "gamma": blk.norm1.weight.detach().to("cpu", torch.float64),
+            "beta": blk.norm1.bias.detach().to("cpu", torch.float64),
             "ln_eps": float(blk.norm1.eps)}
 
 
@@ -159,7 +161,7 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
                 if spec.attn_out:
                     sums.add("S", layer, s.sum(dim=0))
                 if spec.row_sink is not None:
-                    spec.row_sink(layer, s.reshape(-1, s.shape[-1]).double())
+                    spec.row_sink(layer, s.reshape(-1, s.shape[-1]).to("cpu", torch.float64))
             stop_after(layer)
         return hook
 
@@ -177,7 +179,7 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
                 handles.append(blk.register_forward_pre_hook(a_block_pre(l)))
                 handles.append(blk.attn.qkv.register_forward_hook(a_qkv(l)))
             try:
-                model.forward_tokens(images, prompts=random_prompts.to(images.dtype))
+                model.forward_tokens(images, prompts=random_prompts.to(images.device, images.dtype))
             except _StopForward:
                 pass
             finally:

@@ -137,18 +137,8 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
     if method == "random":
         tensors["prompts"] = R
     elif method == "vipamin":
-        def compute(l: int) -> dict:
-            w = layer_weights(model, l)
-            res = vip.vipamin_layer(
-                E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
-                S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
-                energy=subspace_energy(icfg) if subspace_energy(icfg) < 1 else None, gamma=w["gamma"], beta=w["beta"],
-                official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
-                layer=l, ln_eps=w["ln_eps"])
-            return {"prompts": res.prompts, "match": res.match, "orth": res.orth, "info": res.info}
-
         shapes = {name: (P, d) for name in ("prompts", "match", "orth")}
-        gathered, layer_info = map_layers(rows, compute, shapes)
+        gathered, layer_info = map_layers(rows, lambda l: vipamin_row(icfg, model, means, R, Q_tokens, l), shapes)
         tensors.update(gathered)
     elif method == "spt":
         tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d, N_p)
@@ -174,6 +164,20 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
                  tuple(tensors["prompts"].shape), B, D.world_size(), times["capture_s"], times["math_s"])
     D.barrier()
     return {"prompts": tensors["prompts"].float(), "tensors": tensors, "meta": meta}
+
+
+def vipamin_row(icfg, model: PromptedViT, means: dict, R: torch.Tensor, Q_tokens: dict, l: int) -> dict:
+    """VIPAMIN's prompts for prompt row `l` from the reduced means (`reduce_means`), the random
+    prompts `R` (L_p, P, d) and, for init.subspace=tokens, the row-space bases `Q_tokens`; the
+    options from `icfg` (cfg.init). Returns `prompts`, `match`, `orth` (P, d) float64 and `info`."""
+    w = layer_weights(model, l)
+    res = vip.vipamin_layer(
+        E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
+        S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
+        energy=subspace_energy(icfg) if subspace_energy(icfg) < 1 else None, gamma=w["gamma"], beta=w["beta"],
+        official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
+        layer=l, ln_eps=w["ln_eps"])
+    return {"prompts": res.prompts, "match": res.match, "orth": res.orth, "info": res.info}
 
 
 def _check_room_for_orthogonal(icfg, n_tokens: int, d: int) -> None:

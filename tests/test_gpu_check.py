@@ -1,0 +1,139 @@
+"""`benchmarks/gpu_check.py`: the GPU readiness script's CPU smoke run, so it cannot rot while no GPU is around."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cli_env
+
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+SECTIONS = ["env", "train", "init", "dali", "throughput", "init_size", "data"]
+COMMITTED = [REPO / "benchmarks" / "results" / "gpu.json", REPO / "benchmarks" / "RESULTS.md"]
+
+
+def _digest(paths) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in paths}
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
+    before = _digest(COMMITTED)
+    proc = _run("--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(doc["sections"]) == SECTIONS and doc["meta"]["smoke"] is True
+    for name, sec in doc["sections"].items():
+        assert sec["status"] == "ok" and sec["result"], (name, sec.get("error"))
+    s = {name: sec["result"] for name, sec in doc["sections"].items()}
+    assert s["env"]["torch"] == torch.__version__ and s["env"]["device"] == "cpu"
+    # correctness on the (CPU) device: every engine x precision ran and followed the reference curve
+    train = s["train"]
+    assert train["passed"] and train["reference"] == "ddp_fp32"
+    for run in ("ddp_bf16", "zero2_fp32", "zero2_bf16", "zero3_fp32_ac", "zero3_bf16_ac"):
+        assert train[run]["passed"] and len(train[run]["losses"]) == 4 and train[run]["max_rel_diff"] <= train[run]["tol"]
+    assert train["zero3_fp32_ac"]["max_rel_diff"] <= 1e-4  # fp32 ZeRO-3 + AC follows DDP to round-off
+    init = s["init"]
+    assert init["passed"] and init["backend_world2"] == "gloo"
+    assert init["runs"]["w2_gloo"]["world_size"] == 2 and init["runs"]["w2_gloo"]["rel_max_diff"] <= 1e-5
+    assert init["capture_on_device"]["passed"]
+    assert init["world1_group"]["passed"] and init["world1_group"]["backend"] == "gloo"
+    assert s["dali"]["passed"] and s["dali"]["eval_keys_equal_in_order"] and s["dali"]["eval_keys"] > 0
+    # throughput: every variant measured; model FLOPs counted (attention included), MFU null on a CPU
+    tp = s["throughput"]
+    flops = tp["model_flops"]
+    assert flops["flops_per_image"] > 0 and "aten.bmm" in flops["by_op"]
+    for key in ("bare", "bare_ac", "ddp", "ddp_ac", "zero3", "zero3_ac"):
+        assert tp[key]["images_per_s"] > 0 and tp[key]["largest_batch"] >= 2, (key, tp[key])
+        assert tp[key]["mfu"] is None and "no peak" in tp[key]["mfu_note"]
+    assert s["init_size"]["capture_s"] > 0 and s["init_size"]["forward_s"] > 0 and s["init_size"]["prompts_finite"]
+    assert s["init_size"]["B"] == 16 and s["init_size"]["math_s"] > 0
+    assert s["data"]["wds_pil"]["images_per_s"] > 0 and s["data"]["dali_cpu"]["images_per_s"] > 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- gpu-check:begin -->" in md and "| throughput | ok |" in md and "CPU smoke run" in md
+    assert _digest(COMMITTED) == before  # the committed figures are never touched by a smoke run
+
+
+def test_a_section_past_its_time_is_killed_and_recorded(tmp_path):
+    """A section past its cap (here the whole --budget-s) is killed and recorded as a timeout in
+    one line; the JSON and the RESULTS.md section are written all the same."""
+    proc = _run("--smoke", "--out", str(tmp_path), "--only", "train", "--budget-s", "8", timeout=300)
+    assert proc.returncode == 1
+    sec = json.loads((tmp_path / "gpu.json").read_text())["sections"]["train"]
+    assert sec["status"] == "timeout" and sec["error"].startswith("timed out after 8 s (killed)")
+    assert "\n" not in sec["error"] and sec["seconds"] < 60
+    assert "| train | timeout |" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_without_gpu_and_without_smoke_one_line_and_exit_2(tmp_path):
+    proc = _run("--out", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--smoke" in lines[0]
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_smoke_never_writes_the_committed_results(tmp_path):
+    before = _digest(COMMITTED)
+    proc = _run("--smoke", "--out", str(REPO / "benchmarks" / "results"), timeout=120)
+    assert proc.returncode == 2 and "never replaces the committed" in proc.stderr
+    assert _digest(COMMITTED) == before
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_largest_batch_doubles_then_bisects_to_an_eighth():
+    gc = _module()
+    seen = []
+
+    def step(images, labels):
+        seen.append(images.shape[0])
+        if images.shape[0] > 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    r = gc.largest_batch(step, img=2, device=torch.device("cpu"), start=8, limit=4096, cap_s=60)
+    assert seen[:7] == [8, 16, 32, 64, 128, 256, 512]  # doubling up to the first OOM
+    assert r["stopped_by"] == "oom" and r["first_oom"] > 300 >= r["largest_batch"] >= 256
+    assert r["first_oom"] - r["largest_batch"] <= r["largest_batch"] // 8  # bisected to 1/8
+    assert gc.largest_batch(step, 2, torch.device("cpu"), 8, 64, 60)["stopped_by"] == "limit"
+
+    def broken(images, labels):
+        raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):  # only OOM means "does not fit"
+        gc.largest_batch(broken, 2, torch.device("cpu"), 8, 64, 60)
+
+
+def test_mfu_peak_table_by_device_name():
+    gc = _module()
+    assert gc.peak_bf16("NVIDIA H200") == (989.4e12, None)
+    peak, reason = gc.peak_bf16("Some New Accelerator")
+    assert peak is None and "Some New Accelerator" in reason
+
+
+def test_dist_backend_override(monkeypatch):
+    from vipamin_scale import distributed as D
+
+    monkeypatch.delenv(D.BACKEND_ENV, raising=False)
+    assert D.backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setenv(D.BACKEND_ENV, "gloo")
+    assert D.backend() == "gloo"
+    monkeypatch.setenv(D.BACKEND_ENV, "mpi")
+    with pytest.raises(ValueError, match="VIPAMIN_SCALE_DIST_BACKEND: must be nccl or gloo"):
+        D.backend()
