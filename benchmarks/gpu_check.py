@@ -417,7 +417,7 @@ def device_prompts(cfg, device) -> "torch.Tensor":
     model = build_model(cfg, num_classes=1).to(device)
     L_p, P, d = model.prompt_shape
     R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)  # (L_p, P, d) float64
-    batches = (x.to(device) for x in Calibration(cfg, model))
+    batches = iter(Calibration(cfg, model))  # on the model's device
     sums = capture_layer_stats(model, batches, R.float().to(device),
                                CaptureSpec(layers=list(range(L_p)), match=True, attn_out=True))
     _, means = reduce_means(sums)
@@ -801,12 +801,10 @@ def section_init_size(rec: Record, ctx: dict) -> None:
     L_p, P, d = model.prompt_shape
     t = time.perf_counter()
     calib = Calibration(cfg, model)
-    batches = [x.to(device) for x in calib]
+    batches = list(calib)  # on the model's device
     sync()
     rec.data.update(model=f"{s['model']} (random weights), VIPAMIN-Deep P={P}", B=calib.B, batch=s["init_batch"],
-                    device=str(device), shards_s=round(shards_s, 2), load_s=time.perf_counter() - t,
-                    run_init_note="the capture runs on the GPU here; `vipamin-scale init` (run_init) keeps the "
-                                  "model on the CPU")
+                    device=str(device), shards_s=round(shards_s, 2), load_s=time.perf_counter() - t)
     rec.save()
     R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)  # (L_p, P, d) float64
 

@@ -41,8 +41,8 @@ class Calibration:
     """The first B training images (eval transform), each rank reading its own contiguous block.
 
     The loader's eval mode deals contiguous sample ranges to ranks, disjoint and covering the B
-    images exactly, whatever the world size. Iterating yields image batches; `keys` collects
-    this rank's sample keys in stream order (canonical order = sorted keys).
+    images exactly, whatever the world size. Iterating yields image batches on the model's device;
+    `keys` collects this rank's sample keys in stream order (canonical order = sorted keys).
     """
 
     def __init__(self, cfg: DictConfig, model: PromptedViT):
@@ -51,13 +51,14 @@ class Calibration:
                                    mean=mean, std=std, rank=D.rank(), world_size=D.world_size(),
                                    limit=cfg.init.num_images, batch_size=cfg.init.batch_size)
         self.B = self.loader.num_samples
+        self.device = next(model.parameters()).device
         self.keys: list[str] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.keys = []
         for images, _labels, keys in self.loader:
             self.keys.extend(keys)
-            yield images
+            yield images.to(self.device, non_blocking=True)
 
     def fingerprint(self) -> str:
         parts: list = [self.keys]
@@ -69,13 +70,14 @@ class Calibration:
 
 
 def _prepare(cfg: DictConfig) -> PromptedViT:
-    """The frozen backbone with plain prompts: the initializer never needs BPT's provider (nor its
+    """The frozen backbone with plain prompts, on this rank's device (the capture runs there; the
+    sums it keeps are float64 on the CPU): the initializer never needs BPT's provider (nor its
     whitening pass), and the head is irrelevant."""
     validate(cfg)
     D.init_from_env()
     plain = cfg.copy()
     plain.prompt.kind = "vpt"
-    return build_model(plain, num_classes=1)
+    return build_model(plain, num_classes=1).to(D.device())
 
 
 def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int, N_p: int, d: int) -> torch.Tensor:
