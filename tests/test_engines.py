@@ -212,7 +212,7 @@ def test_elastic_restart_after_one_rank_dies_equals_uninterrupted(runs):
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8] or steps[:4] == [1, 2, 3, 4] and steps[-4:] == [5, 6, 7, 8]
     a = _trainable(ckpt.checkpoint_path(runs["ddp2"] / "checkpoints", STEPS))["params"]
     b = _trainable(ckpt.latest(run / "checkpoints"))["params"]
-    assert ckpt.latest(run / "checkpoints").name == f"ckpt-{STEPS:08d}.pt"
+    assert ckpt.latest(run / "checkpoints").name == f"ckpt-{STEPS:08d}.safetensors"
     for n in a:
         assert torch.equal(a[n], b[n]), n
 

@@ -205,11 +205,15 @@ class DeepSpeedEngine(Engine):
         params, moments = {}, {}
         for n in self.names:
             p, shape = named[n], self._shape(named[n])
-            params[n] = safe_get_full_fp32_param(p).detach().reshape(shape).cpu().clone()
+            if self.stage == 0:
+                params[n] = self._stage0_master(p).detach().cpu().clone()
+            else:
+                params[n] = safe_get_full_fp32_param(p).detach().reshape(shape).cpu().clone()
             if step is not None:
                 moments[n] = {"step": step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))}
                 for key in ("exp_avg", "exp_avg_sq"):
-                    moments[n][key] = safe_get_full_optimizer_state(p, key).detach().reshape(shape).cpu().clone()
+                    full = self._stage0_master(p, key) if self.stage == 0 else safe_get_full_optimizer_state(p, key)
+                    moments[n][key] = full.detach().reshape(shape).cpu().clone()
         return {"params": params, "optimizer": moments, "scheduler": self.scheduler.state_dict()}
 
     def load_trainable_state(self, state: dict[str, Any]) -> None:
@@ -224,14 +228,37 @@ class DeepSpeedEngine(Engine):
         for n in self.names:
             p = named[n]
             value = state["params"][n].to(self.device, torch.float32)
-            safe_set_full_fp32_param(p, value.flatten() if self.stage == 3 else value)
+            if self.stage == 0:
+                with torch.no_grad():
+                    self._stage0_master(p).copy_(value)
+            else:
+                safe_set_full_fp32_param(p, value.flatten() if self.stage == 3 else value)
             if n in moments:
                 for key in ("exp_avg", "exp_avg_sq"):
                     m = moments[n][key].to(self.device, torch.float32)
-                    safe_set_full_optimizer_state(p, m.flatten() if self.stage == 3 else m, key)
+                    if self.stage == 0:
+                        self._stage0_master(p, key).copy_(m)
+                    else:
+                        safe_set_full_optimizer_state(p, m.flatten() if self.stage == 3 else m, key)
             self._set_working_param(p, value)
         self.scheduler.load_state_dict(state["scheduler"])
         set_lr_from_scheduler(self.optimizer, self.scheduler)
+
+    def _stage0_master(self, p: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """Without ZeRO, DeepSpeed's `safe_get/set_full_*` see nothing (they return None): the fp32
+        master of `p` is `p` itself (fp32: the torch optimizer is used as is), or its slice of the
+        flat fp32 group that DeepSpeed's FP16_Optimizer steps (bf16/fp16). With `key`, the same
+        slice of that AdamW state. A view: writing into it writes the master."""
+        state = self._base_optimizer().state
+        wrapper = self.optimizer
+        for group, flat in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups_flat", [])):
+            offset = 0
+            for q in group:
+                if q is p:
+                    source = flat if key is None else state[flat][key]
+                    return source.view(-1)[offset:offset + p.numel()].view(p.shape)
+                offset += q.numel()
+        return p if key is None else state[p][key]
 
     def _set_working_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """The module's (working-precision) copy; the fp32 master was set above."""
