@@ -205,14 +205,14 @@ class DeepSpeedEngine(Engine):
         params, moments = {}, {}
         for n in self.names:
             p, shape = named[n], self._shape(named[n])
-            if self.stage == 0:
-                params[n] = self._stage0_master(p).detach().cpu().clone()
-            else:
+            if _mapped(p):
                 params[n] = safe_get_full_fp32_param(p).detach().reshape(shape).cpu().clone()
+            else:
+                params[n] = self._unmapped_master(p).detach().cpu().clone()
             if step is not None:
                 moments[n] = {"step": step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))}
                 for key in ("exp_avg", "exp_avg_sq"):
-                    full = self._stage0_master(p, key) if self.stage == 0 else safe_get_full_optimizer_state(p, key)
+                    full = safe_get_full_optimizer_state(p, key) if _mapped(p) else self._unmapped_master(p, key)
                     moments[n][key] = full.detach().reshape(shape).cpu().clone()
         return {"params": params, "optimizer": moments, "scheduler": self.scheduler.state_dict()}
 
@@ -228,35 +228,41 @@ class DeepSpeedEngine(Engine):
         for n in self.names:
             p = named[n]
             value = state["params"][n].to(self.device, torch.float32)
-            if self.stage == 0:
-                with torch.no_grad():
-                    self._stage0_master(p).copy_(value)
-            else:
+            if _mapped(p):
                 safe_set_full_fp32_param(p, value.flatten() if self.stage == 3 else value)
+            else:
+                with torch.no_grad():
+                    self._unmapped_master(p).copy_(value)
             if n in moments:
                 for key in ("exp_avg", "exp_avg_sq"):
                     m = moments[n][key].to(self.device, torch.float32)
-                    if self.stage == 0:
-                        self._stage0_master(p, key).copy_(m)
-                    else:
+                    if _mapped(p):
                         safe_set_full_optimizer_state(p, m.flatten() if self.stage == 3 else m, key)
+                    else:
+                        self._unmapped_master(p, key).copy_(m)
             self._set_working_param(p, value)
         self.scheduler.load_state_dict(state["scheduler"])
         set_lr_from_scheduler(self.optimizer, self.scheduler)
 
-    def _stage0_master(self, p: nn.Parameter, key: str | None = None) -> torch.Tensor:
-        """Without ZeRO, DeepSpeed's `safe_get/set_full_*` see nothing (they return None): the fp32
-        master of `p` is `p` itself (fp32: the torch optimizer is used as is), or its slice of the
-        flat fp32 group that DeepSpeed's FP16_Optimizer steps (bf16/fp16). With `key`, the same
-        slice of that AdamW state. A view: writing into it writes the master."""
+    def _unmapped_master(self, p: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """Stage 0 without BF16_Optimizer, where DeepSpeed's `safe_get/set_full_*` see nothing (they
+        return None, see `_mapped`): the fp32 master of `p`, or with `key` that AdamW state of it.
+        fp32: `p` itself (our torch AdamW is used as is). fp16/bf16: DeepSpeed's FP16_Optimizer
+        steps one flat fp32 tensor per group (`fp32_groups_flat`, `p` is a slice of it), its
+        FP16_UnfusedOptimizer one fp32 copy per parameter (`fp32_groups`). A view: writing into it
+        writes the master."""
         state = self._base_optimizer().state
         wrapper = self.optimizer
-        for group, flat in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups_flat", [])):
+        for i, group in enumerate(getattr(wrapper, "fp16_groups", [])):
             offset = 0
-            for q in group:
+            for j, q in enumerate(group):
                 if q is p:
-                    source = flat if key is None else state[flat][key]
-                    return source.view(-1)[offset:offset + p.numel()].view(p.shape)
+                    flat = getattr(wrapper, "fp32_groups_flat", None)
+                    master = flat[i] if flat is not None else wrapper.fp32_groups[i][j]
+                    source = master if key is None else state[master][key]
+                    if flat is not None:
+                        source = source.view(-1)[offset:offset + p.numel()]
+                    return source.view(p.shape)
                 offset += q.numel()
         return p if key is None else state[p][key]
 
@@ -268,6 +274,13 @@ class DeepSpeedEngine(Engine):
                     p.data.copy_(value.to(p.dtype))
             else:
                 p.data.copy_(value.to(p.dtype))
+
+
+def _mapped(p: nn.Parameter) -> bool:
+    """Whether DeepSpeed's `safe_get/set_full_*` reach `p`'s fp32 master and optimizer state: a
+    ZeRO-3 parameter (`ds_id`) or one linked to a flat partition (`_hp_mapping`: ZeRO 1/2 and
+    BF16_Optimizer, which DeepSpeed uses at stage 0 with bf16 and fp32 gradient accumulation)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def _ds_checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
