@@ -165,3 +165,22 @@ def test_checkpoint_file_is_safetensors_with_json_state(trained):
     ckpt.set_rng_state(state["rng"][0])
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+@pytest.mark.parametrize("meta, says", [
+    (None, "not a vipamin_scale checkpoint"),
+    ("{not json", "damaged metadata"),
+    (json.dumps({"trainable": {"params": {}}, "rng": [], "epoch": "1"}),
+     "missing or wrong type: epoch, step_in_epoch, global_step, trainable.optimizer, trainable.scheduler"),
+    (json.dumps({"trainable": {"__tensor__": "nowhere"}}), "damaged metadata"),
+])
+def test_safetensors_file_with_wrong_state_is_one_error_naming_it(tmp_path, meta, says):
+    """A well-formed safetensors file that is not (or no longer) one of our checkpoints."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt-00000002.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata=None if meta is None else {"vipamin_scale.checkpoint": meta})
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load(path)
+    assert str(err.value).startswith(f"checkpoint: {path}") and says in str(err.value)
+    assert "\n" not in str(err.value)

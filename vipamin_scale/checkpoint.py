@@ -164,8 +164,11 @@ def load(path: Path) -> dict[str, Any]:
         payload = _join(json.loads(meta), tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"checkpoint: {path}: damaged metadata ({_one_line(exc)})") from None
-    bad = [k for k, kind in _REQUIRED.items() if not isinstance(payload.get(k) if isinstance(payload, dict) else None,
-                                                                 kind)]
+    if not isinstance(payload, dict):
+        payload = {}
+    trainable = payload.get("trainable") if isinstance(payload.get("trainable"), dict) else {}
+    bad = [k for k, kind in _REQUIRED.items() if not isinstance(payload.get(k), kind)]
+    bad += [f"trainable.{k}" for k in ("params", "optimizer", "scheduler") if not isinstance(trainable.get(k), dict)]
     if bad:
         raise CheckpointError(f"checkpoint: {path}: damaged metadata (missing or wrong type: {', '.join(bad)})")
     return payload
@@ -198,9 +201,7 @@ def load_latest(directory: Path) -> Optional[tuple[Path, dict[str, Any]]]:
 def check_trainable(path: Path, state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
     """The checkpoint's trainable parameters (and their AdamW moments) must be exactly the model's,
     by name and shape; else one `CheckpointError` naming the file and the first parameter that differs."""
-    params, moments = state.get("params"), state.get("optimizer")
-    if not isinstance(params, dict) or not isinstance(moments, dict):
-        raise CheckpointError(f"checkpoint: {path}: damaged metadata (no trainable params/optimizer)")
+    params, moments = state["params"], state["optimizer"]
     for name in sorted(set(shapes) | set(params)):
         if name not in params:
             raise CheckpointError(f"checkpoint: {path} does not fit the model: trainable parameter {name} "
