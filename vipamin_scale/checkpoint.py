@@ -213,8 +213,12 @@ def check_trainable(path: Path, state: dict[str, Any], shapes: dict[str, tuple[i
         if got != tuple(shapes[name]):
             raise CheckpointError(f"checkpoint: {path} does not fit the model: parameter {name} has shape {got} "
                                   f"there, {tuple(shapes[name])} in the model (another model/prompt config?)")
-        for key, value in (moments.get(name) or {}).items():
-            if key in ("exp_avg", "exp_avg_sq") and (not torch.is_tensor(value) or tuple(value.shape) != got):
+        if name not in moments:
+            continue  # saved before the first step: no moments yet
+        moment = moments[name]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            value = moment.get(key) if isinstance(moment, dict) else None
+            if not torch.is_tensor(value) or (key != "step" and tuple(value.shape) != got):
                 raise CheckpointError(f"checkpoint: {path}: damaged optimizer state for {name} ({key})")
 
 
