@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,9 +17,10 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import cli, cli_env, free_port
+from omegaconf import OmegaConf
 
 from vipamin_scale import checkpoint as ckpt
-from vipamin_scale.config import ConfigError, default_config, validate
+from vipamin_scale.config import CONFIG_DIR, ConfigError, default_config, validate
 
 SMALL = [
     "model=vit_test_d64", "data=digits", "data.max_train_samples=128", "data.eval_batch_size=128",
@@ -76,6 +78,7 @@ def runs(tmp_path_factory, digits_root):
     kill_rank1 = cli_env(VIPAMIN_SCALE_KILL_AT_STEP=str(KILL_STEP), VIPAMIN_SCALE_KILL_RANK="1")
     spec = {
         "ddp2": dict(overrides=["engine=ddp", "data.batch_size=16"]),
+        "deepspeed2": dict(overrides=["engine=deepspeed", "data.batch_size=16"]),  # ZeRO stage 0
         "zero1": dict(overrides=["engine=zero1", "data.batch_size=16"]),
         "zero2_ac": dict(overrides=["engine=zero2", "data.batch_size=16", "engine.activation_checkpointing=true"]),
         "zero3_killed": dict(overrides=["engine=zero3", "data.batch_size=16", f"engine.ds_config={z3_json}"], env=kill),
@@ -96,7 +99,7 @@ def runs(tmp_path_factory, digits_root):
 
 
 # -- the loss curve and the prompts agree across engines ---------------------------------------------
-@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "zero3_killed", "fairscale_ac", "fsdp2_ac"])
+@pytest.mark.parametrize("name", ["deepspeed2", "zero1", "zero2_ac", "zero3_killed", "fairscale_ac", "fsdp2_ac"])
 def test_world2_engines_follow_ddp_loss_curve(runs, name):
     """Same layout (2 ranks x 16) as DDP, so the same samples in the same order at every step:
     the per-step loss (mean over ranks) must agree to float32 round-off. The engines differ
@@ -115,7 +118,7 @@ def test_world2_engines_follow_ddp_loss_curve(runs, name):
     assert len(set(round(v, 4) for v in ref.values())) > 4  # the curve moves: not a frozen model
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2_ac", "fairscale_ac", "zero3_killed", "fsdp2_ac"])
+@pytest.mark.parametrize("name", ["deepspeed2", "zero1", "zero2_ac", "fairscale_ac", "zero3_killed", "fsdp2_ac"])
 def test_world2_engines_end_with_ddp_prompts(runs, name):
     """Final prompts, head and AdamW moments by name equal DDP's (same tolerance reasoning as the
     loss curve: elementwise round-off only; atol 1e-5 against values of order 1e-2..1).
@@ -231,9 +234,57 @@ def test_elastic_restart_after_one_rank_dies_equals_uninterrupted(runs):
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8] or steps[:4] == [1, 2, 3, 4] and steps[-4:] == [5, 6, 7, 8]
     a = _trainable(ckpt.checkpoint_path(runs["ddp2"] / "checkpoints", STEPS))["params"]
     b = _trainable(ckpt.latest(run / "checkpoints"))["params"]
-    assert ckpt.latest(run / "checkpoints").name == f"ckpt-{STEPS:08d}.pt"
+    assert ckpt.latest(run / "checkpoints").name == f"ckpt-{STEPS:08d}.safetensors"
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+# -- every engine preset trains, checkpoints and resumes ------------------------------------------------
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "engine").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def preset_runs(runs):
+    """Each preset in configs/engine/ at world 1 (batch 32: 4 steps/epoch), SIGKILLed at step 6,
+    then resumed with train.resume=true (all presets at once, on 2 cores)."""
+    root = runs["root"] / "presets"
+    root.mkdir()
+    procs = {name: (_launch(root / name, f"engine={name}", "data.batch_size=32", nproc=1,
+                            env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP=str(KILL_STEP))), root / name) for name in PRESETS}
+    _wait(procs, expect_rc={name: -signal.SIGKILL for name in PRESETS})
+    killed = {name: [p.name for p in ckpt.list_checkpoints(root / name / "checkpoints")] for name in PRESETS}
+    for name in PRESETS:
+        shutil.copy(f"{root / name}.log", f"{root / name}.killed.log")
+    procs = {name: (_launch(root / name, f"engine={name}", "data.batch_size=32", "train.resume=true", nproc=1),
+                    root / name) for name in PRESETS}
+    _wait(procs)
+    return {name: root / name for name in PRESETS}, killed
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_engine_preset_checkpoints_and_resumes(preset_runs, runs, name):
+    """The killed run left its end-of-epoch-1 checkpoint; the resumed run continues from it and
+    ends where the uninterrupted single-process DDP run (`ddp1`, same layout) ended: the same
+    arithmetic up to round-off (see the curve test), so atol 1e-5; DDP itself bit for bit."""
+    dirs, killed = preset_runs
+    assert killed[name] == [f"ckpt-{4:08d}.safetensors"], name
+    run = dirs[name]
+    assert "resumed from" in open(f"{run}.log").read()
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+    ref = ckpt.load(ckpt.checkpoint_path(runs["ddp1"] / "checkpoints", STEPS))
+    got = ckpt.load(ckpt.latest(run / "checkpoints"))
+    expected_engine = OmegaConf.load(CONFIG_DIR / "engine" / f"{name}.yaml").name
+    assert got["global_step"] == STEPS and got["engine"] == expected_engine and got["world_size"] == 1
+    a, b = ref["trainable"], got["trainable"]
+    assert b["params"].keys() == a["params"].keys() == {"prompt.prompts", "head.weight", "head.bias"}
+    for n in a["params"]:
+        if name == "ddp":
+            assert torch.equal(b["params"][n], a["params"][n]), n
+        torch.testing.assert_close(b["params"][n], a["params"][n], rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(b["optimizer"][n]["exp_avg"], a["optimizer"][n]["exp_avg"], rtol=1e-4, atol=1e-6,
+                                   msg=n)
+        assert float(b["optimizer"][n]["step"]) == STEPS
+    assert b["scheduler"]["last_epoch"] == STEPS
 
 
 # -- activation checkpointing: no number changes -----------------------------------------------------

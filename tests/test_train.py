@@ -51,7 +51,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, digits_root):
     _run(full, "prompt.dropout=0.1")
     proc = _run(broken, "prompt.dropout=0.1", env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"), check=False)
     assert proc.returncode == -signal.SIGKILL
-    assert [p.name for p in ckpt.list_checkpoints(broken / "checkpoints")] == ["ckpt-00000008.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(broken / "checkpoints")] == ["ckpt-00000008.safetensors"]
     _run(broken, "prompt.dropout=0.1", "train.resume=true")
     a, b = _final_trainable(full), _final_trainable(broken)
     assert a.keys() == b.keys() == {"prompt.prompts", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}

@@ -209,7 +209,7 @@ def test_tune_cli_inline_kill_resume_and_report(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in rung0}
     rung1 = list((out / "trials" / "rung1").iterdir())
     assert len(rung1) == 1 and not (rung1[0] / "result.json").exists()
-    assert list((rung1[0] / "checkpoints").glob("ckpt-*.pt"))  # the cut trial left its checkpoint
+    assert list((rung1[0] / "checkpoints").glob("ckpt-*.safetensors"))  # the cut trial left its checkpoint
     done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in rung0} == stamps  # finished trials were not run again

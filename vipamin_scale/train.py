@@ -96,7 +96,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume_from = ckpt.latest(ckpt_dir) if cfg.train.resume or restarted else None
+    # The newest valid checkpoint, read before any compute (a damaged newer one is skipped, with a warning).
+    resumed = ckpt.load_latest(ckpt_dir) if cfg.train.resume or restarted else None
+    resume_from, state = resumed if resumed is not None else (None, None)
     seed_everything(cfg.train.seed)
     metrics = MetricsLog.from_config(cfg, out_dir, enabled=rank == 0)  # a tracker that cannot start fails here
 
@@ -108,6 +110,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     prompts = None if resume_from is not None else initial_prompts(cfg, out_dir)
     init_time = time.perf_counter() - t0
     model = build_model(cfg, num_classes, prompts=prompts)
+    if resume_from is not None:  # before ZeRO-3 partitions the parameters
+        ckpt.check_trainable(resume_from, state["trainable"],
+                             {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
     diagnostics = None
     if resume_from is None and wants_diagnostics(cfg.train):
         from vipamin_scale.init.run import prompt_diagnostics
@@ -131,7 +136,6 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     start_epoch, skip_steps, global_step, best = 0, 0, 0, {"acc": -1.0, "epoch": -1}
     if resume_from is not None:
-        state = ckpt.load(resume_from)
         engine.load_trainable_state(state["trainable"])
         ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_epoch, skip_steps, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]

@@ -153,11 +153,24 @@ class DeepSpeedEngine(Engine):
         return list(flats)
 
     def _init_moments(self, step: float) -> None:
+        """AdamW's state of every flat partition: `step`, zero moments. Filled in place where it
+        exists, so the per-parameter views DeepSpeed keeps into it stay valid; then linked (ZeRO 1/2,
+        BF16_Optimizer link each parameter to its slice only at their first step, and
+        `safe_set_full_optimizer_state` needs the link, e.g. to resume before any step)."""
         base = self._base_optimizer()
         for flat in self._flat_fp32_partitions():
-            base.state[flat] = {"step": torch.tensor(float(step), dtype=torch.float32),
-                                "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
-                                "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+            state = base.state.get(flat)
+            if state:
+                state["step"].fill_(float(step))
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+            else:
+                base.state[flat] = {"step": torch.tensor(float(step), dtype=torch.float32),
+                                    "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                                    "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
 
     # -- the loop's interface -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -188,25 +201,21 @@ class DeepSpeedEngine(Engine):
 
     def trainable_state(self) -> dict[str, Any]:
         """Collective: every rank must call it (partitions are gathered); all get the full state."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        named = dict(self.model.named_parameters())
         base_state = self._base_optimizer().state
         step = next(iter(base_state.values()))["step"]
         step = None if float(step) == 0 else step  # no step taken yet: no moments (as torch AdamW)
+        named = dict(self.model.named_parameters())
         params, moments = {}, {}
         for n in self.names:
-            p, shape = named[n], self._shape(named[n])
-            params[n] = safe_get_full_fp32_param(p).detach().reshape(shape).cpu().clone()
+            p = named[n]
+            params[n] = self._full(p).detach().cpu().clone()
             if step is not None:
                 moments[n] = {"step": step.detach().cpu().clone() if torch.is_tensor(step) else torch.tensor(float(step))}
                 for key in ("exp_avg", "exp_avg_sq"):
-                    moments[n][key] = safe_get_full_optimizer_state(p, key).detach().reshape(shape).cpu().clone()
+                    moments[n][key] = self._full(p, key).detach().cpu().clone()
         return {"params": params, "optimizer": moments, "scheduler": self.scheduler.state_dict()}
 
     def load_trainable_state(self, state: dict[str, Any]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         named = dict(self.model.named_parameters())
         missing = sorted(set(self.names) - set(state["params"]))
         if missing:
@@ -216,14 +225,59 @@ class DeepSpeedEngine(Engine):
         for n in self.names:
             p = named[n]
             value = state["params"][n].to(self.device, torch.float32)
-            safe_set_full_fp32_param(p, value.flatten() if self.stage == 3 else value)
-            if n in moments:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    m = moments[n][key].to(self.device, torch.float32)
-                    safe_set_full_optimizer_state(p, m.flatten() if self.stage == 3 else m, key)
+            self._set_full(p, value)
+            for key in ("exp_avg", "exp_avg_sq") if n in moments else ():
+                self._set_full(p, moments[n][key].to(self.device, torch.float32), key)
             self._set_working_param(p, value)
         self.scheduler.load_state_dict(state["scheduler"])
         set_lr_from_scheduler(self.optimizer, self.scheduler)
+
+    def _full(self, p: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """`p`'s whole fp32 master (with `key`: that AdamW state of it), in `p`'s full shape.
+        Collective under ZeRO (the partitions are gathered)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if not _mapped(p):
+            return self._unmapped_master(p, key)
+        full = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        return full.reshape(self._shape(p))
+
+    def _set_full(self, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """Write `value` (full shape, fp32) into `p`'s master (with `key`: that AdamW state); each
+        rank keeps its own partition of it."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if not _mapped(p):
+            with torch.no_grad():
+                self._unmapped_master(p, key).copy_(value)
+            return
+        value = value.flatten() if self.stage == 3 else value
+        if key is None:
+            safe_set_full_fp32_param(p, value)
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+
+    def _unmapped_master(self, p: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """Stage 0 without BF16_Optimizer, where DeepSpeed's `safe_get/set_full_*` see nothing (they
+        return None, see `_mapped`): the fp32 master of `p`, or with `key` that AdamW state of it.
+        fp32: `p` itself (our torch AdamW is used as is). fp16/bf16: DeepSpeed's FP16_Optimizer
+        steps one flat fp32 tensor per group (`fp32_groups_flat`, `p` is a slice of it), its
+        FP16_UnfusedOptimizer one fp32 copy per parameter (`fp32_groups`). A view: writing into it
+        writes the master."""
+        state = self._base_optimizer().state
+        wrapper = self.optimizer
+        for i, group in enumerate(getattr(wrapper, "fp16_groups", [])):
+            offset = 0
+            for j, q in enumerate(group):
+                if q is p:
+                    flat = getattr(wrapper, "fp32_groups_flat", None)
+                    master = flat[i] if flat is not None else wrapper.fp32_groups[i][j]
+                    source = master if key is None else state[master][key]
+                    if flat is not None:
+                        source = source.view(-1)[offset:offset + p.numel()]
+                    return source.view(p.shape)
+                offset += q.numel()
+        return p if key is None else state[p][key]
 
     def _set_working_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """The module's (working-precision) copy; the fp32 master was set above."""
@@ -233,6 +287,13 @@ class DeepSpeedEngine(Engine):
                     p.data.copy_(value.to(p.dtype))
             else:
                 p.data.copy_(value.to(p.dtype))
+
+
+def _mapped(p: nn.Parameter) -> bool:
+    """Whether DeepSpeed's `safe_get/set_full_*` reach `p`'s fp32 master and optimizer state: a
+    ZeRO-3 parameter (`ds_id`) or one linked to a flat partition (`_hp_mapping`: ZeRO 1/2 and
+    BF16_Optimizer, which DeepSpeed uses at stage 0 with bf16 and fp32 gradient accumulation)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def _ds_checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

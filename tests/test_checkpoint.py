@@ -1,0 +1,186 @@
+"""Checkpoints a run directory can hold without risk: loading executes nothing, a damaged newest
+one falls back to the previous, a wrong one is one line. Driven through the CLI as a user would
+(`train.resume=true`), on one short tiny-ViT run (2 epochs x 2 steps, checkpoints at steps 2 and 4)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli, cli_env
+
+from vipamin_scale import checkpoint as ckpt
+
+SHORT = [
+    "model=vit_test_d64", "data=digits", "data.max_train_samples=64", "data.batch_size=32",
+    "data.eval_batch_size=128", "train.epochs=2", "train.lr=0.5", "train.warmup_epochs=0.5", "train.log_every=1",
+    "train.progress=false", "prompt.length=4", "train.test_at_end=false", "prompt.dropout=0.1",
+]
+
+
+def _train(run_dir, *overrides, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cli("train", *SHORT, f"hydra.run.dir={run_dir}", *overrides), env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _steps(run_dir) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+def _one_error_line(proc) -> str:
+    """Exit 2 and a last stderr line `error: ...` (the CLI's user-error form)."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint: "), proc.stderr[-3000:]
+    return last
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_root):
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    _train(run)
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == \
+        ["ckpt-00000002.safetensors", "ckpt-00000004.safetensors"]
+    return run
+
+
+def _copy(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", run / "checkpoints")
+    return run
+
+
+class _Payload:
+    """What a crafted pickle can do on load: here, create a directory (the marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["ckpt-00000004.pt", "ckpt-00000004.safetensors"])
+def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path, digits_root, name):
+    """A pickle whose loading runs code, under the old (.pt) and the new checkpoint name: resume
+    refuses it with one line naming the file, before any compute, and the code never runs."""
+    marker, control = tmp_path / "pwned", tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control)))  # the payload is live: unpickling runs it
+    assert control.is_dir()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    crafted = run / "checkpoints" / name
+    torch.save({"trainable": _Payload(marker), "epoch": 1}, crafted)  # torch's own (zip + pickle) format
+    line = _one_error_line(_train(run, "train.resume=true", check=False))
+    assert not marker.exists()
+    if name.endswith(".pt"):
+        assert str(crafted) in line and "old pickle format" in line and "restart the run" in line
+    else:
+        assert f"no valid checkpoint in {run / 'checkpoints'}" in line and name in line
+    assert not (run / "metrics.jsonl").exists() and not (run / "prompts.safetensors").exists()
+    assert crafted.exists()  # nothing the user had is deleted
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path):
+    """The step-4 checkpoint truncated (a crash of the disk, not of our write): resume warns naming
+    it, continues from step 2, and ends where the intact run ended (same prompts, bit for bit)."""
+    run = _copy(trained, tmp_path)
+    newest = run / "checkpoints" / "ckpt-00000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    proc = _train(run, "train.resume=true")
+    log = proc.stdout + proc.stderr
+    assert f"checkpoint: {newest} is not a readable checkpoint" in log and "trying the previous" in log
+    assert _steps(run) == [3, 4]
+    want = ckpt.load(trained / "checkpoints" / "ckpt-00000004.safetensors")["trainable"]
+    got = ckpt.load(newest)["trainable"]
+    for n in want["params"]:
+        assert torch.equal(got["params"][n], want["params"][n]), n
+        assert torch.equal(got["optimizer"][n]["exp_avg_sq"], want["optimizer"][n]["exp_avg_sq"]), n
+
+
+def test_no_valid_checkpoint_is_one_line(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    for p in ckpt.list_checkpoints(run / "checkpoints"):
+        p.write_bytes(b"\x00garbage" * 3)
+    line = _one_error_line(_train(run, "train.resume=true", check=False))
+    assert "no valid checkpoint" in line and "ckpt-00000002.safetensors, ckpt-00000004.safetensors" in line
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_checkpoint_of_another_architecture_is_one_line(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    line = _one_error_line(_train(run, "train.resume=true", "prompt.length=8", check=False))
+    assert line == (f"error: checkpoint: {run / 'checkpoints' / 'ckpt-00000004.safetensors'} does not fit the "
+                    f"model: parameter prompt.prompts has shape (2, 4, 64) there, (2, 8, 64) in the model "
+                    f"(another model/prompt config?)")
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_failed_write_leaves_no_temp_file_and_keeps_the_previous(trained, tmp_path, monkeypatch):
+    """A write that fails midway (here: fsync raises, as on a full disk) removes its temp file and
+    leaves the directory as it was; the next resume still finds the previous checkpoint."""
+    from vipamin_scale import paths
+
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(trained / "checkpoints", directory)
+    payload = ckpt.load(directory / "ckpt-00000004.safetensors")
+    before = sorted(p.name for p in directory.iterdir())
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paths.os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(directory, payload, 6, keep_last=2)
+    assert sorted(p.name for p in directory.iterdir()) == before
+    path, _ = ckpt.load_latest(directory)
+    assert path.name == "ckpt-00000004.safetensors"
+
+
+def test_checkpoint_file_is_safetensors_with_json_state(trained):
+    """The format itself: tensors in safetensors, the rest plain JSON; RNG states round-trip."""
+    from safetensors import safe_open
+
+    path = trained / "checkpoints" / "ckpt-00000004.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["vipamin_scale.checkpoint"])
+        keys = set(f.keys())
+    assert {"trainable/params/prompt.prompts", "trainable/optimizer/head.weight/exp_avg", "rng/0/torch"} <= keys
+    assert meta["global_step"] == 4 and meta["epoch"] == 2 and meta["engine"] == "ddp" and meta["world_size"] == 1
+    assert meta["config"]["prompt"]["length"] == 4
+    state = ckpt.load(path)
+    assert state["rng"][0]["torch"].dtype == torch.uint8
+    ckpt.set_rng_state(state["rng"][0])
+    first = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt.set_rng_state(state["rng"][0])
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+@pytest.mark.parametrize("meta, says", [
+    (None, "not a vipamin_scale checkpoint"),
+    ("{not json", "damaged metadata"),
+    (json.dumps({"trainable": {"params": {}}, "rng": [], "epoch": "1"}),
+     "missing or wrong type: epoch, step_in_epoch, global_step, trainable.optimizer, trainable.scheduler"),
+    (json.dumps({"trainable": {"__tensor__": "nowhere"}}), "damaged metadata"),
+])
+def test_safetensors_file_with_wrong_state_is_one_error_naming_it(tmp_path, meta, says):
+    """A well-formed safetensors file that is not (or no longer) one of our checkpoints."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt-00000002.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata=None if meta is None else {"vipamin_scale.checkpoint": meta})
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load(path)
+    assert str(err.value).startswith(f"checkpoint: {path}") and says in str(err.value)
+    assert "\n" not in str(err.value)
