@@ -69,8 +69,10 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     max_train_samples: Optional[int] = None  # keep the first N training samples (demo speed)
-    batch_size: int = 32  # per rank
-    eval_batch_size: int = 64
+    # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
+    # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
+    batch_size: int = 32
+    eval_batch_size: int = 64  # per rank (eval results do not depend on it)
     num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
     shuffle_buffer: int = 1000
     mean: Optional[list[float]] = None  # override the model's normalization
@@ -246,6 +248,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")
     if cfg.engine.ds_config is not None and not Path(cfg.engine.ds_config).is_file():
         raise ConfigError(f"engine.ds_config: no such file: {cfg.engine.ds_config}")
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """data.batch_size is the global training batch: each of the world_size ranks takes batch_size / world_size
+    samples of it, so it must be a multiple of the world size (checked once the world size is known)."""
+    if batch_size % world_size:
+        raise ConfigError(f"data.batch_size: the global training batch ({batch_size}) must be a multiple of the "
+                          f"world size ({world_size}); each rank takes data.batch_size / world size samples of it")
 
 
 def default_config(**overrides: Any) -> DictConfig:
