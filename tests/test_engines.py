@@ -1,8 +1,8 @@
 """Engines (DDP, DeepSpeed ZeRO 1/2/3, fairscale OSS+ShardedDDP), activation checkpointing,
 engine-neutral resume and elastic restarts: real torchrun on gloo, world size 2, tiny ViT.
 
-All multi-process runs share one setting (`SMALL`): 128 training digits, 16 per rank, so 4 steps
-per epoch at world 2, 2 epochs. The independent runs are launched together once per session
+All multi-process runs share one setting (`SMALL`): 128 training digits, a global batch of 32
+(data.batch_size=32: 16 per rank at world 2), so 4 steps per epoch, 2 epochs. The independent runs are launched together once per session
 (`runs` fixture); the resume runs start from their checkpoints.
 """
 from __future__ import annotations
