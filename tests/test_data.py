@@ -6,6 +6,7 @@ import io
 import json
 import random
 import shutil
+import subprocess
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ from vipamin_scale.data import digits as digits_mod
 from vipamin_scale.data.shards import write_dataset
 from vipamin_scale.data.transforms import EvalTransform, TrainTransform
 from vipamin_scale.data.wds import plan_slot, rank_num_batches
+from conftest import cli, cli_env
 from data_support import keys_of, loader_cfg, run_epoch
 
 CLASSES = ["cat", "dog", "eel"]
@@ -102,6 +104,23 @@ def test_manifest_classes_and_keys(many_shards, tree):
     assert labels == {0: 11, 1: 11, 2: 11}
     with pytest.raises(DataError, match="already holds shards"):
         make_shards(tree, many_shards)
+
+
+def test_shards_cli_into_a_shard_directory_names_the_overwrite_flag(tree, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.run(cli("shards", str(tree), str(out)), env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cli("shards", str(tree), str(out)), env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert again.stderr.startswith(f"error: {out}: already holds shards") and "pass --overwrite" in again.stderr
+    assert "overwrite=True" not in again.stderr
+    with pytest.raises(DataError, match=r"already holds shards .*; pass overwrite=True to replace them"):
+        make_shards(tree, out)  # the Python API names its keyword
+    forced = subprocess.run(cli("shards", str(tree), str(out), "--overwrite"), env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr
 
 
 def test_class_layout_is_split_by_fractions(tmp_path):
