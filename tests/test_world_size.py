@@ -64,3 +64,14 @@ def test_cut_at_world_2_resumed_at_world_1_continues_the_same_sequence(runs):
     ref, got = _trainable(runs / "world1"), _trainable(runs / "cut")
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_global_batch_not_divisible_by_world_is_one_line_before_compute(tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run(torchrun(2, "train", *SETTING, "data.batch_size=15", f"hydra.run.dir={run}"),
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    line = next(ln for ln in done.stderr.splitlines() if ln.startswith("error: "))
+    assert line.startswith("error: data.batch_size: the global training batch (15) must be a multiple of the world "
+                           "size (2)"), done.stderr[-3000:]
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
