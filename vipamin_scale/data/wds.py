@@ -33,11 +33,12 @@ train=True: the order is a function of (seed, epoch) alone, never of the layout 
   * Within a rank, worker w of W takes the rank's batches w, w + W, w + 2W, ...: the DataLoader's
     round-robin over its workers yields them in global order, so the worker count changes neither
     the samples nor their order.
-  * Reading: a slot reads the windows' stretches that hold its samples (a window-local span: since
-    a batch lists its positions in stream order, rank r's slices lie mostly in the r-th 1/world of
-    each window), from the start of each shard it visits; at most the whole stream per slot, never
-    a sample decoded twice. Samples wait in memory (raw bytes) until their batch is complete, at
-    most about a window's worth.
+  * Reading: a slot decodes only its own samples (each once), but reads (tar bytes, not decoded)
+    each shard that holds one of them from the shard's start through the last of them: at most the
+    whole stream per slot (a batch lists its positions in stream order, so rank r's slice of
+    it lies mostly in the r-th 1/world of its window, which spares reading the rest of a shard
+    when that holds no more of the rank's samples). Read samples wait in memory (raw bytes) until their
+    batch is complete: about a window's worth at most.
   Iterating the same epoch twice gives the same batches in the same order, so a resumed run can
   skip the first n batches and continue exactly, at any world size (n counts global batches).
   Augmentation (data.augment, off by default) draws from a seed of (seed, epoch, key).
@@ -70,8 +71,8 @@ Bad data (data.on_error):
 * skip: the bad sample (or the unreadable rest of a shard, or a missing shard) is left out,
   logged on the `vipamin_scale.data` logger, and counted per worker and epoch; more than
   data.max_skip (0 = no limit) is an error. A batch is its planned positions whether or not
-  they are good, so skipping shortens a batch but keeps the batch count; a batch left with no good sample is dropped, which in training is an error (the
-  ranks would fall out of step).
+  they are good, so skipping shortens a batch but keeps the batch count; a batch left with no
+  good sample is dropped, which in training is an error (the ranks would fall out of step).
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_i
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "train_batches", "rank_slice", "check_train_batch", "limit_counts", "LoaderSpec", "loader_spec", "split_components"]
+           "plan_slot", "epoch_order", "train_batches", "rank_slice", "limit_counts", "LoaderSpec", "loader_spec",
+           "split_components"]
 
 log = logging.getLogger("vipamin_scale.data")
 

@@ -3,9 +3,10 @@
     engine.name=deepspeed engine.zero_stage=1|2|3 [engine.ds_config=FILE.json]
 
 The DeepSpeed config is generated from the Hydra config (`deepspeed_config`): train batch =
-data.batch_size (global), micro batch = data.batch_size / world size, no gradient accumulation, ZeRO stage, bf16/fp16 from train.precision. A user's
-JSON (engine.ds_config) is merged on top; where it contradicts the Hydra config (batch sizes,
-stage, precision) that is one ConfigError naming both fields.
+data.batch_size (the global batch), micro batch = data.batch_size / world size, no gradient
+accumulation, ZeRO stage, bf16/fp16 from train.precision. A user's JSON (engine.ds_config) is
+merged on top; where it contradicts the Hydra config (batch sizes, stage, precision) that is one
+ConfigError naming both fields.
 
 The optimizer is ours, not DeepSpeed's: plain torch AdamW over the same parameter groups as the
 DDP engine (no fused/CPU Adam extension to build, and the same update rule, so the numbers agree
