@@ -22,7 +22,7 @@ from vipamin_scale.data import DataError, build_loader, dataset_info, make_shard
 from vipamin_scale.data import digits as digits_mod
 from vipamin_scale.data.shards import write_dataset
 from vipamin_scale.data.transforms import EvalTransform, TrainTransform
-from vipamin_scale.data.wds import plan_slot, rank_num_batches
+from vipamin_scale.data.wds import plan_slot, rank_num_batches, seek_runs
 from conftest import cli, cli_env
 from data_support import keys_of, loader_cfg, run_epoch
 
@@ -265,6 +265,35 @@ def test_train_loader_steps_same_at_world_1_and_2x2_workers(layout, request):
         assert len(ref) == len(got[0]) == len(got[1]) == 33 // 8
         for step, keys in enumerate(ref):
             assert got[0][step] + got[1][step] == keys  # rank r: positions [4r, 4r + 4) of the global batch
+
+
+def test_reading_seeks_by_the_index_and_falls_back_without_a_fitting_one(one_shard, tmp_path):
+    """Same batches whether a shard is read by seeking with its .idx, with a wrong .idx, or from its start."""
+    root = tmp_path / "copy"
+    shutil.copytree(one_shard, root)
+    tar = root / "train-000000.tar"
+    runs = seek_runs(tar, [1, 3, 20, 28, 31])  # SEEK_GAP = 8: 3 -> 20 seeks, 20 -> 28 -> 31 reads through
+    assert [(a, c) for a, _, c in runs] == [(1, 2), (20, 3)]
+    data = tar.read_bytes()
+    assert [data[b:b + 15] for _, b, _ in runs] == [b"train_00000001.", b"train_00000020."]  # the tar headers
+    cfg = _cfg(root, num_workers=0, batch_size=8, shuffle_buffer=16)
+    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, rank=1, world_size=2, seed=3)
+
+    def epoch():
+        return [(k, x) for x, _, k in _run(build_loader(cfg, "train", **kw), 1)]
+
+    by_index = epoch()
+    idx = root / "train-000000.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:1] + lines[:0:-1]) + "\n")  # samples listed backwards: offsets that do not fit
+    assert seek_runs(tar, [1])[0][1] != runs[0][1]
+    wrong_index = epoch()
+    idx.unlink()
+    assert seek_runs(tar, [1, 3]) == []
+    from_start = epoch()
+    for other in (wrong_index, from_start):
+        assert [k for k, _ in other] == [k for k, _ in by_index]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, by_index))
 
 
 @pytest.mark.parametrize("layout", ["many_shards", "one_shard"])

@@ -13,9 +13,8 @@ How an epoch is cut (pure functions below, `plan_slot`; no torch, so another bac
 A "slot" is one (rank, DataLoader worker) pair: world_size x max(1, data.num_workers) slots.
 The split's samples (after `limit`, which keeps the first `limit` in global write order) form one
 stream of N positions (`epoch_order`). `plan_slot` says which samples a slot yields, batch by batch
-(`SlotPlan.batches`), and which it reads (`SlotPlan.reads`: shard visits in stream order; a visit
-reads its tar from the start through the last sample it keeps, reading without decoding the ones
-in between). Only a slot's own samples are decoded.
+(`SlotPlan.batches`), and which it reads (`SlotPlan.reads`: shard visits in stream order, the
+positions to keep of each). Only a slot's own samples are decoded.
 
 train=True: the order is a function of (seed, epoch) alone, never of the layout (world size,
   data.num_workers), so the same config trains the same prompts at every world size.
@@ -33,12 +32,13 @@ train=True: the order is a function of (seed, epoch) alone, never of the layout 
   * Within a rank, worker w of W takes the rank's batches w, w + W, w + 2W, ...: the DataLoader's
     round-robin over its workers yields them in global order, so the worker count changes neither
     the samples nor their order.
-  * Reading: a slot decodes only its own samples (each once), but reads (tar bytes, not decoded)
-    each shard that holds one of them from the shard's start through the last of them: at most the
-    whole stream per slot (a batch lists its positions in stream order, so rank r's slice of
-    it lies mostly in the r-th 1/world of its window, which spares reading the rest of a shard
-    when that holds no more of the rank's samples). Read samples wait in memory (raw bytes) until their
-    batch is complete: about a window's worth at most.
+  * Reading: a slot decodes only its own samples, each once. It reads (tar bytes, not decoded) the
+    samples in between that are at most SEEK_GAP apart, and seeks over longer gaps with the DALI
+    index beside the tar (`seek_runs`; `vipamin-scale shards` writes one). Without a fresh index a
+    shard is read from its start through the slot's last sample in it: at most the whole stream
+    per slot. A batch lists its positions in stream order, so rank r's slice of it lies mostly in
+    the r-th 1/world of its window. Read samples wait in memory (raw bytes) until their batch is
+    complete: about a window's worth at most.
   Iterating the same epoch twice gives the same batches in the same order, so a resumed run can
   skip the first n batches and continue exactly, at any world size (n counts global batches).
   Augmentation (data.augment, off by default) draws from a seed of (seed, epoch, key).
@@ -77,6 +77,7 @@ Bad data (data.on_error):
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import logging
@@ -92,7 +93,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vipamin_scale.config import check_global_batch
-from vipamin_scale.data.shards import IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key
+from vipamin_scale.data.shards import (IMAGE_EXTS, MANIFEST, DataError, dataset_info, index_name, read_dali_index,
+                                       sample_key)
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
@@ -125,8 +127,8 @@ class SlotPlan:
     """What one (rank, worker) slot yields in one epoch, and what it reads to get there.
 
     batches: the samples of each batch the slot yields, in the order it yields them.
-    reads: the shard visits in stream order, (shard, positions kept in increasing order); a visit
-      reads its tar from the start through its last position and keeps (decodes) only those."""
+    reads: the shard visits in stream order, (shard, positions kept in increasing order); the reader
+      (`_ShardStream._read`) keeps (decodes) only those."""
 
     batches: tuple[tuple[Sample, ...], ...]
     reads: tuple[tuple[int, tuple[int, ...]], ...]
@@ -290,6 +292,43 @@ class _Skips:
             raise DataError(f"{exc} [{self.count} bad samples in {self.where}, more than data.max_skip={self.max_skip}]")
 
 
+SEEK_GAP = 8  # positions further apart than this start a new run (a seek) instead of being read through
+_TAR_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _header_offsets(idx_path: str, mtime_ns: int) -> tuple[int, ...]:
+    """Per sample of a DALI index, the byte offset of its first member's tar header (-1: cannot tell)."""
+    try:
+        samples = read_dali_index(idx_path)
+    except DataError:
+        return ()
+    # the header is the 512-byte block right before the data; a name too long for it has extra blocks
+    return tuple(s[0][1] - _TAR_BLOCK if s and len(s[0][3]) < 100 else -1 for s in samples)
+
+
+def seek_runs(tar: Path, positions: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first position, byte offset of its header, count) for runs of `positions` (increasing) no more than
+    SEEK_GAP apart, from the DALI index beside the tar when it is at least as new as the tar; the runs stop
+    where the index cannot place a position, and there are none without an index (read from the start)."""
+    idx = tar.with_name(index_name(tar.name))
+    try:
+        if idx.stat().st_mtime_ns < tar.stat().st_mtime_ns:
+            return []
+    except OSError:
+        return []
+    offsets = _header_offsets(str(idx), idx.stat().st_mtime_ns)
+    runs: list[list[int]] = []
+    for k, p in enumerate(positions):
+        if runs and p - positions[k - 1] <= SEEK_GAP:
+            runs[-1][2] += 1
+        elif p < len(offsets) and offsets[p] >= 0:
+            runs.append([p, offsets[p], 1])
+        else:
+            break
+    return [(a, b, c) for a, b, c in runs]
+
+
 def _short(exc: BaseException) -> str:
     """One line for an exception from the tar readers (webdataset appends the stream to its args)."""
     text = str(exc.args[0]) if exc.args else ""
@@ -379,38 +418,57 @@ class _ShardStream(IterableDataset):
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
 
     def _read(self, shard: int, positions: Sequence[int], skips: _Skips) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(position, sample) for `positions` (increasing) of one shard, read with webdataset's tar iterators
-        from the start of the tar through the last of them; the samples in between are read, not kept."""
+        """(position, sample) for `positions` (increasing) of one shard, read with webdataset's tar iterators.
+        With a fresh DALI index beside the tar (`seek_runs`), each run of nearby positions is read from its
+        first sample's header on; otherwise, or when the index does not fit the tar, from the start of the
+        tar (the errors and their messages are always those of that read). Samples in between are read,
+        not kept."""
         path = self.root / self.shards[shard]
-        expected = self.shard_counts[shard]
         if not path.is_file():
             skips.bad(DataError(f"{path}: shard file missing (listed in {self.root / MANIFEST})"), len(positions))
             yield from ((p, {"__lost__": True}) for p in positions)  # on_error=skip: keep the positions
             return
-        pos = i = 0
+        i = 0
+        for first, offset, n in seek_runs(path, positions):
+            try:
+                for pos, sample in self._scan(path, shard, offset, first, positions[i:i + n]):
+                    yield pos, sample
+                    i += 1
+            except DataError:  # the index does not fit the tar: read the rest from the start instead
+                break
+        if i == len(positions):
+            return
+        try:
+            for pos, sample in self._scan(path, shard, 0, 0, positions[i:]):
+                yield pos, sample
+                i += 1
+        except DataError as error:
+            lost = positions[i:]
+            skips.bad(error, len(lost))
+            yield from ((p, {"__lost__": True}) for p in lost)
+
+    def _scan(self, path: Path, shard: int, offset: int, pos: int,
+              wanted: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Read the tar from byte `offset` (the header of sample `pos`) through `wanted[-1]`, checking every key."""
+        expected = self.shard_counts[shard]
         with open(path, "rb") as stream:
-            files = tar_file_expander([{"url": str(path), "stream": stream}])
-            for_shard = group_by_keys(files)
-            while i < len(positions):
+            stream.seek(offset)
+            for_shard = group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+            i = 0
+            while i < len(wanted):
                 want = sample_key(self.shard_splits[shard], self.offsets[shard] + pos)
-                error = None
                 try:
                     sample = next(for_shard)
                 except StopIteration:
-                    error = DataError(f"{path}: ends before key {want}, after {pos} of the {expected} samples "
-                                      f"{MANIFEST} lists: truncated shard?")
+                    raise DataError(f"{path}: ends before key {want}, after {pos} of the {expected} samples "
+                                    f"{MANIFEST} lists: truncated shard?") from None
                 except Exception as exc:  # tarfile.ReadError, OSError, ... from the tar readers
-                    error = DataError(f"{path}: unreadable at key {want} (sample {pos} of {expected}): {_short(exc)}")
-                else:
-                    if sample["__key__"] != want:
-                        error = DataError(f"{path}: key {sample['__key__']} where {want} was expected: shard and "
-                                          f"{MANIFEST} do not match")
-                if error is not None:
-                    lost = positions[i:]
-                    skips.bad(error, len(lost))
-                    yield from ((p, {"__lost__": True}) for p in lost)
-                    return
-                if pos == positions[i]:
+                    raise DataError(f"{path}: unreadable at key {want} (sample {pos} of {expected}): "
+                                    f"{_short(exc)}") from None
+                if sample["__key__"] != want:
+                    raise DataError(f"{path}: key {sample['__key__']} where {want} was expected: shard and "
+                                    f"{MANIFEST} do not match")
+                if pos == wanted[i]:
                     sample["__shard__"] = str(path)
                     yield pos, sample
                     i += 1
