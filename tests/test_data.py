@@ -272,10 +272,10 @@ def test_reading_seeks_by_the_index_and_falls_back_without_a_fitting_one(one_sha
     root = tmp_path / "copy"
     shutil.copytree(one_shard, root)
     tar = root / "train-000000.tar"
-    runs = seek_runs(tar, [1, 3, 20, 28, 31])  # SEEK_GAP = 8: 3 -> 20 seeks, 20 -> 28 -> 31 reads through
-    assert [(a, c) for a, _, c in runs] == [(1, 2), (20, 3)]
+    runs = seek_runs(tar, [1, 3, 20, 28, 31])  # SEEK_GAP = 4: 3 -> 20 and 20 -> 28 seek, 1 -> 3, 28 -> 31 read on
+    assert [(a, c) for a, _, c in runs] == [(1, 2), (20, 1), (28, 2)]
     data = tar.read_bytes()
-    assert [data[b:b + 15] for _, b, _ in runs] == [b"train_00000001.", b"train_00000020."]  # the tar headers
+    assert [data[b:b + 15] for _, b, _ in runs] == [b"train_00000001.", b"train_00000020.", b"train_00000028."]
     cfg = _cfg(root, num_workers=0, batch_size=8, shuffle_buffer=16)
     kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, rank=1, world_size=2, seed=3)
 

@@ -292,7 +292,7 @@ class _Skips:
             raise DataError(f"{exc} [{self.count} bad samples in {self.where}, more than data.max_skip={self.max_skip}]")
 
 
-SEEK_GAP = 8  # positions further apart than this start a new run (a seek) instead of being read through
+SEEK_GAP = 4  # positions further apart than this start a new run (a seek) instead of being read through
 _TAR_BLOCK = 512
 
 
