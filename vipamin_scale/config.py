@@ -74,7 +74,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64  # per rank (eval results do not depend on it)
     num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
     mean: Optional[list[float]] = None  # override the model's normalization
     std: Optional[list[float]] = None
     augment: bool = False  # VTAB protocol: no augmentation

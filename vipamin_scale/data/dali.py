@@ -28,9 +28,10 @@ used. Instead, for every epoch we write small index files (the v1.2 format of `d
 list exactly the rank's samples in the order they are to be read, each line pointing into the
 shard's tar; the reader runs on one "DALI shard" with no shuffling and reads them in that order.
 
-Augmentation (data.augment) is DALI's random resized crop
-(bicubic, area 0.08..1, aspect 3/4..4/3) + flip with probability 1/2, from a pipeline seed of
-(seed, epoch, rank): reproducible for the same layout, not the same draws as torchvision's.
+Augmentation (data.augment) is DALI's random resized crop (bicubic, area 0.08..1, aspect 3/4..4/3)
++ flip with probability 1/2, from a pipeline seed of (seed, epoch, rank): reproducible for the same
+layout, not the same draws as torchvision's, and (unlike the webdataset backend's per-key seeds) not
+the same draws at another world size.
 
 Eval transform (as `transforms.EvalTransform`): shorter side to img_size by torchvision's rule (longer
 side int(S * long / short)), bicubic with antialiasing, center crop with torchvision's offsets
