@@ -55,6 +55,9 @@ HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o 2>/dev/null | tr ' ' '\n' | sed -
 MASTER_ADDR=${MASTER_ADDR:-${HEAD_ADDR:-$HEAD_NODE}}
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}  # train uses MASTER_PORT+1
 export NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT MAX_RESTARTS
+# data.batch_size is the GLOBAL batch (each GPU takes BATCH / GPUs): 32 per GPU by default, e.g. 1024 on
+# 4 nodes x 8 GPUs; a data.batch_size=... override on the command line wins
+BATCH=${BATCH:-$(( 32 * NNODES * NPROC_PER_NODE ))}
 THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
 
@@ -83,5 +86,5 @@ if [[ ! -f $PROMPTS ]]; then
 fi
 # shellcheck disable=SC2086
 launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "engine=$ENGINE" "prompt.init_file=$PROMPTS" \
-    "train.resume=true" "hydra.run.dir=$RUN" $TRAIN_ARGS "$@"
+    "data.batch_size=$BATCH" "train.resume=true" "hydra.run.dir=$RUN" $TRAIN_ARGS "$@"
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} done: $RUN/result.json"

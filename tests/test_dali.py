@@ -140,22 +140,34 @@ def test_eval_matches_webdataset_over_2_ranks(shards):
     assert sorted(all_keys) == [f"train_{i:08d}" for i in range(33)]  # every sample exactly once
 
 
+def test_train_same_keys_per_rank_and_step_as_webdataset(shards):
+    """One plan for both backends: every rank's batches hold the same keys in the same order, step by step."""
+    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, world_size=2, seed=11)
+    for rank in range(2):
+        dali = build_loader(_cfg(shards, batch_size=8, shuffle_buffer=16), "train", rank=rank, **kw)
+        ref = build_loader(_cfg(shards, "wds", num_workers=2, batch_size=8, shuffle_buffer=16), "train", rank=rank,
+                           **kw)
+        for epoch in (0, 1):
+            got, want = [k for _, _, k in _run(dali, epoch)], [k for _, _, k in _run(ref, epoch)]
+            assert got == want and len(got) == 33 // 8
+
+
 def test_train_partition_equal_batches_and_reproducible(shards):
-    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, world_size=2, seed=7)
+    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, world_size=2, seed=7)  # global batch 8: 4 a rank
     keys0 = []
     for rank in range(2):
-        loader = build_loader(_cfg(shards), "train", rank=rank, **kw)
+        loader = build_loader(_cfg(shards, batch_size=8), "train", rank=rank, **kw)
         batches = _run(loader, 0)
         assert len(loader) == len(batches) == 33 // (2 * 4)  # floor(N / (world x B)) on every rank
         assert all(x.shape == (4, 3, SIZE, SIZE) for x, _, _ in batches)
-        ref = build_loader(_cfg(shards, "wds", num_workers=2), "train", rank=rank, **kw)
+        ref = build_loader(_cfg(shards, "wds", num_workers=2, batch_size=8), "train", rank=rank, **kw)
         assert sorted(_keys(batches)) == sorted(_keys(_run(ref, 0)))  # the same samples as webdataset's rank
         again = _run(loader, 0)
         assert _keys(again) == _keys(batches) and all(torch.equal(a[0], b[0]) for a, b in zip(again, batches))
         assert _keys(_run(loader, 1)) != _keys(batches)
         keys0 += _keys(batches)
     assert len(keys0) == len(set(keys0)) == 32 and keys0 != sorted(keys0)
-    aug = build_loader(_cfg(shards, augment=True), "train", rank=0, **kw)
+    aug = build_loader(_cfg(shards, augment=True, batch_size=8), "train", rank=0, **kw)
     a, b = _run(aug, 2), _run(aug, 2)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b)) and a[0][0].shape == (4, 3, SIZE, SIZE)
 

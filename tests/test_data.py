@@ -6,6 +6,7 @@ import io
 import json
 import random
 import shutil
+import subprocess
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -16,12 +17,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from vipamin_scale.config import default_config
+from vipamin_scale.config import ConfigError, default_config
 from vipamin_scale.data import DataError, build_loader, dataset_info, make_shards, resolve_root
 from vipamin_scale.data import digits as digits_mod
 from vipamin_scale.data.shards import write_dataset
 from vipamin_scale.data.transforms import EvalTransform, TrainTransform
-from vipamin_scale.data.wds import plan_slot, rank_num_batches
+from vipamin_scale.data.wds import plan_slot, rank_num_batches, seek_runs
+from conftest import cli, cli_env
 from data_support import keys_of, loader_cfg, run_epoch
 
 CLASSES = ["cat", "dog", "eel"]
@@ -104,6 +106,23 @@ def test_manifest_classes_and_keys(many_shards, tree):
         make_shards(tree, many_shards)
 
 
+def test_shards_cli_into_a_shard_directory_names_the_overwrite_flag(tree, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.run(cli("shards", str(tree), str(out)), env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(cli("shards", str(tree), str(out)), env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert again.stderr.startswith(f"error: {out}: already holds shards") and "pass --overwrite" in again.stderr
+    assert "overwrite=True" not in again.stderr
+    with pytest.raises(DataError, match=r"already holds shards .*; pass overwrite=True to replace them"):
+        make_shards(tree, out)  # the Python API names its keyword
+    forced = subprocess.run(cli("shards", str(tree), str(out), "--overwrite"), env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+
+
 def test_class_layout_is_split_by_fractions(tmp_path):
     for c, name in enumerate(["a", "b"]):
         (tmp_path / "src" / name).mkdir(parents=True)
@@ -130,18 +149,20 @@ def test_plan_covers_each_position_once():
             continue
         world, workers, bs = rng.randint(1, 3), rng.randint(0, 3), rng.randint(1, 5)
         train = rng.random() < 0.5 and n >= world * bs
-        epoch = rng.randint(0, 3)
+        planned = bs * world if train else bs  # train: data.batch_size is the global batch, bs a rank
+        epoch, shuffle_buffer = rng.randint(0, 3), rng.choice([0, 7, 100])
         seen, per_rank = [], []
         for rank in range(world):
             batches = 0
             for w in range(max(1, workers)):
-                plan = plan_slot(counts, batch_size=bs, train=train, world_size=world, rank=rank,
-                                 num_workers=workers, worker=w, seed=1, epoch=epoch)
-                seen += [(s.shard, p) for s in plan.segments for p in range(s.start, s.stop)]
-                assert plan.num_samples == sum(len(s) for s in plan.segments)
-                assert plan.num_samples <= plan.num_batches * bs
+                plan = plan_slot(counts, batch_size=planned, train=train, world_size=world, rank=rank,
+                                 num_workers=workers, worker=w, seed=1, epoch=epoch, shuffle_buffer=shuffle_buffer)
+                samples = [s for b in plan.batches for s in b]
+                seen += samples
+                assert sorted(samples) == sorted((shard, p) for shard, ps in plan.reads for p in ps)  # reads them
+                assert plan.num_samples == len(samples) <= plan.num_batches * bs
                 batches += plan.num_batches
-            assert batches == rank_num_batches(n, batch_size=bs, train=train, world_size=world, rank=rank)
+            assert batches == rank_num_batches(n, batch_size=planned, train=train, world_size=world, rank=rank)
             per_rank.append(batches)
         assert len(seen) == len(set(seen))  # at most once
         if train:
@@ -150,13 +171,55 @@ def test_plan_covers_each_position_once():
             assert sorted(seen) == [(i, p) for i, c in enumerate(counts) for p in range(c)]  # exactly once
 
 
+def _round_robin(per_worker: list[list]) -> list:
+    """The DataLoader's order over its workers' iterables: one item from each in turn, skipping exhausted ones."""
+    out, its = [], [iter(x) for x in per_worker]
+    while its:
+        for it in list(its):
+            item = next(it, None)
+            if item is None:
+                its.remove(it)
+            else:
+                out.append(item)
+    return out
+
+
+def test_train_steps_do_not_depend_on_world_size_or_workers():
+    """Every step's global batch is the world-1 batch: the union of the ranks' step-s batches, in any
+    (world, workers) layout, for every step of 2 epochs; the rank slices are disjoint."""
+    counts, B = [7, 5, 9, 3, 8, 6], 12  # 38 samples: 3 global batches an epoch, 2 left out
+    for shuffle_buffer in (0, 25, 1000):
+        def steps(world: int, workers: int, rank: int, epoch: int) -> list:
+            per_worker = [plan_slot(counts, batch_size=B, train=True, world_size=world, rank=rank,
+                                    num_workers=workers, worker=w, seed=5, epoch=epoch,
+                                    shuffle_buffer=shuffle_buffer).batches for w in range(max(1, workers))]
+            return _round_robin(per_worker)
+
+        for epoch in (0, 1):
+            ref = steps(1, 0, 0, epoch)
+            assert len(ref) == 38 // B and all(len(b) == B for b in ref)
+            assert len({s for b in ref for s in b}) == 3 * B  # each sample at most once
+            for world, workers in ((1, 3), (2, 0), (2, 2), (3, 1), (4, 3), (6, 2)):
+                ranks = [steps(world, workers, r, epoch) for r in range(world)]
+                for step, batch in enumerate(ref):
+                    parts = [ranks[r][step] for r in range(world)]
+                    assert all(len(p) == B // world for p in parts)
+                    assert len({s for p in parts for s in p}) == B  # disjoint
+                    assert sorted(s for p in parts for s in p) == sorted(batch), (shuffle_buffer, world, workers)
+                assert all(len(r) == len(ref) for r in ranks)
+        assert steps(1, 0, 0, 0) != steps(1, 0, 0, 1)  # a new order every epoch
+    with pytest.raises(ConfigError, match=r"^data.batch_size: the global training batch \(12\) must be a multiple "
+                                          r"of the world size \(5\)"):
+        plan_slot(counts, batch_size=B, train=True, world_size=5, rank=0, num_workers=0, worker=0, seed=5, epoch=0)
+
+
 def test_plan_is_shard_local_with_enough_shards():
     counts = [4] * 8 + [1]
     for w in range(2):
         for rank in range(2):
             plan = plan_slot(counts, batch_size=4, train=False, world_size=2, rank=rank, num_workers=2,
                              worker=w, seed=0, epoch=0)
-            assert len({s.shard for s in plan.segments}) <= 3  # about 9/4 shards, not all 9
+            assert len({shard for shard, _ in plan.reads}) <= 3  # about 9/4 shards, not all 9
 
 
 # ----------------------------------------------------------------------------------- loader
@@ -188,8 +251,54 @@ def test_round_trip_every_sample_once_over_2_ranks_x_2_workers(layout, request):
 
 
 @pytest.mark.parametrize("layout", ["many_shards", "one_shard"])
+def test_train_loader_steps_same_at_world_1_and_2x2_workers(layout, request):
+    """Real DataLoader workers: at every step the two ranks' batches (2 workers each) are the world-1
+    batch (no workers) split in two, for 2 epochs."""
+    root = request.getfixturevalue(layout)
+    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, seed=3)
+    one = build_loader(_cfg(root, num_workers=0, batch_size=8, shuffle_buffer=16), "train", **kw)
+    two = [build_loader(_cfg(root, num_workers=2, batch_size=8, shuffle_buffer=16), "train", rank=r, world_size=2,
+                        **kw) for r in range(2)]
+    for epoch in (0, 1):
+        ref = [k for _, _, k in _run(one, epoch)]
+        got = [[k for _, _, k in _run(loader, epoch)] for loader in two]
+        assert len(ref) == len(got[0]) == len(got[1]) == 33 // 8
+        for step, keys in enumerate(ref):
+            assert got[0][step] + got[1][step] == keys  # rank r: positions [4r, 4r + 4) of the global batch
+
+
+def test_reading_seeks_by_the_index_and_falls_back_without_a_fitting_one(one_shard, tmp_path):
+    """Same batches whether a shard is read by seeking with its .idx, with a wrong .idx, or from its start."""
+    root = tmp_path / "copy"
+    shutil.copytree(one_shard, root)
+    tar = root / "train-000000.tar"
+    runs = seek_runs(tar, [1, 3, 20, 28, 31])  # SEEK_GAP = 4: 3 -> 20 and 20 -> 28 seek, 1 -> 3, 28 -> 31 read on
+    assert [(a, c) for a, _, c in runs] == [(1, 2), (20, 1), (28, 2)]
+    data = tar.read_bytes()
+    assert [data[b:b + 15] for _, b, _ in runs] == [b"train_00000001.", b"train_00000020.", b"train_00000028."]
+    cfg = _cfg(root, num_workers=0, batch_size=8, shuffle_buffer=16)
+    kw = dict(train=True, img_size=SIZE, mean=ZERO, std=ONE, rank=1, world_size=2, seed=3)
+
+    def epoch():
+        return [(k, x) for x, _, k in _run(build_loader(cfg, "train", **kw), 1)]
+
+    by_index = epoch()
+    idx = root / "train-000000.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:1] + lines[:0:-1]) + "\n")  # samples listed backwards: offsets that do not fit
+    assert seek_runs(tar, [1])[0][1] != runs[0][1]
+    wrong_index = epoch()
+    idx.unlink()
+    assert seek_runs(tar, [1, 3]) == []
+    from_start = epoch()
+    for other in (wrong_index, from_start):
+        assert [k for k, _ in other] == [k for k, _ in by_index]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, by_index))
+
+
+@pytest.mark.parametrize("layout", ["many_shards", "one_shard"])
 def test_train_equal_batches_no_repeats_reproducible(layout, request):
-    cfg = _cfg(request.getfixturevalue(layout), shuffle_buffer=16)
+    cfg = _cfg(request.getfixturevalue(layout), shuffle_buffer=16, batch_size=8)  # global: 4 a rank
     loaders = [build_loader(cfg, "train", train=True, img_size=SIZE, mean=ZERO, std=ONE, rank=r, world_size=2, seed=7)
                for r in range(2)]
     epoch0 = [_run(loader, 0) for loader in loaders]
@@ -208,7 +317,7 @@ def test_train_equal_batches_no_repeats_reproducible(layout, request):
 
 
 def test_limit_keeps_first_samples_in_write_order(many_shards):
-    cfg = _cfg(many_shards, num_workers=0)
+    cfg = _cfg(many_shards, num_workers=0, batch_size=8)
     loader = build_loader(cfg, "train", train=False, img_size=SIZE, mean=ZERO, std=ONE, limit=10)
     assert loader.num_samples == 10 and len(loader) == 2
     assert _keys(_run(loader)) == [f"train_{i:08d}" for i in range(10)]

@@ -1,8 +1,8 @@
 """Engines (DDP, DeepSpeed ZeRO 1/2/3, fairscale OSS+ShardedDDP, FSDP2), activation checkpointing,
 engine-neutral resume and elastic restarts: real torchrun on gloo, world size 2, tiny ViT.
 
-All multi-process runs share one setting (`SMALL`): 128 training digits, 16 per rank, so 4 steps
-per epoch at world 2, 2 epochs. The independent runs are launched together once per session
+All multi-process runs share one setting (`SMALL`): 128 training digits, a global batch of 32
+(data.batch_size=32: 16 per rank at world 2), so 4 steps per epoch, 2 epochs. The independent runs are launched together once per session
 (`runs` fixture); the resume runs start from their checkpoints.
 """
 from __future__ import annotations
@@ -77,16 +77,16 @@ def runs(tmp_path_factory, digits_root):
     kill = cli_env(VIPAMIN_SCALE_KILL_AT_STEP=str(KILL_STEP))
     kill_rank1 = cli_env(VIPAMIN_SCALE_KILL_AT_STEP=str(KILL_STEP), VIPAMIN_SCALE_KILL_RANK="1")
     spec = {
-        "ddp2": dict(overrides=["engine=ddp", "data.batch_size=16"]),
-        "deepspeed2": dict(overrides=["engine=deepspeed", "data.batch_size=16"]),  # ZeRO stage 0
-        "zero1": dict(overrides=["engine=zero1", "data.batch_size=16"]),
-        "zero2_ac": dict(overrides=["engine=zero2", "data.batch_size=16", "engine.activation_checkpointing=true"]),
-        "zero3_killed": dict(overrides=["engine=zero3", "data.batch_size=16", f"engine.ds_config={z3_json}"], env=kill),
-        "fairscale_ac": dict(overrides=["engine=fairscale", "data.batch_size=16",
+        "ddp2": dict(overrides=["engine=ddp", "data.batch_size=32"]),
+        "deepspeed2": dict(overrides=["engine=deepspeed", "data.batch_size=32"]),  # ZeRO stage 0
+        "zero1": dict(overrides=["engine=zero1", "data.batch_size=32"]),
+        "zero2_ac": dict(overrides=["engine=zero2", "data.batch_size=32", "engine.activation_checkpointing=true"]),
+        "zero3_killed": dict(overrides=["engine=zero3", "data.batch_size=32", f"engine.ds_config={z3_json}"], env=kill),
+        "fairscale_ac": dict(overrides=["engine=fairscale", "data.batch_size=32",
                                         "engine.activation_checkpointing=true"]),
-        "fsdp2_ac": dict(overrides=["engine=fsdp2", "data.batch_size=16", "engine.activation_checkpointing=true"]),
+        "fsdp2_ac": dict(overrides=["engine=fsdp2", "data.batch_size=32", "engine.activation_checkpointing=true"]),
         "ddp1": dict(overrides=["engine=ddp", "data.batch_size=32"], nproc=1),
-        "elastic_zero3": dict(overrides=["engine=zero3", "data.batch_size=16", f"engine.ds_config={z3_json}"],
+        "elastic_zero3": dict(overrides=["engine=zero3", "data.batch_size=32", f"engine.ds_config={z3_json}"],
                               env=kill_rank1, max_restarts=1),
     }
     procs = {}
@@ -203,7 +203,7 @@ def test_checkpoints_move_between_engines_and_world_sizes(runs):
         run_dir = root / name
         (run_dir / "checkpoints").mkdir(parents=True)
         shutil.copy(ckpt.checkpoint_path(runs["ddp2"] / "checkpoints", 4), run_dir / "checkpoints")
-        procs[name] = (_launch(run_dir, *overrides, "data.batch_size=16", "train.resume=true"), run_dir)
+        procs[name] = (_launch(run_dir, *overrides, "data.batch_size=32", "train.resume=true"), run_dir)
     _wait(procs)
     ref = _trainable(ckpt.checkpoint_path(runs["ddp2"] / "checkpoints", STEPS))["params"]
     for name in into:
@@ -367,7 +367,7 @@ def test_activation_checkpointing_needs_blocks():
 def _ds_cfg(tmp_path, user: dict | None, **overrides):
     from vipamin_scale.engine.deepspeed import deepspeed_config
 
-    over = {"engine__name": "deepspeed", "engine__zero_stage": 2, "data__batch_size": 16, **overrides}
+    over = {"engine__name": "deepspeed", "engine__zero_stage": 2, "data__batch_size": 32, **overrides}
     if user is not None:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(user))
@@ -388,8 +388,8 @@ def test_deepspeed_config_from_hydra(tmp_path):
 
 @pytest.mark.parametrize("user, message", [
     ({"train_micro_batch_size_per_gpu": 8},
-     "sets train_micro_batch_size_per_gpu=8 but data.batch_size gives 16"),
-    ({"train_batch_size": 64}, "sets train_batch_size=64 but data.batch_size x world size (16 x 2) gives 32"),
+     "sets train_micro_batch_size_per_gpu=8 but data.batch_size / world size (32 / 2) gives 16"),
+    ({"train_batch_size": 64}, "sets train_batch_size=64 but data.batch_size gives 32"),
     ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps=4 but the train loop"),
     ({"zero_optimization": {"stage": 3}}, "sets zero_optimization.stage=3 but engine.zero_stage gives 2"),
     ({"bf16": {"enabled": True}}, "sets bf16.enabled=True but train.precision gives False"),

@@ -26,8 +26,8 @@ SCRIPT = REPO / "slurm" / "vith_vipamin.sh"
 JOB_ENV = {"MODEL": "vit_test_d64", "DATA": "digits", "ENGINE": "ddp", "PROMPT": "deep", "PROMPT_LENGTH": "4",
            "INIT": "vipamin", "NPROC_PER_NODE": "1", "VENV": str(REPO / ".venv")}
 INIT_OVERRIDES = ["init.k=3", "init.lam=0.5", "init.num_images=70", "init.batch_size=16", "model.pool=mean"]
-# 256 images / (8 x 2 ranks) = 16 steps an epoch, 6 epochs: long enough to be signalled mid-run.
-TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=8", "data.eval_batch_size=128", "train.epochs=6",
+# 256 images / a global batch of 16 (8 a rank x 2 ranks) = 16 steps an epoch, 6 epochs: long enough to be signalled mid-run.
+TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=16", "data.eval_batch_size=128", "train.epochs=6",
                    "train.lr=0.5", "train.warmup_epochs=0.5", "train.log_every=1", "train.progress=false"]
 SBATCH = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
           "--job-name=vs-test"]

@@ -93,7 +93,7 @@ def test_wds_train_union_with_limit(root):
         per_rank = []
         for rank in range(world):
             loader = _load(root, "train+val", train=True, limit=n, rank=rank, world_size=world, seed=3,
-                           batch_size=B)
+                           batch_size=world * B)  # the global batch: B a rank
             assert loader.num_samples == n + N_VAL
             batches = run_epoch(loader, epoch)
             assert len(batches) == len(loader) == want_batches and all(len(k) == B for _, _, k in batches)

@@ -257,7 +257,8 @@ def test_tune_cli_bad_final_split_stops_before_any_trial(tmp_path):
 def test_tune_inline_under_torchrun_with_deepspeed(tmp_path):
     """Under torchrun every rank runs the same search; each trial is a 2-rank ZeRO-2 run."""
     out = tmp_path / "tune"
-    args = torchrun(2, "tune", *TINY, "engine=zero2", "data.max_train_samples=128", "+tune.space.train.lr=[0.05,2.0]",
+    args = torchrun(2, "tune", *TINY, "engine=zero2", "data.batch_size=64", "data.max_train_samples=128",
+                    "+tune.space.train.lr=[0.05,2.0]",
                     "tune.max_epochs=1", "tune.final_seeds=1", f"hydra.run.dir={out}")
     done = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -73,10 +73,12 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     max_train_samples: Optional[int] = None  # keep the first N training samples (demo speed)
-    batch_size: int = 32  # per rank
-    eval_batch_size: int = 64
+    # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
+    # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
+    batch_size: int = 32
+    eval_batch_size: int = 64  # per rank (eval results do not depend on it)
     num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
     mean: Optional[list[float]] = None  # override the model's normalization
     std: Optional[list[float]] = None
     augment: bool = False  # VTAB protocol: no augmentation
@@ -281,6 +283,14 @@ def _check_loggers(loggers: list[str]) -> None:
                               f"(or drop {name} from train.loggers)")
     if len(set(loggers)) != len(loggers):
         raise ConfigError(f"train.loggers: a logger is named twice: {loggers}")
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """data.batch_size is the global training batch: each of the world_size ranks takes batch_size / world_size
+    samples of it, so it must be a multiple of the world size (checked once the world size is known)."""
+    if batch_size % world_size:
+        raise ConfigError(f"data.batch_size: the global training batch ({batch_size}) must be a multiple of the "
+                          f"world size ({world_size}); each rank takes data.batch_size / world size samples of it")
 
 
 def default_config(**overrides: Any) -> DictConfig:

@@ -7,6 +7,14 @@ averaged over ranks for logging, top-1 accuracy is computed over the whole eval 
 all-reduced). A checkpoint is written at the end of every epoch (rank 0, atomic, last K kept);
 `train.resume=true` continues from the newest one, skipping the steps already taken in a
 partial epoch, so a resumed run ends where an uninterrupted one would.
+
+World size: data.batch_size is the global batch and the loader's global batches depend on
+(seed, epoch) only (data/wds.py), so a step is the same samples and the same averaged gradient at
+every world size: the same config trains the same prompts (up to float summation order) at world
+1, 2 or 4, and a run resumed at another world size continues the same sequence (steps count global
+batches). What is drawn per rank stays per rank: with prompt.dropout > 0 the dropout masks come
+from each rank's torch RNG (restored per rank on resume; a new rank takes rank 0's state), so
+world sizes then differ by their dropout draws.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import distributed as D
-from vipamin_scale.config import validate
+from vipamin_scale.config import check_global_batch, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine.base import build_engine
 from vipamin_scale.models import build_model, normalization
@@ -89,8 +97,9 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     D.init_from_env()
-    check_splits(cfg.data, splits_read(cfg), train="data.train_split", limit=cfg.data.max_train_samples)
     rank, world = D.rank(), D.world_size()
+    check_global_batch(cfg.data.batch_size, world)
+    check_splits(cfg.data, splits_read(cfg), train="data.train_split", limit=cfg.data.max_train_samples)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
@@ -129,7 +138,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-    global_batch = cfg.data.batch_size * world
+    global_batch = cfg.data.batch_size  # the same samples per step at every world size
     lr = cfg.train.lr * global_batch / 256.0
     num_trainable = sum(p.numel() for p in model.trainable_parameters())  # before ZeRO-3 partitions them
     engine = build_engine(cfg, model, total_steps, warmup_steps, lr)

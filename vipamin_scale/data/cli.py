@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vipamin_scale.data.shards import DataError, make_shards
+from vipamin_scale.data.shards import DataError, ShardsExist, make_shards
 
 EPILOG = """protocols:
   plain    (default) the source's own train/val/test, or a seeded split by --fractions.
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             opts = dict(write, seed=args.seed, **({"fractions": args.fractions} if args.fractions else {}))
             manifests = {args.out_dir: make_shards(args.source, args.out_dir, **opts)}
+    except ShardsExist as exc:  # name the flag, not the Python keyword
+        print(f"error: {exc.with_how('pass --overwrite')}", file=sys.stderr)
+        return 2
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,14 +11,15 @@ Which samples (the same as the webdataset backend)
 --------------------------------------------------
 A split union ("train+val") is the same concatenated stream as there (see `data.wds`); keys are
 checked per shard against its own split (`LoaderSpec.expected_key`).
-One DALI pipeline per rank, so a rank is one slot: its part of the epoch is `plan_slot(...,
-num_workers=0)`, the rank's contiguous block of global batches in `epoch_order`. Per rank and epoch
-the set of samples is exactly the webdataset backend's (whatever its data.num_workers), so
+One DALI pipeline per rank, so a rank is one slot: it reads `plan_slot(..., num_workers=0)`'s
+batches, one after another. Per rank and step the keys, and their order, are exactly the webdataset
+backend's (whatever its data.num_workers), so
 
 * eval (train=False): every sample of the split (after limit) exactly once per epoch across ranks,
-  in stream order: the keys come in the same order as the webdataset backend with data.num_workers=0;
-  ceil(N / B) global batches, only the last one short;
-* train: every rank floor(N / (world x B)) full batches, each sample at most once per epoch.
+  in stream order; ceil(N / B) global batches (B = data.eval_batch_size per rank), only the last one short;
+* train: data.batch_size is the global batch; every rank floor(N / B) batches of B / world_size, its
+  slice of each global batch of `train_batches` (a function of seed and epoch, not of the layout),
+  each sample at most once per epoch.
 
 DALI's own sharding (`shard_id`/`num_shards`) cuts the sample list into equal contiguous parts and
 pads or wraps around at the end, and its `random_shuffle` draws from a buffer that carries samples
@@ -27,14 +28,10 @@ used. Instead, for every epoch we write small index files (the v1.2 format of `d
 list exactly the rank's samples in the order they are to be read, each line pointing into the
 shard's tar; the reader runs on one "DALI shard" with no shuffling and reads them in that order.
 
-Training order (differs from the webdataset backend; the sample set does not): the shards are permuted
-and the stream rotated by `epoch_order`; within each of the rank's segments (a shard or part of one)
-the samples are permuted, seeded by (seed, epoch, rank, segment). webdataset's shuffle buffer mixes
-samples across the boundary of two neighbouring shards; here a batch mixes two shards only at a
-segment boundary. The writer shuffles the split before sharding, so a shard is a random subset and
-a batch still a random draw of the split. Augmentation (data.augment) is DALI's random resized crop
-(bicubic, area 0.08..1, aspect 3/4..4/3) + flip with probability 1/2, from a pipeline seed of
-(seed, epoch, rank): reproducible for the same layout, not the same draws as torchvision's.
+Augmentation (data.augment) is DALI's random resized crop (bicubic, area 0.08..1, aspect 3/4..4/3)
++ flip with probability 1/2, from a pipeline seed of (seed, epoch, rank): reproducible for the same
+layout, not the same draws as torchvision's, and (unlike the webdataset backend's per-key seeds) not
+the same draws at another world size.
 
 Eval transform (as `transforms.EvalTransform`): shorter side to img_size by torchvision's rule (longer
 side int(S * long / short)), bicubic with antialiasing, center crop with torchvision's offsets
@@ -72,7 +69,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import random
 import shutil
 import tempfile
 import weakref
@@ -197,17 +193,15 @@ class DaliLoader:
         return self._indexes[shard]
 
     def _entries(self, skips: _Skips) -> tuple[list[_Entry], int]:
-        """The rank's positions of this epoch in reading order, checked against the index; and the batch count."""
+        """The rank's positions of this epoch in reading order (`plan_slot`'s batches, one after another),
+        checked against the index (shard by shard, in stream order); and the batch count."""
         s = self.spec
         plan = plan_slot(s.counts, batch_size=s.batch_size, train=s.train, world_size=s.world_size, rank=s.rank,
-                         num_workers=0, worker=0, seed=s.seed, epoch=self._epoch)
-        entries: list[_Entry] = []
-        for number, seg in enumerate(plan.segments):
-            positions = list(range(seg.start, seg.stop))
-            if s.train:
-                random.Random(f"vipamin_scale.dali.order/{s.seed}/{self._epoch}/{s.rank}/{number}").shuffle(positions)
-            entries += self._check_segment(seg.shard, positions, skips)
-        return entries, plan.num_batches
+                         num_workers=0, worker=0, seed=s.seed, epoch=self._epoch, shuffle_buffer=s.shuffle_buffer)
+        checked: dict[tuple[int, int], _Entry] = {}
+        for shard, positions in plan.reads:
+            checked.update(((shard, e.pos), e) for e in self._check_segment(shard, list(positions), skips))
+        return [checked[sample] for batch in plan.batches for sample in batch], plan.num_batches
 
     def _check_segment(self, shard: int, positions: list[int], skips: _Skips) -> list[_Entry]:
         s = self.spec
@@ -294,7 +288,7 @@ class DaliLoader:
         gpu = self.device_id is not None
         seed = int.from_bytes(hashlib.blake2b(f"{s.seed}/{self._epoch}/{s.rank}".encode(), digest_size=4).digest(),
                               "little") & 0x7FFFFFFF
-        pipe = Pipeline(batch_size=s.batch_size, num_threads=self.num_threads, device_id=self.device_id, seed=seed,
+        pipe = Pipeline(batch_size=s.rank_batch_size, num_threads=self.num_threads, device_id=self.device_id, seed=seed,
                         prefetch_queue_depth=PREFETCH)
         mean = [255.0 * m for m in s.mean]
         std = [255.0 * x for x in s.std]
@@ -333,7 +327,7 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         s = self.spec
-        B = s.batch_size
+        B = s.rank_batch_size
         skips = _Skips(s.on_error, s.max_skip, f"split {s.split} epoch {self._epoch} rank {s.rank} (dali)")
         entries, num_batches = self._entries(skips)
         made = 0

@@ -71,6 +71,18 @@ class DataError(RuntimeError):
     """Bad data or a bad shard directory; the one-line message names the file (and key or row)."""
 
 
+class ShardsExist(DataError):
+    """The output directory already holds shards; `how` says how to replace them (the Python keyword
+    here, the CLI's flag in `vipamin-scale shards`: see `with_how`)."""
+
+    def __init__(self, out_dir: Path, found: str, how: str = "pass overwrite=True"):
+        self.out_dir, self.found, self.how = out_dir, found, how
+        super().__init__(f"{out_dir}: already holds shards ({found}); {how} to replace them")
+
+    def with_how(self, how: str) -> "ShardsExist":
+        return ShardsExist(self.out_dir, self.found, how)
+
+
 @dataclass
 class SplitInfo:
     """What `write_split` wrote."""
@@ -344,7 +356,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CLASSES) or p.suffix in (".tar", ".idx")]
     if ours and not overwrite:
-        raise DataError(f"{out_dir}: already holds shards ({ours[0].name}); pass overwrite=True to replace them")
+        raise ShardsExist(out_dir, ours[0].name)
     for p in ours:
         p.unlink()
 

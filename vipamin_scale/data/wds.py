@@ -12,37 +12,44 @@ How an epoch is cut (pure functions below, `plan_slot`; no torch, so another bac
 -----------------------------------------------------------------------------------------------
 A "slot" is one (rank, DataLoader worker) pair: world_size x max(1, data.num_workers) slots.
 The split's samples (after `limit`, which keeps the first `limit` in global write order) form one
-stream of N positions. The stream is cut into global batches of B, the global batches are dealt
-to ranks in contiguous blocks, and each rank's block to its workers in contiguous blocks (the
-worker that the DataLoader's round-robin visits last holds the rank's final batch); a worker
-reads only the shards that overlap its range, reading through (without decoding) the part of a
-boundary shard that belongs to its neighbour. So
+stream of N positions (`epoch_order`). `plan_slot` says which samples a slot yields, batch by batch
+(`SlotPlan.batches`), and which it reads (`SlotPlan.reads`: shard visits in stream order, the
+positions to keep of each). Only a slot's own samples are decoded.
 
-* with at least as many shards as slots, a worker reads about 1/slots of the data: a shard-level
-  split, except that boundaries may fall inside a shard, which keeps every slot exactly balanced;
-* with fewer shards than slots, several workers read the same shard and keep disjoint sample
-  ranges of it (the fallback; it costs at most one full read of the split per worker, and less
-  than striding by `index % slots`, which it replaces because it keeps each worker's samples
-  contiguous and its batch count exact).
-
-Either way every position belongs to exactly one slot.
-
-train=False (eval, calibration): the stream is the shards in manifest order. Every sample of
-  the split (after limit) is yielded exactly once per epoch across all ranks x workers, nothing
-  dropped. Global batches: ceil(N / B); only the very last one may be short, so each rank has at
-  most one short batch (its last). Ranks' batch counts differ by at most one. Order is
-  deterministic and independent of the epoch.
-train=True: per epoch, the shard order is permuted and the stream rotated by a random offset,
-  both from (seed, epoch) (identical on every rank, so the ranges stay disjoint); each worker
-  shuffles its range with a buffer of data.shuffle_buffer samples seeded by (seed, epoch, rank,
-  worker). Every rank yields the same number of full batches, floor(N / (world_size x B)) (an error
-  when N is less than one global batch); each sample at most once per epoch (the N mod (world x B)
-  positions at the end of the rotated stream are left out, a different set each epoch).
+train=True: the order is a function of (seed, epoch) alone, never of the layout (world size,
+  data.num_workers), so the same config trains the same prompts at every world size.
+  * The stream: shards permuted and rotated by a random offset, both from (seed, epoch).
+  * The global batches (`train_batches`): data.batch_size = B is the GLOBAL batch. The first
+    floor(N / B) x B stream positions are cut into windows of k = max(1, data.shuffle_buffer // B)
+    global batches; each window is permuted from (seed, epoch, window) (no permutation when
+    shuffle_buffer <= 1) and cut into its k batches; a batch lists its positions in stream order.
+    The N mod B positions at the end of the rotated stream are left out (a different set each
+    epoch); every other sample comes exactly once per epoch.
+  * Rank r takes positions [r x b, (r + 1) x b) of every global batch, b = B / world_size (B must
+    be a multiple of the world size: a ConfigError naming data.batch_size otherwise), so every rank
+    yields floor(N / B) batches of b (an error when N < B) and the ranks' gradients average to the
+    world-1 gradient of the global batch.
+  * Within a rank, worker w of W takes the rank's batches w, w + W, w + 2W, ...: the DataLoader's
+    round-robin over its workers yields them in global order, so the worker count changes neither
+    the samples nor their order.
+  * Reading: a slot decodes only its own samples, each once. It reads (tar bytes, not decoded) the
+    samples in between that are at most SEEK_GAP apart, and seeks over longer gaps with the DALI
+    index beside the tar (`seek_runs`; `vipamin-scale shards` writes one). Without a fresh index a
+    shard is read from its start through the slot's last sample in it: at most the whole stream
+    per slot. A batch lists its positions in stream order, so rank r's slice of it lies mostly in
+    the r-th 1/world of its window. Read samples wait in memory (raw bytes) until their batch is
+    complete: about a window's worth at most.
   Iterating the same epoch twice gives the same batches in the same order, so a resumed run can
-  skip the first n batches and continue exactly. Augmentation (data.augment, off by default)
-  draws from a seed of (seed, epoch, key).
-Within a rank, the DataLoader takes batches from its workers round-robin, which is deterministic.
-The layout (world size, num_workers, batch size) is part of what decides the order.
+  skip the first n batches and continue exactly, at any world size (n counts global batches).
+  Augmentation (data.augment, off by default) draws from a seed of (seed, epoch, key).
+train=False (eval, calibration): the stream is the shards in manifest order; batch_size
+  (data.eval_batch_size) is per rank. The ceil(N / B) batches of consecutive positions are dealt
+  to ranks in contiguous blocks, and each rank's block to its workers in contiguous blocks (the
+  worker that the DataLoader's round-robin visits last holds the rank's final batch, so the only
+  short batch comes out last); a worker reads only the shards that overlap its range. Every sample
+  of the split (after limit) is yielded exactly once per epoch across all ranks x workers, nothing
+  dropped; ranks' batch counts differ by at most one. Order is deterministic and independent of
+  the epoch.
 
 Split unions (`"train+val"`: any number of distinct split names of manifest.json joined by `+`;
 for the final run on train+val after choosing hyper-parameters on val):
@@ -63,13 +70,14 @@ Bad data (data.on_error):
   the loader is built).
 * skip: the bad sample (or the unreadable rest of a shard, or a missing shard) is left out,
   logged on the `vipamin_scale.data` logger, and counted per worker and epoch; more than
-  data.max_skip (0 = no limit) is an error. A batch is B consecutive positions of a worker's
-  (shuffled) stream whether or not they are good, so skipping shortens a batch but keeps the
-  batch count; a batch left with no good sample is dropped, which in training is an error (the
-  ranks would fall out of step).
+  data.max_skip (0 = no limit) is an error. A batch is its planned positions whether or not
+  they are good, so skipping shortens a batch but keeps the batch count; a batch left with no
+  good sample is dropped, which in training is an error (the ranks would fall out of step).
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import io
 import logging
@@ -80,18 +88,18 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vipamin_scale.config import ConfigError
-from vipamin_scale.data.shards import CLASSES, IMAGE_EXTS, MANIFEST, DataError, dataset_info, sample_key, to_rgb
+from vipamin_scale.config import ConfigError, check_global_batch
+from vipamin_scale.data.shards import (CLASSES, IMAGE_EXTS, MANIFEST, DataError, dataset_info, index_name,
+                                       read_dali_index, sample_key, to_rgb)
 from vipamin_scale.data.transforms import EvalTransform, eval_transform, train_transform
 
 __all__ = ["build_loader", "dataset_info", "resolve_root", "ShardLoader", "DataError", "Segment", "SlotPlan",
-           "plan_slot", "epoch_order", "limit_counts", "LoaderSpec", "loader_spec", "split_components",
-           "check_splits"]
+           "plan_slot", "epoch_order", "train_batches", "rank_slice", "limit_counts", "LoaderSpec", "loader_spec",
+           "split_components", "check_splits"]
 
 log = logging.getLogger("vipamin_scale.data")
 
@@ -111,13 +119,27 @@ class Segment:
         return self.stop - self.start
 
 
+Sample = tuple[int, int]  # (shard number, position inside the shard in write order)
+
+
 @dataclass(frozen=True)
 class SlotPlan:
-    """What one (rank, worker) slot reads in one epoch, and how many batches it yields."""
+    """What one (rank, worker) slot yields in one epoch, and what it reads to get there.
 
-    segments: tuple[Segment, ...]
-    num_batches: int
-    num_samples: int
+    batches: the samples of each batch the slot yields, in the order it yields them.
+    reads: the shard visits in stream order, (shard, positions kept in increasing order); the reader
+      (`_ShardStream._read`) keeps (decodes) only those."""
+
+    batches: tuple[tuple[Sample, ...], ...]
+    reads: tuple[tuple[int, tuple[int, ...]], ...]
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(b) for b in self.batches)
 
 
 def limit_counts(shard_counts: Sequence[int], limit: int | None) -> list[int]:
@@ -154,6 +176,31 @@ def epoch_order(counts: Sequence[int], *, train: bool, seed: int, epoch: int) ->
     return _slice(order, offset, n) + _slice(order, 0, offset)
 
 
+def train_batches(num_samples: int, *, batch_size: int, shuffle_buffer: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """The epoch's global training batches as stream positions (into `epoch_order`), a function of
+    (N, B, shuffle_buffer, seed, epoch) only: floor(N / B) batches of B = data.batch_size. The first
+    floor(N / B) x B positions are cut into windows of k = max(1, shuffle_buffer // B) global batches
+    (the last window may hold fewer); each window is permuted from (seed, epoch, window) (not when
+    shuffle_buffer <= 1) and cut into its batches; a batch lists its positions in increasing order."""
+    n_batches = num_samples // batch_size
+    k = max(1, shuffle_buffer // batch_size)
+    out: list[list[int]] = []
+    for window, first in enumerate(range(0, n_batches, k)):
+        last = min(first + k, n_batches)
+        positions = list(range(first * batch_size, last * batch_size))
+        if shuffle_buffer > 1:
+            random.Random(f"vipamin_scale.wds.window/{seed}/{epoch}/{window}").shuffle(positions)
+        out += [sorted(positions[j * batch_size:(j + 1) * batch_size]) for j in range(last - first)]
+    return out
+
+
+def rank_slice(batch: Sequence[Any], rank: int, world_size: int) -> Sequence[Any]:
+    """Rank `rank`'s part of a global training batch: positions [rank x b, (rank + 1) x b), b = B / world."""
+    b = len(batch) // world_size
+    return batch[rank * b:(rank + 1) * b]
+
+
 def _blocks(total: int, parts: int) -> list[tuple[int, int]]:
     """`total` items cut into `parts` contiguous (start, count) blocks, the first ones one larger."""
     base, extra = divmod(total, parts)
@@ -178,30 +225,46 @@ def _worker_blocks(total: int, workers: int) -> list[tuple[int, int]]:
     return [(starts[w], sizes[w]) for w in range(workers)]
 
 
-def global_batches(num_samples: int, batch_size: int, world_size: int, train: bool) -> tuple[int, int]:
-    """(global batches per epoch, stream positions used): all samples for eval, full batches for train."""
-    if train:
-        per_rank = num_samples // (world_size * batch_size)
-        return per_rank * world_size, per_rank * world_size * batch_size
-    return math.ceil(num_samples / batch_size), num_samples
-
-
 def plan_slot(counts: Sequence[int], *, batch_size: int, train: bool, world_size: int, rank: int,
-              num_workers: int, worker: int, seed: int, epoch: int) -> SlotPlan:
-    """What worker `worker` (of max(1, num_workers)) of `rank` reads in `epoch`; see the module docstring."""
+              num_workers: int, worker: int, seed: int, epoch: int, shuffle_buffer: int = 0) -> SlotPlan:
+    """What worker `worker` (of max(1, num_workers)) of `rank` yields and reads in `epoch`; see the
+    module docstring. batch_size: global (train) or per rank (eval); shuffle_buffer: train only."""
     slots = max(1, num_workers)
-    n_global, used = global_batches(sum(counts), batch_size, world_size, train)
-    rank_start, rank_n = _blocks(n_global, world_size)[rank]
-    w_start, w_n = _worker_blocks(rank_n, slots)[worker]
-    lo = (rank_start + w_start) * batch_size
-    hi = min((rank_start + w_start + w_n) * batch_size, used)
-    segments = _slice(epoch_order(counts, train=train, seed=seed, epoch=epoch), lo, hi)
-    return SlotPlan(tuple(segments), w_n, max(0, hi - lo))
+    order = epoch_order(counts, train=train, seed=seed, epoch=epoch)
+    starts = [0]
+    for seg in order:
+        starts.append(starts[-1] + len(seg))
+    if train:
+        check_global_batch(batch_size, world_size)
+        mine = [list(rank_slice(b, rank, world_size)) for b in train_batches(
+            sum(counts), batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch)[worker::slots]]
+    else:
+        n = sum(counts)
+        rank_start, rank_n = _blocks(math.ceil(n / batch_size), world_size)[rank]
+        w_start, w_n = _worker_blocks(rank_n, slots)[worker]
+        first = rank_start + w_start
+        mine = [list(range(g * batch_size, min((g + 1) * batch_size, n))) for g in range(first, first + w_n)]
+
+    def locate(p: int) -> Sample:
+        i = bisect.bisect_right(starts, p) - 1
+        return order[i].shard, order[i].start + p - starts[i]
+
+    reads: list[tuple[int, list[int]]] = []
+    for p in sorted(p for b in mine for p in b):
+        shard, pos = locate(p)
+        if reads and reads[-1][0] == shard and reads[-1][1][-1] < pos:
+            reads[-1][1].append(pos)
+        else:
+            reads.append((shard, [pos]))
+    return SlotPlan(tuple(tuple(locate(p) for p in b) for b in mine), tuple((s, tuple(ps)) for s, ps in reads))
 
 
 def rank_num_batches(num_samples: int, *, batch_size: int, train: bool, world_size: int, rank: int) -> int:
-    n_global, _ = global_batches(num_samples, batch_size, world_size, train)
-    return _blocks(n_global, world_size)[rank][1]
+    """Batches rank `rank` yields per epoch: floor(N / B) on every rank (train, B global), its share of
+    ceil(N / B) (eval, B per rank)."""
+    if train:
+        return num_samples // batch_size
+    return _blocks(math.ceil(num_samples / batch_size), world_size)[rank][1]
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -227,6 +290,43 @@ class _Skips:
         log.warning("skipped %d sample(s) (%d so far in %s): %s", n, self.count, self.where, exc)
         if self.max_skip and self.count > self.max_skip:
             raise DataError(f"{exc} [{self.count} bad samples in {self.where}, more than data.max_skip={self.max_skip}]")
+
+
+SEEK_GAP = 4  # positions further apart than this start a new run (a seek) instead of being read through
+_TAR_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _header_offsets(idx_path: str, mtime_ns: int) -> tuple[int, ...]:
+    """Per sample of a DALI index, the byte offset of its first member's tar header (-1: cannot tell)."""
+    try:
+        samples = read_dali_index(idx_path)
+    except DataError:
+        return ()
+    # the header is the 512-byte block right before the data; a name too long for it has extra blocks
+    return tuple(s[0][1] - _TAR_BLOCK if s and len(s[0][3]) < 100 else -1 for s in samples)
+
+
+def seek_runs(tar: Path, positions: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first position, byte offset of its header, count) for runs of `positions` (increasing) no more than
+    SEEK_GAP apart, from the DALI index beside the tar when it is at least as new as the tar; the runs stop
+    where the index cannot place a position, and there are none without an index (read from the start)."""
+    idx = tar.with_name(index_name(tar.name))
+    try:
+        if idx.stat().st_mtime_ns < tar.stat().st_mtime_ns:
+            return []
+    except OSError:
+        return []
+    offsets = _header_offsets(str(idx), idx.stat().st_mtime_ns)
+    runs: list[list[int]] = []
+    for k, p in enumerate(positions):
+        if runs and p - positions[k - 1] <= SEEK_GAP:
+            runs[-1][2] += 1
+        elif p < len(offsets) and offsets[p] >= 0:
+            runs.append([p, offsets[p], 1])
+        else:
+            break
+    return [(a, b, c) for a, b, c in runs]
 
 
 def _short(exc: BaseException) -> str:
@@ -270,72 +370,102 @@ class _ShardStream(IterableDataset):
     def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         plan = plan_slot(self.counts, batch_size=self.batch_size, train=self.train, world_size=self.world_size,
                          rank=self.rank, num_workers=self.num_workers, worker=worker, seed=self.seed,
-                         epoch=self.epoch)
+                         epoch=self.epoch, shuffle_buffer=self.shuffle_buffer)
         skips = _Skips(self.on_error, self.max_skip,
                        f"split {self.split} epoch {self.epoch} rank {self.rank} worker {worker}")
-        samples: Iterator[dict[str, Any]] = (s for seg in plan.segments for s in self._read(seg, skips))
-        if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(f"vipamin_scale.wds.buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        keys: list[str] = []
-        made = positions = consumed = 0
-        for sample in samples:  # a batch is B consecutive positions; bad ones are left out of it
-            positions += 1
-            consumed += 1
-            if not sample.get("__lost__"):
-                try:
-                    image, label = self._decode(sample)
-                except DataError as exc:
-                    skips.bad(exc)
-                else:
-                    images.append(image)
-                    labels.append(label)
-                    keys.append(sample["__key__"])
-            if positions == self.batch_size or consumed == plan.num_samples:
-                if images:
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
-                    made += 1
-                images, labels, keys, positions = [], [], [], 0
+        batch_of = {s: i for i, batch in enumerate(plan.batches) for s in batch}
+        missing = [len(batch) for batch in plan.batches]  # samples of each batch not read yet
+        held: dict[Sample, dict[str, Any]] = {}  # read (not decoded) samples waiting for their batch
+        made = done = 0
+        for shard, positions in plan.reads:  # stream order; a batch is complete once its last sample is read
+            for pos, sample in self._read(shard, positions, skips):
+                held[shard, pos] = sample
+                missing[batch_of[shard, pos]] -= 1
+                while done < len(missing) and missing[done] == 0:
+                    out = self._collate([held.pop(s) for s in plan.batches[done]], skips)
+                    done += 1
+                    if out is not None:  # bad samples are left out of their batch; an empty one is dropped
+                        made += 1
+                        yield out
         if self.train and made < plan.num_batches:
             raise DataError(f"{skips.count} bad samples left {skips.where} with {made} of {plan.num_batches} "
                             f"batches; the ranks would fall out of step")
 
-    def _read(self, seg: Segment, skips: _Skips) -> Iterator[dict[str, Any]]:
-        """Samples [seg.start, seg.stop) of one shard, read with webdataset's tar iterators."""
-        path = self.root / self.shards[seg.shard]
-        expected = self.shard_counts[seg.shard]
+    def _collate(self, samples: list[dict[str, Any]],
+                 skips: _Skips) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        for sample in samples:
+            if sample.get("__lost__"):
+                continue
+            try:
+                image, label = self._decode(sample)
+            except DataError as exc:
+                skips.bad(exc)
+            else:
+                images.append(image)
+                labels.append(label)
+                keys.append(sample["__key__"])
+        if not images:
+            return None
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
+
+    def _read(self, shard: int, positions: Sequence[int], skips: _Skips) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position, sample) for `positions` (increasing) of one shard, read with webdataset's tar iterators.
+        With a fresh DALI index beside the tar (`seek_runs`), each run of nearby positions is read from its
+        first sample's header on; otherwise, or when the index does not fit the tar, from the start of the
+        tar (the errors and their messages are always those of that read). Samples in between are read,
+        not kept."""
+        path = self.root / self.shards[shard]
         if not path.is_file():
-            skips.bad(DataError(f"{path}: shard file missing (listed in {self.root / MANIFEST})"), len(seg))
-            yield from ({"__lost__": True} for _ in range(len(seg)))  # on_error=skip: keep the positions
+            skips.bad(DataError(f"{path}: shard file missing (listed in {self.root / MANIFEST})"), len(positions))
+            yield from ((p, {"__lost__": True}) for p in positions)  # on_error=skip: keep the positions
             return
-        pos = 0
+        i = 0
+        for first, offset, n in seek_runs(path, positions):
+            try:
+                for pos, sample in self._scan(path, shard, offset, first, positions[i:i + n]):
+                    yield pos, sample
+                    i += 1
+            except DataError:  # the index does not fit the tar: read the rest from the start instead
+                break
+        if i == len(positions):
+            return
+        try:
+            for pos, sample in self._scan(path, shard, 0, 0, positions[i:]):
+                yield pos, sample
+                i += 1
+        except DataError as error:
+            lost = positions[i:]
+            skips.bad(error, len(lost))
+            yield from ((p, {"__lost__": True}) for p in lost)
+
+    def _scan(self, path: Path, shard: int, offset: int, pos: int,
+              wanted: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Read the tar from byte `offset` (the header of sample `pos`) through `wanted[-1]`, checking every key."""
+        expected = self.shard_counts[shard]
         with open(path, "rb") as stream:
-            files = tar_file_expander([{"url": str(path), "stream": stream}])
-            for_shard = group_by_keys(files)
-            while pos < seg.stop:
-                want = sample_key(self.shard_splits[seg.shard], self.offsets[seg.shard] + pos)
-                error = None
+            stream.seek(offset)
+            for_shard = group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+            i = 0
+            while i < len(wanted):
+                want = sample_key(self.shard_splits[shard], self.offsets[shard] + pos)
                 try:
                     sample = next(for_shard)
                 except StopIteration:
-                    error = DataError(f"{path}: ends before key {want}, after {pos} of the {expected} samples "
-                                      f"{MANIFEST} lists: truncated shard?")
+                    raise DataError(f"{path}: ends before key {want}, after {pos} of the {expected} samples "
+                                    f"{MANIFEST} lists: truncated shard?") from None
                 except Exception as exc:  # tarfile.ReadError, OSError, ... from the tar readers
-                    error = DataError(f"{path}: unreadable at key {want} (sample {pos} of {expected}): {_short(exc)}")
-                else:
-                    if sample["__key__"] != want:
-                        error = DataError(f"{path}: key {sample['__key__']} where {want} was expected: shard and "
-                                          f"{MANIFEST} do not match")
-                if error is not None:
-                    lost = seg.stop - max(pos, seg.start)
-                    skips.bad(error, lost)
-                    yield from ({"__lost__": True} for _ in range(lost))
-                    return
-                if pos >= seg.start:
+                    raise DataError(f"{path}: unreadable at key {want} (sample {pos} of {expected}): "
+                                    f"{_short(exc)}") from None
+                if sample["__key__"] != want:
+                    raise DataError(f"{path}: key {sample['__key__']} where {want} was expected: shard and "
+                                    f"{MANIFEST} do not match")
+                if pos == wanted[i]:
                     sample["__shard__"] = str(path)
-                    yield sample
+                    yield pos, sample
+                    i += 1
                 pos += 1
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -368,7 +498,8 @@ class ShardLoader:
     """Iterable of (images float32 (B,3,H,W), labels int64 (B,), keys list[str]) for one rank.
 
     `len()` is the number of batches this rank yields per epoch (the same every epoch);
-    `num_samples` the split's size after `limit` (all ranks together).
+    `num_samples` the split's size after `limit` (all ranks together); `batch_size` the global batch
+    (train: each rank yields batch_size / world_size samples of it) or the rank's batch (eval).
     """
 
     def __init__(self, stream: _ShardStream, *, num_workers: int, pin_memory: bool):
@@ -458,6 +589,11 @@ class LoaderSpec:
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Samples in one of this rank's full batches: batch_size / world_size (train), batch_size (eval)."""
+        return self.batch_size // self.world_size if self.train else self.batch_size
 
     def expected_key(self, shard: int, pos: int) -> str:
         """The key that sample `pos` (write order) of shard number `shard` must have."""
@@ -567,9 +703,11 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     num_samples = sum(counts)
     if num_samples == 0:
         raise DataError(f"{root / MANIFEST}: split {split!r} has no samples")
-    if train and num_samples < world_size * batch_size:
+    if train:
+        check_global_batch(batch_size, world_size)
+    if train and num_samples < batch_size:
         raise DataError(f"{root / MANIFEST}: split {split!r} has {num_samples} samples, fewer than one global "
-                        f"batch ({world_size} ranks x {batch_size}); lower data.batch_size")
+                        f"batch (data.batch_size={batch_size}); lower data.batch_size")
     on_error = getattr(data_cfg, "on_error", "raise")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
@@ -595,7 +733,8 @@ def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean:
     docstring. (`vipamin_scale.data.build_loader` picks this one or DALI's by data.backend.)
 
     mean/std: the model's normalization; data.mean/data.std override them when set.
-    batch_size: per rank; default data.batch_size (train) or data.eval_batch_size (eval).
+    batch_size: train: the GLOBAL batch, default data.batch_size, a multiple of world_size (each rank
+    yields batch_size / world_size of each global batch); eval: per rank, default data.eval_batch_size.
     limit: keep the first `limit` samples of the split in write order (e.g. data.max_train_samples);
     of a union, of its first split only.
     """

@@ -2,10 +2,11 @@
 
     engine.name=deepspeed engine.zero_stage=1|2|3 [engine.ds_config=FILE.json]
 
-The DeepSpeed config is generated from the Hydra config (`deepspeed_config`): micro batch =
-data.batch_size, no gradient accumulation, ZeRO stage, bf16/fp16 from train.precision. A user's
-JSON (engine.ds_config) is merged on top; where it contradicts the Hydra config (batch sizes,
-stage, precision) that is one ConfigError naming both fields.
+The DeepSpeed config is generated from the Hydra config (`deepspeed_config`): train batch =
+data.batch_size (the global batch), micro batch = data.batch_size / world size, no gradient
+accumulation, ZeRO stage, bf16/fp16 from train.precision. A user's JSON (engine.ds_config) is
+merged on top; where it contradicts the Hydra config (batch sizes, stage, precision) that is one
+ConfigError naming both fields.
 
 The optimizer is ours, not DeepSpeed's: plain torch AdamW over the same parameter groups as the
 DDP engine (no fused/CPU Adam extension to build, and the same update rule, so the numbers agree
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from vipamin_scale import distributed as D
-from vipamin_scale.config import ConfigError
+from vipamin_scale.config import ConfigError, check_global_batch
 from vipamin_scale.engine.base import (Engine, adamw, cosine_with_warmup, require_blocks, set_lr_from_scheduler,
                                        trainable_names)
 
@@ -39,11 +40,12 @@ def import_deepspeed():
 
 def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for this run: generated from the Hydra config, a user's file merged on top."""
-    micro = int(cfg.data.batch_size)
+    check_global_batch(int(cfg.data.batch_size), world_size)
+    micro = int(cfg.data.batch_size) // world_size  # data.batch_size is the global batch
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": micro * world_size,
+        "train_batch_size": int(cfg.data.batch_size),
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": int(cfg.engine.zero_stage)},
         "zero_allow_untested_optimizer": True,  # our torch AdamW
@@ -63,11 +65,11 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"engine.ds_config: {cfg.engine.ds_config} must hold a JSON object")
     src = cfg.engine.ds_config
     checks = [
-        ("train_micro_batch_size_per_gpu", user.get("train_micro_batch_size_per_gpu"), micro, "data.batch_size"),
+        ("train_micro_batch_size_per_gpu", user.get("train_micro_batch_size_per_gpu"), micro,
+         f"data.batch_size / world size ({cfg.data.batch_size} / {world_size})"),
         ("gradient_accumulation_steps", user.get("gradient_accumulation_steps"), 1,
          "the train loop (one optimizer step per batch)"),
-        ("train_batch_size", user.get("train_batch_size"), micro * world_size,
-         f"data.batch_size x world size ({micro} x {world_size})"),
+        ("train_batch_size", user.get("train_batch_size"), int(cfg.data.batch_size), "data.batch_size"),
         ("zero_optimization.stage", (user.get("zero_optimization") or {}).get("stage"), int(cfg.engine.zero_stage),
          "engine.zero_stage"),
         ("bf16.enabled", (user.get("bf16") or {}).get("enabled"), cfg.train.precision == "bf16", "train.precision"),
