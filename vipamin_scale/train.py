@@ -261,7 +261,7 @@ def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float) -> None:
     D.all_reduce_sum(total)
     if not math.isfinite(total.item()):
         raise TrainingDiverged(f"train: the loss is {total.item() / D.world_size()} at step {step} (epoch {epoch}), "
-                               f"lr {lr:.4g}; stopped before that update, the last checkpoint is kept; "
+                               f"lr {lr:.4g}; stopped before that update (checkpoints written before it are kept); "
                                f"lower train.lr or check the prompts and data")
 
 
