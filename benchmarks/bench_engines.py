@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         result = _child(args.child[0], args.child[1] == "1", args.img_size, args.batch, args.steps, args.warmup)
-        print("RESULT " + json.dumps(result))
+        print("RESULT " + json.dumps(result, allow_nan=False))
         return
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     rows = []
@@ -129,7 +129,7 @@ def main() -> None:
     meta = {"model": "vit_base_patch16_224 (random) + deep prompts P=10", "img_size": args.img_size,
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "device": "cpu",
             "omp_num_threads": env["OMP_NUM_THREADS"], "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False))
     print(f"\nwrote {out}")
 
 

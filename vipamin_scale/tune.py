@@ -29,7 +29,9 @@ Layout of the run directory (the Hydra run dir; pass the same hydra.run.dir agai
     tune.json, tune.md             the rung table, the winner, the final mean +- std (atomic)
     tune_val_vs_budget.png         val accuracy against budget, one line per candidate
 A trial with a result.json (finished or failed) is never run again: re-running a killed tune
-skips them, and trials cut short resume from their own checkpoints (train.resume=true).
+skips them, and trials cut short resume from their own checkpoints (train.resume=true). A trial
+directory is reused only for the same trial under the same whole config (its run record,
+vipamin_scale/runs.py): a re-run with a changed base config is refused (RunMismatch, exit 2).
 
 Launchers (`tune.launcher`): `inline` runs the trials one after another in this process (under
 torchrun, every rank runs the same loop: each trial is a distributed run); `local` runs each as
