@@ -97,8 +97,13 @@ def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
 # ----------------------------------------------------------------------------- identity
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config's fields that can change a result, {dotted name: value}, sorted."""
+GLOBAL_BATCH = "data.batch_size x world_size"
+
+
+def identity(cfg: DictConfig, world_size: Optional[int] = None) -> dict[str, Any]:
+    """The resolved config's fields that can change a result, {dotted name: value}, sorted. With the
+    world size, the per-rank `data.batch_size` is replaced by the global batch (GLOBAL_BATCH): a run
+    resumed at another world size with the same global batch is the same run."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -111,6 +116,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             flat[prefix] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
+    if world_size is not None:
+        flat[GLOBAL_BATCH] = flat.pop("data.batch_size") * world_size
     return dict(sorted(flat.items()))
 
 
@@ -162,33 +169,36 @@ def read_run(out_dir: Path) -> Optional[dict[str, Any]]:
     return read_json(Path(out_dir) / RUN)
 
 
-def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -> None:
-    """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check)."""
+def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume",
+                   world_size: Optional[int] = None) -> None:
+    """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check).
+    `world_size` None (not known here): the batch size is not compared."""
     old = read_run(out_dir)
     if not old or "identity" not in old:
         return
-    new = identity(cfg)
-    if old.get("fingerprint") == fingerprint(new):
+    old, new = dict(old["identity"]), identity(cfg, world_size)
+    if world_size is None:
+        for ident in (old, new):
+            ident.pop(GLOBAL_BATCH, None), ident.pop("data.batch_size", None)
+    diff = differences(old, new)
+    if not diff:
         return
-    diff = differences(old["identity"], new)
     raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
                       f"use the same config or a new directory")
 
 
-def begin(out_dir: Path, cfg: DictConfig) -> None:
+def begin(out_dir: Path, cfg: DictConfig, world_size: int) -> None:
     """Record the run's identity (status running) and its resolved config. Rank 0 only."""
     out_dir = Path(out_dir)
-    ident = identity(cfg)
+    ident = identity(cfg, world_size)
     write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident},
                nan_as_null=False)
     atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True).encode())
 
 
-def _set_status(out_dir: Path, status: str, cfg: Optional[DictConfig] = None) -> None:
+def _set_status(out_dir: Path, status: str) -> None:
+    """The status of a recorded run (a run that failed before `begin` records no identity)."""
     run = read_run(out_dir)
-    if (not run or "identity" not in run) and cfg is not None:
-        ident = identity(cfg)
-        run = {"fingerprint": fingerprint(ident), "identity": ident}
     if run and "identity" in run:
         write_json(Path(out_dir) / RUN, {**run, "status": status})
 
@@ -199,7 +209,7 @@ def finish(out_dir: Path, result: Mapping[str, Any]) -> None:
     _set_status(out_dir, "finished")
 
 
-def record_failure(out_dir: Path, error: str, *, cfg: Optional[DictConfig] = None, rank: int = 0,
+def record_failure(out_dir: Path, error: str, *, rank: int = 0,
                    extra: Optional[Mapping[str, Any]] = None) -> bool:
     """Leave a failed result.json (`result.rank<R>.json` on rank R > 0) so a sweep's report and a tune
     list the run with its error. Never replaces a finished run's result; returns whether it wrote."""
@@ -211,7 +221,7 @@ def record_failure(out_dir: Path, error: str, *, cfg: Optional[DictConfig] = Non
     record = {"status": "failed", "error": error, "rank": rank, **(extra or {})}
     write_json(out_dir / (RESULT if rank == 0 else f"result.rank{rank}.json"), record, nan_as_null=True)
     if rank == 0:
-        _set_status(out_dir, "failed", cfg)
+        _set_status(out_dir, "failed")
     return True
 
 
@@ -225,7 +235,7 @@ def record_exception(cfg: DictConfig, exc: BaseException) -> None:
     try:  # never let the record hide the error it records
         extra = {"traceback": tb, "method": cfg.init.method if not cfg.prompt.init_file else "file",
                  "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep}
-        record_failure(Path(cfg.train.out_dir), f"{type(exc).__name__}: {exc}".strip(), cfg=cfg, rank=rank,
+        record_failure(Path(cfg.train.out_dir), f"{type(exc).__name__}: {exc}".strip(), rank=rank,
                        extra=extra)
     except Exception as inner:
         print(f"warning: could not record the failed run: {type(inner).__name__}: {inner}", file=sys.stderr)

@@ -124,14 +124,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
         resuming = cfg.train.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if resuming:
-            runs.check_same_run(out_dir, cfg)
+            runs.check_same_run(out_dir, cfg, world_size=D.world_size())
             if runs.is_finished(out_dir):
                 if D.rank() == 0:
                     log.info("%s holds a finished run; nothing to do (result.json kept)", out_dir)
                 return runs.read_result(out_dir)
         D.barrier()  # every rank has read the records before rank 0 rewrites them
         if D.rank() == 0:
-            runs.begin(out_dir, cfg)
+            runs.begin(out_dir, cfg, D.world_size())
         return _train(cfg, out_dir, resuming)
 
 

@@ -223,6 +223,12 @@ class InlineLauncher:
     def config(self, trial: Trial) -> DictConfig:
         return trial_config(self.base, trial)
 
+    def world_size(self) -> Optional[int]:
+        """How many processes run each trial (this process group's)."""
+        from vipamin_scale import distributed as D
+
+        return D.world_size()
+
     def run(self, trials: Sequence[Trial]) -> None:
         from vipamin_scale import distributed as D
         for trial in trials:
@@ -249,7 +255,12 @@ class LocalLauncher:
     def __init__(self, base_overrides: Sequence[str], workers: int = 1, command: Optional[str] = None):
         self.base_overrides = list(base_overrides)
         self.workers = workers
+        self.custom_command = command
         self.command = shlex.split(command) if command else [sys.executable, "-m", "vipamin_scale.cli", "train"]
+
+    def world_size(self) -> Optional[int]:
+        """How many processes run each trial: 1 for the default command; None (unknown) for tune.command."""
+        return 1 if self.custom_command is None else None
 
     def argv(self, trial: Trial) -> list[str]:
         return [*self.command, *self.base_overrides, *(f"{k}={hydra_value(v)}" for k, v in trial.overrides.items()),
@@ -278,6 +289,7 @@ class SlurmLauncher(LocalLauncher):
     def __init__(self, base_overrides: Sequence[str], folder: Path, parameters: Mapping[str, Any],
                  command: Optional[str] = None):
         super().__init__(base_overrides, 1, command)
+        self.custom_command = command or "slurm"  # the job's world size is the cluster's business
         self.folder, self.parameters = Path(folder), dict(parameters)
 
     def run(self, trials: Sequence[Trial]) -> None:
@@ -435,8 +447,9 @@ def _launch(launcher: Any, trials: list[Trial], base: DictConfig) -> None:
     same overrides (trial.json) and the same whole config (its run record), else ConfigError/RunMismatch."""
     from vipamin_scale import distributed as D
 
+    world = launcher.world_size() if hasattr(launcher, "world_size") else None  # None: not known here
     for t in trials:
-        runs.check_same_run(t.dir, trial_config(base, t), what=f"tune: trial {t.name}")
+        runs.check_same_run(t.dir, trial_config(base, t), what=f"tune: trial {t.name}", world_size=world)
     for t in trials:  # rank 0 checks (and records) the trial directories; the others wait for it
         if D.rank() == 0:
             t.dir.mkdir(parents=True, exist_ok=True)
