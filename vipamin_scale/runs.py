@@ -160,9 +160,11 @@ def read_result(out_dir: Path) -> Optional[dict[str, Any]]:
 
 
 def is_finished(out_dir: Path) -> bool:
-    """The directory holds a run that ended with its metrics (result.json with status ok)."""
-    result = read_result(out_dir)
-    return result is not None and result.get("status", "ok") == "ok"
+    """The directory holds a run that ended with its metrics: result.json with status ok, and no run
+    started since (run.json, where there is one, says finished; a fresh run over it says running)."""
+    result, run = read_result(out_dir), read_run(out_dir)
+    return (result is not None and result.get("status", "ok") == "ok"
+            and (run is None or "identity" not in run or run.get("status") == "finished"))
 
 
 def read_run(out_dir: Path) -> Optional[dict[str, Any]]:

@@ -372,15 +372,24 @@ def _same_trial(trial: Trial) -> None:
 
 def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[str] = (),
              train_fn: Optional[Callable[[DictConfig], Any]] = None) -> TuneResult:
-    """Search, then the final runs; writes tune.json, tune.md and the plot into train.out_dir."""
+    """Search, then the final runs; writes tune.json, tune.md and the plot into train.out_dir, which
+    this tune holds (runs.hold: a second tune into the same directory is refused)."""
+    validate(cfg)
+    points = candidates(cfg.tune.space, cfg.tune.trials, cfg.tune.seed)
+    _check_space(cfg, points)
     from vipamin_scale import distributed as D
 
-    validate(cfg)
+    D.init_from_env()  # under torchrun the ranks agree on the lock (and every inline trial is distributed)
+    with runs.hold(Path(cfg.train.out_dir)):
+        return _search(cfg, points, launcher, base_overrides, train_fn)
+
+
+def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_overrides: Sequence[str],
+            train_fn: Optional[Callable[[DictConfig], Any]]) -> TuneResult:
+    from vipamin_scale import distributed as D
+
     tcfg = cfg.tune
-    points = candidates(tcfg.space, tcfg.trials, tcfg.seed)
-    _check_space(cfg, points)
     root = Path(cfg.train.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     max_epochs = int(tcfg.max_epochs or cfg.train.epochs)
     final_split = tcfg.final_train_split or f"{cfg.data.train_split}+{cfg.data.val_split}"
     if launcher is None:
