@@ -157,3 +157,16 @@ def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert _last_line(proc).startswith(f"error: {target}: "), proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_identity_keeps_what_changes_a_result():
+    from vipamin_scale.config import default_config
+    from vipamin_scale.runs import GLOBAL_BATCH, differences, fingerprint, identity
+
+    base = default_config(data__batch_size=16)
+    same = default_config(data__batch_size=32, train__out_dir="elsewhere", train__resume=True, train__progress=False,
+                          engine__name="deepspeed", engine__zero_stage=3, tune__eta=4)
+    a, b = identity(base, world_size=2), identity(same, world_size=1)  # the same global batch of 32
+    assert a[GLOBAL_BATCH] == 32 and "data.batch_size" not in a and fingerprint(a) == fingerprint(b)
+    other = identity(default_config(data__batch_size=16, prompt__length=8, init__lam=0.25), world_size=2)
+    assert differences(a, other) == ["init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]
