@@ -206,8 +206,8 @@ def _set_status(out_dir: Path, status: str) -> None:
 
 
 def finish(out_dir: Path, result: Mapping[str, Any]) -> None:
-    """Write result.json (status ok, strict JSON: a NaN is an error) and mark the run finished."""
-    write_json(Path(out_dir) / RESULT, {"status": "ok", **result})
+    """Write result.json (no `status` key means ok; strict JSON: a NaN is an error), mark the run finished."""
+    write_json(Path(out_dir) / RESULT, dict(result))
     _set_status(out_dir, "finished")
 
 
