@@ -53,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from vipamin_scale import runs  # noqa: E402
 from vipamin_scale.config import default_config  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
 from vipamin_scale.tune import run_tune, sample_std  # noqa: E402
@@ -187,7 +188,7 @@ class LinearProbe:
                   "train_time_s": time.perf_counter() - t0}
         if cfg.train.test_at_end:
             result["test"] = acc(cfg.data.test_split)
-        atomic_write_bytes(Path(cfg.train.out_dir) / "result.json", json.dumps(result, indent=2).encode())
+        runs.finish(Path(cfg.train.out_dir), result)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -263,9 +264,8 @@ class Bench:
                 self.train_fn(method)(cfg)
             except Exception as exc:  # recorded in the table, the benchmark goes on
                 log.warning("%s %s seed %d failed: %s: %s", method, regime, seed, type(exc).__name__, exc)
-                atomic_write_bytes(out / "result.json", json.dumps(
-                    {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}).encode())
-        r = json.loads((out / "result.json").read_text())
+                runs.record_failure(out, f"{type(exc).__name__}: {exc}")
+        r = runs.read_result(out) or {}
         return (r.get("final_eval") or {}).get("acc") if r.get("status", "ok") == "ok" else None
 
 
@@ -314,9 +314,9 @@ def proxy_study(bench: Bench, lr: float) -> dict[str, Any]:
             cfg.init.k, cfg.init.lam, cfg.train.lr = k, lam, lr
             out = bench.work / "proxy" / f"k{k}_lam{lam}"
             cfg.train.out_dir, cfg.train.eval_every = str(out), cfg.train.epochs
-            if not (out / "result.json").is_file():
+            if runs.read_result(out) is None:
                 bench.train_fn("VIPAMIN corrected")(cfg)
-            val = json.loads((out / "result.json").read_text())["final_eval"]["acc"]
+            val = runs.read_result(out)["final_eval"]["acc"]
             diag_path = out / "diagnostics.json"
             if not diag_path.is_file():
                 dcfg = cfg.copy()
@@ -526,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         log.info("%s: lr %g, %s (%.0f s)", method, lr,
                  ", ".join(f"{r} {100 * (results[r]['mean'] or 0):.1f}" for r in regimes), time.perf_counter() - tm)
         doc["minutes"] = (time.perf_counter() - t0) / 60
-        atomic_write_bytes(Path(args.part or args.out), json.dumps(doc, indent=2).encode())  # progress survives a stop
+        runs.write_json(Path(args.part or args.out), doc, nan_as_null=True)  # progress survives a stop
     if args.part is not None:
         return doc
     if not args.no_proxy and "VIPAMIN corrected" in doc["methods"]:
@@ -536,7 +536,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(args.out)
     png = out.with_suffix(".png")
     plot(doc, png)
-    atomic_write_bytes(out, json.dumps(doc, indent=2).encode())
+    runs.write_json(out, doc, nan_as_null=True)  # a Spearman of constant ranks is NaN: null
     table = table_markdown(doc)
     print(table)
     if not args.quick:

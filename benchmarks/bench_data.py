@@ -137,7 +137,7 @@ def main() -> None:
               f"{row['images_per_s_median']:.1f} | {row['vs_wds_median']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False) + "\n")
     print(f"wrote {out}")
 
 

@@ -118,7 +118,7 @@ def main() -> None:
     if args.child:
         result = _child(args.child[0], args.child[1] == "1", args.img_size, args.batch, args.steps, args.warmup)
         if int(os.environ.get("RANK", "0")) == 0:
-            print("RESULT " + json.dumps(result))
+            print("RESULT " + json.dumps(result, allow_nan=False))
         return
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     rows = []
@@ -160,7 +160,7 @@ def main() -> None:
             "world_size": args.world, "reference": ref_name,
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "device": "cpu",
             "omp_num_threads": env["OMP_NUM_THREADS"], "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, allow_nan=False))
     print(f"\nwrote {out}")
 
 

@@ -146,7 +146,7 @@ def main() -> None:
                      f"{m['ratio']:.1f}x | {m['max_abs_diff']:.1e} |")
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"images": images, "cpu_count": os.cpu_count(), "results": results}, indent=2))
+    args.out.write_text(json.dumps({"images": images, "cpu_count": os.cpu_count(), "results": results}, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

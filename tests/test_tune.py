@@ -224,6 +224,14 @@ def test_tune_cli_inline_kill_resume_and_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Tuning (halving, eta 3)" in text and "Final: trained on train+val" in text
     assert "| rung0/c000 |" in text or "trials/rung0/c000" in text
+    # the same tune with a changed base config: refused before any training, naming the fields
+    before = (out / "tune.json").read_bytes()
+    changed = subprocess.run([*args, "prompt.length=8", "model.pool=cls"], cwd=REPO, env=cli_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    line = changed.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: tune: trial rung0/c000: ") and "model.pool: mean -> cls" in line
+    assert "prompt.length: 4 -> 8" in line and (out / "tune.json").read_bytes() == before
 
 
 def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):

@@ -13,30 +13,76 @@ Plain commands:
   report     gather a sweep's runs (SWEEP_DIR) into report.md, report.csv and plots (`report --help`)
 
 Under torchrun every rank must agree on the output directory: pass hydra.run.dir=DIR.
+
+An error the user can cause (a config value, a data or prompts file, a run directory in use or
+holding another run, a full or read-only disk) prints one line `error: <message>` and exits 2;
+VIPAMIN_SCALE_DEBUG=1 prints the full traceback as well.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
 
-from vipamin_scale.config import CONFIG_DIR, ConfigError, register
+from vipamin_scale.config import CONFIG_DIR, ConfigError, UserError, register
+from vipamin_scale.runs import WRITE_ERRNOS
 
 log = logging.getLogger("vipamin_scale")
+
+DEBUG_ENV = "VIPAMIN_SCALE_DEBUG"  # 1: a user error prints its full traceback too
+
+
+def user_error_line(exc: BaseException) -> Optional[str]:
+    """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
+    if isinstance(exc, UserError):
+        return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        where = exc.filename if exc.filename is not None else "a run file"
+        return f"error: {where}: {exc.strerror or os.strerror(exc.errno)}"
+    return None
+
+
+def _report(exc: BaseException) -> int:
+    """Print a user error's line (with its traceback under VIPAMIN_SCALE_DEBUG=1) and return 2; re-raise others."""
+    line = user_error_line(exc)
+    if line is None:
+        raise exc
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(line, file=sys.stderr)
+    return 2
+
+
+def _writable_run_dir(args: list[str]) -> Optional[str]:
+    """`hydra.run.dir` can be created and written (Hydra writes there before any task): else the error line."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1]:
+        return None
+    path = Path(given[-1])
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return user_error_line(exc) or f"error: hydra.run.dir: {path}: {exc.strerror or exc}"
+    return None
 
 
 def _task_train(cfg) -> None:
     from vipamin_scale import distributed as D
-    from vipamin_scale.studies import record_failure
+    from vipamin_scale.runs import record_exception
     from vipamin_scale.train import run_training
 
     try:
         result = run_training(cfg)
-    except Exception as exc:  # a sweep's report lists the failed run with its error
-        record_failure(cfg, exc)
+    except Exception as exc:  # a sweep's report lists the failed run with its error (a finished run is kept)
+        record_exception(cfg, exc)
         raise
-    if result.get("test") and D.rank() == 0:
+    if result.get("test") and result.get("best_val") and D.rank() == 0:
         log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
                  result["best_val"]["acc"], result["best_val"]["epoch"])
 
@@ -75,11 +121,14 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     import hydra
 
     from vipamin_scale import distributed as D
-    from vipamin_scale.data.shards import DataError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
         print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "
               "directory", file=sys.stderr)
+        return 2
+    line = _writable_run_dir(args) if int(os.environ.get("RANK", "0")) == 0 else None
+    if line:
+        print(line, file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) > 0:
         args = args + ["hydra.output_subdir=null"]  # rank 0 records the config
@@ -90,9 +139,8 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     def app(cfg) -> None:
         try:
             task(cfg)
-        except (ConfigError, DataError) as exc:  # a user's mistake in config or data: one line, exit 2
-            print(f"error: {exc}", file=sys.stderr)
-            status["code"] = 2
+        except Exception as exc:  # a user error: one line, exit 2; anything else: Hydra's traceback
+            status["code"] = _report(exc)
         finally:
             D.destroy()
 

@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can cause and fix (a config value, a data file, a run directory): the CLI prints
+    `error: <message>` (one line naming the field, file or path) and exits 2; no traceback unless
+    VIPAMIN_SCALE_DEBUG=1. ConfigError, data's DataError and runs' RunDirError are kinds of it."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message starts with the field's dotted name."""
 
 

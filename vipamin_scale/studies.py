@@ -3,7 +3,7 @@
 A sweep directory is what `vipamin-scale train -m ...` (Hydra multirun) leaves: one directory
 per job (`hydra.sweep.subdir`, the job number by default), each holding `.hydra/overrides.yaml`,
 `.hydra/config.yaml` and, once the job ends, `result.json` (written by `run_training`, or by
-`record_failure` with `"status": "failed"` and the error). Every job directory is reported:
+`runs.record_failure` with `"status": "failed"` and the error). Every job directory is reported:
 
   report.md    one markdown table (the swept overrides, status, accuracy, parameters, timings)
                and a list of the runs that failed or never finished; none is dropped
@@ -21,9 +21,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,31 +29,10 @@ from typing import Any, Optional
 import yaml
 
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.runs import read_result
 
 COLUMNS = ("run", "status", "overrides", "method", "prompt_length", "deep", "best_val_acc", "best_val_epoch",
            "test_acc", "trainable_params", "init_time_s", "train_time_s", "images_per_s", "error")
-
-
-# ----------------------------------------------------------------------------- failure records
-
-
-def record_failure(cfg, exc: BaseException) -> None:
-    """Leave `result.json` with status failed (rank 0; other ranks `result.rank<R>.json`) in the run's
-    output directory, so a sweep's report lists the run and its error instead of losing it."""
-    rank = int(os.environ.get("RANK", "0"))
-    record = {
-        "status": "failed",
-        "error": f"{type(exc).__name__}: {exc}".strip(),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
-        "rank": rank,
-    }
-    try:  # never let the record hide the error it records
-        record.update({"method": cfg.init.method if not cfg.prompt.init_file else "file",
-                       "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep})
-        name = "result.json" if rank == 0 else f"result.rank{rank}.json"
-        atomic_write_bytes(Path(cfg.train.out_dir) / name, json.dumps(record, indent=2).encode())
-    except Exception as inner:
-        print(f"warning: could not record the failed run: {type(inner).__name__}: {inner}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -124,15 +101,8 @@ def find_runs(sweep_dir: Path) -> list[Run]:
     for d in sorted(dirs, key=_natural_key(sweep_dir)):
         overrides = _load_yaml(d / ".hydra" / "overrides.yaml") or []
         config = _load_yaml(d / ".hydra" / "config.yaml") or {}
-        result: dict[str, Any] = {}
-        status = "incomplete"
-        if (d / "result.json").is_file():
-            try:
-                result = json.loads((d / "result.json").read_text())
-                status = result.get("status", "ok")
-            except (OSError, json.JSONDecodeError) as exc:
-                result = {"error": f"unreadable result.json: {exc}"}
-                status = "failed"
+        result: dict[str, Any] = read_result(d) or {}
+        status = result.get("status", "ok") if result else "incomplete"
         if status == "incomplete":
             errors = [json.loads(p.read_text()).get("error", "") for p in sorted(d.glob("result.rank*.json"))]
             if errors:

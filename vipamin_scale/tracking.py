@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from vipamin_scale.config import ConfigError
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.runs import finite_or_null
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class _Jsonl:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")  # strict JSON: NaN -> null
 
     def close(self) -> None:
         pass

@@ -15,11 +15,17 @@ every world size: the same config trains the same prompts (up to float summation
 batches). What is drawn per rank stays per rank: with prompt.dropout > 0 the dropout masks come
 from each rank's torch RNG (restored per rank on resume; a new rank takes rank 0's state), so
 world sizes then differ by their dropout draws.
+
+The run directory's records go through `vipamin_scale.runs`: rank 0 holds its lock for the whole
+run; a resume continues only a run of the same identity (else one line naming the differing
+fields, before any compute); a resume of a finished run returns its result.json untouched. A
+non-finite loss stops every rank at that step (`TrainingDiverged`, naming the step and the lr);
+the checkpoints written before it stay.
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import random
 import signal
@@ -34,12 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import distributed as D
-from vipamin_scale.config import check_global_batch, validate
+from vipamin_scale import runs
+from vipamin_scale.config import UserError, check_global_batch, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine.base import build_engine
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
-from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.preempt import Preemption
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
@@ -49,6 +55,10 @@ log = logging.getLogger(__name__)
 # clean-up, exactly like a lost node) right after this global step. Optional rank filter.
 KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
 KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/Inf: the run stops (exit 2); the last checkpoint written before it stays."""
 
 
 def seed_everything(seed: int) -> None:
@@ -97,16 +107,30 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     D.init_from_env()
-    rank, world = D.rank(), D.world_size()
-    check_global_batch(cfg.data.batch_size, world)
+    check_global_batch(cfg.data.batch_size, D.world_size())
     check_splits(cfg.data, splits_read(cfg), train="data.train_split", limit=cfg.data.max_train_samples)
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with runs.hold(out_dir):  # one writer per run directory
+        # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
+        resuming = cfg.train.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if resuming:
+            runs.check_same_run(out_dir, cfg)
+            if runs.is_finished(out_dir):
+                if D.rank() == 0:
+                    log.info("%s holds a finished run; nothing to do (result.json kept)", out_dir)
+                return runs.read_result(out_dir)
+        D.barrier()  # every rank has read the records before rank 0 rewrites them
+        if D.rank() == 0:
+            runs.begin(out_dir, cfg)
+        return _train(cfg, out_dir, resuming)
+
+
+def _train(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict[str, Any]:
+    rank, world = D.rank(), D.world_size()
     ckpt_dir = out_dir / "checkpoints"
-    # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     # The newest valid checkpoint, read before any compute (a damaged newer one is skipped, with a warning).
-    resumed = ckpt.load_latest(ckpt_dir) if cfg.train.resume or restarted else None
+    resumed = ckpt.load_latest(ckpt_dir) if resuming else None
     resume_from, state = resumed if resumed is not None else (None, None)
     seed_everything(cfg.train.seed)
     metrics = MetricsLog.from_config(cfg, out_dir, enabled=rank == 0)  # a tracker that cannot start fails here
@@ -155,7 +179,6 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             log.info("resumed from %s (epoch %d, step %d)", resume_from, start_epoch, global_step)
 
     if rank == 0:
-        OmegaConf.save(cfg, out_dir / "config.resolved.yaml", resolve=True)
         if resume_from is None:
             metrics.start(OmegaConf.to_container(cfg, resolve=True), diagnostics)
         log.info("model %s: %d trainable parameters (prompts %s + head), lr %.3g (base %.3g x %d/256), "
@@ -177,6 +200,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 continue
             images, labels = images.to(engine.device), labels.to(engine.device)
             loss = cross_entropy(engine.forward(images), labels)
+            _check_finite(loss, global_step + 1, epoch, engine.lr)
             engine.backward(loss)
             engine.step()
             global_step += 1
@@ -226,10 +250,20 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         result["test"] = evaluate(engine, test_loader)
         metrics.write({"event": "test", "step": global_step, **result["test"]})
     if rank == 0:
-        atomic_write_bytes(out_dir / "result.json", json.dumps(result, indent=2).encode())
+        runs.finish(out_dir, result)
     metrics.close()
     result["model"] = engine.model
     return result
+
+
+def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float) -> None:
+    """Every rank stops at the first step whose loss is NaN/Inf on any rank, before its update."""
+    total = torch.tensor([loss.item()], dtype=torch.float64)
+    D.all_reduce_sum(total)
+    if not math.isfinite(total.item()):
+        raise TrainingDiverged(f"train: the loss is {total.item() / D.world_size()} at step {step} (epoch {epoch}), "
+                               f"lr {lr:.4g}; stopped before that update (checkpoints written before it are kept); "
+                               f"lower train.lr or check the prompts and data")
 
 
 def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int, best) -> None:

@@ -29,7 +29,9 @@ Layout of the run directory (the Hydra run dir; pass the same hydra.run.dir agai
     tune.json, tune.md             the rung table, the winner, the final mean +- std (atomic)
     tune_val_vs_budget.png         val accuracy against budget, one line per candidate
 A trial with a result.json (finished or failed) is never run again: re-running a killed tune
-skips them, and trials cut short resume from their own checkpoints (train.resume=true).
+skips them, and trials cut short resume from their own checkpoints (train.resume=true). A trial
+directory is reused only for the same trial under the same whole config (its run record,
+vipamin_scale/runs.py): a re-run with a changed base config is refused (RunMismatch, exit 2).
 
 Launchers (`tune.launcher`): `inline` runs the trials one after another in this process (under
 torchrun, every rank runs the same loop: each trial is a distributed run); `local` runs each as
@@ -57,7 +59,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from vipamin_scale.config import ConfigError, validate
+from vipamin_scale import runs
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.runs import read_result
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +192,6 @@ def hydra_value(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def read_result(trial_dir: Path) -> Optional[dict[str, Any]]:
-    """The trial's result.json (finished or failed), or None when it has not ended."""
-    path = Path(trial_dir) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return {"status": "failed", "error": f"unreadable {path}: {exc}"}
-
-
 def val_score(result: Optional[dict[str, Any]]) -> Optional[float]:
     """Val accuracy at the end of the trial's budget (None: failed or not run)."""
     if not result or result.get("status", "ok") != "ok":
@@ -207,9 +200,13 @@ def val_score(result: Optional[dict[str, Any]]) -> Optional[float]:
     return float(acc) if acc is not None else None
 
 
-def _write_failure(trial: Trial, error: str) -> None:
-    record = {"status": "failed", "error": error}
-    atomic_write_bytes(trial.dir / "result.json", json.dumps(record, indent=2).encode())
+def trial_config(base: DictConfig, trial: Trial) -> DictConfig:
+    """The trial's whole config: the base config plus the trial's overrides, written into its directory."""
+    cfg = copy.deepcopy(base)  # still the typed schema: a wrong type is an error here
+    for key, value in trial.overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.train.out_dir = str(trial.dir)
+    return cfg
 
 
 class InlineLauncher:
@@ -224,16 +221,10 @@ class InlineLauncher:
         self.train_fn = train_fn
 
     def config(self, trial: Trial) -> DictConfig:
-        cfg = copy.deepcopy(self.base)  # still the typed schema: a wrong type is an error here
-        for key, value in trial.overrides.items():
-            OmegaConf.update(cfg, key, value, merge=False)
-        cfg.train.out_dir = str(trial.dir)
-        return cfg
+        return trial_config(self.base, trial)
 
     def run(self, trials: Sequence[Trial]) -> None:
         from vipamin_scale import distributed as D
-        from vipamin_scale.studies import record_failure
-
         for trial in trials:
             cfg = self.config(trial)
             if D.rank() == 0:  # what `vipamin-scale report` reads for a Hydra job
@@ -247,7 +238,7 @@ class InlineLauncher:
                 self.train_fn(cfg)
             except Exception as exc:  # recorded; the search goes on
                 log.warning("tune: %s failed: %s: %s", trial.name, type(exc).__name__, exc)
-                record_failure(cfg, exc)
+                runs.record_exception(cfg, exc)
             D.barrier()
 
 
@@ -270,7 +261,7 @@ class LocalLauncher:
         with open(trial.dir / "trial.log", "ab") as out:
             rc = subprocess.call(self.argv(trial), stdout=out, stderr=subprocess.STDOUT)
         if read_result(trial.dir) is None:
-            _write_failure(trial, f"exit code {rc} without result.json; see {trial.dir / 'trial.log'}: "
+            runs.record_failure(trial.dir, f"exit code {rc} without result.json; see {trial.dir / 'trial.log'}: "
                                   f"{_last_line(trial.dir / 'trial.log')}")
         elif rc != 0:
             log.warning("tune: %s exited %d", trial.name, rc)
@@ -304,7 +295,7 @@ class SlurmLauncher(LocalLauncher):
                 job.result()
             except Exception as exc:  # the job failed; its result.json (if any) says why
                 if read_result(trial.dir) is None:
-                    _write_failure(trial, f"slurm job {job.job_id}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
+                    runs.record_failure(trial.dir, f"slurm job {job.job_id}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
 
 
 def _first_line(text: Optional[str]) -> Optional[str]:
@@ -364,20 +355,29 @@ def _same_trial(trial: Trial) -> None:
             raise ConfigError(f"tune.space: {trial.dir} holds a trial with other settings ({old.get('overrides')}); "
                               f"the space or budgets changed since: use a new hydra.run.dir")
     else:
-        atomic_write_bytes(path, json.dumps(trial.record(), indent=2).encode())
+        runs.write_json(path, trial.record())
 
 
 def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[str] = (),
              train_fn: Optional[Callable[[DictConfig], Any]] = None) -> TuneResult:
-    """Search, then the final runs; writes tune.json, tune.md and the plot into train.out_dir."""
+    """Search, then the final runs; writes tune.json, tune.md and the plot into train.out_dir, which
+    this tune holds (runs.hold: a second tune into the same directory is refused)."""
+    validate(cfg)
+    points = candidates(cfg.tune.space, cfg.tune.trials, cfg.tune.seed)
+    _check_space(cfg, points)
     from vipamin_scale import distributed as D
 
-    validate(cfg)
+    D.init_from_env()  # under torchrun the ranks agree on the lock (and every inline trial is distributed)
+    with runs.hold(Path(cfg.train.out_dir)):
+        return _search(cfg, points, launcher, base_overrides, train_fn)
+
+
+def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_overrides: Sequence[str],
+            train_fn: Optional[Callable[[DictConfig], Any]]) -> TuneResult:
+    from vipamin_scale import distributed as D
+
     tcfg = cfg.tune
-    points = candidates(tcfg.space, tcfg.trials, tcfg.seed)
-    _check_space(cfg, points)
     root = Path(cfg.train.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     max_epochs = int(tcfg.max_epochs or cfg.train.epochs)
     final_split = tcfg.final_train_split or f"{cfg.data.train_split}+{cfg.data.val_split}"
     if launcher is None:
@@ -396,7 +396,7 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
                          "train.eval_split": "val", "train.resume": True}
             trials.append(Trial(f"rung{rung}/c{c:03d}", root / "trials" / f"rung{rung}" / f"c{c:03d}",
                                 points[c], overrides, rung=rung, candidate=c))
-        _launch(launcher, trials)
+        _launch(launcher, trials, cfg)
         records = [read_result(t.dir) or {} for t in trials]
         scores = [val_score(r) for r in records]
         keep = size // tcfg.eta if rung + 1 < len(plan) else 1
@@ -423,7 +423,7 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
                          "train.test_at_end": True, "data.train_split": final_split, "train.seed": s,
                          "init.seed": s, "train.resume": True}
             finals.append(Trial(f"final/seed{s}", root / "final" / f"seed{s}", points[best], overrides, seed=s))
-        _launch(launcher, finals)
+        _launch(launcher, finals, cfg)
         runs = []
         for t in finals:
             r = read_result(t.dir) or {}
@@ -439,9 +439,13 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
     return result
 
 
-def _launch(launcher: Any, trials: list[Trial]) -> None:
+def _launch(launcher: Any, trials: list[Trial], base: DictConfig) -> None:
+    """Run the trials that have not ended. A trial directory is reused only for the very same trial:
+    same overrides (trial.json) and the same whole config (its run record), else ConfigError/RunMismatch."""
     from vipamin_scale import distributed as D
 
+    for t in trials:
+        runs.check_same_run(t.dir, trial_config(base, t), what=f"tune: trial {t.name}")
     for t in trials:  # rank 0 checks (and records) the trial directories; the others wait for it
         if D.rank() == 0:
             t.dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +489,7 @@ def _write_summary(root: Path, cfg: DictConfig, result: TuneResult, plan, final_
            "eta": cfg.tune.eta, "plan": [{"candidates": n, "epochs": e} for n, e in plan],
            "train_split": cfg.data.train_split, "val_split": cfg.data.val_split, "final_train_split": final_split,
            **result.to_json()}
-    atomic_write_bytes(root / "tune.json", json.dumps(doc, indent=2).encode())
+    runs.write_json(root / "tune.json", doc, nan_as_null=True)
     atomic_write_bytes(root / "tune.md", tune_markdown(doc).encode())
     plot_tune(doc, root / "tune_val_vs_budget.png")
 

@@ -42,6 +42,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from vipamin_scale.config import UserError
 from vipamin_scale.paths import atomic_write_bytes
 
 MANIFEST = "manifest.json"
@@ -67,7 +68,7 @@ _FILE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 _OTHER_IMAGE_EXTS = {".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}  # re-encoded as PNG
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Bad data or a bad shard directory; the one-line message names the file (and key or row)."""
 
 

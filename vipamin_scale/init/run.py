@@ -33,6 +33,7 @@ from vipamin_scale.init.sharded import map_layers, reduce_means
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import PromptedViT
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.runs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def write_prompts_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[
     from safetensors.torch import save
 
     data = save({k: v.detach().float().contiguous() for k, v in tensors.items()},
-                metadata={k: json.dumps(v) for k, v in meta.items()})
+                metadata={k: json.dumps(v, allow_nan=False) for k, v in meta.items()})
     atomic_write_bytes(Path(path), data)
 
 
@@ -269,7 +270,7 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
     report = prompt_diagnostics(cfg, model, candidates)
     if D.rank() == 0:
         print(format_diagnostics(report))
-        atomic_write_bytes(out, json.dumps(report, indent=2).encode())
+        write_json(out, report, nan_as_null=True)  # strict JSON: a degenerate statistic is null
         plot_diagnostics(report, out.with_suffix(".png"))
         log.info("diagnostics written to %s and %s", out, out.with_suffix(".png"))
     D.barrier()

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from vipamin_scale.config import ConfigError
+
 POOLS = ("cls", "mean", "img_mean", "prompt_mean")
 
 
@@ -160,17 +162,30 @@ def random_prompts(num_layers: int, length: int, dim: int, patch_size: tuple[int
 
 
 def load_prompts_file(path: str | Path, model: PromptedViT) -> torch.Tensor:
-    """The `prompts` tensor of a safetensors file, checked against the model's shape."""
+    """The `prompts` tensor of a safetensors file, checked against the model's shape and for NaN/Inf.
+    A missing, unreadable or unfit file is a ConfigError naming `prompt.init_file` and the path."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt.init_file: no such file: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        if "prompts" not in f.keys():
-            raise ValueError(f"prompt.init_file: {path} has no `prompts` tensor (has {sorted(f.keys())})")
-        prompts = f.get_tensor("prompts")
-    model._check_prompt_shape(prompts, source=f"prompt.init_file {path}")
+        raise ConfigError(f"prompt.init_file: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = sorted(f.keys())
+            prompts = f.get_tensor("prompts") if "prompts" in keys else None
+    except Exception as exc:  # safetensors raises its own SafetensorError (header too large, ...)
+        raise ConfigError(f"prompt.init_file: {path} is not a readable safetensors file "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if prompts is None:
+        raise ConfigError(f"prompt.init_file: {path} has no `prompts` tensor (has {keys})")
+    try:
+        model._check_prompt_shape(prompts, source=f"prompt.init_file: {path}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not prompts.is_floating_point() or not torch.isfinite(prompts).all():
+        bad = int((~torch.isfinite(prompts)).sum()) if prompts.is_floating_point() else prompts.numel()
+        raise ConfigError(f"prompt.init_file: {path}: the `prompts` tensor has {bad} non-finite "
+                          f"(NaN/Inf) or non-float values of {prompts.numel()}")
     return prompts.float()
 
 

@@ -1,0 +1,172 @@
+"""A run directory's integrity, driven through the CLI: identity on resume, a finished run kept, one
+writer, non-finite training stops, strict JSON, and one line (exit 2) for every error a user can cause."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import pytest
+import torch
+from conftest import TINY, cli, cli_env
+
+from vipamin_scale import checkpoint as ckpt
+
+
+def _train(run_dir, *overrides, env=None, extra=()):
+    return subprocess.run(cli("train", *TINY, f"hydra.run.dir={run_dir}", *extra, *overrides), env=env or cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _snapshot(path):
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root):
+    run = tmp_path / "run"
+    cut = _train(run, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"))
+    assert cut.returncode == -signal.SIGKILL
+    ckpts = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    # the issue's case: a cut random/mean-pool run resumed as VIPAMIN with CLS pooling
+    other = _train(run, "train.resume=true", "model.pool=cls", "init=vipamin")
+    assert other.returncode == 2, other.stderr[-3000:]
+    line = _last_line(other)
+    assert line.startswith(f"error: train.resume: {run} holds a run made under another config"), line
+    assert "init.method: random -> vipamin" in line and "model.pool: mean -> cls" in line
+    assert "Traceback" not in other.stderr
+    assert "taking over the stale lock" in other.stdout + other.stderr  # the killed process's lock
+    assert not (run / "run.lock").exists()
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ckpts
+    assert not (run / "result.json").exists() and not (run / "prompts.safetensors").exists()
+
+    # the same config resumes and finishes
+    done = _train(run, "train.resume=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr and not (run / "run.lock").exists()
+    result = _strict((run / "result.json").read_text())
+    assert "status" not in result and result["steps"] == 24 and result["method"] == "random"
+    record = _strict((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["identity"]["model.pool"] == "mean"
+    assert "train.out_dir" not in record["identity"] and "train.resume" not in record["identity"]
+    before = _snapshot(run / "result.json")
+
+    # resume=true on the finished run (Slurm scripts always pass it): nothing rewritten, exit 0
+    again = _train(run, "train.resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds a finished run; nothing to do" in again.stdout + again.stderr
+    assert _snapshot(run / "result.json") == before
+
+    # a failed start into the finished run's directory: one line, the result kept
+    typo = _train(run, "train.lr=-1")
+    assert typo.returncode == 2 and _last_line(typo) == "error: train.lr: must be >= 0; got -1.0"
+    assert _snapshot(run / "result.json") == before
+
+
+def test_one_writer_per_run_dir(tmp_path, digits_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / "run.lock"
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    lock.write_text(json.dumps(holder))  # this (live) test process writes into the directory
+    second = _train(run, "train.epochs=1")
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert _last_line(second).startswith(f"error: train.out_dir: {run} is in use by pid {os.getpid()} on host "
+                                         f"{socket.gethostname()}")
+    assert "Traceback" not in second.stderr
+    assert json.loads(lock.read_text()) == holder
+    assert not (run / "metrics.jsonl").exists() and not (run / "result.json").exists()
+    assert not (run / "run.json").exists() and not (run / "checkpoints").exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a dead pid on this host: a stale lock, taken over with a warning
+    lock.write_text(json.dumps({**holder, "pid": gone.pid}))
+    took = _train(run, "train.epochs=1")
+    assert took.returncode == 0, took.stderr[-3000:]
+    assert f"taking over the stale lock {lock} (pid {gone.pid} is gone)" in took.stdout + took.stderr
+    assert not lock.exists() and _strict((run / "result.json").read_text())["steps"] == 256 // 32
+
+
+def test_non_finite_loss_stops_the_run_with_strict_json(tmp_path, digits_root):
+    run = tmp_path / "run"
+    proc = _train(run, "train.lr=1e30", "train.epochs=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _last_line(proc)
+    assert re.match(r"error: train: the loss is (nan|inf|-inf) at step \d+ \(epoch 0\), lr \S+;", line), line
+    assert "Traceback" not in proc.stderr
+    step = int(line.split(" at step ")[1].split()[0])
+    records = [_strict(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, step))
+    result = _strict((run / "result.json").read_text())
+    assert result["status"] == "failed" and "TrainingDiverged" in result["error"]
+    assert _strict((run / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("nan", "the `prompts` tensor has 1 non-finite (NaN/Inf) or non-float values of 512"),
+    ("garbage", "is not a readable safetensors file (Error while deserializing header: header too large)"),
+])
+def test_bad_prompts_file_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "prompts.safetensors"
+    if content == "nan":
+        from safetensors.torch import save_file
+
+        prompts = torch.zeros(2, 4, 64)  # (L_p, P, d) of TINY: deep, P=4, d=64
+        prompts[1, 2, 3] = float("nan")
+        save_file({"prompts": prompts}, str(path))
+    else:
+        path.write_bytes(b"\xff" * 64)
+    proc = _train(tmp_path / "run", f"prompt.init_file={path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _last_line(proc).startswith(f"error: prompt.init_file: {path}") and message in _last_line(proc)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    if content == "garbage":  # the documented debug switch adds the traceback, same last line
+        debug = _train(tmp_path / "run", f"prompt.init_file={path}", env=cli_env(VIPAMIN_SCALE_DEBUG="1"))
+        assert debug.returncode == 2 and "Traceback" in debug.stderr and _last_line(debug) == _last_line(proc)
+
+
+def _unwritable(tmp_path):
+    """A directory this process cannot create files in (read-only for a user; /sys for root)."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro / "run"
+    return "/sys/vipamin_scale_test_run"
+
+
+def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
+    target = _unwritable(tmp_path)
+    for extra in ([f"train.out_dir={target}"], []):
+        run_dir = tmp_path / "hydra" if extra else target
+        proc = _train(run_dir, "train.epochs=1", extra=extra)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert _last_line(proc).startswith(f"error: {target}: "), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_identity_keeps_what_changes_a_result():
+    from vipamin_scale.config import default_config
+    from vipamin_scale.runs import differences, fingerprint, identity
+
+    base = default_config(data__batch_size=32)
+    same = default_config(data__batch_size=32, train__out_dir="elsewhere", train__resume=True, train__progress=False,
+                          engine__name="deepspeed", engine__zero_stage=3, tune__eta=4)
+    a, b = identity(base), identity(same)  # data.batch_size is the global batch: no world size in the identity
+    assert a["data.batch_size"] == 32 and fingerprint(a) == fingerprint(b)
+    other = identity(default_config(data__batch_size=16, prompt__length=8, init__lam=0.25))
+    assert differences(a, other) == ["data.batch_size: 32 -> 16", "init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]

@@ -1,0 +1,339 @@
+"""A run directory's records, in one place: who writes into it, what run it holds, how it ended.
+
+    <out_dir>/run.lock             the writer's lock: {pid, host, started, slurm_job}; rank 0 holds it
+    <out_dir>/run.json             the run's identity: {fingerprint, identity, status}
+    <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
+    <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
+
+Identity. A run is what its config says: `identity(cfg)` is the resolved config minus the fields that
+cannot change a result (IGNORED: where outputs go, where the data lives, bookkeeping, the engine,
+the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
+`train.resume=true` (and a tune reusing a trial) continues a run only when the identities are equal;
+otherwise `RunMismatch` names every differing field, old -> new, before any compute.
+
+One writer. `hold(out_dir)` creates `run.lock` atomically (O_EXCL) on rank 0 and every rank learns
+the outcome through one collective. A lock held by a live process is refused with one line naming
+the holder (`RunLocked`); a stale lock (a dead pid on this host, or the same Slurm job: a requeue or
+a torchrun restart after SIGKILL) is taken over with a warning. The lock is removed on exit.
+
+Every JSON written here is strict JSON (`dumps`: no NaN/Infinity tokens). `finished` runs are never
+overwritten by a failure record (`record_failure` leaves them alone).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from vipamin_scale.config import UserError
+from vipamin_scale.paths import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+RUN = "run.json"
+LOCK = "run.lock"
+CONFIG = "config.resolved.yaml"
+
+# OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+# Fields that cannot change a run's result (prefixes of dotted names). `engine`: checkpoints are
+# engine-neutral and a run resumed under another engine continues the same run. The world size is
+# not a field at all: data.batch_size is the global batch and the training batches are a function
+# of (seed, epoch) only, so a run resumed at another world size is the same run.
+IGNORED = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
+           "data.root", "data.num_workers", "init.batch_size", "init.out", "out", "engine", "tune")
+
+
+class RunDirError(UserError):
+    """The run directory cannot take this run (held by another process, holds another run)."""
+
+
+class RunLocked(RunDirError):
+    """Another live process writes into the run directory."""
+
+
+class RunMismatch(RunDirError):
+    """The run directory holds a run made under a different config."""
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+
+def dumps(obj: Any, *, nan_as_null: bool = False) -> str:
+    """Strict JSON (indent 2). A NaN/Infinity raises ValueError, or becomes null with `nan_as_null`."""
+    if nan_as_null:
+        obj = finite_or_null(obj)
+    return json.dumps(obj, indent=2, allow_nan=False)
+
+
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every NaN/Infinity float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
+    """`dumps` then an atomic write."""
+    atomic_write_bytes(Path(path), (dumps(obj, nan_as_null=nan_as_null) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config's fields that can change a result, {dotted name: value}, sorted."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix and any(prefix == p or prefix.startswith(p + ".") for p in IGNORED):
+            return
+        if isinstance(node, Mapping) and node:
+            for key, child in node.items():
+                walk(child, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return dict(sorted(flat.items()))
+
+
+def fingerprint(ident: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`field: old -> new` for every field that differs (absent on one side: `<unset>`)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{key}: {_show(a)} -> {_show(b)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+# ----------------------------------------------------------------------------- the records
+
+
+def read_json(path: Path) -> Optional[dict[str, Any]]:
+    """A JSON object file; None when absent; a failed record when unreadable (a run never hides)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"status": "failed", "error": f"unreadable {path}: {exc}"}
+    return doc if isinstance(doc, dict) else {"status": "failed", "error": f"unreadable {path}: not an object"}
+
+
+def read_result(out_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's result.json (finished or failed), or None when the run has not ended."""
+    return read_json(Path(out_dir) / RESULT)
+
+
+def is_finished(out_dir: Path) -> bool:
+    """The directory holds a run that ended with its metrics: result.json with status ok, and no run
+    started since (run.json, where there is one, says finished; a fresh run over it says running)."""
+    result, run = read_result(out_dir), read_run(out_dir)
+    return (result is not None and result.get("status", "ok") == "ok"
+            and (run is None or "identity" not in run or run.get("status") == "finished"))
+
+
+def read_run(out_dir: Path) -> Optional[dict[str, Any]]:
+    return read_json(Path(out_dir) / RUN)
+
+
+def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -> None:
+    """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check)."""
+    old = read_run(out_dir)
+    if not old or "identity" not in old:
+        return
+    diff = differences(old["identity"], identity(cfg))
+    if not diff:
+        return
+    raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
+                      f"use the same config or a new directory")
+
+
+def begin(out_dir: Path, cfg: DictConfig) -> None:
+    """Record the run's identity (status running) and its resolved config. Rank 0 only."""
+    out_dir = Path(out_dir)
+    ident = identity(cfg)
+    write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident},
+               nan_as_null=False)
+    atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True).encode())
+
+
+def _set_status(out_dir: Path, status: str) -> None:
+    """The status of a recorded run (a run that failed before `begin` records no identity)."""
+    run = read_run(out_dir)
+    if run and "identity" in run:
+        write_json(Path(out_dir) / RUN, {**run, "status": status})
+
+
+def finish(out_dir: Path, result: Mapping[str, Any]) -> None:
+    """Write result.json (no `status` key means ok; strict JSON: a NaN is an error), mark the run finished."""
+    write_json(Path(out_dir) / RESULT, dict(result))
+    _set_status(out_dir, "finished")
+
+
+def record_failure(out_dir: Path, error: str, *, rank: int = 0,
+                   extra: Optional[Mapping[str, Any]] = None) -> bool:
+    """Leave a failed result.json (`result.rank<R>.json` on rank R > 0) so a sweep's report and a tune
+    list the run with its error. Never replaces a finished run's result; returns whether it wrote."""
+    out_dir = Path(out_dir)
+    if is_finished(out_dir):
+        log.warning("%s holds a finished run; its result.json is kept (this attempt failed: %s)", out_dir,
+                    error.splitlines()[0] if error else "")
+        return False
+    record = {"status": "failed", "error": error, "rank": rank, **(extra or {})}
+    write_json(out_dir / (RESULT if rank == 0 else f"result.rank{rank}.json"), record, nan_as_null=True)
+    if rank == 0:
+        _set_status(out_dir, "failed")
+    return True
+
+
+def record_exception(cfg: DictConfig, exc: BaseException) -> None:
+    """`record_failure` for an exception of a run (its method, prompt length and traceback kept);
+    nothing for an error about the directory itself (held, holding another run, or not writable)."""
+    if isinstance(exc, RunDirError) or isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
+    try:  # never let the record hide the error it records
+        extra = {"traceback": tb, "method": cfg.init.method if not cfg.prompt.init_file else "file",
+                 "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep}
+        record_failure(Path(cfg.train.out_dir), f"{type(exc).__name__}: {exc}".strip(), rank=rank,
+                       extra=extra)
+    except Exception as inner:
+        print(f"warning: could not record the failed run: {type(inner).__name__}: {inner}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks (/proc/<pid>/stat field 22): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = holder.get("pid_start")
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def _lock_record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def acquire(out_dir: Path) -> Path:
+    """Create `run.lock` atomically (a complete temp file hard-linked into place: the link fails when the
+    lock exists, and a reader never sees half a lock); take over a stale one with a warning; RunLocked
+    when a live process holds it. Stale: the holder's pid is gone (same host), or the holder ran on
+    another host in the same Slurm job (a requeue after a lost node)."""
+    out_dir = Path(out_dir)
+    path = out_dir / LOCK
+    me = _lock_record()
+    tmp = out_dir / f".{LOCK}.{me['host']}.{me['pid']}"
+    tmp.write_text(dumps(me) + "\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                pass
+            holder = read_json(path) or {}
+            if holder.get("host") == me["host"]:
+                stale, why = not _alive(holder), f"pid {holder.get('pid')} is gone"
+            else:
+                stale = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+                why = f"Slurm job {me['slurm_job']} restarted on {me['host']}"
+            if "pid" not in holder:
+                stale, why = True, "unreadable"
+            if not stale:
+                raise RunLocked(f"train.out_dir: {out_dir} is in use by pid {holder.get('pid')} on host "
+                                f"{holder.get('host')} (since {holder.get('started')}); wait for it to end, or "
+                                f"remove {path} if that process is gone")
+            log.warning("taking over the stale lock %s (%s)", path, why)
+            path.unlink(missing_ok=True)
+        raise RunLocked(f"train.out_dir: {out_dir}: could not take {path} (another process keeps taking it)")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def release(out_dir: Path) -> None:
+    """Remove `run.lock` if this process holds it."""
+    path = Path(out_dir) / LOCK
+    holder = read_json(path) or {}
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def hold(out_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block; every rank raises the same RunLocked."""
+    from vipamin_scale import distributed as D
+
+    out_dir = Path(out_dir)
+    error = None
+    if D.rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            acquire(out_dir)
+        except (RunLocked, OSError) as exc:
+            error = exc
+    if D.is_dist():
+        import torch.distributed as dist
+
+        box = [None if error is None else (type(error).__name__, str(error), getattr(error, "errno", None),
+                                           getattr(error, "filename", None))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            name, message, err, filename = box[0]
+            error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if D.rank() == 0:
+            release(out_dir)
