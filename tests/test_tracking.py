@@ -12,7 +12,7 @@ from conftest import cli, cli_env, torchrun
 
 from vipamin_scale.config import ConfigError, default_config, validate
 
-RUN = ["model=vit_test_d64", "model.pool=mean", "data=digits", "data.max_train_samples=64", "data.batch_size=16",
+RUN = ["model=vit_test_d64", "model.pool=mean", "data=digits", "data.max_train_samples=64", "data.batch_size=32",
        "data.eval_batch_size=128", "train.epochs=1", "train.log_every=1", "train.progress=false",
        "prompt.length=4", "init.num_images=64", "train.test_at_end=false"]
 
@@ -60,12 +60,12 @@ def test_mlflow_file_store_has_config_metrics_and_diagnostics(tracked_run, monke
     assert len(runs) == 1  # rank 0 only
     r = runs[0]
     assert r.info.run_name == "tiny" and r.info.status == "FINISHED"
-    assert r.data.params["model.name"] == "vit_test_d64" and r.data.params["data.batch_size"] == "16"
+    assert r.data.params["model.name"] == "vit_test_d64" and r.data.params["data.batch_size"] == "32"
     assert r.data.params["train.loggers"] == '["jsonl", "tensorboard", "wandb", "mlflow"]'
     train = _jsonl(tracked_run["run"], "train")
     history = client.get_metric_history(r.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(t["step"], t["loss"]) for t in train]
-    assert len(train) == 2  # 64 images / (2 ranks x 16)
+    assert len(train) == 2  # 64 images / a global batch of 32 (16 a rank at world 2)
     (val,) = _jsonl(tracked_run["run"], "val")
     assert r.data.metrics["val/acc"] == val["acc"]
     (diag,) = _jsonl(tracked_run["run"], "diagnostics")

@@ -46,7 +46,7 @@ def runs(tmp_path_factory, digits_root):
     procs = {f"world{w}": _launch(root / f"world{w}", w) for w in (1, 2, 4)}
     procs["cut_world2"] = _launch(root / "cut", 2, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP=str(KILL_STEP)))
     _wait(procs, rc={"cut_world2": 1})
-    assert [p.name for p in ckpt.list_checkpoints(root / "cut" / "checkpoints")] == ["ckpt-00000008.pt"]
+    assert [p.name for p in ckpt.list_checkpoints(root / "cut" / "checkpoints")] == ["ckpt-00000008.safetensors"]
     _wait({"resumed_world1": _launch(root / "cut", 1, "train.resume=true")})
     return root
 
