@@ -681,7 +681,7 @@ def section_throughput(rec: Record, ctx: dict) -> None:
     import torch
 
     from vipamin_scale.config import default_config
-    from vipamin_scale.engine.base import build_engine
+    from vipamin_scale.engine import build_engine
     from vipamin_scale.models import build_model
     from vipamin_scale.models.prompted import cross_entropy
 

@@ -43,7 +43,7 @@ from vipamin_scale import distributed as D
 from vipamin_scale import runs
 from vipamin_scale.config import UserError, check_global_batch, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
-from vipamin_scale.engine.base import build_engine
+from vipamin_scale.engine import build_engine
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from vipamin_scale import distributed as D
 from vipamin_scale.config import ConfigError
@@ -178,27 +177,3 @@ class Engine:
         self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         set_lr_from_scheduler(self.optimizer, self.scheduler)
-
-
-def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr: float) -> Engine:
-    name = cfg.engine.name
-    if name == "ddp":
-        return Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
-                      activation_checkpointing=cfg.engine.activation_checkpointing)
-    if name == "deepspeed":
-        from vipamin_scale.engine.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, lr, total_steps, warmup_steps)
-    if name == "fairscale":
-        from vipamin_scale.engine.fairscale import FairscaleEngine
-
-        return FairscaleEngine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(),
-                               cfg.train.precision, activation_checkpointing=cfg.engine.activation_checkpointing,
-                               offload_activations=bool(OmegaConf.select(cfg, "engine.offload_activations",
-                                                                         default=False)))
-    if name == "fsdp2":
-        from vipamin_scale.engine.fsdp2 import FSDP2Engine
-
-        return FSDP2Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
-                           activation_checkpointing=cfg.engine.activation_checkpointing)
-    raise ConfigError(f"engine.name: must be one of ddp, deepspeed, fairscale, fsdp2; got {name!r}")
