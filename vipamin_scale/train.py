@@ -112,7 +112,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     with runs.hold(out_dir):  # one writer per run directory
         # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
-        resuming = cfg.train.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        resuming = cfg.train.resume or restarted
         if resuming:
             runs.check_same_run(out_dir, cfg)
             if runs.is_finished(out_dir):
@@ -122,13 +123,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         D.barrier()  # every rank has read the records before rank 0 rewrites them
         if D.rank() == 0:
             runs.begin(out_dir, cfg)
-        return _train(cfg, out_dir, resuming)
+        return _train(cfg, out_dir, resuming, restarted)
 
 
-def _train(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict[str, Any]:
+def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> dict[str, Any]:
     rank, world = D.rank(), D.world_size()
     ckpt_dir = out_dir / "checkpoints"
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     # The newest valid checkpoint, read before any compute (a damaged newer one is skipped, with a warning).
     resumed = ckpt.load_latest(ckpt_dir) if resuming else None
     resume_from, state = resumed if resumed is not None else (None, None)
