@@ -106,7 +106,6 @@ def test_wds_train_union_with_limit(root):
 
 
 def test_dali_union_matches_wds(root):
-    pytest.importorskip("nvidia.dali")
     for limit in (None, 6):
         dali = _load(root, "train+val", "dali", train=False, limit=limit)
         wds = _load(root, "train+val", train=False, limit=limit)
