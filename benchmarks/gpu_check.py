@@ -602,7 +602,7 @@ def time_steps(step, batch: int, img: int, device, warmup: int, steps: int) -> d
     med = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
     return {"batch": batch, "step_s": med, "images_per_s": batch / med, "peak_mem_gib": peak,
-            "loss": float(loss), "step_s_all": times}
+            "loss": float(loss.detach()), "step_s_all": times}
 
 
 def is_oom(exc: BaseException) -> bool:

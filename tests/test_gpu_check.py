@@ -137,3 +137,15 @@ def test_dist_backend_override(monkeypatch):
     monkeypatch.setenv(D.BACKEND_ENV, "mpi")
     with pytest.raises(ValueError, match="VIPAMIN_SCALE_DIST_BACKEND: must be nccl or gloo"):
         D.backend()
+
+
+def test_nccl_more_ranks_than_gpus_is_one_config_error():
+    """gpu-check on the H200 found NCCL's "Duplicate GPU detected" deep in the first collective when
+    torchrun put 2 ranks on 1 GPU; now it is one ConfigError naming the fix, before the group forms."""
+    from vipamin_scale import distributed as D
+    from vipamin_scale.config import ConfigError
+
+    D.check_ranks_per_gpu(8, 8)
+    D.check_ranks_per_gpu(1, 4)
+    with pytest.raises(ConfigError, match=r"2 ranks on this node see 1 CUDA device.*--nproc-per-node=1.*=gloo"):
+        D.check_ranks_per_gpu(2, 1)

@@ -54,6 +54,7 @@ def init_from_env(timeout_s: float = 600.0) -> bool:
     name = backend()
     timeout = datetime.timedelta(seconds=timeout_s)
     if name == "nccl":
+        check_ranks_per_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
         torch.cuda.set_device(device())
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart > 0 and name == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -67,8 +68,21 @@ def init_from_env(timeout_s: float = 600.0) -> bool:
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                                 timeout=timeout)
         return True
-    dist.init_process_group(backend=name, timeout=timeout)
+    # NCCL: name this rank's GPU, so collectives never guess it from the current context
+    dist.init_process_group(backend=name, timeout=timeout, device_id=device() if name == "nccl" else None)
     return True
+
+
+def check_ranks_per_gpu(local_world: int, gpus: int) -> None:
+    """NCCL takes one GPU per rank: more ranks on a node than it has visible GPUs is one clear error
+    before the process group forms (NCCL's own is "Duplicate GPU detected" deep in the first
+    collective)."""
+    if local_world > gpus:
+        from vipamin_scale.config import ConfigError
+
+        raise ConfigError(f"distributed: NCCL takes one GPU per rank, but {local_world} ranks on this node "
+                          f"see {gpus} CUDA device(s); start torchrun with --nproc-per-node={gpus}, or set "
+                          f"{BACKEND_ENV}=gloo to share a GPU between ranks")
 
 
 def device() -> torch.device:
