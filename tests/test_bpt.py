@@ -162,13 +162,70 @@ def test_whitening_on_digits_rank_deficient_checked_on_range(digits_root):
     for l in range(2):
         W_Q, W_K = (t.double() for t in model.backbone.blocks[l].attn.qkv.weight.detach()[:2 * D].split(D))
         Sigma = bpt_math.attention_covariance(W_Q, W_K, wh.Xbar[l])
-        r = int((wh.S[l] - eps > 1e4 * eps).sum())
+        e = float(wh.eps[l])  # ε is relative: init.bpt_eps × σ_max(Σ)
+        assert e == pytest.approx(eps * float(torch.linalg.eigvalsh(Sigma)[-1]), rel=1e-9)
+        r = int((wh.S[l] - e > 1e4 * e).sum())
         assert 4 <= r <= 16, r
         white = wh.W[l] @ Sigma @ wh.W[l].T
         U_r, U_n = wh.U[l, :, :r], wh.U[l, :, 16:]
         assert torch.allclose(U_r.T @ white @ U_r, torch.eye(r, dtype=torch.float64), atol=1e-3)
         assert (U_n.T @ white @ U_n).abs().max() < 1e-3  # off the range Σ is 0, whitened or not
 
+
+
+def test_token_covariance_is_the_second_moment_of_z_over_every_token():
+    """init.bpt_sigma=tokens: Σ = (1/(B·N)) Σ z z^T with z = W_Q W_K^T x, from C = mean x x^T."""
+    g = torch.Generator().manual_seed(3)
+    d, B, N = 10, 4, 6
+    W_Q, W_K = torch.randn(d, d, generator=g, dtype=torch.float64), torch.randn(d, d, generator=g, dtype=torch.float64)
+    X = torch.randn(B, N, d, generator=g, dtype=torch.float64)
+    z = X.reshape(-1, d) @ (W_Q @ W_K.T).T  # every token's z, (B·N, d)
+    C = torch.einsum("bnd,bne->de", X, X) / (B * N)
+    Sigma = bpt_math.token_covariance(W_Q, W_K, C)
+    assert torch.allclose(Sigma, z.T @ z / (B * N), rtol=1e-10, atol=1e-10 * Sigma.abs().max())
+    # B·N = 24 >= d: full rank, unlike the paper's Σ from the mean tokens (rank <= N = 6)
+    assert torch.linalg.matrix_rank(Sigma) == d
+    assert torch.linalg.matrix_rank(bpt_math.attention_covariance(W_Q, W_K, X.mean(0))) <= N
+
+
+def test_relative_eps_bounds_the_gain_whatever_the_scale():
+    """ε = bpt_eps × σ_max: a backbone whose Σ is c times larger gets W c^{-1/2} times smaller, and
+    the largest gain of W over its smallest is (1 + 1/bpt_eps)^{1/2} at most."""
+    g = torch.Generator().manual_seed(4)
+    d, N = 8, 3  # rank(Σ) = 3: the null directions get exactly ε
+    A = torch.randn(N, d, generator=g, dtype=torch.float64)
+    Sigma = A.T @ A
+    rel = 1e-4
+    W, U, S = bpt_math.whiten(Sigma, bpt_math.relative_eps(Sigma, rel))
+    W2, _, S2 = bpt_math.whiten(1e6 * Sigma, bpt_math.relative_eps(1e6 * Sigma, rel))
+    assert torch.allclose(W2, W * 1e-3, rtol=1e-6, atol=0)
+    assert float(S[-1]) == pytest.approx(rel * float(S[0]) / (1 + rel), rel=1e-9)
+    assert float((S[0] / S[-1]).sqrt()) <= (1 + 1 / rel) ** 0.5 * (1 + 1e-9)
+
+
+def test_compute_whitening_tokens_sigma_on_digits(digits_root):
+    """bpt_sigma=tokens: layer 0's Σ is built from C = the mean over images and patches of x x^T of
+    patch_embed's output, with ε relative to its σ_max; the paper's Σ (mean) gives another W."""
+    torch.manual_seed(0)
+    cfg = _cfg(init__bpt_eps=1e-6, init__bpt_sigma="tokens", prompt__deep=True, prompt__kind="vpt")
+    model = build_model(cfg, 10)
+    wh = compute_whitening(cfg, model)
+    assert wh.sigma == "tokens" and wh.B == 48
+    from vipamin_scale.init.run import Calibration
+
+    with torch.no_grad():
+        pe = torch.cat([model.backbone.patch_embed(x).double() for x in Calibration(cfg, model)])  # (B, N_p, d)
+    C0 = torch.einsum("bnd,bne->de", pe, pe) / (pe.shape[0] * pe.shape[1])
+    W_Q, W_K = (t.double() for t in model.backbone.blocks[0].attn.qkv.weight.detach()[:2 * D].split(D))
+    Sigma = bpt_math.token_covariance(W_Q, W_K, C0)
+    eps = bpt_math.relative_eps(Sigma, 1e-6)
+    assert float(wh.eps[0]) == pytest.approx(eps, rel=1e-6)
+    W, _, S = bpt_math.whiten(Sigma, eps)
+    assert torch.allclose(wh.S[0], S, rtol=1e-5, atol=1e-6 * float(S[0]))
+    assert torch.allclose(wh.W[0], W, rtol=1e-4, atol=1e-4 * float(W.abs().max()))
+    mean_cfg = _cfg(init__bpt_eps=1e-6, prompt__deep=True, prompt__kind="vpt")
+    wh_mean = compute_whitening(mean_cfg, model)
+    assert wh_mean.sigma == "mean" and not torch.allclose(wh_mean.W[0], wh.W[0], rtol=1e-2)
 
 # -- the provider ---------------------------------------------------------------------------------
 

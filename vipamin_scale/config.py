@@ -67,7 +67,8 @@ class InitConfig:
     spt_mode: str = "kmeans"  # kmeans | rand | mean_pool | max_pool
     spt_source: str = "patch_embed"  # patch_embed | pos_embedded
     kmeans_iters: int = 50
-    bpt_eps: float = 1e-5
+    bpt_sigma: str = "mean"  # mean (the paper's Σ from the batch-mean tokens) | tokens (second moment over every token)
+    bpt_eps: float = 1e-5  # relative: ε = bpt_eps × σ_max(Σ) is added before Σ^{-1/2}
     out: Optional[str] = None  # where `vipamin-scale init` writes the prompts file
 
 
@@ -177,6 +178,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "init.subspace": ("mean", "tokens"),
     "init.orth_scale": ("match", "raw"),
     "init.spt_mode": ("kmeans", "rand", "mean_pool", "max_pool"),
+    "init.bpt_sigma": ("mean", "tokens"),
     "init.spt_source": ("patch_embed", "pos_embedded"),
     "data.name": ("digits", "shards"),
     "data.backend": ("wds", "dali"),

@@ -5,11 +5,14 @@ Spec: BASELINES.md, "BPT". Per layer `l`, with `W_Q`, `W_K` the `d × d` query/k
 images at the patch positions (layer 0: the `patch_embed` output):
 
     M = W_Q W_K^T Xbar^T              (d × N_p)   = mean over images of W_Q W_K^T X^T (M is linear in X)
-    Σ = M M^T / d                     (d × d)
+    Σ = M M^T / d                     (d × d)     init.bpt_sigma=mean (the paper's)
+    Σ = A C A^T, A = W_Q W_K^T        (d × d)     init.bpt_sigma=tokens: C = mean over images and
+                                                  patch tokens of x x^T, so Σ = mean of z z^T, z = A x
+    ε = init.bpt_eps × σ_max(Σ)                   (relative: weak directions gain ≤ (1 + 1/bpt_eps)^{1/2})
     Σ + εI = U diag(S) U^T            (S descending; the SVD of a symmetric positive definite matrix)
     W = U diag(S)^{-1/2} U^T          = (Σ + εI)^{-1/2}   (ZCA whitening)
 
-`Σ` has rank at most `min(d, N_p)`: for ViT-B/16 at 224 px (`N_p = 196 < d = 768`) most of its
+The mean `Σ` has rank at most `min(d, N_p)`: for ViT-B/16 at 224 px (`N_p = 196 < d = 768`) most of its
 spectrum is the `ε` that is added, so `W` whitens `Σ + εI` exactly and `Σ` itself only on its range.
 
 The prompts are `P_l = Z_l W_l^T` (`Z_l`: `P × c`, `W_l`: `d × c`). `least_squares_Z` finds the
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_covariance", "whitening_matrix", "lowrank_init", "least_squares_Z"]
+__all__ = ["attention_covariance", "token_covariance", "relative_eps", "whiten", "whitening_matrix", "lowrank_init",
+           "least_squares_Z"]
 
 
 def attention_covariance(W_Q: torch.Tensor, W_K: torch.Tensor, Xbar: torch.Tensor) -> torch.Tensor:
@@ -38,9 +42,35 @@ def attention_covariance(W_Q: torch.Tensor, W_K: torch.Tensor, Xbar: torch.Tenso
     return 0.5 * (Sigma + Sigma.T)  # exactly symmetric
 
 
+def token_covariance(W_Q: torch.Tensor, W_K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """`Σ = A C A^T` with `A = W_Q W_K^T` and `C` (d, d) the mean of `x x^T` over images and patch
+    tokens: the second moment of `z = A x` over every token (full rank once B·N_p ≥ d) → (d, d) float64."""
+    W_Q, W_K, C = W_Q.double(), W_K.double(), C.double()
+    d = W_Q.shape[0]
+    if W_Q.shape != (d, d) or W_K.shape != (d, d) or C.shape != (d, d):
+        raise ValueError(f"token_covariance: need W_Q, W_K, C (d, d); got {tuple(W_Q.shape)}, {tuple(W_K.shape)}, "
+                         f"{tuple(C.shape)}")
+    A = W_Q @ W_K.T
+    Sigma = A @ C @ A.T
+    return 0.5 * (Sigma + Sigma.T)
+
+
+def relative_eps(Sigma: torch.Tensor, rel: float) -> float:
+    """`ε = rel × σ_max(Σ)` (Σ symmetric PSD: its largest eigenvalue)."""
+    if rel < 0:
+        raise ValueError(f"init.bpt_eps: must be >= 0; got {rel}")
+    return rel * float(torch.linalg.eigvalsh(Sigma.double())[-1].clamp_min(0.0))
+
+
 def whitening_matrix(W_Q: torch.Tensor, W_K: torch.Tensor, Xbar: torch.Tensor, eps: float,
                      layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ZCA whitening `W = (Σ + εI)^{-1/2}` → `(W (d, d), U (d, d), S (d,))`, float64.
+    """`whiten(attention_covariance(W_Q, W_K, Xbar), eps, layer)`: the paper's Σ, absolute `eps`."""
+    return whiten(attention_covariance(W_Q, W_K, Xbar), eps, layer)
+
+
+def whiten(Sigma: torch.Tensor, eps: float,
+           layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ZCA whitening `W = (Σ + εI)^{-1/2}` → `(W (d, d), U (d, d), S (d,))`, float64; `eps` absolute.
 
     `U`, `S` are the eigenvectors and eigenvalues of `Σ + εI` (`S` descending, `ε` included), so
     `W = U diag(S^{-1/2}) U^T` and `W (Σ + εI) W^T = I`. A numerically singular `Σ + εI` (ε = 0
@@ -48,7 +78,7 @@ def whitening_matrix(W_Q: torch.Tensor, W_K: torch.Tensor, Xbar: torch.Tensor, e
     """
     if eps < 0:
         raise ValueError(f"init.bpt_eps: must be >= 0; got {eps}")
-    Sigma = attention_covariance(W_Q, W_K, Xbar)
+    Sigma = 0.5 * (Sigma.double() + Sigma.double().T)
     d = Sigma.shape[0]
     lam, U = torch.linalg.eigh(Sigma)  # ascending
     lam, U = lam.flip(0), U.flip(1)

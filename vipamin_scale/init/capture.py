@@ -42,6 +42,7 @@ class CaptureSpec:
     entropy: bool = False  # H    (pass A)
     attn_out: bool = False  # S   (pass B)
     block_in: bool = False  # X   (pass B)
+    block_in_cov: bool = False  # C: per image, the mean over patch tokens of x x^T (pass B)
     tokens: bool = False  # SPT tokens (pass B)
     token_source: str = "patch_embed"  # layer 0 tokens: patch_embed | pos_embedded
     row_sink: Optional[Callable[[int, torch.Tensor], None]] = None  # (layer, S rows (n, d)) for subspace=tokens
@@ -52,7 +53,7 @@ class CaptureSpec:
 
     @property
     def pass_b(self) -> bool:
-        return self.attn_out or self.block_in or self.tokens or self.row_sink is not None
+        return self.attn_out or self.block_in or self.block_in_cov or self.tokens or self.row_sink is not None
 
 
 @dataclass
@@ -64,6 +65,7 @@ class LayerSums:
     T: dict[int, torch.Tensor] = field(default_factory=dict)  # per-image mean patch-token norm, summed
     S: dict[int, torch.Tensor] = field(default_factory=dict)
     X: dict[int, torch.Tensor] = field(default_factory=dict)
+    C: dict[int, torch.Tensor] = field(default_factory=dict)  # sum over images of mean_tokens x x^T
     tokens: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, table: str, layer: int, value: torch.Tensor) -> None:
@@ -141,6 +143,8 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
             if layer in wanted and layer > 0:
                 if spec.block_in:
                     sums.add("X", layer, x[:, 1:].sum(dim=0))
+                if spec.block_in_cov:
+                    sums.add("C", layer, _token_moment(x[:, 1:]))
                 if spec.tokens:
                     sums.tokens.setdefault(layer, []).append(x[:, 1:].reshape(-1, x.shape[-1]).float().cpu())
             if layer == 0 and 0 in wanted and spec.tokens and spec.token_source == "pos_embedded":
@@ -151,6 +155,8 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
         if 0 in wanted:
             if spec.block_in:
                 sums.add("X", 0, out.sum(dim=0))
+            if spec.block_in_cov:
+                sums.add("C", 0, _token_moment(out))
             if spec.tokens and spec.token_source == "patch_embed":
                 sums.tokens.setdefault(0, []).append(out.reshape(-1, out.shape[-1]).float().cpu())
 
@@ -207,15 +213,21 @@ def capture_layer_stats(model: PromptedViT, batches: Iterable[torch.Tensor], ran
     return sums
 
 
+def _token_moment(x: torch.Tensor) -> torch.Tensor:
+    """x (b, N, d) → sum over the b images of (1/N) Σ_tokens x x^T, (d, d) float64."""
+    x = x.double()
+    return torch.einsum("bnd,bne->de", x, x) / x.shape[1]
+
+
 def _zero_sums(model: PromptedViT, spec: CaptureSpec) -> LayerSums:
     """Every requested (table, layer) starts at zero, so every rank holds the same tables, even a
     rank that reads no image: the all-reduces that follow then line up on every rank."""
     d, P = model.dim, model.num_prompts
     N_p = model.backbone.patch_embed.num_patches
     d_h = d // model.backbone.blocks[0].attn.num_heads
-    shapes = {"E": (N_p, d), "K": (P + N_p, d_h), "H": (), "T": (), "S": (1 + N_p, d), "X": (N_p, d)}
+    shapes = {"E": (N_p, d), "K": (P + N_p, d_h), "H": (), "T": (), "S": (1 + N_p, d), "X": (N_p, d), "C": (d, d)}
     tables = (["E", "K"] if spec.match else []) + (["H", "T"] if spec.entropy else []) \
-        + (["S"] if spec.attn_out else []) + (["X"] if spec.block_in else [])
+        + (["S"] if spec.attn_out else []) + (["X"] if spec.block_in else []) + (["C"] if spec.block_in_cov else [])
     sums = LayerSums()
     for table in tables:
         getattr(sums, table).update({l: torch.zeros(shapes[table], dtype=torch.float64) for l in spec.layers})

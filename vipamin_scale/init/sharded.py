@@ -22,7 +22,7 @@ def owner_of(layer_row: int, world: int) -> int:
     return layer_row % world
 
 
-def reduce_means(sums: LayerSums, tables: tuple[str, ...] = ("E", "K", "H", "T", "S", "X")) -> tuple[int, dict]:
+def reduce_means(sums: LayerSums, tables: tuple[str, ...] = ("E", "K", "H", "T", "S", "X", "C")) -> tuple[int, dict]:
     """All-reduce every captured sum (float64) and the image count; return (B, {table: {l: mean}}).
 
     Tensors are flattened into one buffer per table, so a table costs one collective, not one per layer.
