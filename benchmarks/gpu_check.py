@@ -478,7 +478,8 @@ def section_init(rec: Record, ctx: dict) -> None:
         import torch.distributed as dist
 
         backend = "nccl" if gpu else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0) if backend == "nccl" else None)
         try:
             path = work / f"w1_{backend}.safetensors"
             run_init(compose_config([*INIT_ARGS, f"out={path}"]), path)

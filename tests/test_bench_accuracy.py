@@ -1,59 +1,94 @@
-"""benchmarks/accuracy.py --quick end to end: every method tuned, 2 seeds, a well-formed table and plot."""
+"""benchmarks/accuracy.py: the paired design end to end (--quick), its statistics, its refusals."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, cli_env
 
 from benchmarks_support import load_accuracy_module
 
 
+@pytest.mark.slow
 def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     out = tmp_path / "accuracy.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--work",
-                           str(tmp_path / "work"), "--out", str(out)], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--no-gate", "--work",
+           str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     bench = load_accuracy_module()
-    assert list(doc["methods"]) == list(bench.METHODS) and doc["regimes"] == ["full", "1shot", "4shot"]
+    assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == 3
+    lrs = doc["args"]["lrs"]
     for name, m in doc["methods"].items():
-        assert m["lr"] in doc["args"]["lrs"]
-        for regime in doc["regimes"]:
-            cell = m["results"][regime]
-            assert cell["n"] == 2, (name, regime, cell)  # every run finished
-            assert 0.0 <= cell["mean"] <= 1.0 and cell["std"] >= 0.0
-            assert abs(cell["mean"] - sum(cell["runs"]) / 2) < 1e-12
-        rungs = m["tune"]["rungs"]  # grid: the 3 lrs at the full budget, the best val wins
-        assert [len(r["trials"]) for r in rungs] == [3]
-        best = max(rungs[0]["trials"], key=lambda t: (t["val_acc"], -t["candidate"]))
-        assert m["lr"] == best["params"]["train.lr"]
-    # the printed table: a header, a rule, one row per method, each cell "mean ± std"
+        for k in ("1", "2"):
+            sel = m["selected"][k]
+            grid = bench.LINEAR_CS if name == bench.LINEAR else lrs
+            assert [t.get("lr", t.get("C")) for t in sel["trials"]] == list(grid)  # every grid point tried on val
+            best = max(sel["trials"], key=lambda t: t["val_acc"])
+            assert sel["value"] in grid and next(t["val_acc"] for t in sel["trials"]
+                                                 if t.get("lr", t.get("C")) == sel["value"]) == best["val_acc"]
+            cell = m["results"][k]
+            assert cell["n"] == 3, (name, k, cell)  # every draw finished
+            assert abs(cell["mean"] - sum(cell["runs"]) / 3) < 1e-12 and 0 <= cell["mean"] <= 1
+        for ref in (bench.RANDOM, bench.DEFAULT):
+            if ref == name:
+                continue
+            for k in ("1", "2"):  # the paired difference is over the same draws, with a t interval
+                p = m["paired"][ref][k]
+                d = [x - y for x, y in zip(m["results"][k]["runs"], doc["methods"][ref]["results"][k]["runs"])]
+                assert p["n"] == 3 and abs(p["mean"] - sum(d) / 3) < 1e-12
+                if p["sd"] > 0:
+                    from scipy import stats
+
+                    lo, hi = stats.t.interval(0.95, 2, loc=p["mean"], scale=p["sd"] / math.sqrt(3))
+                    assert abs(p["lo"] - lo) < 1e-12 and abs(p["hi"] - hi) < 1e-12
+                    assert p["resolved"] == (lo > 0 or hi < 0)
+    # the paired design: within a draw every prompt method saw the same training images
+    g = doc["gate"]
+    assert g["passed"] == (g["random_test"] >= g["probe_test"]) and doc["verdict"] == ("ok" if g["passed"]
+                                                                                       else "undertrained")
     printed = proc.stdout.splitlines()
-    start = printed.index("| method | full | 1shot | 4shot | tuned lr |")
-    lines = [ln for ln in printed[start:] if ln.startswith("|")]
-    assert lines[0] == "| method | full | 1shot | 4shot | tuned lr |" and len(lines) == 2 + len(bench.METHODS)
-    for line in lines[2:]:
-        assert len(re.findall(r"\d+\.\d ± \d+\.\d", line)) == 3, line
+    header = "| method | 1-shot | 2-shot | selected (per k) |"
+    rows = [ln for ln in printed[printed.index(header):] if ln.startswith("|")][:2 + len(bench.METHODS)]
+    assert len(rows) == 2 + len(bench.METHODS)
+    for line in rows[2:]:
+        assert len(re.findall(r"\d+\.\d ± \d+\.\d", line)) == 2, line
     assert out.with_suffix(".png").stat().st_size > 10_000
-    proxy = doc["proxy"]
-    assert len(proxy["cells"]) == 4 and set(proxy["spearman"]) >= {"entropy_norm (higher better)"}
-    # the RESULTS.md section is built from the same document (quick mode never writes the repo's file)
+    preset = json.loads((tmp_path / "demo_preset.json").read_text())
+    assert preset["shots"] == 2 and set(preset["lr"]) == set(bench.DEMO_METHODS)
+    assert all(preset["lr"][m] == doc["methods"][m]["selected"]["2"]["value"] for m in bench.DEMO_METHODS)
     section = bench.results_section(doc, "accuracy.png")
-    assert section.startswith(bench.BEGIN) and section.endswith(bench.END) and "| VIPAMIN corrected |" in section
+    assert section.startswith(bench.BEGIN) and section.endswith(bench.END)
+    assert ("UNDERTRAINED" in section) == (not g["passed"]) and "| VIPAMIN paper |" in section
+    # a second run reuses every finished run, and refuses a changed protocol
+    again = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.read_text())["methods"] == doc["methods"]
+    changed = subprocess.run(cmd + ["--epochs", "3"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert changed.returncode == 1 and "holds runs of another protocol (epochs: 2 -> 3)" in changed.stderr
 
 
-def test_spearman_matches_scipy_with_ties():
-    import random
-
-    from scipy.stats import spearmanr
-
+def test_draws_are_shared_and_nested(tmp_path):
+    """Within a draw every method reads the same shard directory; draws differ; k-shot draws nest."""
     bench = load_accuracy_module()
-    rng = random.Random(0)
-    for _ in range(20):
-        x = [rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(9)]
-        y = [rng.random() for _ in range(9)]
-        assert abs(bench.spearman(x, y) - spearmanr(x, y).statistic) < 1e-12
+    roots = bench.fewshot_roots(tmp_path, [1, 2], 2)
+    drawn = {key: json.loads((root / "manifest.json").read_text())["drawn"] for key, root in roots.items()}
+    assert set(drawn[(1, 0)]) <= set(drawn[(2, 0)]) and drawn[(2, 0)] != drawn[(2, 1)]
+    a = bench.parse(["--quick"])
+    cfgs = [bench.run_cfg(a, roots[(2, 1)], m) for m in ("VPT random", "VIPAMIN", "BPT whiten Σ=tokens")]
+    assert len({c.data.root for c in cfgs}) == 1 and cfgs[2].init.bpt_sigma == "tokens"
+    assert cfgs[1].init.method == "vipamin" and cfgs[1].init.orth_scale == "match"
+
+
+def test_schedule_and_paired_interval():
+    bench = load_accuracy_module()
+    assert bench.schedule(10, 10, 20, 60) == {"batch": 10, "epochs": 60, "steps": 60, "warmup_epochs": 6.0}
+    assert bench.schedule(80, 10, 20, 60) == {"batch": 10, "epochs": 20, "steps": 160, "warmup_epochs": 2.0}
+    p = bench.paired([0.5, 0.6, 0.7, None], [0.4, 0.45, 0.5, 0.9])  # a failed draw is left out of the pair
+    assert p["n"] == 3 and abs(p["mean"] - 0.15) < 1e-12 and p["resolved"]
+    assert not bench.paired([0.5, 0.4], [0.4, 0.5])["resolved"]

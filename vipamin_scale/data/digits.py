@@ -26,6 +26,7 @@ from vipamin_scale.data.shards import MANIFEST, dataset_info, write_dataset
 from vipamin_scale.paths import cache_dir as default_cache_dir
 
 DIGITS_DIR = "digits_shards_v1"
+FEWSHOT_DIR = "digits_fewshot_v1"  # <cache>/digits_fewshot_v1/{tree, <k>shot_seed<draw>}
 SPLIT_SIZES = {"train": 1000, "val": 297, "test": 500}
 IMAGE_SIZE = 32
 SEED = 0
@@ -82,3 +83,29 @@ def digits_root(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def digits_fewshot(shots: list[int], draws: int, cache_dir: str | Path | None = None) -> dict[tuple[int, int], Path]:
+    """The digits' few-shot draws as shard directories, written once: {(k, draw): dir}.
+
+    Draw d takes k training images per class (`protocols.fewshot_shards`, seed d; the k-shot
+    draws of one seed are nested) and keeps val and test whole. The same (k, d) is the same images
+    wherever it is written. Call from one process (the benchmark's and the demo's parent)."""
+    from vipamin_scale.data.protocols import fewshot_shards
+
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEWSHOT_DIR
+    tree = root / "tree"
+    if not (tree / ".done").is_file():
+        images, labels = digits_images()
+        for split, idx in _split_indices(labels).items():
+            for i in idx:
+                path = tree / split / str(int(labels[i])) / f"{i:04d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).save(path)
+        (tree / ".done").write_text("ok\n")
+    out = {}
+    for d in range(draws):
+        if not all((root / f"{k}shot_seed{d}" / MANIFEST).is_file() for k in shots):
+            fewshot_shards(tree, root, shots=shots, seed=d, overwrite=True)
+        out.update({(k, d): root / f"{k}shot_seed{d}" for k in shots})
+    return out
