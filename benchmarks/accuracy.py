@@ -259,7 +259,7 @@ class Bench:
         cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = str(out), lr, seed, seed
         # the one evaluation of a final run is on test (its lr was chosen on val already)
         cfg.train.eval_split, cfg.train.test_at_end, cfg.train.eval_every = "test", False, cfg.train.epochs
-        if not (out / "result.json").is_file():
+        if not runs.has_ended(out):
             try:
                 self.train_fn(method)(cfg)
             except Exception as exc:  # recorded in the table, the benchmark goes on

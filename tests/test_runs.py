@@ -170,3 +170,40 @@ def test_identity_keeps_what_changes_a_result():
     assert a["data.batch_size"] == 32 and fingerprint(a) == fingerprint(b)
     other = identity(default_config(data__batch_size=16, prompt__length=8, init__lam=0.25))
     assert differences(a, other) == ["data.batch_size: 32 -> 16", "init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]
+
+
+def test_runs_are_read_back_through_their_records(tmp_path):
+    """`find_run_dirs` / `run_status` / `run_config` / `run_overrides`: a Hydra job is described by
+    Hydra's own files, a run made without Hydra (a tune's inline trial) by its run record alone."""
+    from omegaconf import OmegaConf
+
+    from vipamin_scale import runs
+    from vipamin_scale.config import default_config
+    from vipamin_scale.studies import find_runs
+
+    root = tmp_path / "sweep"
+    plain, failed, cut, hydra_job = root / "a", root / "b", root / "c", root / "d"
+    for d, lr in ((plain, 0.1), (failed, 0.2), (cut, 0.3)):
+        d.mkdir(parents=True)
+        runs.begin(d, default_config(train__lr=lr, train__out_dir=str(d)))
+    runs.finish(plain, {"final_eval": {"acc": 0.5}})
+    assert runs.record_failure(failed, "RuntimeError: boom")
+    (cut / "checkpoints" / "x").mkdir(parents=True)
+    runs.write_json(cut / "checkpoints" / "x" / runs.RESULT, {})  # inside a run's checkpoints: not a run
+    (hydra_job / ".hydra").mkdir(parents=True)
+    (hydra_job / ".hydra" / "overrides.yaml").write_text("- train.lr=0.4\n")
+    (hydra_job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"lr": 0.4}}))
+    runs.write_json(hydra_job / "result.rank1.json", {"status": "failed", "error": "rank 1 lost", "rank": 1})
+    (root / "tune.json").write_text("{}")  # not a run directory
+
+    assert runs.find_run_dirs(root) == [plain, failed, cut, hydra_job]
+    assert [runs.run_status(d)[0] for d in (plain, failed, cut, hydra_job)] == ["ok", "failed", "incomplete", "failed"]
+    assert runs.run_status(hydra_job)[1] == {"error": "rank 1 lost"}
+    assert runs.has_ended(plain) and runs.has_ended(failed) and not runs.has_ended(cut)
+    assert runs.run_config(plain)["train"]["lr"] == 0.1 and runs.run_config(hydra_job) == {"train": {"lr": 0.4}}
+    assert runs.run_overrides(hydra_job) == ["train.lr=0.4"]
+    assert "train.lr=0.1" in runs.run_overrides(plain) and "model.pool=cls" in runs.run_overrides(plain)
+    assert not any(o.startswith("train.out_dir=") for o in runs.run_overrides(plain))  # identity only
+    table = {r.name: r for r in find_runs(root)}
+    assert list(table) == ["a", "b", "c", "d"] and table["c"].status == "incomplete"
+    assert table["a"].value("train.lr") == 0.1 and table["d"].value("train.lr") == 0.4
