@@ -6,11 +6,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, cli_env
 
 from benchmarks_support import load_accuracy_module
 
 
+@pytest.mark.slow
 def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     out = tmp_path / "accuracy.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--work",

@@ -36,6 +36,7 @@ def _snapshot(path):
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root):
     run = tmp_path / "run"
     cut = _train(run, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"))
@@ -76,6 +77,7 @@ def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root
     assert _snapshot(run / "result.json") == before
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_dir(tmp_path, digits_root):
     run = tmp_path / "run"
     run.mkdir()
@@ -100,6 +102,7 @@ def test_one_writer_per_run_dir(tmp_path, digits_root):
     assert not lock.exists() and _strict((run / "result.json").read_text())["steps"] == 256 // 32
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_strict_json(tmp_path, digits_root):
     run = tmp_path / "run"
     proc = _train(run, "train.lr=1e30", "train.epochs=2")
@@ -119,6 +122,7 @@ def test_non_finite_loss_stops_the_run_with_strict_json(tmp_path, digits_root):
     ("nan", "the `prompts` tensor has 1 non-finite (NaN/Inf) or non-float values of 512"),
     ("garbage", "is not a readable safetensors file (Error while deserializing header: header too large)"),
 ])
+@pytest.mark.slow
 def test_bad_prompts_file_is_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "prompts.safetensors"
     if content == "nan":
@@ -149,6 +153,7 @@ def _unwritable(tmp_path):
     return "/sys/vipamin_scale_test_run"
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
     target = _unwritable(tmp_path)
     for extra in ([f"train.out_dir={target}"], []):
