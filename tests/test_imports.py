@@ -30,14 +30,14 @@ ALLOWED_BELOW = {
 }
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT.parent).with_suffix("")
+def module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root.parent).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    return {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
 
 def _type_checking_lines(tree: ast.AST) -> set[int]:
@@ -59,9 +59,10 @@ def _resolve(target: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def import_edges() -> dict[str, dict[str, list[str]]]:
-    """{importer: {imported module: ["file:line", ...]}} over the package's modules."""
-    modules = _modules()
+def import_edges(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
+    """{importer: {imported module: ["file:line", ...]}} over the modules of the package at `root`."""
+    package = root.name
+    modules = _modules(root)
     graph: dict[str, dict[str, list[str]]] = {m: {} for m in modules}
     for mod, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -86,21 +87,21 @@ def import_edges() -> dict[str, dict[str, list[str]]]:
                 if any(_resolve(f"{prefix}.{a.name}", modules) == f"{prefix}.{a.name}" for a in node.names):
                     targets = targets[:-1]
             for target in targets:
-                if not target.startswith(PACKAGE):
+                if not (target == package or target.startswith(package + ".")):
                     continue
                 dep = _resolve(target, modules)
                 if dep is None or dep == mod:
                     continue
                 deps = {dep}
                 parent = dep.rpartition(".")[0]
-                while parent and parent != PACKAGE:  # a subpackage's __init__ runs before its module
+                while parent and parent != package:  # a subpackage's __init__ runs before its module
                     deps.add(parent)
                     parent = parent.rpartition(".")[0]
                 for d in deps - {mod}:
                     if mod.startswith(d + "."):  # a module of a package needs not its own __init__
                         continue
                     where = graph[mod].setdefault(d, [])
-                    line = f"{path.relative_to(ROOT.parent)}:{node.lineno}"
+                    line = f"{path.relative_to(root.parent)}:{node.lineno}"
                     if line not in where:
                         where.append(line)
     return graph
@@ -157,15 +158,26 @@ def _layer(mod: str) -> str | None:
     return None
 
 
-def test_the_graph_reader_sees_late_relative_and_parent_imports():
-    graph = import_edges()
-    assert f"{PACKAGE}.linalg.tsqr" in graph[f"{PACKAGE}.linalg"]  # `from .tsqr import ...` in __init__
-    assert f"{PACKAGE}.train" in graph[f"{PACKAGE}.cli"]  # a late import inside a function
-    assert f"{PACKAGE}.data" not in graph[f"{PACKAGE}.data.digits"]  # its own package: not an edge
-    # a diamond and a circle, to check the circle finder itself
-    toy = {"a": {"b": []}, "b": {"c": []}, "c": {"a": []}, "d": {"a": [], "e": []}, "e": {}}
-    assert circles(toy) == [["a", "b", "c"]]
-    assert circles({"a": {"b": []}, "b": {}}) == []
+def test_the_graph_reader_sees_late_relative_and_parent_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    files = {
+        "__init__.py": "",
+        "low.py": "import os\n",
+        "sub/__init__.py": "from .a import f\n",
+        "sub/a.py": "from pkg import low\n\ndef f():\n    from pkg.high import g  # late\n",
+        "sub/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.high import g\nfrom . import a\n",
+        "high.py": "import pkg.sub.b\n\ndef g():\n    pass\n",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    graph = import_edges(pkg)
+    assert set(graph["pkg.sub"]) == {"pkg.sub.a"}  # relative, in a package's __init__
+    assert set(graph["pkg.sub.a"]) == {"pkg.low", "pkg.high"}  # `from pkg import low`; the late import
+    assert set(graph["pkg.sub.b"]) == {"pkg.sub.a"}  # TYPE_CHECKING skipped; its own package: no edge
+    assert set(graph["pkg.high"]) == {"pkg.sub.b", "pkg.sub"}  # a subpackage's __init__ runs first
+    assert circles(graph) == [["pkg.high", "pkg.sub", "pkg.sub.a", "pkg.sub.b"]]
+    assert circles({"a": {"b": []}, "b": {"c": []}, "c": {}, "d": {"a": []}}) == []
 
 
 def test_no_import_circles():
