@@ -1,9 +1,9 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv/ when needed.
+# The commands of the README: `make demo`, `make test` and `make test-fast`. Both set up .venv/ when needed.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test sweep-demo bench-init bench-accuracy gpu-check clean
+.PHONY: setup demo test test-fast sweep-demo bench-init bench-accuracy gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The unit tests only (under 3 min on 2 cores): what is marked `slow` (starts processes, trains end to
+# end, or takes over 10 s) is left to `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf .venv

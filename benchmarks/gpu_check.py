@@ -348,7 +348,7 @@ def section_train(rec: Record, ctx: dict) -> None:
             cfg = compose_config([*TRAIN_ARGS, f"engine={engine}", f"train.precision={precision}",
                                   f"engine.activation_checkpointing={str(ac).lower()}", f"train.out_dir={d}"])
             result = run_training(cfg)
-            return {"seconds": round(time.perf_counter() - t, 2), "device": str(result["model"].head.weight.device),
+            return {"seconds": round(time.perf_counter() - t, 2), "device": result.get("device"),
                     "val_acc": result["final_eval"].get("acc")}
 
         runs[name] = rec.item(name, one) or rec.data[name]

@@ -342,6 +342,7 @@ def _records(run_dir, event):
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
+@pytest.mark.slow
 def test_training_with_bpt_lowers_loss(tmp_path, digits_root):
     run = tmp_path / "run"
     proc = subprocess.run(cli("train", *TINY, f"hydra.run.dir={run}", "prompt=bpt", "init.num_images=64"),

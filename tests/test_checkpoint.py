@@ -70,6 +70,7 @@ class _Payload:
         return os.mkdir, (self.marker,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ckpt-00000004.pt", "ckpt-00000004.safetensors"])
 def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path, digits_root, name):
     """A pickle whose loading runs code, under the old (.pt) and the new checkpoint name: resume
@@ -91,6 +92,7 @@ def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path, digits_
     assert crafted.exists()  # nothing the user had is deleted
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path):
     """The step-4 checkpoint truncated (a crash of the disk, not of our write): resume warns naming
     it, continues from step 2, and ends where the intact run ended (same prompts, bit for bit)."""
@@ -108,6 +110,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path)
         assert torch.equal(got["optimizer"][n]["exp_avg_sq"], want["optimizer"][n]["exp_avg_sq"]), n
 
 
+@pytest.mark.slow
 def test_no_valid_checkpoint_is_one_line(trained, tmp_path):
     run = _copy(trained, tmp_path)
     for p in ckpt.list_checkpoints(run / "checkpoints"):
@@ -117,6 +120,7 @@ def test_no_valid_checkpoint_is_one_line(trained, tmp_path):
     assert not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_one_line(trained, tmp_path):
     run = _copy(trained, tmp_path)
     line = _one_error_line(_train(run, "train.resume=true", "prompt.length=8", check=False))
@@ -126,6 +130,7 @@ def test_checkpoint_of_another_architecture_is_one_line(trained, tmp_path):
     assert not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_failed_write_leaves_no_temp_file_and_keeps_the_previous(trained, tmp_path, monkeypatch):
     """A write that fails midway (here: fsync raises, as on a full disk) removes its temp file and
     leaves the directory as it was; the next resume still finds the previous checkpoint."""
@@ -147,6 +152,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_previous(trained, tmp_pa
     assert path.name == "ckpt-00000004.safetensors"
 
 
+@pytest.mark.slow
 def test_checkpoint_file_is_safetensors_with_json_state(trained):
     """The format itself: tensors in safetensors, the rest plain JSON; RNG states round-trip."""
     from safetensors import safe_open

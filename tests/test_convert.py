@@ -229,6 +229,29 @@ def test_resample_pos_embed_shapes_prefix_and_dtype():
         cv.resample_pos_embed(torch.randn(1, 1 + 10, 4), (4, 4))
 
 
+@pytest.mark.parametrize("grid", [(16, 16), (12, 20), (40, 9)])
+def test_resample_pos_embed_is_the_hand_written_bicubic(grid):
+    """timm's `resample_abs_pos_embed` (what `resample_pos_embed` calls) is the same math as the resize
+    we wrote by hand before: bicubic, align_corners=False, no antialias, float32, prefix passed through."""
+    pe = torch.randn(1, 1 + 37 * 37, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    h, w = grid
+    patch = pe[:, 1:].reshape(1, 37, 37, 24).permute(0, 3, 1, 2).to(torch.float32)
+    patch = F.interpolate(patch, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
+    by_hand = torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, 24).to(pe.dtype)], 1)
+    out = cv.resample_pos_embed(pe, grid)
+    assert out.dtype == pe.dtype and torch.equal(out, by_hand)
+
+
+def test_resample_pos_embed_refuses_what_timm_would_guess():
+    """timm infers a grid from the token count; ours refuses a bad shape or grid with one message."""
+    with pytest.raises(ValueError, match=r"\(1, tokens, dim\)"):
+        cv.resample_pos_embed(torch.randn(2, 1 + 16, 4), (3, 3))
+    with pytest.raises(ValueError, match="positive"):
+        cv.resample_pos_embed(torch.randn(1, 1 + 16, 4), (0, 3))
+    with pytest.raises(ValueError, match="square"):
+        cv.resample_pos_embed(torch.randn(1, 1 + 16, 4), (3, 3), num_prefix_tokens=2)
+
+
 def test_cached_file_is_reused_without_download(converted, monkeypatch, capsys):
     def no_download(*_a, **_k):
         raise AssertionError("must not download when the file is cached")

@@ -106,6 +106,7 @@ def test_manifest_classes_and_keys(many_shards, tree):
         make_shards(tree, many_shards)
 
 
+@pytest.mark.slow
 def test_shards_cli_into_a_shard_directory_names_the_overwrite_flag(tree, tmp_path):
     out = tmp_path / "out"
     first = subprocess.run(cli("shards", str(tree), str(out)), env=cli_env(), capture_output=True, text=True,

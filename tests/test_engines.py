@@ -99,6 +99,7 @@ def runs(tmp_path_factory, digits_root):
 
 
 # -- the loss curve and the prompts agree across engines ---------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepspeed2", "zero1", "zero2_ac", "zero3_killed", "fairscale_ac", "fsdp2_ac"])
 def test_world2_engines_follow_ddp_loss_curve(runs, name):
     """Same layout (2 ranks x 16) as DDP, so the same samples in the same order at every step:
@@ -118,6 +119,7 @@ def test_world2_engines_follow_ddp_loss_curve(runs, name):
     assert len(set(round(v, 4) for v in ref.values())) > 4  # the curve moves: not a frozen model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepspeed2", "zero1", "zero2_ac", "fairscale_ac", "zero3_killed", "fsdp2_ac"])
 def test_world2_engines_end_with_ddp_prompts(runs, name):
     """Final prompts, head and AdamW moments by name equal DDP's (same tolerance reasoning as the
@@ -140,6 +142,7 @@ def test_world2_engines_end_with_ddp_prompts(runs, name):
                            ["params"]["prompt.prompts"])  # training moved the prompts between the two
 
 
+@pytest.mark.slow
 def test_world2_matches_single_process_on_final_eval(runs):
     """1 process x 32 vs 2 ranks x 16: the same global batch, lr, schedule, step count and data,
     but the loader's sample order depends on the layout, so the batches differ and the curves are
@@ -158,6 +161,7 @@ def test_world2_matches_single_process_on_final_eval(runs):
         assert abs(two["final_eval"]["acc"] - one["acc"]) <= 0.06, name
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_frozen_blocks(runs):
     """fully_shard really split the model: rank 0 holds about half of every parameter (dim 0 cut in
     2, rounded up), and the checkpoint holds full tensors by name, as every engine's does."""
@@ -173,6 +177,7 @@ def test_fsdp2_shards_the_frozen_blocks(runs):
     assert state["params"]["prompt.prompts"].shape == (2, 4, 64) and state["params"]["head.weight"].shape == (10, 64)
 
 
+@pytest.mark.slow
 def test_zero3_counts_trainable_params_before_partitioning(runs):
     log = (runs["zero3_killed"] / "cli.log").read_text() if (runs["zero3_killed"] / "cli.log").exists() else \
         open(f"{runs['zero3_killed']}.log").read()
@@ -180,6 +185,7 @@ def test_zero3_counts_trainable_params_before_partitioning(runs):
 
 
 # -- resume across engines and world sizes --------------------------------------------------------------
+@pytest.mark.slow
 def test_checkpoints_move_between_engines_and_world_sizes(runs):
     """ZeRO-3 on 2 ranks, SIGKILLed at step 6, resumed by plain DDP in 1 process (batch 32, the
     same global batch, 4 steps/epoch, the same schedule). The reference resumes the same way from
@@ -221,6 +227,7 @@ def test_checkpoints_move_between_engines_and_world_sizes(runs):
     assert _records(root / "resume_from_zero3")[-1]["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_one_rank_dies_equals_uninterrupted(runs):
     """ZeRO-3 on 2 ranks: rank 1 SIGKILLs itself at step 6; torchrun (--max-restarts=1) restarts
     both ranks, which rejoin the group and resume from the step-4 checkpoint on their own
@@ -261,6 +268,7 @@ def preset_runs(runs):
     return {name: root / name for name in PRESETS}, killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_engine_preset_checkpoints_and_resumes(preset_runs, runs, name):
     """The killed run left its end-of-epoch-1 checkpoint; the resumed run continues from it and
@@ -324,7 +332,7 @@ def one_rank_group(monkeypatch):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fairscale", "deepspeed"])
+@pytest.mark.parametrize("engine", ["ddp", "fairscale", pytest.param("deepspeed", marks=pytest.mark.slow)])  # DeepSpeed's import: ~10 s
 def test_activation_checkpointing_changes_no_number(engine, request):
     """Same loss and the same prompt/head gradients with and without checkpointing (the blocks
     are recomputed with the same ops on the same inputs, so equality is exact), and fewer

@@ -25,6 +25,7 @@ def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     before = _digest(COMMITTED)
     proc = _run("--smoke", "--out", str(tmp_path))
@@ -62,6 +63,7 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     assert _digest(COMMITTED) == before  # the committed figures are never touched by a smoke run
 
 
+@pytest.mark.slow
 def test_a_section_past_its_time_is_killed_and_recorded(tmp_path):
     """A section past its cap (here the whole --budget-s) is killed and recorded as a timeout in
     one line; the JSON and the RESULTS.md section are written all the same."""
@@ -73,6 +75,7 @@ def test_a_section_past_its_time_is_killed_and_recorded(tmp_path):
     assert "| train | timeout |" in (tmp_path / "RESULTS.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_without_gpu_and_without_smoke_one_line_and_exit_2(tmp_path):
     proc = _run("--out", str(tmp_path), timeout=120)
@@ -82,6 +85,7 @@ def test_without_gpu_and_without_smoke_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.slow
 def test_smoke_never_writes_the_committed_results(tmp_path):
     before = _digest(COMMITTED)
     proc = _run("--smoke", "--out", str(REPO / "benchmarks" / "results"), timeout=120)

@@ -174,6 +174,7 @@ def test_k_out_of_range_fails_before_compute(tmp_path, digits_root):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_train_from_init_and_diagnose_cli(tmp_path, digits_root):
     """`train init=vipamin` runs the initializer first, then trains from its prompts; `diagnose`
     writes the table, JSON and PNG for a prompts file."""

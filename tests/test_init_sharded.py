@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from vipamin_scale.data.shards import write_dataset
 from vipamin_scale.init.run import read_prompts_metadata
 
+pytestmark = pytest.mark.slow  # torchrun and multi-node rendezvous
+
 WORKER = str(Path(__file__).parent / "dist_scripts" / "init_worker.py")
 BASE = dict(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4,
             init__num_images=70, init__batch_size=16)  # 70 images: uneven blocks at world 4

@@ -63,6 +63,7 @@ def _offline_env(hub: Path) -> dict[str, str]:
     return cli_env(HF_HOME=str(hub.parent / "hf_home"), HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
 
 
+@pytest.mark.slow
 def test_pretrained_tag_loads_the_hub_cache_offline(tmp_path, converted):
     """Built through timm (`create_model(..., pretrained=True)`) from the cache, network off: every
     tensor equals the file's at the native 518 px; at the demo's 112 px everything but the position
@@ -94,6 +95,7 @@ print(json.dumps(out))
     assert out["112"]["pos"] == [1, 1 + 8 * 8, 384]
 
 
+@pytest.mark.slow
 def test_tag_missing_from_cache_offline_is_one_line_at_the_cli(tmp_path):
     hub = tmp_path / "empty_hub"
     hub.mkdir()

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 
+import pytest
 import yaml
 from conftest import TINY, cli, cli_env
 
@@ -86,6 +87,7 @@ def test_report_errors_on_a_missing_or_empty_directory(tmp_path):
     assert proc.returncode == 2 and "no runs under" in proc.stderr
 
 
+@pytest.mark.slow
 def test_real_multirun_on_the_tiny_model_gives_a_report(tmp_path, digits_root):
     """Hydra multirun, 4 jobs in one process: 2 train, 2 fail validation; all 4 are reported."""
     sweep = tmp_path / "multirun"

@@ -36,6 +36,7 @@ def _snapshot(path):
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root):
     run = tmp_path / "run"
     cut = _train(run, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"))
@@ -76,6 +77,7 @@ def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root
     assert _snapshot(run / "result.json") == before
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_dir(tmp_path, digits_root):
     run = tmp_path / "run"
     run.mkdir()
@@ -100,6 +102,7 @@ def test_one_writer_per_run_dir(tmp_path, digits_root):
     assert not lock.exists() and _strict((run / "result.json").read_text())["steps"] == 256 // 32
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_strict_json(tmp_path, digits_root):
     run = tmp_path / "run"
     proc = _train(run, "train.lr=1e30", "train.epochs=2")
@@ -119,6 +122,7 @@ def test_non_finite_loss_stops_the_run_with_strict_json(tmp_path, digits_root):
     ("nan", "the `prompts` tensor has 1 non-finite (NaN/Inf) or non-float values of 512"),
     ("garbage", "is not a readable safetensors file (Error while deserializing header: header too large)"),
 ])
+@pytest.mark.slow
 def test_bad_prompts_file_is_one_line_naming_it(tmp_path, content, message):
     path = tmp_path / "prompts.safetensors"
     if content == "nan":
@@ -149,6 +153,7 @@ def _unwritable(tmp_path):
     return "/sys/vipamin_scale_test_run"
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
     target = _unwritable(tmp_path)
     for extra in ([f"train.out_dir={target}"], []):
@@ -170,3 +175,40 @@ def test_identity_keeps_what_changes_a_result():
     assert a["data.batch_size"] == 32 and fingerprint(a) == fingerprint(b)
     other = identity(default_config(data__batch_size=16, prompt__length=8, init__lam=0.25))
     assert differences(a, other) == ["data.batch_size: 32 -> 16", "init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]
+
+
+def test_runs_are_read_back_through_their_records(tmp_path):
+    """`find_run_dirs` / `run_status` / `run_config` / `run_overrides`: a Hydra job is described by
+    Hydra's own files, a run made without Hydra (a tune's inline trial) by its run record alone."""
+    from omegaconf import OmegaConf
+
+    from vipamin_scale import runs
+    from vipamin_scale.config import default_config
+    from vipamin_scale.studies import find_runs
+
+    root = tmp_path / "sweep"
+    plain, failed, cut, hydra_job = root / "a", root / "b", root / "c", root / "d"
+    for d, lr in ((plain, 0.1), (failed, 0.2), (cut, 0.3)):
+        d.mkdir(parents=True)
+        runs.begin(d, default_config(train__lr=lr, train__out_dir=str(d)))
+    runs.finish(plain, {"final_eval": {"acc": 0.5}})
+    assert runs.record_failure(failed, "RuntimeError: boom")
+    (cut / "checkpoints" / "x").mkdir(parents=True)
+    runs.write_json(cut / "checkpoints" / "x" / runs.RESULT, {})  # inside a run's checkpoints: not a run
+    (hydra_job / ".hydra").mkdir(parents=True)
+    (hydra_job / ".hydra" / "overrides.yaml").write_text("- train.lr=0.4\n")
+    (hydra_job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"lr": 0.4}}))
+    runs.write_json(hydra_job / "result.rank1.json", {"status": "failed", "error": "rank 1 lost", "rank": 1})
+    (root / "tune.json").write_text("{}")  # not a run directory
+
+    assert runs.find_run_dirs(root) == [plain, failed, cut, hydra_job]
+    assert [runs.run_status(d)[0] for d in (plain, failed, cut, hydra_job)] == ["ok", "failed", "incomplete", "failed"]
+    assert runs.run_status(hydra_job)[1] == {"error": "rank 1 lost"}
+    assert runs.has_ended(plain) and runs.has_ended(failed) and not runs.has_ended(cut)
+    assert runs.run_config(plain)["train"]["lr"] == 0.1 and runs.run_config(hydra_job) == {"train": {"lr": 0.4}}
+    assert runs.run_overrides(hydra_job) == ["train.lr=0.4"]
+    assert "train.lr=0.1" in runs.run_overrides(plain) and "model.pool=cls" in runs.run_overrides(plain)
+    assert not any(o.startswith("train.out_dir=") for o in runs.run_overrides(plain))  # identity only
+    table = {r.name: r for r in find_runs(root)}
+    assert list(table) == ["a", "b", "c", "d"] and table["c"].status == "incomplete"
+    assert table["a"].value("train.lr") == 0.1 and table["d"].value("train.lr") == 0.4

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
 
+pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
+
 SCRIPT = REPO / "slurm" / "vith_vipamin.sh"
 # The script's settings for a tiny ViT on CPU (DDP over gloo), world size 2 = 2 nodes x 1 process.
 JOB_ENV = {"MODEL": "vit_test_d64", "DATA": "digits", "ENGINE": "ddp", "PROMPT": "deep", "PROMPT_LENGTH": "4",

@@ -34,6 +34,7 @@ def _jsonl(run, event):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
 
 
+@pytest.mark.slow
 def test_diagnostics_logged_at_start_equal_the_diagnose_command(tracked_run, tmp_path):
     """The record logged at start is `prompt_diagnostics` of the run's own (random) prompts over the
     calibration images, gathered from 2 ranks: the `diagnose` command at world 1 on the same
@@ -50,6 +51,7 @@ def test_diagnostics_logged_at_start_equal_the_diagnose_command(tracked_run, tmp
     assert all(0.0 < h <= 1.0 for h in diag["entropy_norm"])
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_has_config_metrics_and_diagnostics(tracked_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -76,6 +78,7 @@ def test_mlflow_file_store_has_config_metrics_and_diagnostics(tracked_run, monke
     assert config["train"]["out_dir"] == str(tracked_run["run"])
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_under_out_dir_holds_config_metrics_and_diagnostics(tracked_run):
     """wandb writes its offline run under out_dir (not WANDB_DIR), once (rank 0). The .wandb file is
     wandb's own binary log: we check it carries the metric keys, the diagnostics keys and the config."""
@@ -90,6 +93,7 @@ def test_wandb_offline_run_under_out_dir_holds_config_metrics_and_diagnostics(tr
     assert runs[0].name.endswith(ids["wandb"])
 
 
+@pytest.mark.slow
 def test_trackers_print_nothing(tracked_run):
     stderr = tracked_run["stderr"]
     assert "wandb:" not in stderr and "Warning" not in stderr and "mlflow" not in stderr.lower(), stderr[-3000:]
@@ -111,6 +115,7 @@ def test_unknown_logger_is_one_config_error():
         validate(default_config(train__loggers=["jsonl", "neptune"]))
 
 
+@pytest.mark.slow
 def test_mlflow_store_that_cannot_open_fails_before_compute(tmp_path, digits_root):
     """mlflow >= 3.7 refuses a file: store unless MLFLOW_ALLOW_FILE_STORE=true: one line, exit 2,
     before the initializer or any training (no checkpoint, no metrics)."""

@@ -30,6 +30,7 @@ def _final_trainable(run_dir):
     return ckpt.load(ckpt.latest(run_dir / "checkpoints"))["trainable"]["params"]
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_writes_outputs(tmp_path, digits_root):
     run = tmp_path / "run"
     _run(run)
@@ -45,6 +46,7 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, digits_root):
     assert len(ckpt.list_checkpoints(run / "checkpoints")) == 2  # train.keep_last
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path, digits_root):
     """SIGKILL mid-epoch 2 (after the epoch-1 checkpoint), resume: same prompts and head, bit for bit."""
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -60,6 +62,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, digits_root):
     assert _records(broken, "train")[-1]["step"] == 24
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_naming_the_field(tmp_path):
     proc = subprocess.run(cli("train", *TINY, f"hydra.run.dir={tmp_path}", "init.lam=1.5"), env=cli_env(),
                           capture_output=True, text=True, timeout=300)

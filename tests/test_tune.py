@@ -195,6 +195,7 @@ def test_space_checked_before_any_training(tmp_path):
 # ----------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_tune_cli_inline_kill_resume_and_report(tmp_path):
     """Real training runs (tiny ViT) in one process; a SIGKILL inside the second rung, then a re-run."""
     out = tmp_path / "tune"
@@ -234,6 +235,7 @@ def test_tune_cli_inline_kill_resume_and_report(tmp_path):
     assert "prompt.length: 4 -> 8" in line and (out / "tune.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):
     out = tmp_path / "tune"
     args = cli("tune", *TINY, "+tune.space.train.lr=[0.05,2.0]", "+tune.space.train.weight_decay=[0.0]",
@@ -252,6 +254,7 @@ def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):
     assert final.data.train_split == "train+val" and final.train.epochs == 1
 
 
+@pytest.mark.slow
 def test_tune_cli_bad_final_split_stops_before_any_trial(tmp_path):
     out = tmp_path / "tune"
     args = cli("tune", *TINY, "+tune.space.train.lr=[0.05,0.5]", "tune.final_train_split=train+tset",
@@ -262,6 +265,7 @@ def test_tune_cli_bad_final_split_stops_before_any_trial(tmp_path):
     assert not (out / "trials").exists()
 
 
+@pytest.mark.slow
 def test_tune_inline_under_torchrun_with_deepspeed(tmp_path):
     """Under torchrun every rank runs the same search; each trial is a 2-rank ZeRO-2 run."""
     out = tmp_path / "tune"

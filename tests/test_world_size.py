@@ -16,6 +16,8 @@ from conftest import TINY, cli, cli_env, torchrun
 
 from vipamin_scale import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # torchrun at world 1, 2 and 4
+
 SETTING = [*TINY, "data.max_train_samples=128", "data.batch_size=16", "train.epochs=2", "train.eval_every=2",
            "train.test_at_end=false", "prompt.dropout=0.0", "data.num_workers=1"]
 STEPS = 2 * 128 // 16

@@ -1,9 +1,16 @@
 """A run directory's records, in one place: who writes into it, what run it holds, how it ended.
+This module alone reads and writes them (train, tune, the report and the benchmarks come here).
 
     <out_dir>/run.lock             the writer's lock: {pid, host, started, slurm_job}; rank 0 holds it
     <out_dir>/run.json             the run's identity: {fingerprint, identity, status}
     <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
+    <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
+
+Reading runs back (`find_run_dirs`, `run_status`, `run_config`, `run_overrides`): a run directory is
+one that holds run.json or result.json. A Hydra job's directory also holds `.hydra/` (written by
+Hydra itself): its overrides and composed config are what the user typed, and are preferred; a run
+made without Hydra (a tune's inline trial, a benchmark's run) is described by its own records.
 
 Identity. A run is what its config says: `identity(cfg)` is the resolved config minus the fields that
 cannot change a result (IGNORED: where outputs go, where the data lives, bookkeeping, the engine,
@@ -46,6 +53,7 @@ RESULT = "result.json"
 RUN = "run.json"
 LOCK = "run.lock"
 CONFIG = "config.resolved.yaml"
+HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); read, never written here
 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
@@ -166,6 +174,11 @@ def read_run(out_dir: Path) -> Optional[dict[str, Any]]:
     return read_json(Path(out_dir) / RUN)
 
 
+def has_ended(out_dir: Path) -> bool:
+    """The run left its result.json, finished or failed (a tune never runs such a trial again)."""
+    return (Path(out_dir) / RESULT).is_file()
+
+
 def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -> None:
     """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check)."""
     old = read_run(out_dir)
@@ -230,6 +243,73 @@ def record_exception(cfg: DictConfig, exc: BaseException) -> None:
                        extra=extra)
     except Exception as inner:
         print(f"warning: could not record the failed run: {type(inner).__name__}: {inner}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- reading runs back
+
+
+def is_run_dir(path: Path) -> bool:
+    """`path` holds a run: its run record (run.json), its result.json, or a Hydra job's overrides."""
+    path = Path(path)
+    return ((path / RUN).is_file() or (path / RESULT).is_file()
+            or (path / HYDRA / "overrides.yaml").is_file())
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory under `root` (itself included), sorted; none inside a run's checkpoints."""
+    root = Path(root)
+    found = ({p.parent for name in (RUN, RESULT) for p in root.rglob(name)}
+             | {p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == HYDRA})
+    return sorted(d for d in found if is_run_dir(d) and "checkpoints" not in d.relative_to(root).parts)
+
+
+def rank_failures(out_dir: Path) -> list[str]:
+    """The errors of the failure records that ranks > 0 left (result.rank<R>.json), by rank file name."""
+    records = (read_json(p) or {} for p in sorted(Path(out_dir).glob("result.rank*.json")))
+    return [str(r.get("error", "")) for r in records]
+
+
+def run_status(out_dir: Path) -> tuple[str, dict[str, Any]]:
+    """(status, result) of a run directory: `ok` or `failed` as its result.json says; `failed` with the
+    first rank's error when only a rank > 0 recorded one; else `incomplete` (running, killed, preempted)."""
+    result = read_result(out_dir)
+    if result is not None:
+        return str(result.get("status", "ok")), result
+    errors = rank_failures(out_dir)
+    if errors:
+        return "failed", {"error": errors[0]}
+    return "incomplete", {}
+
+
+def _load_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def run_config(out_dir: Path) -> dict[str, Any]:
+    """The run's config as a nested dict: Hydra's composed one (`.hydra/config.yaml`, unresolved) for a
+    Hydra job, else the resolved config this module recorded; {} when there is neither."""
+    out_dir = Path(out_dir)
+    for path in (out_dir / HYDRA / "config.yaml", out_dir / CONFIG):
+        doc = _load_yaml(path) if path.is_file() else None
+        if isinstance(doc, dict):
+            return doc
+    return {}
+
+
+def run_overrides(out_dir: Path) -> list[str]:
+    """What set this run apart, as `field=value` strings: a Hydra job's overrides (`.hydra/overrides.yaml`),
+    else every field of its recorded identity (a report keeps those whose values differ between runs)."""
+    out_dir = Path(out_dir)
+    path = out_dir / HYDRA / "overrides.yaml"
+    if path.is_file():
+        return [str(o) for o in (_load_yaml(path) or [])]
+    run = read_run(out_dir) or {}
+    return [f"{key}={_show(value)}" for key, value in (run.get("identity") or {}).items()]
 
 
 # ----------------------------------------------------------------------------- the lock

@@ -2,8 +2,9 @@
 
 A sweep directory is what `vipamin-scale train -m ...` (Hydra multirun) leaves: one directory
 per job (`hydra.sweep.subdir`, the job number by default), each holding `.hydra/overrides.yaml`,
-`.hydra/config.yaml` and, once the job ends, `result.json` (written by `run_training`, or by
-`runs.record_failure` with `"status": "failed"` and the error). Every job directory is reported:
+`.hydra/config.yaml` (Hydra's) and the run's records (`vipamin_scale/runs.py`: run.json once it
+starts, result.json once it ends, with `"status": "failed"` and the error when it failed). A tune's
+directory holds its trials and final runs, each an ordinary run directory. Every run is reported:
 
   report.md    one markdown table (the swept overrides, status, accuracy, parameters, timings)
                and a list of the runs that failed or never finished; none is dropped
@@ -26,10 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from vipamin_scale.paths import atomic_write_bytes
-from vipamin_scale.runs import read_result
+from vipamin_scale.runs import find_run_dirs, run_config, run_overrides, run_status
 
 COLUMNS = ("run", "status", "overrides", "method", "prompt_length", "deep", "best_val_acc", "best_val_epoch",
            "test_acc", "trainable_params", "init_time_s", "train_time_s", "images_per_s", "error")
@@ -45,10 +44,10 @@ class Run:
     status: str  # ok | failed | incomplete
     overrides: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)  # .hydra/config.yaml, unresolved
+    config: dict[str, Any] = field(default_factory=dict)  # runs.run_config: Hydra's (unresolved) or ours
 
     def value(self, dotted: str) -> Any:
-        """A field of the job's composed config (`.hydra/config.yaml`, unresolved); None if absent."""
+        """A field of the run's config (`runs.run_config`); None if absent."""
         node: Any = self.config
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -79,37 +78,18 @@ class Run:
         return float(best["acc"]) if best.get("acc") is not None and best["acc"] >= 0 else None
 
 
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "result.json").is_file() or (path / ".hydra" / "overrides.yaml").is_file()
-
-
 def find_runs(sweep_dir: Path) -> list[Run]:
-    """Every job directory under `sweep_dir` (itself included when it is a single run)."""
+    """Every run directory under `sweep_dir` (itself included when it is a single run), read through
+    its records (`vipamin_scale.runs`): a Hydra job's, a tune's trials and final runs, a benchmark's."""
     sweep_dir = Path(sweep_dir)
-    dirs = sorted({p.parent for p in sweep_dir.rglob("result.json")}
-                  | {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"})
-    dirs = [d for d in dirs if _is_run_dir(d) and "checkpoints" not in d.parts
-            and not (d / "tune.json").is_file()]  # a tune's own directory is not a run; its trials are
-    runs = []
+    dirs = [d for d in find_run_dirs(sweep_dir)
+            if not (d / "tune.json").is_file()]  # a tune's own directory is not a run; its trials are
+    found = []
     for d in sorted(dirs, key=_natural_key(sweep_dir)):
-        overrides = _load_yaml(d / ".hydra" / "overrides.yaml") or []
-        config = _load_yaml(d / ".hydra" / "config.yaml") or {}
-        result: dict[str, Any] = read_result(d) or {}
-        status = result.get("status", "ok") if result else "incomplete"
-        if status == "incomplete":
-            errors = [json.loads(p.read_text()).get("error", "") for p in sorted(d.glob("result.rank*.json"))]
-            if errors:
-                status, result = "failed", {"error": errors[0]}
+        status, result = run_status(d)
         name = str(d.relative_to(sweep_dir)) if d != sweep_dir else "."
-        runs.append(Run(d, name, status, [str(o) for o in overrides], result, config))
-    return runs
+        found.append(Run(d, name, status, run_overrides(d), result, run_config(d)))
+    return found
 
 
 def _natural_key(root: Path):
@@ -295,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not report["runs"]:
-        print(f"error: no runs under {args.sweep_dir} (no result.json nor .hydra/overrides.yaml)", file=sys.stderr)
+        print(f"error: no runs under {args.sweep_dir} (no run.json, result.json nor .hydra/overrides.yaml)", file=sys.stderr)
         return 2
     print(report["report"].read_text(), end="")
     print(f"wrote {report['report']}, {report['csv']}" + "".join(f", {p}" for p in report["plots"]))

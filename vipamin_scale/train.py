@@ -1,6 +1,7 @@
 """One training loop, engine-agnostic: initialize prompts, train, evaluate, checkpoint, resume, log.
 
-    run_training(cfg) -> result dict (also written to `<out_dir>/result.json`)
+    run_training(cfg) -> result dict: what `<out_dir>/result.json` holds (plain JSON values; the
+                         trained prompts and head are in the run's checkpoints, never returned)
 
 Per epoch: every rank runs the same number of steps (the loader guarantees it), the loss is
 averaged over ranks for logging, top-1 accuracy is computed over the whole eval split (counts
@@ -241,7 +242,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
         "best_val": best, "final_eval": last_eval, "trainable_params": num_trainable,
         "init_time_s": init_time, "train_time_s": train_time,
         "images_per_s": images_seen / train_time if train_time > 0 else None,
-        "world_size": world, "steps": global_step,
+        "world_size": world, "device": str(engine.device), "steps": global_step,
         "prompt_params": sum(p.numel() for p in model.prompt.parameters() if p.requires_grad), "vpt_prompt_params": int(np.prod(model.prompt_shape)),
     }
     if cfg.train.test_at_end:
@@ -252,7 +253,6 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
     if rank == 0:
         runs.finish(out_dir, result)
     metrics.close()
-    result["model"] = engine.model
     return result
 
 

