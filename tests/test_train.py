@@ -77,3 +77,28 @@ def test_validate_names_field(override, field):
     cfg = default_config(**{k.replace(".", "__"): v for k, v in override.items()})
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("kind", ["vpt", "bpt"])
+def test_backbone_read_from_disk_once_per_run(tmp_path, digits_root, monkeypatch, kind):
+    """init=vipamin (and, for BPT, its whitening pass) run on the backbone that is then trained:
+    the checkpoint file is read once in a training run, not once per consumer."""
+    from safetensors.torch import save_file
+
+    import vipamin_scale.models.backbones as backbones
+    from vipamin_scale.train import run_training
+
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbones.build_backbone("vit_test_d64", init_seed=5).state_dict().items()},
+              str(path))
+    reads = []
+    real_read = backbones.read_checkpoint
+    monkeypatch.setattr(backbones, "read_checkpoint", lambda p: reads.append(p) or real_read(p))
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=str(path),
+                         prompt__kind=kind, prompt__length=4, init__method="vipamin", init__num_images=32,
+                         init__batch_size=16, data__max_train_samples=64, train__epochs=1, train__progress=False,
+                         train__loggers=["jsonl"], train__test_at_end=False, train__out_dir=str(tmp_path / "run"))
+    result = run_training(cfg)
+    assert (tmp_path / "run" / "prompts.safetensors").is_file()  # the initializer ran
+    assert reads == [path]
+    assert result["steps"] == 2
