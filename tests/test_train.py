@@ -60,6 +60,21 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, digits_root):
     assert _records(broken, "train")[-1]["step"] == 24
 
 
+def test_bpt_resume_after_kill_recomputes_the_same_whitening(tmp_path, digits_root):
+    """BPT (frozen whitening W, a buffer not in the checkpoint) with VIPAMIN's prompts: the resumed run
+    recomputes W from its backbone and the calibration images; it ends where the uninterrupted one does."""
+    args = ("prompt=bpt", "prompt.length=4", "init=vipamin", "init.num_images=64")
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    _run(full, *args)
+    proc = _run(broken, *args, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"), check=False)
+    assert proc.returncode == -signal.SIGKILL
+    _run(broken, *args, "train.resume=true")
+    a, b = _final_trainable(full), _final_trainable(broken)
+    assert a.keys() == b.keys() == {"prompt.Z", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_bad_config_is_one_line_naming_the_field(tmp_path):
     proc = subprocess.run(cli("train", *TINY, f"hydra.run.dir={tmp_path}", "init.lam=1.5"), env=cli_env(),
                           capture_output=True, text=True, timeout=300)
