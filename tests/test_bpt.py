@@ -11,8 +11,8 @@ from conftest import TINY, cli, cli_env
 from vipamin_scale.config import ConfigError, default_config
 from vipamin_scale.engine.base import Engine
 from vipamin_scale.init import bpt as bpt_math
-from vipamin_scale.init.bpt_stats import compute_whitening
-from vipamin_scale.models import build_model
+from vipamin_scale.init.bpt_stats import bpt_whitening, compute_whitening
+from vipamin_scale.models import build_model, load_backbone
 from vipamin_scale.models.bpt import BPTPrompts, bpt_param_count, build_bpt_prompts, vpt_param_count
 
 D = 64  # vit_test_d64
@@ -25,9 +25,12 @@ def _cfg(**kw):
     return default_config(**base)
 
 
-def _build(seed=0, num_classes=10, **kw):
-    torch.manual_seed(seed)  # the tiny backbones are randomly initialized from the global RNG
-    return build_model(_cfg(**kw), num_classes)
+def _build(seed=0, num_classes=10, prompts=None, **kw):
+    """What a training run does: the backbone once, its whitening (if the mode needs it), the model around it."""
+    torch.manual_seed(seed)  # the global RNG must not matter (the tiny backbones are seeded by init_seed)
+    cfg = _cfg(**kw)
+    backbone = load_backbone(cfg)
+    return build_model(cfg, num_classes, prompts=prompts, whitening=bpt_whitening(cfg, backbone), backbone=backbone)
 
 
 def _steps(model, n=3, lr=0.05, seed=0):
@@ -293,8 +296,7 @@ def test_initial_W_per_mode(digits_root):
 def test_given_prompts_reproduced_by_least_squares(digits_root, mode):
     g = torch.Generator().manual_seed(3)
     prompts = torch.randn(2, 4, D, generator=g) * 0.5
-    torch.manual_seed(0)
-    model = build_model(_cfg(prompt__bpt=mode), 10, prompts=prompts)
+    model = _build(prompt__bpt=mode, prompts=prompts)
     assert torch.allclose(model.prompt(), prompts, atol=1e-4)
     assert max(model.prompt.fit_residual) < 1e-6
 
@@ -315,6 +317,23 @@ def test_given_prompts_projected_in_low_rank(digits_root):
 def test_lowrank_rank_must_be_below_width(digits_root):
     with pytest.raises(ConfigError, match=r"^prompt.bpt_rank: must be < d=64"):
         _build(prompt__bpt="lowrank", prompt__bpt_rank=64)
+
+
+@pytest.mark.parametrize("mode, extra", [("whiten_fixed", {}), ("whiten_trainable", {}),
+                                         ("lowrank", {"prompt__bpt_init": "whiten"})])
+def test_build_model_without_whitening_is_an_error_not_a_data_read(monkeypatch, mode, extra):
+    """The model is built from ready tensors: a mode that starts from the whitening, given none, is one
+    error saying how to compute it; no loader is built (no data read, no collective)."""
+    import vipamin_scale.data as data
+    import vipamin_scale.init.run as init_run
+
+    for module in (data, init_run):  # the calibration images are read through init.run's loader
+        monkeypatch.setattr(module, "build_loader", lambda *a, **k: pytest.fail("build_model read data"))
+    with pytest.raises(ValueError, match=r"^build_model: prompt.kind=bpt with prompt.bpt=" + mode +
+                       r".* none were given: compute them first \(init.bpt_stats.bpt_whitening"):
+        build_model(_cfg(prompt__bpt=mode, prompt__bpt_rank=8, **extra), 10)
+    model = build_model(_cfg(prompt__bpt="lowrank", prompt__bpt_rank=8), 10)  # Xavier W: needs none
+    assert isinstance(model.prompt, BPTPrompts)
 
 
 def test_rebuild_and_resume_give_identical_model(digits_root):

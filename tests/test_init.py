@@ -109,19 +109,19 @@ def test_layer_l_uses_block_l(tmp_path, digits_root):
 
     import vipamin_scale.init.run as run_mod
 
-    real_build = run_mod.build_model
+    real_load = run_mod.load_backbone
 
     def perturbed(*args, **kwargs):
-        m = real_build(*args, **kwargs)
+        m = real_load(*args, **kwargs)
         with torch.no_grad():
-            m.backbone.blocks[1].attn.qkv.weight[128:] += bump
+            m.blocks[1].attn.qkv.weight[128:] += bump
         return m
 
-    run_mod.build_model = perturbed
+    run_mod.load_backbone = perturbed
     try:
         other = run_init(cfg, tmp_path / "b.safetensors")["tensors"]
     finally:
-        run_mod.build_model = real_build
+        run_mod.load_backbone = real_load
     torch.testing.assert_close(other["orth"][0], base["orth"][0], rtol=0, atol=0)
     assert not torch.allclose(other["orth"][1], base["orth"][1])
 

@@ -205,3 +205,20 @@ def test_prompts_file_roundtrip_and_shape_error(tmp_path):
         load_prompts_file(tmp_path / "bad.safetensors", model)
     with pytest.raises(ValueError, match="do not fit"):
         PromptedViT(build_backbone(NAME), 5, 3, True, prompts=VPTPrompts(torch.randn(1, 3, 64)))
+
+
+def test_models_import_nothing_from_init():
+    """The model is a plain nn.Module built from ready tensors: `models/` never imports `init/` (the
+    initializer and BPT's statistics, which read data and run collectives, import `models/`)."""
+    import ast
+    from pathlib import Path
+
+    import vipamin_scale.models as models
+
+    found = []
+    for path in sorted(Path(models.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if (n + ".").startswith("vipamin_scale.init.")]
+    assert found == []

@@ -63,6 +63,22 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, digits_root):
 
 
 @pytest.mark.slow
+def test_bpt_resume_after_kill_recomputes_the_same_whitening(tmp_path, digits_root):
+    """BPT (frozen whitening W, a buffer not in the checkpoint) with VIPAMIN's prompts: the resumed run
+    recomputes W from its backbone and the calibration images; it ends where the uninterrupted one does."""
+    args = ("prompt=bpt", "prompt.length=4", "init=vipamin", "init.num_images=64")
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    _run(full, *args)
+    proc = _run(broken, *args, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="11"), check=False)
+    assert proc.returncode == -signal.SIGKILL
+    _run(broken, *args, "train.resume=true")
+    a, b = _final_trainable(full), _final_trainable(broken)
+    assert a.keys() == b.keys() == {"prompt.Z", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
 def test_bad_config_is_one_line_naming_the_field(tmp_path):
     proc = subprocess.run(cli("train", *TINY, f"hydra.run.dir={tmp_path}", "init.lam=1.5"), env=cli_env(),
                           capture_output=True, text=True, timeout=300)
@@ -80,3 +96,29 @@ def test_validate_names_field(override, field):
     cfg = default_config(**{k.replace(".", "__"): v for k, v in override.items()})
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         validate(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vpt", "bpt"])
+def test_backbone_read_from_disk_once_per_run(tmp_path, digits_root, monkeypatch, kind):
+    """init=vipamin (and, for BPT, its whitening pass) run on the backbone that is then trained:
+    the checkpoint file is read once in a training run, not once per consumer."""
+    from safetensors.torch import save_file
+
+    import vipamin_scale.models.backbones as backbones
+    from vipamin_scale.train import run_training
+
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbones.build_backbone("vit_test_d64", init_seed=5).state_dict().items()},
+              str(path))
+    reads = []
+    real_read = backbones.read_checkpoint
+    monkeypatch.setattr(backbones, "read_checkpoint", lambda p: reads.append(p) or real_read(p))
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=str(path),
+                         prompt__kind=kind, prompt__length=4, init__method="vipamin", init__num_images=32,
+                         init__batch_size=16, data__max_train_samples=64, train__epochs=1, train__progress=False,
+                         train__loggers=["jsonl"], train__test_at_end=False, train__out_dir=str(tmp_path / "run"))
+    result = run_training(cfg)
+    assert (tmp_path / "run" / "prompts.safetensors").is_file()  # the initializer ran
+    assert reads == [path]
+    assert result["steps"] == 2

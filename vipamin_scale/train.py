@@ -45,7 +45,8 @@ from vipamin_scale import runs
 from vipamin_scale.config import UserError, check_global_batch, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
-from vipamin_scale.models import build_model, normalization
+from vipamin_scale.init.bpt_stats import bpt_whitening
+from vipamin_scale.models import build_model, load_backbone, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
@@ -87,14 +88,15 @@ def evaluate(engine, loader) -> dict[str, float]:
     return {"acc": correct / max(total, 1.0), "loss": loss_sum / max(total, 1.0), "count": int(total)}
 
 
-def initial_prompts(cfg: DictConfig, out_dir: Path) -> Optional[torch.Tensor]:
-    """Run the configured initializer when prompts are not given by a file; None means random."""
+def initial_prompts(cfg: DictConfig, backbone, out_dir: Path) -> Optional[torch.Tensor]:
+    """Run the configured initializer on `backbone` (the one that is trained) when prompts are not
+    given by a file; None means random."""
     if cfg.prompt.init_file or cfg.init.method == "random":
         return None
     from vipamin_scale.init.run import run_init
 
     path = out_dir / "prompts.safetensors"
-    result = run_init(cfg, path)
+    result = run_init(cfg, path, backbone=backbone)
     return result["prompts"]
 
 
@@ -140,10 +142,14 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
     info = dataset_info(root)
     num_classes = int(info["num_classes"])
 
+    # The backbone is read once; the initializer and BPT's statistics run on it (on this rank's
+    # device), then the model is built around it from their ready tensors.
+    backbone = load_backbone(cfg).to(D.device())
     t0 = time.perf_counter()
-    prompts = None if resume_from is not None else initial_prompts(cfg, out_dir)
+    prompts = None if resume_from is not None else initial_prompts(cfg, backbone, out_dir)
     init_time = time.perf_counter() - t0
-    model = build_model(cfg, num_classes, prompts=prompts)
+    whitening = bpt_whitening(cfg, backbone)  # deterministic: a resumed run recomputes the same
+    model = build_model(cfg, num_classes, prompts=prompts, whitening=whitening, backbone=backbone)
     if resume_from is not None:  # before ZeRO-3 partitions the parameters
         ckpt.check_trainable(resume_from, state["trainable"],
                              {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})

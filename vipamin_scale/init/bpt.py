@@ -18,13 +18,17 @@ spectrum is the `ε` that is added, so `W` whitens `Σ + εI` exactly and `Σ` i
 The prompts are `P_l = Z_l W_l^T` (`Z_l`: `P × c`, `W_l`: `d × c`). `least_squares_Z` finds the
 `Z` that makes `Z W^T` closest (Frobenius) to given prompts: exact when `W` has rank `d`
 (`c = d`, the whitening modes); for `c < d` (low rank) `Z W^T` is the orthogonal projection of
-each prompt onto the column space of `W`.
+each prompt onto the column space of `W`. It and `lowrank_init` are the provider's own math and
+live beside it in `models/bpt.py` (re-exported here).
 
 Pure tensor math in float64: no I/O, no torch.distributed, no model objects.
 """
 from __future__ import annotations
 
 import torch
+
+# the provider's own math (its initial factors), kept beside it: `models/` imports nothing from `init/`
+from vipamin_scale.models.bpt import least_squares_Z, lowrank_init
 
 __all__ = ["attention_covariance", "token_covariance", "relative_eps", "whiten", "whitening_matrix", "lowrank_init",
            "least_squares_Z"]
@@ -90,24 +94,3 @@ def whiten(Sigma: torch.Tensor, eps: float,
                          f"smallest eigenvalue {S.min().item():.3g}, largest {S.max().item():.3g}); use init.bpt_eps > 0")
     W = (U * S.rsqrt()) @ U.T  # (d, d)
     return 0.5 * (W + W.T), U, S
-
-
-def lowrank_init(U: torch.Tensor, S: torch.Tensor, rank: int) -> torch.Tensor:
-    """The `rank` leading columns of `U diag(S)^{-1/2}` (principal whitening directions), (d, rank)."""
-    d = U.shape[0]
-    if not 1 <= rank <= d:
-        raise ValueError(f"prompt.bpt_rank: must lie in [1, d={d}]; got {rank}")
-    return U[:, :rank].double() * S[:rank].double().rsqrt()
-
-
-def least_squares_Z(prompts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """`Z = argmin ‖Z W^T − prompts‖_F`: prompts (P, d), W (d, c) → Z (P, c) float64.
-
-    Solved as `W Z^T = prompts^T` with an SVD-based least-squares solver (minimum-norm `Z` if `W`
-    is rank deficient). Exact when `W` has rank `d`; otherwise `Z W^T` is the projection of each
-    prompt onto the column space of `W`.
-    """
-    prompts, W = prompts.detach().double().cpu(), W.detach().double().cpu()
-    if prompts.ndim != 2 or W.ndim != 2 or prompts.shape[1] != W.shape[0]:
-        raise ValueError(f"least_squares_Z: need prompts (P, d) and W (d, c); got {tuple(prompts.shape)}, {tuple(W.shape)}")
-    return torch.linalg.lstsq(W, prompts.T, driver="gelsd").solution.T.contiguous()  # (P, c)

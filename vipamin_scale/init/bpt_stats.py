@@ -1,6 +1,10 @@
 """BPT's whitening statistics: the capture pass and the sharded per-layer math around `init/bpt.py`.
 
+    bpt_whitening(cfg, backbone) -> Whitening | None   (None: the run needs none)
     compute_whitening(cfg, model) -> Whitening(W (L_p, d, d), U (L_p, d, d), S (L_p, d), Xbar (L_p, N_p, d), B)
+
+Whoever trains a BPT model computes them first, on the backbone it then trains, and hands them to
+`models.build_model(..., whitening=)`: the model never reads data itself.
 
 Works unchanged under torchrun, like `vipamin-scale init`:
   1. every rank reads its contiguous block of the first `init.num_images` training images
@@ -21,14 +25,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
 
 from vipamin_scale.init import bpt as bpt_math
 from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats, layer_weights
+from vipamin_scale.init.run import Calibration, calibration_model
 from vipamin_scale.init.sharded import map_layers, reduce_means
+from vipamin_scale.models.bpt import needs_whitening
 from vipamin_scale.models.prompted import PromptedViT
 
 log = logging.getLogger(__name__)
@@ -48,10 +55,19 @@ class Whitening:
     seconds: float  # wall time of capture + math
 
 
+def bpt_whitening(cfg: DictConfig, backbone: VisionTransformer) -> Optional[Whitening]:
+    """The whitening a run of `cfg` builds its model from, computed on `backbone` (the one it trains,
+    on its device; left as it was), or None when it needs none (`prompt.kind` is not bpt, or low
+    rank with Xavier init). Collective under torchrun: every rank calls it."""
+    pc = cfg.prompt
+    if pc.kind != "bpt" or not needs_whitening(pc.bpt, pc.bpt_init):
+        return None
+    device = next(backbone.parameters()).device
+    return compute_whitening(cfg, calibration_model(cfg, backbone).to(device))
+
+
 def compute_whitening(cfg: DictConfig, model: PromptedViT) -> Whitening:
     """Σ^{-1/2} (and its eigenbasis) for every prompt row of `model`, from its own backbone."""
-    from vipamin_scale.init.run import Calibration  # run.py imports the model builder: import late
-
     t0 = time.perf_counter()
     L_p, P, d = model.prompt_shape
     rows = list(range(L_p))

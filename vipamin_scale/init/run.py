@@ -17,10 +17,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
+from timm.models.vision_transformer import VisionTransformer
 
 from vipamin_scale import distributed as D
 from vipamin_scale.config import ConfigError, subspace_energy, validate
@@ -30,8 +31,8 @@ from vipamin_scale.init import vipamin as vip
 from vipamin_scale.init.capture import CaptureSpec, LayerSums, capture_layer_stats, layer_weights
 from vipamin_scale.init.random import xavier_prompts
 from vipamin_scale.init.sharded import map_layers, reduce_means
-from vipamin_scale.models import build_model, normalization
-from vipamin_scale.models.prompted import PromptedViT
+from vipamin_scale.models import load_backbone, normalization
+from vipamin_scale.models.prompted import PromptedViT, VPTPrompts, load_prompts_file
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.runs import write_json
 
@@ -70,15 +71,23 @@ class Calibration:
         return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def _prepare(cfg: DictConfig) -> PromptedViT:
-    """The frozen backbone with plain prompts, on this rank's device (the capture runs there; the
-    sums it keeps are float64 on the CPU): the initializer never needs BPT's provider (nor its
-    whitening pass), and the head is irrelevant."""
+def calibration_model(cfg: DictConfig, backbone: VisionTransformer) -> PromptedViT:
+    """`backbone` (used as is, not copied) with plain prompts (`prompt.init_file`'s, else VPT's random
+    ones from `init.seed`) and a 1-class head: what the calibration passes run on (the capture
+    passes its own prompts; the head is irrelevant), whatever `prompt.kind` the run trains."""
+    model = PromptedViT(backbone, 1, cfg.prompt.length, cfg.prompt.deep, dropout=cfg.prompt.dropout,
+                        pool=cfg.model.pool, seed=cfg.init.seed)
+    if cfg.prompt.init_file:
+        model.prompt = VPTPrompts(load_prompts_file(cfg.prompt.init_file, model))
+    return model
+
+
+def _prepare(cfg: DictConfig, backbone: Optional[VisionTransformer] = None) -> PromptedViT:
+    """The calibration model on this rank's device (the capture runs there; the sums it keeps are
+    float64 on the CPU), around `backbone` (moved there in place) or the config's, read from disk."""
     validate(cfg)
     D.init_from_env()
-    plain = cfg.copy()
-    plain.prompt.kind = "vpt"
-    return build_model(plain, num_classes=1).to(D.device())
+    return calibration_model(cfg, load_backbone(cfg) if backbone is None else backbone).to(D.device())
 
 
 def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int, N_p: int, d: int) -> torch.Tensor:
@@ -89,9 +98,11 @@ def _sorted_tokens(sums: LayerSums, keys: list[str], layer: int, N_p: int, d: in
     return X[sorted(range(len(keys)), key=keys.__getitem__)]
 
 
-def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
+def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransformer] = None) -> dict[str, Any]:
+    """The prompts of `init.method` for `backbone` (a training run's own, which it leaves as it was
+    but for its device: D.device()), or for the config's, read from disk; written to `out`."""
     out = Path(out)
-    model = _prepare(cfg)
+    model = _prepare(cfg, backbone)
     icfg = cfg.init
     L_p, P, d = model.prompt_shape
     rows = list(range(L_p))  # prompt row l is inserted before block l
@@ -263,7 +274,8 @@ def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
         prompts = model.prompt().detach().double()
         label = Path(cfg.prompt.init_file).stem
     else:
-        prompts = run_init(cfg, out.with_name(out.stem + ".prompts.safetensors"))["tensors"]["prompts"]
+        prompts = run_init(cfg, out.with_name(out.stem + ".prompts.safetensors"),
+                           backbone=model.backbone)["tensors"]["prompts"]
         label = cfg.init.method
     R = xavier_prompts(L_p, P, d, model.patch_size, cfg.init.seed)
     candidates = {label: prompts} if label == "random" else {label: prompts, "random": R}

@@ -21,10 +21,14 @@ it. In low rank (c < d) `Z_l W_l^T` is the orthogonal projection of every prompt
 c-dimensional column space of `W_l`: the initializer's prompts are not reproduced, only their
 component in that subspace (report it: `fit_residual` holds the relative residual per layer).
 
+Whitening: the modes that need it (`needs_whitening`) are built from a ready `Whitening` (the
+statistics of the backbone that is trained, computed beforehand by whoever trains:
+`init.bpt_stats.bpt_whitening`); the provider and the model never read data themselves.
+
 Checkpoints and resume: the train loop saves trainable parameters by name (`prompt.Z`, and
-`prompt.W` where it trains). The frozen whitening matrix is a buffer rebuilt at model build time
-from the backbone and the calibration images; that computation is deterministic, so a resumed
-run (same world size) has the same `W` bit for bit.
+`prompt.W` where it trains). The frozen whitening matrix is a buffer rebuilt, when the model is
+built, from statistics recomputed from the backbone and the calibration images; that computation
+is deterministic, so a resumed run (same world size) has the same `W` bit for bit.
 """
 from __future__ import annotations
 
@@ -36,12 +40,17 @@ import torch
 import torch.nn as nn
 
 from vipamin_scale import distributed as D
-from vipamin_scale.init import bpt as bpt_math
 
 log = logging.getLogger(__name__)
 
 MODES = ("whiten_fixed", "whiten_trainable", "lowrank")
 Z_STD = 0.02
+
+
+def needs_whitening(mode: str, bpt_init: str = "xavier") -> bool:
+    """Whether `prompt.bpt=mode` (with `prompt.bpt_init`) starts from the whitening statistics: every
+    mode but low rank with Xavier init."""
+    return not (mode == "lowrank" and bpt_init == "xavier")
 
 
 def bpt_param_count(L_p: int, P: int, d: int, mode: str, rank: Optional[int] = None) -> int:
@@ -75,13 +84,34 @@ def random_Z(L_p: int, P: int, c: int, seed: int) -> torch.Tensor:
     return torch.randn((L_p, P, c), generator=g, dtype=torch.float64).mul_(Z_STD)
 
 
+def lowrank_init(U: torch.Tensor, S: torch.Tensor, rank: int) -> torch.Tensor:
+    """The `rank` leading columns of `U diag(S)^{-1/2}` (principal whitening directions), (d, rank)."""
+    d = U.shape[0]
+    if not 1 <= rank <= d:
+        raise ValueError(f"prompt.bpt_rank: must lie in [1, d={d}]; got {rank}")
+    return U[:, :rank].double() * S[:rank].double().rsqrt()
+
+
+def least_squares_Z(prompts: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """`Z = argmin ‖Z W^T − prompts‖_F`: prompts (P, d), W (d, c) → Z (P, c) float64.
+
+    Solved as `W Z^T = prompts^T` with an SVD-based least-squares solver (minimum-norm `Z` if `W`
+    is rank deficient). Exact when `W` has rank `d`; otherwise `Z W^T` is the projection of each
+    prompt onto the column space of `W`.
+    """
+    prompts, W = prompts.detach().double().cpu(), W.detach().double().cpu()
+    if prompts.ndim != 2 or W.ndim != 2 or prompts.shape[1] != W.shape[0]:
+        raise ValueError(f"least_squares_Z: need prompts (P, d) and W (d, c); got {tuple(prompts.shape)}, {tuple(W.shape)}")
+    return torch.linalg.lstsq(W, prompts.T, driver="gelsd").solution.T.contiguous()  # (P, c)
+
+
 def fit_Z(prompts: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """Per layer least squares `Z_l W_l^T ≈ prompts_l`: prompts (L_p, P, d), W (L_p, d, c) →
     (Z (L_p, P, c) float64, relative residual ‖Z_l W_l^T − P_l‖ / ‖P_l‖ per layer)."""
     Zs, res = [], []
     for l in range(prompts.shape[0]):
         target = prompts[l].detach().double().cpu()
-        Z = bpt_math.least_squares_Z(target, W[l])
+        Z = least_squares_Z(target, W[l])
         fit = Z @ W[l].detach().double().cpu().T
         res.append(((fit - target).norm() / target.norm().clamp_min(1e-300)).item())
         Zs.append(Z)
@@ -133,7 +163,7 @@ def build_bpt_prompts(mode: str, shape: tuple[int, int, int], seed: int, rank: i
     """The provider for a model of prompt shape `(L_p, P, d)`.
 
     `whitening`: an object with `W` (L_p, d, d), `U` (L_p, d, d), `S` (L_p, d) (see
-    `init.bpt_stats.Whitening`); needed unless mode=lowrank with bpt_init=xavier.
+    `init.bpt_stats.Whitening`); needed unless mode=lowrank with bpt_init=xavier (`needs_whitening`).
     `prompts` (L_p, P, d): initial prompts to reproduce by least squares (module docstring).
     """
     L_p, P, d = shape
@@ -143,14 +173,14 @@ def build_bpt_prompts(mode: str, shape: tuple[int, int, int], seed: int, rank: i
         c = rank
     else:
         c = d
-    if whitening is None and not (mode == "lowrank" and bpt_init == "xavier"):
-        raise ValueError(f"prompt.bpt={mode}: needs the whitening statistics (init.bpt_stats.compute_whitening)")
+    if whitening is None and needs_whitening(mode, bpt_init):
+        raise ValueError(f"prompt.bpt={mode}: needs the whitening statistics (init.bpt_stats.bpt_whitening)")
     if whitening is not None and tuple(whitening.W.shape) != (L_p, d, d):
         raise ValueError(f"BPT whitening of shape {tuple(whitening.W.shape)} does not fit prompts (L_p, P, d) = {shape}")
     if mode == "lowrank" and bpt_init == "xavier":
         W0 = xavier_factor(L_p, d, c, seed + 3)
     elif mode == "lowrank":
-        W0 = torch.stack([bpt_math.lowrank_init(whitening.U[l], whitening.S[l], c) for l in range(L_p)])
+        W0 = torch.stack([lowrank_init(whitening.U[l], whitening.S[l], c) for l in range(L_p)])
     else:
         W0 = whitening.W.double()
     residual = None

@@ -35,11 +35,6 @@ class VPTPrompts(nn.Module):
         return self.prompts
 
 
-def xavier_uniform_bound(patch_size: tuple[int, int], dim: int) -> float:
-    """VPT's bound `v = sqrt(6 / (3·ph·pw + d))`."""
-    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
-
-
 class PromptedViT(nn.Module):
     def __init__(self, backbone: VisionTransformer, num_classes: int, prompt_length: int, deep: bool,
                  prompts: Optional[nn.Module] = None, dropout: float = 0.0, pool: str = "cls",
@@ -154,10 +149,33 @@ def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return checkpoint(block, x, use_reentrant=False)
 
 
+def xavier_bound(patch_size: tuple[int, int], d: int) -> float:
+    """The half-width `v = sqrt(6 / (3 * ph * pw + d))` of VPT's uniform prompt init (spec: VIPAMIN.md,
+    "Random prompts"; `3 * ph * pw` is the patch embedding's fan-in, `d` its fan-out)."""
+    ph, pw = (int(s) for s in patch_size)
+    if ph <= 0 or pw <= 0 or d <= 0:
+        raise ValueError(f"xavier_bound: patch size {patch_size} and width d={d} must be positive")
+    return math.sqrt(6.0 / (3 * ph * pw + d))
+
+
+def xavier_prompts(num_layers: int, P: int, d: int, patch_size: tuple[int, int], seed: int,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """VPT's Xavier-uniform prompts `R` of shape `(num_layers, P, d)` (`num_layers` is `L_p`), U(-v, v).
+
+    Drawn in float64 from a CPU generator seeded with `seed`, then cast to `dtype`: the same
+    `(num_layers, P, d, patch_size, seed)` gives the same tensor whatever the process, rank or device.
+    """
+    if num_layers < 1 or P < 1 or d < 1:
+        raise ValueError(f"xavier_prompts: need num_layers, P, d >= 1, got {num_layers}, {P}, {d}")
+    v = xavier_bound(patch_size, d)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    R = torch.rand((num_layers, P, d), generator=g, dtype=torch.float64)  # (L_p, P, d), U[0, 1)
+    R = R.mul_(2.0 * v).sub_(v)
+    return R.to(dtype)
+
+
 def random_prompts(num_layers: int, length: int, dim: int, patch_size: tuple[int, int], seed: int) -> torch.Tensor:
     """VPT's Xavier-uniform prompts `(L_p, P, d)`, seeded (float32)."""
-    from vipamin_scale.init.random import xavier_prompts
-
     return xavier_prompts(num_layers, length, dim, patch_size, seed).float()
 
 
