@@ -29,7 +29,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +46,7 @@ from vipamin_scale.engine import build_engine
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption
+from vipamin_scale.progress import progress_bar
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
 
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
     kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
-    progress = _progress(total_steps, global_step, enabled=cfg.train.progress and rank == 0)
+    progress = progress_bar(total_steps, "train", "step", initial=global_step, enabled=cfg.train.progress and rank == 0)
     preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
     train_time, images_seen, last_eval = 0.0, 0, {}
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -284,10 +284,3 @@ def _gather_objects(obj) -> list:
     out = [None] * D.world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)

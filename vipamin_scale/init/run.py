@@ -33,6 +33,7 @@ from vipamin_scale.init.sharded import map_layers, reduce_means
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import PromptedViT
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.progress import progress_bar
 from vipamin_scale.runs import write_json
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def run_init(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
     t = time.perf_counter()
     sums = LayerSums()
     if method != "random":
-        with _progress(len(calib.loader), "calibration") as bar:
+        with progress_bar(len(calib.loader), "calibration", "batch", enabled=D.rank() == 0) as bar:
             sums = capture_layer_stats(model, calib, R.float(), spec, progress=lambda n: bar.update(1))
     else:
         sums.count = calib.B if D.rank() == 0 else 0
@@ -230,22 +231,6 @@ def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
 
     with safe_open(str(path), framework="pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-
-
-class _progress:
-    """tqdm over this rank's calibration batches on rank 0 (a no-op bar elsewhere)."""
-
-    def __init__(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="batch", disable=D.rank() != 0, mininterval=2.0, dynamic_ncols=True)
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc):
-        self.bar.close()
-        return False
 
 
 

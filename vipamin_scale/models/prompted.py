@@ -10,7 +10,6 @@ backbone is frozen and stays in eval mode even when the module is put in train m
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -33,11 +32,6 @@ class VPTPrompts(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.prompts
-
-
-def xavier_uniform_bound(patch_size: tuple[int, int], dim: int) -> float:
-    """VPT's bound `v = sqrt(6 / (3·ph·pw + d))`."""
-    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
 class PromptedViT(nn.Module):
