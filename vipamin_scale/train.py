@@ -268,7 +268,7 @@ def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float) -> None:
 
 def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int, best) -> None:
     """Every rank's RNG state is gathered; rank 0 writes (the trainable state is replicated)."""
-    rngs = _gather_objects(ckpt.rng_state())
+    rngs = D.all_gather_object(ckpt.rng_state())
     state = engine.trainable_state()
     if D.rank() == 0:
         payload = {"trainable": state, "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -276,11 +276,3 @@ def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int,
                    "engine": engine.name, "config": OmegaConf.to_container(cfg, resolve=True)}
         ckpt.save(ckpt_dir, payload, global_step, cfg.train.keep_last)
     D.barrier()
-
-
-def _gather_objects(obj) -> list:
-    if not D.is_dist():
-        return [obj]
-    out = [None] * D.world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out

@@ -122,7 +122,7 @@ class Engine:
         """A rank with fewer eval batches than the most any rank has (the split need not divide
         evenly over ranks) first runs throw-away forwards, so all ranks run the same number."""
         most = torch.tensor([num_batches], dtype=torch.int64)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        D.all_reduce_max(most)
         size = self.model.backbone.patch_embed.img_size
         dummy = torch.zeros(1, 3, *size, device=self.device)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Distributed linear algebra on torch.distributed only (no model, no file I/O).
+"""Distributed linear algebra over `vipamin_scale.distributed`'s collectives only (no model, no file I/O).
 
 - `tsqr`, `StreamingTSQR`, `energy_rank`: SVD of a row-sharded tall-skinny matrix
   (VIPAMIN `init.subspace = tokens`).
@@ -14,11 +14,12 @@ process group. World size 1 without a process group always works. (`assign` and
 """
 from .kmeans import (KMeansResult, assign, distributed_rand_draw, global_row_draw, kmeans, kmeans_pp_indices,
                      kmeans_pp_init, update)
-from .tsqr import LOCAL, GroupComm, StreamingTSQR, energy_rank, tsqr
+from vipamin_scale.distributed import LOCAL
+
+from .tsqr import StreamingTSQR, energy_rank, tsqr
 
 __all__ = [
     "LOCAL",
-    "GroupComm",
     "KMeansResult",
     "StreamingTSQR",
     "assign",

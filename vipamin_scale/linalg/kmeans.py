@@ -43,7 +43,7 @@ counts and seeding rows identical), whatever the row split:
 
 The per-shard pieces (`sq_distances`, `assign`, `cluster_sums`, `farthest_rows`,
 `centroids_from_sums`, `global_row_draw`, `gather_rows_partial`) are pure tensor functions; the
-collectives go through `vipamin_scale.distributed` (via `GroupComm`).
+collectives are `vipamin_scale.distributed`'s, over `group`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tsqr import GroupComm
+from vipamin_scale import distributed as D
 
 __all__ = [
     "ASSIGN_BLOCK",
@@ -188,52 +188,52 @@ class _Layout:
         raise IndexError(f"global row {gidx} out of range (n={self.n})")
 
 
-def _layout(X: Tensor, comm: GroupComm) -> _Layout:
+def _layout(X: Tensor, group: Any) -> _Layout:
     """Row counts of all ranks (one all-gather); checks that every rank has the same width d."""
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D (n_local, d) tensor of rows, got shape {tuple(X.shape)}")
     meta = torch.tensor([X.shape[0], X.shape[1]], dtype=torch.int64, device=X.device)
-    gathered = comm.all_gather(meta).tolist()  # (W, 2): rows, width per rank
+    gathered = D.all_gather(meta, group).tolist()  # (W, 2): rows, width per rank
     widths = sorted({w for _, w in gathered})
     if len(widths) != 1:
         raise ValueError(f"all ranks must hold rows of the same width d, got widths {widths}")
     counts = [c for c, _ in gathered]
-    return _Layout(counts=counts, offset=sum(counts[: comm.rank]), n=sum(counts))
+    return _Layout(counts=counts, offset=sum(counts[: D.rank(group)]), n=sum(counts))
 
 
-def _rows(X: Tensor, gidx: Tensor, lay: _Layout, comm: GroupComm) -> Tensor:
+def _rows(X: Tensor, gidx: Tensor, lay: _Layout, group: Any) -> Tensor:
     """Global rows `gidx` `(m,)` as `(m, d)` float64 on every rank: each owner fills its rows,
     the partials (zero elsewhere) are summed."""
     rows, _ = gather_rows_partial(X, gidx.to(X.device), lay.offset)  # (m, d)
-    return comm.all_reduce_(rows)
+    return D.all_reduce_sum(rows, group)
 
 
-def _row(X: Tensor, gidx: int, lay: _Layout, comm: GroupComm) -> Tensor:
+def _row(X: Tensor, gidx: int, lay: _Layout, group: Any) -> Tensor:
     """Global row `gidx` `(d,)` on every rank, broadcast by its owner."""
     owner = lay.owner(gidx)
     row = X.new_zeros(X.shape[1])
-    if comm.rank == owner:
+    if D.rank(group) == owner:
         row.copy_(X[gidx - lay.offset])
-    return comm.broadcast_(row, src=owner)
+    return D.broadcast(row, owner, group)
 
 
-def _pick_by_weight(X: Tensor, w: Tensor, u: float, lay: _Layout, comm: GroupComm) -> tuple[int, Tensor]:
+def _pick_by_weight(X: Tensor, w: Tensor, u: float, lay: _Layout, group: Any) -> tuple[int, Tensor]:
     """Contract point 3 over this rank's weights `w` `(n_local,)`: the global row index and the
     row `(d,)`, the same on every rank."""
     cum = torch.cumsum(w, dim=0)  # (n_local,) float64
     local_total = cum[-1:] if cum.numel() else w.new_zeros(1)
-    rank_cum = torch.cumsum(comm.all_gather(local_total).flatten(), dim=0)  # (W,) running totals
+    rank_cum = torch.cumsum(D.all_gather(local_total, group).flatten(), dim=0)  # (W,) running totals
     total = float(rank_cum[-1])
     if not total > 0.0:  # every row sits on a chosen centre
         gidx = min(int(math.floor(u * lay.n)), lay.n - 1)
-        return gidx, _row(X, gidx, lay, comm)
+        return gidx, _row(X, gidx, lay, group)
     t = u * total
     owner = int(torch.searchsorted(rank_cum, torch.tensor([t], dtype=_F64, device=w.device), right=True)[0])
-    past_end = owner >= comm.size  # u·total rounded up to the total: the last global row
+    past_end = owner >= D.world_size(group)  # u·total rounded up to the total: the last global row
     if past_end:
         owner = max(r for r, c in enumerate(lay.counts) if c > 0)
     buf = X.new_zeros(X.shape[1] + 1)  # (d + 1,): the row, then its global index (exact in float64)
-    if comm.rank == owner:
+    if D.rank(group) == owner:
         n_local = X.shape[0]
         if past_end:
             i = n_local - 1
@@ -243,21 +243,21 @@ def _pick_by_weight(X: Tensor, w: Tensor, u: float, lay: _Layout, comm: GroupCom
             i = min(int(torch.searchsorted(cum, target, right=True)[0]), n_local - 1)
         buf[:-1] = X[i]
         buf[-1] = lay.offset + i
-    comm.broadcast_(buf, src=owner)
+    D.broadcast(buf, owner, group)
     return int(buf[-1]), buf[:-1]
 
 
-def _kmeans_pp(X: Tensor, k: int, seed: int, lay: _Layout, comm: GroupComm) -> tuple[Tensor, Tensor]:
+def _kmeans_pp(X: Tensor, k: int, seed: int, lay: _Layout, group: Any) -> tuple[Tensor, Tensor]:
     """k-means++ seeds: global row indices `(k,)` int64 and centres `(k, d)` float64."""
     if k < 1 or lay.n < k:
         raise ValueError(f"k-means: need 1 <= k <= number of rows, got k={k} for {lay.n} rows")
     u = torch.rand(k, generator=_generator(seed), dtype=_F64)  # (k,)
     idx = [min(int(math.floor(float(u[0]) * lay.n)), lay.n - 1)]
     C = X.new_empty((k, X.shape[1]))  # (k, d)
-    C[0] = _row(X, idx[0], lay, comm)
+    C[0] = _row(X, idx[0], lay, group)
     w = sq_distances(X, C[0:1])[:, 0]  # (n_local,) squared distance to the nearest centre
     for j in range(1, k):
-        gidx, row = _pick_by_weight(X, w, float(u[j]), lay, comm)
+        gidx, row = _pick_by_weight(X, w, float(u[j]), lay, group)
         idx.append(gidx)
         C[j] = row
         w = torch.minimum(w, sq_distances(X, C[j : j + 1])[:, 0])
@@ -266,25 +266,23 @@ def _kmeans_pp(X: Tensor, k: int, seed: int, lay: _Layout, comm: GroupComm) -> t
 
 def kmeans_pp_indices(X_local: Tensor, k: int, seed: int, group: Any = None) -> Tensor:
     """Global row indices `(k,)` int64 of the k-means++ seeds (contract point 3)."""
-    comm = GroupComm(group)
     X = X_local.to(_F64)
-    return _kmeans_pp(X, k, seed, _layout(X, comm), comm)[0]
+    return _kmeans_pp(X, k, seed, _layout(X, group), group)[0]
 
 
 def kmeans_pp_init(X_local: Tensor, k: int, seed: int, group: Any = None) -> Tensor:
     """k-means++ centres `(k, d)` float64 over the rows of all ranks: the rows at `kmeans_pp_indices`."""
-    comm = GroupComm(group)
     X = X_local.to(_F64)
-    return _kmeans_pp(X, k, seed, _layout(X, comm), comm)[1]
+    return _kmeans_pp(X, k, seed, _layout(X, group), group)[1]
 
 
-def _farthest_rows(d2: Tensor, m: int, lay: _Layout, comm: GroupComm) -> Tensor:
+def _farthest_rows(d2: Tensor, m: int, lay: _Layout, group: Any) -> Tensor:
     """Global indices `(m,)` of the `m` largest `d2` over all ranks, ties to the lower row."""
     local = farthest_rows(d2, m)  # (≤ m,) local indices, largest first
     cand = torch.full((m, 2), math.inf, dtype=_F64, device=d2.device)  # (m, 2): -d2, global row
     cand[: local.numel(), 0] = -d2.to(_F64)[local]
     cand[: local.numel(), 1] = (local + lay.offset).to(_F64)
-    cand = comm.all_gather(cand).reshape(-1, 2)  # (W·m, 2); padding (+inf) sorts last
+    cand = D.all_gather(cand, group).reshape(-1, 2)  # (W·m, 2); padding (+inf) sorts last
     by_row = torch.sort(cand[:, 1], stable=True).indices
     cand = cand[by_row]
     by_d2 = torch.sort(cand[:, 0], stable=True).indices  # -d2 ascending = d2 descending
@@ -292,17 +290,17 @@ def _farthest_rows(d2: Tensor, m: int, lay: _Layout, comm: GroupComm) -> Tensor:
 
 
 def _update(
-    X: Tensor, labels: Tensor, d2: Tensor, k: int, lay: _Layout, comm: GroupComm
+    X: Tensor, labels: Tensor, d2: Tensor, k: int, lay: _Layout, group: Any
 ) -> tuple[Tensor, int]:
     """Contract point 5: centroids `(k, d)` and the number of re-seeded (empty) clusters."""
     d = X.shape[1]
     sums, counts = cluster_sums(X, labels, k)  # (k, d) float64, (k,) int64
     acc = torch.cat([sums, counts.to(_F64).unsqueeze(1)], dim=1)  # (k, d + 1): one all-reduce
-    comm.all_reduce_(acc)
+    D.all_reduce_sum(acc, group)
     sums, counts = acc[:, :d], acc[:, d].round().to(torch.int64)
     n_empty = int((counts == 0).sum())
     if n_empty:
-        reseed = _rows(X, _farthest_rows(d2, n_empty, lay, comm), lay, comm)  # (e, d)
+        reseed = _rows(X, _farthest_rows(d2, n_empty, lay, group), lay, group)  # (e, d)
     else:
         reseed = X.new_zeros((0, d))
     return centroids_from_sums(sums, counts, reseed), n_empty
@@ -311,9 +309,8 @@ def _update(
 def update(X_local: Tensor, labels: Tensor, d2: Tensor, k: int, group: Any = None) -> Tensor:
     """One Lloyd update over all ranks: centroids `(k, d)` float64 from this rank's `labels`
     `(n_local,)` and squared distances `d2` `(n_local,)` (from `assign`)."""
-    comm = GroupComm(group)
     X = X_local.to(_F64)
-    return _update(X, labels, d2, k, _layout(X, comm), comm)[0]
+    return _update(X, labels, d2, k, _layout(X, group), group)[0]
 
 
 def kmeans(
@@ -331,24 +328,23 @@ def kmeans(
     """
     if iters < 0:
         raise ValueError(f"init.kmeans_iters must be >= 0, got {iters}")
-    comm = GroupComm(group)
     X = X_local.to(_F64)  # (n_local, d)
-    lay = _layout(X, comm)
-    _, C = _kmeans_pp(X, k, seed, lay, comm)
+    lay = _layout(X, group)
+    _, C = _kmeans_pp(X, k, seed, lay, group)
     labels, d2 = assign(X, C)  # (n_local,), (n_local,)
     changed, converged, reseeded, it = lay.n, False, 0, 0
     while it < iters:
-        C, n_empty = _update(X, labels, d2, k, lay, comm)
+        C, n_empty = _update(X, labels, d2, k, lay, group)
         reseeded += n_empty
         new_labels, d2 = assign(X, C)
         moved = (new_labels != labels).sum().reshape(1)  # (1,) int64
-        changed = int(comm.all_reduce_(moved)[0])
+        changed = int(D.all_reduce_sum(moved, group)[0])
         labels = new_labels
         it += 1
         if changed < tol * lay.n:
             converged = True
             break
-    inertia = float(comm.all_reduce_(d2.sum().reshape(1))[0])
+    inertia = float(D.all_reduce_sum(d2.sum().reshape(1), group)[0])
     return KMeansResult(C, labels, it, converged, changed, reseeded, inertia)
 
 
@@ -356,7 +352,6 @@ def distributed_rand_draw(X_local: Tensor, P: int, seed: int, group: Any = None)
     """SPT/rand over all ranks: rows `(P, d)` float64, the global rows
     `global_row_draw(n, P, seed)` of the rank-major concatenation, whatever the world size.
     Collective; the same tensor on every rank (one owner per row: the sum adds only zeros)."""
-    comm = GroupComm(group)
-    lay = _layout(X_local, comm)
+    lay = _layout(X_local, group)
     idx = global_row_draw(lay.n, P, seed)  # (P,) global rows, the same on every rank
-    return _rows(X_local, idx, lay, comm)
+    return _rows(X_local, idx, lay, group)
