@@ -12,10 +12,10 @@ initialized, else a single process); `group=LOCAL` runs the single-process math 
 process group. World size 1 without a process group always works. (`assign` and
 `global_row_draw` are pure per-shard pieces, not collectives.)
 """
-from .kmeans import (KMeansResult, assign, distributed_rand_draw, global_row_draw, kmeans, kmeans_pp_indices,
-                     kmeans_pp_init, update)
 from vipamin_scale.distributed import LOCAL
 
+from .kmeans import (KMeansResult, assign, distributed_rand_draw, global_row_draw, kmeans, kmeans_pp_indices,
+                     kmeans_pp_init, update)
 from .tsqr import StreamingTSQR, energy_rank, tsqr
 
 __all__ = [
