@@ -15,6 +15,9 @@ import torch
 
 from vipamin_scale.linalg.kmeans import assign, centroids_from_sums, cluster_sums, farthest_rows, sq_distances
 
+__all__ = ["assign", "farthest_rows", "kmeans", "kmeans_pp_indices", "kmeans_pp_init", "lloyd", "pick_by_weight",
+           "update"]
+
 _F64 = torch.float64
 
 
@@ -81,7 +84,3 @@ def kmeans(X: torch.Tensor, P: int, iters: int, seed: int, tol: float = 1e-3) ->
     """k-means++ then Lloyd: centroids (P, d) float64 of the rows of X (n, d)."""
     C, _, _ = lloyd(X, kmeans_pp_init(X, P, seed), iters, tol)
     return C
-
-
-__all__ = ["assign", "farthest_rows", "kmeans", "kmeans_pp_indices", "kmeans_pp_init", "lloyd", "pick_by_weight",
-           "update"]
