@@ -41,7 +41,8 @@ def _child(engine: str, ac: bool, img_size: int, batch: int, steps: int, warmup:
     sys.path.insert(0, str(REPO))
     from vipamin_scale import distributed as D
     from vipamin_scale.config import default_config
-    from vipamin_scale.engine.base import Engine, adamw
+    from vipamin_scale.engine import ENGINES
+    from vipamin_scale.engine.base import adamw
     from vipamin_scale.models.prompted import PromptedViT, cross_entropy
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -64,18 +65,12 @@ def _child(engine: str, ac: bool, img_size: int, batch: int, steps: int, warmup:
             return loss
     else:
         if engine.startswith("zero"):
-            from vipamin_scale.engine.deepspeed import DeepSpeedEngine
-
             cfg = default_config(engine__name="deepspeed", engine__zero_stage=int(engine[-1]),
                                  engine__activation_checkpointing=ac, data__batch_size=batch)
-            eng = DeepSpeedEngine(cfg, model, 1e-3, total, 0)
+            eng = ENGINES["deepspeed"](model, cfg, lr=1e-3, total_steps=total, warmup_steps=0)
         else:
-            cls = Engine
-            if engine == "fairscale":
-                from vipamin_scale.engine.fairscale import FairscaleEngine as cls
-            if engine == "fsdp2":
-                from vipamin_scale.engine.fsdp2 import FSDP2Engine as cls
-            eng = cls(model, 1e-3, 1e-4, total, 0, torch.device("cpu"), activation_checkpointing=ac)
+            cfg = default_config(engine__name=engine, engine__activation_checkpointing=ac, train__weight_decay=1e-4)
+            eng = ENGINES[engine](model, cfg, lr=1e-3, total_steps=total, warmup_steps=0, device=torch.device("cpu"))
         eng.model.train()
 
         def step():

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, cli, cli_env
 
 from vipamin_scale.config import ConfigError, default_config
-from vipamin_scale.engine.base import Engine
+from vipamin_scale.engine.ddp import DDPEngine
 from vipamin_scale.init import bpt as bpt_math
 from vipamin_scale.init.bpt_stats import bpt_whitening, compute_whitening
 from vipamin_scale.models import build_model, load_backbone
@@ -35,7 +35,8 @@ def _build(seed=0, num_classes=10, prompts=None, **kw):
 
 def _steps(model, n=3, lr=0.05, seed=0):
     """A few AdamW steps through the project's engine on random images (enough to move every trainable)."""
-    engine = Engine(model, lr=lr, weight_decay=1e-4, total_steps=n, warmup_steps=0, device=torch.device("cpu"))
+    engine = DDPEngine(model, _cfg(train__weight_decay=1e-4), lr=lr, total_steps=n, warmup_steps=0,
+                       device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     size = model.backbone.patch_embed.img_size
     for _ in range(n):
@@ -346,8 +347,8 @@ def test_rebuild_and_resume_give_identical_model(digits_root):
         assert set(state["params"]) == ({"prompt.Z", "head.weight", "head.bias"} |
                                         ({"prompt.W"} if mode == "whiten_trainable" else set()))
         fresh = _build(prompt__bpt=mode)
-        Engine(fresh, lr=0.05, weight_decay=1e-4, total_steps=3, warmup_steps=0,
-               device=torch.device("cpu")).load_trainable_state(state)
+        DDPEngine(fresh, _cfg(train__weight_decay=1e-4), lr=0.05, total_steps=3, warmup_steps=0,
+                  device=torch.device("cpu")).load_trainable_state(state)
         assert torch.equal(fresh.prompt.W, model.prompt.W) and torch.equal(fresh.prompt(), model.prompt())
         x = torch.randn(2, 3, 32, 32)
         model.eval(), fresh.eval()

@@ -337,7 +337,7 @@ def test_activation_checkpointing_changes_no_number(engine, request):
     """Same loss and the same prompt/head gradients with and without checkpointing (the blocks
     are recomputed with the same ops on the same inputs, so equality is exact), and fewer
     activations kept by autograd during the forward (the checkpointing really happens)."""
-    from vipamin_scale.engine.base import Engine
+    from vipamin_scale.engine.ddp import DDPEngine
 
     model = _tiny_model()
     loss0, grads0, saved0 = _loss_grads_saved(model)
@@ -348,10 +348,11 @@ def test_activation_checkpointing_changes_no_number(engine, request):
         deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
         model.set_grad_checkpointing(True, wrapper=_ds_checkpoint_block)
     else:
-        cls = Engine
+        cls = DDPEngine
         if engine == "fairscale":
             from vipamin_scale.engine.fairscale import FairscaleEngine as cls
-        cls(model, 0.1, 0.0, 10, 1, torch.device("cpu"), activation_checkpointing=True)
+        cfg = default_config(train__weight_decay=0.0, engine__activation_checkpointing=True)
+        cls(model, cfg, lr=0.1, total_steps=10, warmup_steps=1, device=torch.device("cpu"))
     loss1, grads1, saved1 = _loss_grads_saved(model)
     assert torch.equal(loss0, loss1)
     assert grads0.keys() == grads1.keys() == {"prompt.prompts", "head.weight", "head.bias"}
@@ -365,10 +366,11 @@ def test_activation_checkpointing_changes_no_number(engine, request):
 
 
 def test_activation_checkpointing_needs_blocks():
-    from vipamin_scale.engine.base import Engine
+    from vipamin_scale.engine.ddp import DDPEngine
 
+    cfg = default_config(train__weight_decay=0.0, engine__activation_checkpointing=True)
     with pytest.raises(ConfigError, match=r"^engine.activation_checkpointing: Linear has no transformer blocks"):
-        Engine(nn.Linear(4, 2), 0.1, 0.0, 10, 1, torch.device("cpu"), activation_checkpointing=True)
+        DDPEngine(nn.Linear(4, 2), cfg, lr=0.1, total_steps=10, warmup_steps=1, device=torch.device("cpu"))
 
 
 # -- clear errors -----------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 In-process tests run with world size 1 and no process group. The distributed ones launch real
 `torch.distributed.run` jobs on gloo (CPU) with 1, 2 and 4 processes, all at once in one
 module-scoped fixture (tests/dist_scripts/linalg_worker.py, results in a .pt file), and compare
-with single-process math: `torch.linalg.svd` of the gathered matrix, and `init/spt.py` (the
-k-means / SPT-rand contract) on the concatenated rows.
+with single-process math: `torch.linalg.svd` of the gathered matrix, and the k-means contract
+written out for one process (`kmeans_support.py`, the test oracle) and `init/spt.spt_rand` on the
+concatenated rows.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vipamin_scale.init import spt
+import kmeans_support as reference
+from vipamin_scale.init.spt import spt_rand
 from vipamin_scale.linalg import (
     LOCAL,
     StreamingTSQR,
+    assign,
     distributed_rand_draw,
     energy_rank,
     kmeans,
@@ -31,6 +34,7 @@ from vipamin_scale.linalg import (
     tsqr,
     update,
 )
+from vipamin_scale.linalg.kmeans import farthest_rows
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,22 +159,22 @@ def test_kmeans_single_process_is_spt_bit_for_bit(run):
     inp, k, seed, iters, tol = W.KMEANS_RUNS[run]
     X = W.kmeans_inputs()[inp]
     r = kmeans(X, k, seed=seed, iters=iters, tol=tol)
-    C, labels, it = spt.lloyd(X, spt.kmeans_pp_init(X, k, seed), iters, tol)
+    C, labels, it = reference.lloyd(X, reference.kmeans_pp_init(X, k, seed), iters, tol)
     assert torch.equal(r.centroids, C) and torch.equal(r.labels, labels) and r.iterations == it
-    assert torch.equal(r.centroids, spt.kmeans(X, k, iters, seed, tol))
-    assert torch.equal(kmeans_pp_indices(X, k, seed), spt.kmeans_pp_indices(X, k, seed))
-    assert torch.equal(kmeans_pp_init(X, k, seed), spt.kmeans_pp_init(X, k, seed))
+    assert torch.equal(r.centroids, reference.kmeans(X, k, iters, seed, tol))
+    assert torch.equal(kmeans_pp_indices(X, k, seed), reference.kmeans_pp_indices(X, k, seed))
+    assert torch.equal(kmeans_pp_init(X, k, seed), reference.kmeans_pp_init(X, k, seed))
     assert r.converged == (r.changed < tol * X.shape[0])
-    torch.testing.assert_close(r.inertia, float(spt.assign(X, C)[1].sum()), rtol=1e-12, atol=0)
+    torch.testing.assert_close(r.inertia, float(reference.assign(X, C)[1].sum()), rtol=1e-12, atol=0)
 
 
 def test_update_reseeds_empty_clusters_like_spt():
     X = randn(60, 4, seed=8)
     C = torch.cat([X[:3], torch.full((3, 4), 50.0, dtype=F64)])  # clusters 3, 4, 5 end up empty
-    labels, d2 = spt.assign(X, C)
+    labels, d2 = reference.assign(X, C)
     C1 = update(X, labels, d2, 6)
-    assert torch.equal(C1, spt.update(X, labels, d2, 6))
-    assert torch.equal(C1[3:], X[spt.farthest_rows(d2, 3)])
+    assert torch.equal(C1, reference.update(X, labels, d2, 6))
+    assert torch.equal(C1[3:], X[reference.farthest_rows(d2, 3)])
 
 
 def test_kmeans_recovers_planted_clusters():
@@ -187,12 +191,89 @@ def test_kmeans_recovers_planted_clusters():
 def test_rand_draw_single_process():
     X = randn(40, 3, seed=9)
     rows = distributed_rand_draw(X, 7, seed=2)
-    assert torch.equal(rows, spt.spt_rand(X, 7, 2))
+    assert torch.equal(rows, spt_rand(X, 7, 2))
     assert torch.equal(rows, X[torch.randperm(40, generator=torch.Generator().manual_seed(2))[:7]])
     with pytest.raises(ValueError):
         distributed_rand_draw(X, 41, seed=0)
     with pytest.raises(ValueError, match="k <= number of rows"):
         kmeans(X, 41, seed=0)
+
+
+# ----------------------------------------------------------------------------- k-means contract, one process
+# (moved from test_init_math_spt.py, where they tested init/spt.py's single-process k-means)
+
+
+def planted(n_per=60, P=5, d=8, seed=0, noise=0.1):
+    centers = 10.0 * torch.eye(P, d, dtype=F64) + randn(P, d, seed=seed)  # well separated
+    X = (centers[:, None, :] + noise * randn(P, n_per, d, seed=seed + 1)).reshape(-1, d)
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed + 2))
+    return X[perm], centers
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kmeans_recovers_planted_clusters_for_each_seed(seed):
+    X, centers = planted(seed=10 * seed)
+    C = kmeans(X, 5, iters=50, seed=seed).centroids
+    assert C.shape == (5, 8) and C.dtype == F64
+    D = torch.cdist(C, centers)  # (found, true)
+    nearest = D.argmin(dim=1)
+    assert sorted(nearest.tolist()) == [0, 1, 2, 3, 4]  # one-to-one
+    assert D.min(dim=1).values.max() < 0.1  # each centroid sits on a planted center
+
+
+def test_kmeans_is_deterministic_and_seed_dependent():
+    X = randn(400, 6, seed=5)  # no structure: seeds matter
+    a = kmeans(X, 7, iters=20, seed=11).centroids
+    assert torch.equal(a, kmeans(X, 7, iters=20, seed=11).centroids)
+    assert not torch.equal(a, kmeans(X, 7, iters=20, seed=12).centroids)
+
+
+def test_kmeans_pp_seeds_are_distinct_rows_spread_out():
+    X, centers = planted(seed=20)
+    idx = kmeans_pp_indices(X, 5, seed=0)
+    assert idx.unique().numel() == 5
+    C0 = kmeans_pp_init(X, 5, seed=0)
+    torch.testing.assert_close(C0, X[idx])
+    # D^2 sampling over 5 far-apart clusters of 60 points picks one seed per cluster
+    assert sorted(torch.cdist(C0, centers).argmin(dim=1).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_kmeans_pp_with_duplicate_rows():
+    X = torch.ones(10, 3, dtype=F64)  # one distinct point: all D^2 weights vanish
+    C = kmeans(X, 3, iters=5, seed=0).centroids
+    torch.testing.assert_close(C, torch.ones(3, 3, dtype=F64))
+
+
+def test_assign_ties_to_lower_centroid():
+    X = torch.tensor([[0.0], [1.0], [5.0]], dtype=F64)
+    C = torch.tensor([[2.0], [0.0], [2.0], [-1.0]], dtype=F64)  # x=1 equidistant to 0, 1 and 2
+    labels, d2 = assign(X, C)
+    assert labels.tolist() == [1, 0, 0]
+    torch.testing.assert_close(d2, torch.tensor([0.0, 1.0, 9.0], dtype=F64))
+
+
+def test_update_means_and_empty_cluster_reseed():
+    X = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [0.0, 4.0]], dtype=F64)
+    labels = torch.tensor([0, 0, 0, 0])
+    d2 = torch.tensor([1.0, 3.0, 50.0, 50.0], dtype=F64)  # rows 2 and 3 tie as farthest
+    C = update(X, labels, d2, k=3)
+    torch.testing.assert_close(C[0], X.mean(0))
+    torch.testing.assert_close(C[1], X[2])  # farthest, lower index first
+    torch.testing.assert_close(C[2], X[3])
+    assert farthest_rows(d2, 3).tolist() == [2, 3, 1]
+
+
+def test_lloyd_stops_and_iters_zero_returns_seeds():
+    X, _ = planted(seed=30)
+    C0 = kmeans_pp_init(X, 5, seed=1)
+    r = kmeans(X, 5, seed=1, iters=0)
+    assert r.iterations == 0 and torch.equal(r.centroids, C0)
+    r = kmeans(X, 5, seed=1, iters=100)
+    assert 1 <= r.iterations < 100  # converged long before the cap
+    lab_again, _ = assign(X, r.centroids)
+    assert torch.equal(r.labels, lab_again)
+    with pytest.raises(ValueError, match=r"init\.kmeans_iters"):
+        kmeans(X, 5, seed=1, iters=-1)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -257,15 +338,15 @@ def test_dist_results_identical_on_all_ranks(launches, world):
 
 
 @functools.lru_cache(maxsize=None)
-def spt_reference(run: str) -> dict:
-    """Single-process results of `init/spt.py` for a k-means run of the worker (computed once)."""
+def reference_run(run: str) -> dict:
+    """Single-process results of the oracle (`kmeans_support.py`) for a k-means run of the worker (computed once)."""
     inp, k, seed, iters, tol = W.KMEANS_RUNS[run]
     X = W.kmeans_inputs()[inp]
-    C, labels, it = spt.lloyd(X, spt.kmeans_pp_init(X, k, seed), iters, tol)
-    idx = spt.kmeans_pp_indices(X, k, seed)
+    C, labels, it = reference.lloyd(X, reference.kmeans_pp_init(X, k, seed), iters, tol)
+    idx = reference.kmeans_pp_indices(X, k, seed)
     C_bad = torch.cat([X[idx[: k - 2]].to(F64), torch.full((2, X.shape[1]), 1e3, dtype=F64)])
-    lab, d2 = spt.assign(X, C_bad)  # two clusters left empty
-    return {"C": C, "labels": labels, "iterations": it, "pp": idx, "update": spt.update(X, lab, d2, k)}
+    lab, d2 = reference.assign(X, C_bad)  # two clusters left empty
+    return {"C": C, "labels": labels, "iterations": it, "pp": idx, "update": reference.update(X, lab, d2, k)}
 
 
 @pytest.mark.slow
@@ -274,7 +355,7 @@ def test_dist_kmeans_matches_single_process(launches, world):
     res = launches[world]
     K = res["kmeans_inputs"]
     for (run, kind), got in res["kmeans"].items():
-        ref = spt_reference(run)
+        ref = reference_run(run)
         ctx = f"{run}/{kind}/world {world}"
         torch.testing.assert_close(got["centroids"], ref["C"], rtol=0, atol=1e-10, msg=ctx)
         assert torch.equal(got["labels"], ref["labels"]), ctx
@@ -286,7 +367,7 @@ def test_dist_kmeans_matches_single_process(launches, world):
         # update with two empty clusters: re-seeded with the same farthest rows
         torch.testing.assert_close(res["update"][run, kind], ref["update"], rtol=0, atol=1e-10, msg=ctx)
     for run, (C_loc, lab_loc) in res["local"].items():  # LOCAL inside the process group
-        ref = spt_reference(run)
+        ref = reference_run(run)
         assert torch.equal(C_loc, ref["C"]) and torch.equal(lab_loc, ref["labels"]), run
     for (run, kind), got in res["kmeans"].items():  # planted clusters found on every split
         if run == "planted":
@@ -304,10 +385,10 @@ def test_dist_rand_draw_matches_single_process(launches, world):
     for (run, kind), rows in res["rand"].items():
         if run == "float32":
             X32 = res["kmeans_inputs"]["float32"]
-            assert torch.equal(rows, spt.spt_rand(X32, 9, 5))
+            assert torch.equal(rows, spt_rand(X32, 9, 5))
             continue
         P, seed = W.RAND_RUNS[run]
-        assert torch.equal(rows, spt.spt_rand(X, P, seed)), f"{run}/{kind}/world {world}"
+        assert torch.equal(rows, spt_rand(X, P, seed)), f"{run}/{kind}/world {world}"
 
 
 @pytest.mark.slow

@@ -1,26 +1,55 @@
-"""The one place that talks to torch.distributed outside `init/sharded.py`, `linalg/` and `engine/`.
+"""The one communication layer: process-group setup and the collectives everything else uses
+(`linalg/`, `init/`, `train`, `preempt`; the engines hand the group to their libraries).
 
-Everything works with world size 1 and no process group: these helpers then return the identity.
+Every collective takes an optional `group`: `None` is the default process group when one is
+initialized and a single process otherwise; a `ProcessGroup`; or `LOCAL`, a "group" of this
+process alone even inside a process group. Ranks and sizes are group ranks and sizes. With world
+size 1 (no process group, `LOCAL`, or a group of one) every collective is the identity. Tensors
+may live anywhere: NCCL reduces GPU tensors only, so a collective runs on the backend's device
+(this rank's GPU for NCCL, the CPU otherwise) and the result comes back into the caller's tensor
+(or onto its device).
 """
 from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class _LocalGroup:
+    """Sentinel type: a 'group' of one process, whatever torch.distributed says."""
+
+    def __repr__(self) -> str:
+        return "LOCAL"
+
+
+LOCAL: Any = _LocalGroup()
 
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+def _joined(group: Any) -> bool:
+    """Whether `group` reaches other processes' ranks at all (False: one process, rank 0 of 1)."""
+    if group is LOCAL:
+        return False
+    if not is_dist():
+        if group is not None:
+            raise ValueError("a process group was passed but torch.distributed is not initialized")
+        return False
+    return True
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+def rank(group: Any = None) -> int:
+    return dist.get_rank(group) if _joined(group) else 0
+
+
+def world_size(group: Any = None) -> int:
+    return dist.get_world_size(group) if _joined(group) else 1
 
 
 def local_rank() -> int:
@@ -93,20 +122,77 @@ def device() -> torch.device:
     return torch.device("cuda", local_rank() % torch.cuda.device_count())
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity without a process group). Returns `t`.
+def _trivial(group: Any) -> bool:
+    return world_size(group) == 1
 
-    NCCL reduces GPU tensors only: a CPU tensor (the initializer's float64 statistics) takes a
-    round trip through this rank's GPU; gloo reduces it where it is.
+
+def _comm_device(group: Any) -> torch.device:
+    """Where `group`'s collectives run: this rank's GPU under NCCL, else the CPU."""
+    if str(dist.get_backend(group)).lower() == "nccl":
+        return device()
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """In-place sum over the ranks of `group`; returns `t` (the identity with one process).
+
+    A tensor not on the backend's device (a CPU tensor under NCCL: the initializer's float64
+    statistics) takes a round trip through it.
     """
-    if is_dist():
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            buf = t.to(device())
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return _all_reduce(t, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """In-place elementwise maximum over the ranks of `group`; returns `t`."""
+    return _all_reduce(t, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
+    if not _trivial(group):
+        buf = t.to(_comm_device(group)).contiguous()
+        dist.all_reduce(buf, op=op, group=group)
+        if buf is not t:
             t.copy_(buf)
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Every rank's `t` (the same shape everywhere) stacked in rank order: `(size, *t.shape)`."""
+    if _trivial(group):
+        return t.unsqueeze(0).clone()
+    buf = t.to(_comm_device(group)).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(world_size(group))]
+    dist.all_gather(parts, buf, group=group)
+    return torch.stack(parts).to(t.device)
+
+
+def gather(t: torch.Tensor, dst: int = 0, group: Any = None) -> list[torch.Tensor] | None:
+    """Every rank's `t` as a list (rank order) on group rank `dst`, `None` elsewhere."""
+    if _trivial(group):
+        return [t]
+    buf = t.to(_comm_device(group)).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(world_size(group))] if rank(group) == dst else None
+    dist.gather(buf, gather_list=parts, group=group, group_dst=dst)
+    return None if parts is None else [p.to(t.device) for p in parts]
+
+
+def broadcast(t: torch.Tensor, src: int, group: Any = None) -> torch.Tensor:
+    """In-place broadcast from group rank `src`; returns `t`."""
+    if not _trivial(group):
+        buf = t.to(_comm_device(group)).contiguous()
+        dist.broadcast(buf, group=group, group_src=src)
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (`[obj]` with one process)."""
+    if _trivial(group):
+        return [obj]
+    parts: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
 
 
 def barrier() -> None:

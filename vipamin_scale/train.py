@@ -30,7 +30,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +48,7 @@ from vipamin_scale.init.bpt_stats import bpt_whitening
 from vipamin_scale.models import build_model, load_backbone, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption
+from vipamin_scale.progress import progress_bar
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
 
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
     kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
-    progress = _progress(total_steps, global_step, enabled=cfg.train.progress and rank == 0)
+    progress = progress_bar(total_steps, "train", "step", initial=global_step, enabled=cfg.train.progress and rank == 0)
     preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
     train_time, images_seen, last_eval = 0.0, 0, {}
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -274,7 +274,7 @@ def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float) -> None:
 
 def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int, best) -> None:
     """Every rank's RNG state is gathered; rank 0 writes (the trainable state is replicated)."""
-    rngs = _gather_objects(ckpt.rng_state())
+    rngs = D.all_gather_object(ckpt.rng_state())
     state = engine.trainable_state()
     if D.rank() == 0:
         payload = {"trainable": state, "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -282,18 +282,3 @@ def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int,
                    "engine": engine.name, "config": OmegaConf.to_container(cfg, resolve=True)}
         ckpt.save(ckpt_dir, payload, global_step, cfg.train.keep_last)
     D.barrier()
-
-
-def _gather_objects(obj) -> list:
-    if not D.is_dist():
-        return [obj]
-    out = [None] * D.world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                dynamic_ncols=True, mininterval=2.0, file=sys.stderr)

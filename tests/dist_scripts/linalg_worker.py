@@ -26,10 +26,10 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from vipamin_scale.init.spt import assign  # noqa: E402
 from vipamin_scale.linalg import (  # noqa: E402
     LOCAL,
     StreamingTSQR,
+    assign,
     distributed_rand_draw,
     kmeans,
     kmeans_pp_indices,

@@ -2,39 +2,32 @@
 
     engine = build_engine(cfg, model, total_steps, warmup_steps, lr)
 
-`engine.name` picks one: `ddp` (base.py: one process or torch DDP), `deepspeed` (ZeRO 0/1/2/3),
-`fairscale` (OSS + ShardedDDP), `fsdp2` (torch `fully_shard`). Each engine module imports `base`,
-never this package, and the heavy ones (DeepSpeed, fairscale) are imported only when chosen.
+`engine.name` picks one from the registry `ENGINES`: `ddp` (`ddp.py`: one process or torch DDP),
+`deepspeed` (ZeRO 0/1/2/3), `fairscale` (OSS + ShardedDDP), `fsdp2` (torch `fully_shard`). Every
+engine takes the one constructor `Engine(model, cfg, lr=, total_steps=, warmup_steps=, device=)`
+(see `base.Engine`). This package imports the engine modules; they import `base`, never this
+package. The heavy libraries (DeepSpeed, fairscale) are imported only when an engine that needs
+them is built.
 """
 from __future__ import annotations
 
 import torch.nn as nn
-from omegaconf import OmegaConf
 
-from vipamin_scale import distributed as D
 from vipamin_scale.config import ConfigError
 from vipamin_scale.engine.base import Engine
+from vipamin_scale.engine.ddp import DDPEngine
+from vipamin_scale.engine.deepspeed import DeepSpeedEngine
+from vipamin_scale.engine.fairscale import FairscaleEngine
+from vipamin_scale.engine.fsdp2 import FSDP2Engine
+
+ENGINES: dict[str, type[Engine]] = {cls.name: cls for cls in (DDPEngine, DeepSpeedEngine, FairscaleEngine, FSDP2Engine)}
+
+__all__ = ["ENGINES", "DDPEngine", "DeepSpeedEngine", "Engine", "FSDP2Engine", "FairscaleEngine", "build_engine"]
 
 
 def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr: float) -> Engine:
+    """The engine `cfg.engine.name` names, built on this rank's device."""
     name = cfg.engine.name
-    if name == "ddp":
-        return Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
-                      activation_checkpointing=cfg.engine.activation_checkpointing)
-    if name == "deepspeed":
-        from vipamin_scale.engine.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, lr, total_steps, warmup_steps)
-    if name == "fairscale":
-        from vipamin_scale.engine.fairscale import FairscaleEngine
-
-        return FairscaleEngine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(),
-                               cfg.train.precision, activation_checkpointing=cfg.engine.activation_checkpointing,
-                               offload_activations=bool(OmegaConf.select(cfg, "engine.offload_activations",
-                                                                         default=False)))
-    if name == "fsdp2":
-        from vipamin_scale.engine.fsdp2 import FSDP2Engine
-
-        return FSDP2Engine(model, lr, cfg.train.weight_decay, total_steps, warmup_steps, D.device(), cfg.train.precision,
-                           activation_checkpointing=cfg.engine.activation_checkpointing)
-    raise ConfigError(f"engine.name: must be one of ddp, deepspeed, fairscale, fsdp2; got {name!r}")
+    if name not in ENGINES:
+        raise ConfigError(f"engine.name: must be one of {', '.join(ENGINES)}; got {name!r}")
+    return ENGINES[name](model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps)

@@ -1,18 +1,25 @@
-"""The small interface the train loop uses, whatever hosts the model.
+"""The engine interface: what the train loop calls, whatever hosts the model.
 
 An engine wraps a plain `PromptedViT` and its optimizer. The loop only calls `forward`,
-`backward`, `step`, `trainable_state` and `load_trainable_state`: torch DDP, DeepSpeed ZeRO,
-fairscale and FSDP2 all fit behind it. The trainable state is engine-neutral (parameter names of the
-unwrapped model, optimizer moments by the same names), so a run saved under one engine and world
-size resumes under another.
+`backward`, `step`, `pad_eval`, `trainable_state` and `load_trainable_state`: torch DDP
+(`ddp.py`), DeepSpeed ZeRO (`deepspeed.py`), fairscale (`fairscale.py`) and FSDP2 (`fsdp2.py`)
+all fit behind it. The trainable state is engine-neutral (parameter names of the unwrapped model,
+optimizer moments by the same names), so a run saved under one engine and world size resumes
+under another.
+
+This module imports no engine; the registry (`vipamin_scale.engine.ENGINES`) imports them all.
+It also holds what every engine shares: the optimizer (`adamw` over `param_groups`), the lr
+schedule (`cosine_with_warmup`) and the trainable-name order.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 
 from vipamin_scale import distributed as D
 from vipamin_scale.config import ConfigError
@@ -63,23 +70,42 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
 
 
-class Engine:
-    """Base: single process or torch DDP. Subclasses override `_wrap` and the state methods."""
+class Engine(ABC):
+    """The interface, and the construction every engine shares.
 
-    name = "ddp"
+    One constructor for all engines (the registry builds any of them the same way):
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float, total_steps: int,
-                 warmup_steps: int, device: torch.device, precision: str = "fp32",
-                 activation_checkpointing: bool = False):
-        self.model = model.to(device)
-        self.device = device
-        self.precision = precision
+        engine = SomeEngine(model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps)
+
+    - `model`: the plain `PromptedViT` (moved to `device`; an engine may shard it in place);
+    - `cfg`: the run's config; an engine reads `train.weight_decay`, `train.precision`,
+      `engine.activation_checkpointing` and its own `engine.*` fields (DeepSpeed: `zero_stage`,
+      `ds_config`, `data.batch_size`);
+    - `lr`: the (batch-scaled) peak learning rate; `total_steps`, `warmup_steps`: the schedule
+      (`cosine_with_warmup`);
+    - `device`: where the model lives; `None` is this rank's device (`distributed.device()`).
+
+    Construction, in order: move the model, enable activation checkpointing
+    (`_enable_activation_checkpointing`), shard in place (`_shard`), build the optimizer
+    (`_build_optimizer`) and the schedule, wrap (`_wrap`, which may replace `self.optimizer` and
+    `self.scheduler` with the library's wrappers). Subclasses set `name` (the `engine.name` that
+    picks them), do their own set-up before calling `super().__init__`, and override these hooks
+    and the state methods.
+    """
+
+    name: str  # engine.name
+
+    def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
+                 device: Optional[torch.device] = None):
+        self.device = D.device() if device is None else device
+        self.model = model.to(self.device)
+        self.precision = cfg.train.precision
         self.names = trainable_names(model)
-        if activation_checkpointing:
+        if cfg.engine.activation_checkpointing:
             require_blocks(model)
             self._enable_activation_checkpointing(model)
         self._shard(model)
-        self.optimizer = self._build_optimizer(model, lr, weight_decay)
+        self.optimizer = self._build_optimizer(model, lr, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
         self.module = self._wrap(self.model)
 
@@ -92,11 +118,9 @@ class Engine:
     def _build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return adamw(model, lr, weight_decay)
 
+    @abstractmethod
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if D.world_size() > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model
+        """The module the loop calls (`model` itself, or the library's wrapper around it)."""
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -122,7 +146,7 @@ class Engine:
         """A rank with fewer eval batches than the most any rank has (the split need not divide
         evenly over ranks) first runs throw-away forwards, so all ranks run the same number."""
         most = torch.tensor([num_batches], dtype=torch.int64)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        D.all_reduce_max(most)
         size = self.model.backbone.patch_embed.img_size
         dummy = torch.zeros(1, 3, *size, device=self.device)
         with torch.no_grad():

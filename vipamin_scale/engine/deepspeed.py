@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 
 from vipamin_scale import distributed as D
 from vipamin_scale.config import ConfigError, check_global_batch
-from vipamin_scale.engine.base import (Engine, adamw, cosine_with_warmup, require_blocks, set_lr_from_scheduler,
-                                       trainable_names)
+from vipamin_scale.engine.base import Engine, set_lr_from_scheduler
 
 
 def import_deepspeed():
@@ -112,37 +112,37 @@ def _init_deepspeed_comm(deepspeed) -> None:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, cfg, model: nn.Module, lr: float, total_steps: int, warmup_steps: int):
+    def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
+                 device: Optional[torch.device] = None):
         self.config = deepspeed_config(cfg, D.world_size())  # config errors before the slow import
-        deepspeed = import_deepspeed()
-        _init_deepspeed_comm(deepspeed)
-        self.ds = deepspeed
-        self.device = D.device()
-        self.precision = cfg.train.precision
+        self.ds = import_deepspeed()
+        _init_deepspeed_comm(self.ds)
         self.stage = int(cfg.engine.zero_stage)
-        self.names = trainable_names(model)
-        self.model = model.to(self.device)
-        if cfg.engine.activation_checkpointing:
-            require_blocks(model)
-            deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
-                                              checkpoint_in_cpu=False, synchronize=False, profile=False)
-            model.set_grad_checkpointing(True, wrapper=_ds_checkpoint_block)
-        optimizer = adamw(model, lr, cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
-        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        super().__init__(model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, device=device)
+        # AdamW's state, created now as torch would at the first step (step 0, zero moments): ZeRO
+        # links each parameter to its slice of the flat state after the first step, and for a second
+        # param group that is not stepped yet it would link an empty state (exp_avg not found).
+        self._init_moments(0.0)
+
+    def _enable_activation_checkpointing(self, model: nn.Module) -> None:
+        self.ds.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
+                                        checkpoint_in_cpu=False, synchronize=False, profile=False)
+        model.set_grad_checkpointing(True, wrapper=_ds_checkpoint_block)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """`deepspeed.initialize` over our torch AdamW and schedule: its engine is the module, its
+        optimizer and scheduler wrappers replace ours."""
+        module, self.optimizer, _, self.scheduler = self.ds.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
             dist_init_required=False)
         if self.stage == 3:
             # Parameters that belong to a module whose own forward never runs (the backbone's
             # cls_token / pos_embed, read by PromptedViT.embed): gathered with the root's forward.
             for owner in _modules_not_called(model):
                 for p in owner.parameters(recurse=False):
-                    deepspeed.zero.register_external_parameter(model, p)
-        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        # AdamW's state, created now as torch would at the first step (step 0, zero moments): ZeRO
-        # links each parameter to its slice of the flat state after the first step, and for a second
-        # param group that is not stepped yet it would link an empty state (exp_avg not found).
-        self._init_moments(0.0)
+                    self.ds.zero.register_external_parameter(model, p)
+        return module
 
     def _flat_fp32_partitions(self) -> list[torch.Tensor]:
         """The tensors torch AdamW steps under ZeRO: this rank's flat fp32 partition per group

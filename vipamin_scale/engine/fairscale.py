@@ -6,8 +6,8 @@ fairscale 0.4.13's FullyShardedDataParallel needs CUDA (streams, `torch.cuda.cur
 on CPU/gloo the sharding that works is ZeRO-1/2-like: `OSS` wraps our torch AdamW and gives each
 rank the state of a part of the trainable parameters; `ShardedDataParallel` reduces each gradient
 to the rank that owns it; OSS broadcasts the updated parameters after the step. Activation
-checkpointing uses fairscale's `checkpoint_wrapper` per ViT block (optionally offloading the
-saved block inputs to CPU).
+checkpointing uses fairscale's `checkpoint_wrapper` per ViT block (saved block inputs stay on the
+model's device).
 """
 from __future__ import annotations
 
@@ -23,10 +23,6 @@ from vipamin_scale.engine.base import Engine, param_groups
 class FairscaleEngine(Engine):
     name = "fairscale"
 
-    def __init__(self, *args, offload_activations: bool = False, **kwargs):
-        self.offload_activations = offload_activations
-        super().__init__(*args, **kwargs)
-
     def _enable_activation_checkpointing(self, model: nn.Module) -> None:
         from fairscale.nn import checkpoint_wrapper
 
@@ -36,7 +32,7 @@ class FairscaleEngine(Engine):
             # checkpoint_wrapper patches the block's forward in place (names and state unchanged);
             # done once per block, on first use.
             if id(block) not in wrapped:
-                wrapped[id(block)] = checkpoint_wrapper(block, offload_to_cpu=self.offload_activations)
+                wrapped[id(block)] = checkpoint_wrapper(block)
             return wrapped[id(block)](x)
 
         model.set_grad_checkpointing(True, wrapper=run_block)

@@ -34,6 +34,7 @@ from vipamin_scale.init.sharded import map_layers, reduce_means
 from vipamin_scale.models import load_backbone, normalization
 from vipamin_scale.models.prompted import PromptedViT, VPTPrompts, load_prompts_file
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.progress import progress_bar
 from vipamin_scale.runs import write_json
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,7 @@ class Calibration:
             yield images.to(self.device, non_blocking=True)
 
     def fingerprint(self) -> str:
-        parts: list = [self.keys]
-        if D.is_dist():
-            parts = [None] * D.world_size()
-            torch.distributed.all_gather_object(parts, self.keys)
-        keys = sorted(k for part in parts for k in part)
+        keys = sorted(k for part in D.all_gather_object(self.keys) for k in part)
         return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
@@ -131,7 +128,7 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
     t = time.perf_counter()
     sums = LayerSums()
     if method != "random":
-        with _progress(len(calib.loader), "calibration") as bar:
+        with progress_bar(len(calib.loader), "calibration", "batch", enabled=D.rank() == 0) as bar:
             sums = capture_layer_stats(model, calib, R.float(), spec, progress=lambda n: bar.update(1))
     else:
         sums.count = calib.B if D.rank() == 0 else 0
@@ -241,22 +238,6 @@ def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
 
     with safe_open(str(path), framework="pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-
-
-class _progress:
-    """tqdm over this rank's calibration batches on rank 0 (a no-op bar elsewhere)."""
-
-    def __init__(self, total: int, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="batch", disable=D.rank() != 0, mininterval=2.0, dynamic_ncols=True)
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc):
-        self.bar.close()
-        return False
 
 
 

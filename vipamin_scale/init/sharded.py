@@ -76,9 +76,7 @@ def map_layers(rows: list[int], compute: Callable[[int], dict[str, torch.Tensor]
 def _gather_infos(infos: dict[int, dict]) -> dict[int, dict]:
     if not D.is_dist():
         return infos
-    parts: list = [None] * D.world_size()
-    torch.distributed.all_gather_object(parts, infos)
     merged: dict[int, dict] = {}
-    for part in parts:
+    for part in D.all_gather_object(infos):
         merged.update(part)
     return dict(sorted(merged.items()))

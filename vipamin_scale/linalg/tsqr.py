@@ -24,89 +24,20 @@ bitwise independent of the world size (different splits round differently).
 
 Groups: `group=None` is the default process group when one is initialized and a single process
 otherwise; `group=LOCAL` forces single-process math even inside a process group (every rank
-then works on the rows it is given, alone). `GroupComm` wraps these cases and is shared with
-`kmeans.py`.
+then works on the rows it is given, alone). The collectives are `vipamin_scale.distributed`'s,
+which handle these cases (and NCCL's GPU-only tensors).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["LOCAL", "GroupComm", "tsqr", "StreamingTSQR", "energy_rank"]
+from vipamin_scale import distributed as D
+from vipamin_scale.distributed import LOCAL
 
-
-class _LocalGroup:
-    """Sentinel type: a 'group' of one process, whatever torch.distributed says."""
-
-    def __repr__(self) -> str:
-        return "LOCAL"
-
-
-LOCAL: Any = _LocalGroup()
-
-
-class GroupComm:
-    """The few collectives `linalg/` needs, over a process group or over one process.
-
-    `group`: `None` (default group if initialized, else single process), a `ProcessGroup`, or
-    `LOCAL`. Ranks are group ranks. Without a process group, or with one rank, every collective
-    is the identity. Tensors may live anywhere: each collective runs on the backend's device
-    (CUDA for NCCL, CPU otherwise) and results come back on the caller's tensor's device.
-    """
-
-    def __init__(self, group: Any = None) -> None:
-        self.active = group is not LOCAL and dist.is_available() and dist.is_initialized()
-        if group is not None and group is not LOCAL and not self.active:
-            raise ValueError("a process group was passed but torch.distributed is not initialized")
-        self.group = None if group is LOCAL else group
-        self.rank = dist.get_rank(self.group) if self.active else 0
-        self.size = dist.get_world_size(self.group) if self.active else 1
-        self.device = torch.device("cpu")
-        if self.active and str(dist.get_backend(self.group)).lower() == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-
-    @property
-    def trivial(self) -> bool:
-        return not self.active or self.size == 1
-
-    def all_reduce_(self, t: Tensor) -> Tensor:
-        """In-place sum over ranks; returns `t`."""
-        if not self.trivial:
-            buf = t.to(self.device).contiguous()
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-            if buf is not t:
-                t.copy_(buf)
-        return t
-
-    def all_gather(self, t: Tensor) -> Tensor:
-        """Stack every rank's `t` (same shape everywhere): `(size, *t.shape)`, in rank order."""
-        if self.trivial:
-            return t.unsqueeze(0).clone()
-        buf = t.to(self.device).contiguous()
-        parts = [torch.empty_like(buf) for _ in range(self.size)]
-        dist.all_gather(parts, buf, group=self.group)
-        return torch.stack(parts).to(t.device)
-
-    def gather(self, t: Tensor, dst: int = 0) -> list[Tensor] | None:
-        """Every rank's `t` as a list on group rank `dst`, `None` elsewhere."""
-        if self.trivial:
-            return [t]
-        buf = t.to(self.device).contiguous()
-        parts = [torch.empty_like(buf) for _ in range(self.size)] if self.rank == dst else None
-        dist.gather(buf, gather_list=parts, group=self.group, group_dst=dst)
-        return None if parts is None else [p.to(t.device) for p in parts]
-
-    def broadcast_(self, t: Tensor, src: int) -> Tensor:
-        """In-place broadcast from group rank `src`; returns `t`."""
-        if not self.trivial:
-            buf = t.to(self.device).contiguous()
-            dist.broadcast(buf, group=self.group, group_src=src)
-            if buf is not t:
-                t.copy_(buf)
-        return t
+__all__ = ["LOCAL", "tsqr", "StreamingTSQR", "energy_rank"]
 
 
 def _reduced_r(A: Tensor) -> Tensor:
@@ -133,25 +64,24 @@ def _svd_of_r(R: Tensor, d: int) -> tuple[Tensor, Tensor]:
 
 def _combine_r(R_local: Tensor, d: int, group: Any) -> tuple[Tensor, Tensor]:
     """Cross-rank part of TSQR: gather the local R factors, QR their stack, SVD, broadcast."""
-    comm = GroupComm(group)
-    if comm.size == 1:
+    if D.world_size(group) == 1:
         return _svd_of_r(_reduced_r(R_local), d)
     device = R_local.device
     rows = torch.tensor([R_local.shape[0]], dtype=torch.int64, device=device)
-    rows_all = comm.all_gather(rows).flatten().tolist()  # (W,) rows of each R_r
+    rows_all = D.all_gather(rows, group).flatten().tolist()  # (W,) rows of each R_r
     padded = R_local.new_zeros((d, d))
     padded[: R_local.shape[0]] = R_local
-    parts = comm.gather(padded, dst=0)
+    parts = D.gather(padded, dst=0, group=group)
     svals = torch.empty(d, dtype=torch.float64, device=device)
     V = torch.empty((d, d), dtype=torch.float64, device=device)
-    if comm.rank == 0:
+    if D.rank(group) == 0:
         assert parts is not None
         stacked = torch.cat([p[:k] for p, k in zip(parts, rows_all)])  # (Σ k_r, d), Σ k_r ≤ W·d
         s, v = _svd_of_r(_reduced_r(stacked), d)
         svals.copy_(s)
         V.copy_(v)
-    comm.broadcast_(svals, src=0)
-    comm.broadcast_(V, src=0)
+    D.broadcast(svals, 0, group)
+    D.broadcast(V, 0, group)
     return svals, V
 
 
