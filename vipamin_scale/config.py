@@ -115,7 +115,7 @@ class TrainConfig:
     resume: bool = False
     keep_last: int = 2
     log_every: int = 10
-    progress: bool = True
+    progress: bool = True  # progress bars on stderr (training steps, calibration batches), rank 0
     eval_split: str = "val"  # which split the per-epoch eval reads (val | test)
     test_at_end: bool = True
     # where metrics go, rank 0 only: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (the last two:

@@ -128,7 +128,8 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
     t = time.perf_counter()
     sums = LayerSums()
     if method != "random":
-        with progress_bar(len(calib.loader), "calibration", "batch", enabled=D.rank() == 0) as bar:
+        bar_on = bool(cfg.train.progress) and D.rank() == 0  # train.progress: every bar of the run
+        with progress_bar(len(calib.loader), "calibration", "batch", enabled=bar_on) as bar:
             sums = capture_layer_stats(model, calib, R.float(), spec, progress=lambda n: bar.update(1))
     else:
         sums.count = calib.B if D.rank() == 0 else 0
