@@ -494,7 +494,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     check_protocol(a)
     work = Path(a.work)
     roots = fewshot_roots(work / "data", a.shots, a.draws)
-    prompt_methods = [m for m in a.methods if m != LINEAR]
     full_n = a.full
     sched = {k: schedule(10 * k, a.batch, a.epochs, a.min_steps) for k in a.shots}
     full_sched = schedule(full_n, 32, a.full_epochs, 0)

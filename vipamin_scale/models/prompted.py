@@ -10,6 +10,7 @@ backbone is frozen and stays in eval mode even when the module is put in train m
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
