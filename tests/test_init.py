@@ -10,7 +10,6 @@ from conftest import TINY, cli, cli_env
 from safetensors import safe_open
 
 from vipamin_scale.config import default_config
-from vipamin_scale.init import vipamin as vip
 from vipamin_scale.init.capture import CaptureSpec, capture_layer_stats
 from vipamin_scale.init.random import xavier_prompts
 from vipamin_scale.init.run import read_prompts_metadata, run_init
