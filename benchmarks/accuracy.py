@@ -461,11 +461,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--preset-out", default=None, help="demo preset JSON (default benchmarks/results/demo_preset.json; "
                                                         "--quick: beside --out)")
+    if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
+        ap.set_defaults(model="vit_test_d64", checkpoint=None, img_size=32, pool="mean", shots=[1, 2], draws=3,
+                        epochs=2, min_steps=4, full=200, full_epochs=2, lrs=[0.5, 5.0], calib=32)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.model, args.checkpoint, args.img_size, args.pool = "vit_test_d64", None, 32, "mean"
-        args.shots, args.draws, args.epochs, args.min_steps = [1, 2], 3, 2, 4
-        args.full, args.full_epochs, args.lrs, args.calib = 200, 2, [0.5, 5.0], 32
     known = all_methods()
     args.methods = args.methods or list(METHODS) + (list(ABLATIONS) if args.all else [])
     bad = [m for m in args.methods if m not in known]
