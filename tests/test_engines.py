@@ -245,7 +245,7 @@ PRESETS = sorted(p.stem for p in (CONFIG_DIR / "engine").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def preset_runs(runs):
-    """Each preset in configs/engine/ at world 1 (batch 32: 4 steps/epoch), SIGKILLed at step 6,
+    """Each preset in vipamin_scale/configs/engine/ at world 1 (batch 32: 4 steps/epoch), SIGKILLed at step 6,
     then resumed with train.resume=true (all presets at once, on 2 cores)."""
     root = runs["root"] / "presets"
     root.mkdir()

