@@ -164,7 +164,7 @@ def test_fsdp2_shards_the_frozen_blocks(runs):
     from vipamin_scale.models import build_model
 
     log = open(f"{runs['fsdp2_ac']}.log").read()
-    cfg = default_config(model__name="vit_test_d64", model__img_size=32, prompt__length=4)
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4)
     model = build_model(cfg, num_classes=10)
     total = sum(p.numel() for p in model.parameters())
     half = sum((p.shape[0] + 1) // 2 * p[0].numel() for p in model.parameters())
@@ -291,7 +291,8 @@ def test_every_engine_preset_checkpoints_and_resumes(preset_runs, runs, name):
 def _tiny_model():
     from vipamin_scale.models import build_model
 
-    cfg = default_config(model__name="vit_test_d64", model__img_size=32, prompt__length=4, prompt__dropout=0.0)
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4,
+                         prompt__dropout=0.0)
     torch.manual_seed(0)
     return build_model(cfg, num_classes=10)
 

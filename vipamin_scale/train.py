@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import distributed as D
 from vipamin_scale import runs
-from vipamin_scale.config import UserError, check_global_batch, validate
+from vipamin_scale.config import UserError, check_global_batch, eval_split, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
 from vipamin_scale.models import build_model, normalization
@@ -99,8 +99,8 @@ def initial_prompts(cfg: DictConfig, out_dir: Path) -> Optional[torch.Tensor]:
 
 def splits_read(cfg: DictConfig) -> dict[str, str]:
     """{config field: split} of every split a training run reads (for `data.check_splits`)."""
-    eval_field = f"{cfg.train.eval_split}_split"
-    reads = {"data.train_split": cfg.data.train_split, f"data.{eval_field}": cfg.data[eval_field]}
+    eval_field, eval_name = eval_split(cfg)
+    reads = {"data.train_split": cfg.data.train_split, eval_field: eval_name}
     return {**reads, "data.test_split": cfg.data.test_split} if cfg.train.test_at_end else reads
 
 
@@ -156,7 +156,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
     img_size = cfg.model.img_size
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=img_size, mean=mean, std=std,
                                 rank=rank, world_size=world, seed=cfg.train.seed, limit=cfg.data.max_train_samples)
-    eval_loader = build_loader(cfg.data, getattr(cfg.data, f"{cfg.train.eval_split}_split"), train=False,
+    eval_loader = build_loader(cfg.data, eval_split(cfg)[1], train=False,
                                img_size=img_size, mean=mean, std=std, rank=rank, world_size=world)
 
     steps_per_epoch = len(train_loader)

@@ -708,9 +708,7 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     if train and num_samples < batch_size:
         raise DataError(f"{root / MANIFEST}: split {split!r} has {num_samples} samples, fewer than one global "
                         f"batch (data.batch_size={batch_size}); lower data.batch_size")
-    on_error = getattr(data_cfg, "on_error", "raise")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
+    on_error = getattr(data_cfg, "on_error", "raise")  # raise | skip: checked by config.validate
     if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
         _check_shard_files(root, shards, counts)
     data_mean = getattr(data_cfg, "mean", None)
@@ -750,5 +748,5 @@ def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean:
         num_workers=spec.num_workers, seed=seed, shuffle_buffer=spec.shuffle_buffer, transform=transform,
         augment=spec.augment, on_error=spec.on_error, max_skip=spec.max_skip, shard_splits=spec.shard_splits,
         shard_offsets=spec.shard_offsets)
-    pin_memory = bool(getattr(data_cfg, "pin_memory", torch.cuda.is_available()))
+    pin_memory = torch.cuda.is_available() if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
     return ShardLoader(stream, num_workers=spec.num_workers, pin_memory=pin_memory)
