@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,17 +43,13 @@ from vipamin_scale import runs
 from vipamin_scale.config import UserError, check_global_batch, eval_split, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
+from vipamin_scale.faults import kill_switch
 from vipamin_scale.models import build_model, normalization
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
-
-# Fault injection for tests of resume and elastic restarts: the process kills itself (SIGKILL, no
-# clean-up, exactly like a lost node) right after this global step. Optional rank filter.
-KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
-KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 
 
 class TrainingDiverged(UserError):
@@ -185,8 +180,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
                  "%d steps/epoch, world %d", cfg.model.name, num_trainable, tuple(model.prompt_shape), lr,
                  cfg.train.lr, global_batch, steps_per_epoch, world)
 
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
-    kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
+    kill = kill_switch(restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
     progress = _progress(total_steps, global_step, enabled=cfg.train.progress and rank == 0)
     preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
     train_time, images_seen, last_eval = 0.0, 0, {}
@@ -214,8 +208,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
                 progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
                 metrics.write({"event": "train", "epoch": epoch, "step": global_step, "loss": mean_loss, "lr": engine.lr})
                 loss_acc.zero_()
-            if global_step == kill_at and kill_rank in (-1, rank):
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill.after_step(global_step, rank)
             if i + 1 < steps_per_epoch and preempt.requested(global_step):
                 save_checkpoint(cfg, engine, ckpt_dir, epoch, i + 1, global_step, best)
                 metrics.close()
