@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vipamin_scale import runs  # noqa: E402
-from vipamin_scale.config import default_config  # noqa: E402
+from vipamin_scale.config import default_config, eval_split  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
 from vipamin_scale.tune import run_tune, sample_std  # noqa: E402
 
@@ -181,7 +181,7 @@ class LinearProbe:
             with torch.no_grad():
                 return {"acc": float((head(Xe).argmax(1) == ye).double().mean()), "count": len(ye)}
 
-        val = acc(getattr(cfg.data, f"{cfg.train.eval_split}_split"))
+        val = acc(eval_split(cfg)[1])
         result = {"method": "linear", "prompt_length": 0, "deep": cfg.prompt.deep, "final_eval": val,
                   "best_val": {"acc": val["acc"], "epoch": int(cfg.train.epochs) - 1}, "steps": step,
                   "trainable_params": sum(p.numel() for p in head.parameters()), "init_time_s": 0.0,

@@ -307,14 +307,10 @@ def max_rel(a: list[float], b: list[float]) -> float:
 
 
 def compose_config(overrides: list[str]):
-    """The config `vipamin-scale train <overrides>` would run with (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
+    """The config `vipamin-scale train <overrides>` would run with (`vipamin_scale.compose`)."""
+    from vipamin_scale import compose
 
-    from vipamin_scale.config import CONFIG_DIR, register
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("config", overrides=overrides)
+    return compose(overrides)
 
 
 def section_train(rec: Record, ctx: dict) -> None:
