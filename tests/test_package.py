@@ -114,6 +114,7 @@ def test_train_and_init_prompts_from_python(tmp_path, digits_root):
     cfg = vipamin_scale.compose([*QUICK, f"hydra.run.dir={tmp_path / 'run'}", "init=vipamin", "init.num_images=32"])
     result = vipamin_scale.train(cfg)
     assert result == json.loads((tmp_path / "run" / "result.json").read_text())  # a record, no live objects
+    assert callable(vipamin_scale.train)  # still the function once the submodule vipamin_scale.train is imported
     assert result["method"] == "vipamin" and result["steps"] == 2
     out = vipamin_scale.init_prompts(cfg, str(tmp_path / "p.safetensors"))
     assert out["path"] == str(tmp_path / "p.safetensors") and Path(out["path"]).is_file()

@@ -13,6 +13,8 @@ Hydra are imported by the functions that need them.
 """
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
@@ -68,3 +70,17 @@ def init_prompts(cfg: "DictConfig", out: Optional[str] = None) -> dict[str, Any]
     from vipamin_scale.api import init_prompts as _init_prompts
 
     return _init_prompts(cfg, out)
+
+
+class _Package(types.ModuleType):
+    """`vipamin_scale.train` is the API function, also once the submodule `vipamin_scale.train` (the loop) is
+    imported: the import system then sets the package attribute of that name to the submodule, which is kept
+    out here. The submodule stays importable as always (`from vipamin_scale.train import run_training`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "train" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
