@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vipamin_scale.config import CONFIG_DIR, ConfigError, register
 
@@ -32,24 +32,11 @@ def compose(overrides: Optional[list[str]] = None) -> DictConfig:
         if outer is not None:
             GlobalHydra.instance().initialize(outer)
     run_dir = str(cfg.hydra.run.dir)  # hydra.run.dir as the CLI resolves it (runs/<timestamp> by default)
-    with _open(cfg):
+    with open_dict(cfg):  # the composed config is in struct mode
         del cfg["hydra"]
         if OmegaConf.to_container(cfg.train, resolve=False)["out_dir"] == _OUT_DIR_FROM_HYDRA:
             cfg.train.out_dir = run_dir
     return cfg
-
-
-class _open:
-    """Lift the struct flag of a composed config for a moment (to drop its `hydra` node)."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
-    def __enter__(self):
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.cfg, True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
