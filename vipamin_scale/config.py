@@ -354,7 +354,11 @@ def field_docs() -> dict[str, str]:
         fields: dict[int, str] = {}  # line -> the field declared on it
         code_lines: set[int] = set()  # lines holding code
         first = True  # the next token starts a logical line
-        for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(node)).readline):
+        try:
+            source = inspect.getsource(node)
+        except OSError:  # no source (a .pyc-only install): no docs, the help still lists the fields
+            return {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type == tokenize.COMMENT:
                 comments[tok.start[0]] = tok.string.lstrip("#").strip()
             elif tok.type == tokenize.NEWLINE:
