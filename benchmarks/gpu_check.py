@@ -307,14 +307,10 @@ def max_rel(a: list[float], b: list[float]) -> float:
 
 
 def compose_config(overrides: list[str]):
-    """The config `vipamin-scale train <overrides>` would run with (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
+    """The config `vipamin-scale train <overrides>` would run with (`vipamin_scale.compose`)."""
+    from vipamin_scale import compose
 
-    from vipamin_scale.config import CONFIG_DIR, register
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("config", overrides=overrides)
+    return compose(overrides)
 
 
 def section_train(rec: Record, ctx: dict) -> None:
@@ -690,8 +686,8 @@ def section_throughput(rec: Record, ctx: dict) -> None:
     device = torch.device("cuda", 0) if cuda() else torch.device("cpu")
     dev_name = torch.cuda.get_device_name(0) if cuda() else "cpu"
     peak, reason = peak_bf16(dev_name)
-    cfg = default_config(model__name=s["model"], model__img_size=s["img"], prompt__length=10, prompt__deep=True,
-                         train__precision="bf16", data__batch_size=s["batch"])
+    cfg = default_config(model__name=s["model"], model__img_size=s["img"], model__checkpoint=None, prompt__length=10,
+                         prompt__deep=True, train__precision="bf16", data__batch_size=s["batch"])
     t = time.perf_counter()
     torch.manual_seed(0)
     base = build_model(cfg, num_classes=100)  # random weights: speed and memory do not depend on them
@@ -794,7 +790,8 @@ def section_init_size(rec: Record, ctx: dict) -> None:
     t = time.perf_counter()
     root = synthetic_shards(ctx["work"] / "init_size_shards", s["init_B"])
     shards_s = time.perf_counter() - t
-    cfg = default_config(model__name=s["model"], model__img_size=s["img"], data__name="shards", data__root=str(root),
+    cfg = default_config(model__name=s["model"], model__img_size=s["img"], model__checkpoint=None, data__name="shards",
+                         data__root=str(root), data__max_train_samples=None,
                          prompt__length=10, prompt__deep=True, init__method="vipamin", init__num_images=s["init_B"],
                          init__batch_size=s["init_batch"])
     torch.manual_seed(0)

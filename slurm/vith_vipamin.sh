@@ -33,14 +33,14 @@ VENV=${VENV:-$REPO/.venv}
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
-MODEL=${MODEL:-vit_h14}              # configs/model/*
+MODEL=${MODEL:-vit_h14}              # vipamin_scale/configs/model/*
 MODEL_CKPT=${MODEL_CKPT:-}           # model.checkpoint (MAE / MoCo-v3 / timm file); empty: none
-DATA=${DATA:-shards}                 # configs/data/*
+DATA=${DATA:-shards}                 # vipamin_scale/configs/data/*
 DATA_ROOT=${DATA_ROOT:-}             # data.root (shards written by `vipamin-scale shards`)
-PROMPT=${PROMPT:-deep}               # configs/prompt/*: deep | shallow | bpt ...
+PROMPT=${PROMPT:-deep}               # vipamin_scale/configs/prompt/*: deep | shallow | bpt ...
 PROMPT_LENGTH=${PROMPT_LENGTH:-10}
-INIT=${INIT:-vipamin}                # configs/init/*: vipamin | vipamin_paper | spt | random ...
-ENGINE=${ENGINE:-zero3}              # configs/engine/*: zero3 | zero2 | zero1 | deepspeed | fairscale | ddp
+INIT=${INIT:-vipamin}                # vipamin_scale/configs/init/*: vipamin | vipamin_paper | spt | random ...
+ENGINE=${ENGINE:-zero3}              # vipamin_scale/configs/engine/*: zero3 | zero2 | zero1 | deepspeed | fairscale | ddp
 RUN=${RUN:-$REPO/runs/${SLURM_JOB_NAME:-vipamin}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
 PROMPTS=${PROMPTS:-$RUN/prompts.safetensors}
 INIT_ARGS=${INIT_ARGS:-}             # extra overrides for `init` only (space separated)

@@ -19,7 +19,7 @@ D = 64  # vit_test_d64
 
 
 def _cfg(**kw):
-    base = dict(model__name="vit_test_d64", model__img_size=32, prompt__length=4, prompt__kind="bpt",
+    base = dict(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4, prompt__kind="bpt",
                 init__num_images=48, init__batch_size=16)
     base.update(kw)
     return default_config(**base)

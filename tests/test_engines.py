@@ -168,7 +168,7 @@ def test_fsdp2_shards_the_frozen_blocks(runs):
     from vipamin_scale.models import build_model
 
     log = open(f"{runs['fsdp2_ac']}.log").read()
-    cfg = default_config(model__name="vit_test_d64", model__img_size=32, prompt__length=4)
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4)
     model = build_model(cfg, num_classes=10)
     total = sum(p.numel() for p in model.parameters())
     half = sum((p.shape[0] + 1) // 2 * p[0].numel() for p in model.parameters())
@@ -252,7 +252,7 @@ PRESETS = sorted(p.stem for p in (CONFIG_DIR / "engine").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def preset_runs(runs):
-    """Each preset in configs/engine/ at world 1 (batch 32: 4 steps/epoch), SIGKILLed at step 6,
+    """Each preset in vipamin_scale/configs/engine/ at world 1 (batch 32: 4 steps/epoch), SIGKILLed at step 6,
     then resumed with train.resume=true (all presets at once, on 2 cores)."""
     root = runs["root"] / "presets"
     root.mkdir()
@@ -299,7 +299,8 @@ def test_every_engine_preset_checkpoints_and_resumes(preset_runs, runs, name):
 def _tiny_model():
     from vipamin_scale.models import build_model
 
-    cfg = default_config(model__name="vit_test_d64", model__img_size=32, prompt__length=4, prompt__dropout=0.0)
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=4,
+                         prompt__dropout=0.0)
     torch.manual_seed(0)
     return build_model(cfg, num_classes=10)
 

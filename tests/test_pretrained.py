@@ -140,7 +140,7 @@ def test_model_configs_name_their_checked_tags(config):
     from omegaconf import OmegaConf
 
     name, tags, _ = CHECKED[config]
-    assert OmegaConf.load(REPO / "configs" / "model" / f"{config}.yaml").name == name
+    assert OmegaConf.load(REPO / "vipamin_scale" / "configs" / "model" / f"{config}.yaml").name == name
     for tag in tags:
         full = pretrained_name(name, tag)
         with torch.device("meta"):

@@ -207,7 +207,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
 
 
 def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, digits_root):
-    """`-m hydra/launcher=slurm` (configs/hydra/launcher/slurm.yaml): each sweep point a Slurm job."""
+    """`-m hydra/launcher=slurm` (vipamin_scale/configs/hydra/launcher/slurm.yaml): each sweep point a Slurm job."""
     sweep = tmp_path / "sweep"
     args = ["train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", *TINY, "train.epochs=1",

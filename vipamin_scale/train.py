@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -41,9 +40,10 @@ from omegaconf import DictConfig, OmegaConf
 from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import distributed as D
 from vipamin_scale import runs
-from vipamin_scale.config import UserError, check_global_batch, validate
+from vipamin_scale.config import UserError, check_global_batch, eval_split, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
+from vipamin_scale.faults import kill_switch
 from vipamin_scale.init.bpt_stats import bpt_whitening
 from vipamin_scale.models import build_model, load_backbone, normalization
 from vipamin_scale.models.prompted import cross_entropy
@@ -52,11 +52,6 @@ from vipamin_scale.progress import progress_bar
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
-
-# Fault injection for tests of resume and elastic restarts: the process kills itself (SIGKILL, no
-# clean-up, exactly like a lost node) right after this global step. Optional rank filter.
-KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
-KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 
 
 class TrainingDiverged(UserError):
@@ -102,8 +97,8 @@ def initial_prompts(cfg: DictConfig, backbone, out_dir: Path) -> Optional[torch.
 
 def splits_read(cfg: DictConfig) -> dict[str, str]:
     """{config field: split} of every split a training run reads (for `data.check_splits`)."""
-    eval_field = f"{cfg.train.eval_split}_split"
-    reads = {"data.train_split": cfg.data.train_split, f"data.{eval_field}": cfg.data[eval_field]}
+    eval_field, eval_name = eval_split(cfg)
+    reads = {"data.train_split": cfg.data.train_split, eval_field: eval_name}
     return {**reads, "data.test_split": cfg.data.test_split} if cfg.train.test_at_end else reads
 
 
@@ -163,7 +158,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
     img_size = cfg.model.img_size
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=img_size, mean=mean, std=std,
                                 rank=rank, world_size=world, seed=cfg.train.seed, limit=cfg.data.max_train_samples)
-    eval_loader = build_loader(cfg.data, getattr(cfg.data, f"{cfg.train.eval_split}_split"), train=False,
+    eval_loader = build_loader(cfg.data, eval_split(cfg)[1], train=False,
                                img_size=img_size, mean=mean, std=std, rank=rank, world_size=world)
 
     steps_per_epoch = len(train_loader)
@@ -192,8 +187,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
                  "%d steps/epoch, world %d", cfg.model.name, num_trainable, tuple(model.prompt_shape), lr,
                  cfg.train.lr, global_batch, steps_per_epoch, world)
 
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1")) if not restarted else -1  # first attempt only
-    kill_rank = int(os.environ.get(KILL_RANK_ENV, "-1"))
+    kill = kill_switch(restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
     progress = progress_bar(total_steps, "train", "step", initial=global_step, enabled=cfg.train.progress and rank == 0)
     preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
     train_time, images_seen, last_eval = 0.0, 0, {}
@@ -221,8 +215,7 @@ def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> d
                 progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
                 metrics.write({"event": "train", "epoch": epoch, "step": global_step, "loss": mean_loss, "lr": engine.lr})
                 loss_acc.zero_()
-            if global_step == kill_at and kill_rank in (-1, rank):
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill.after_step(global_step, rank)
             if i + 1 < steps_per_epoch and preempt.requested(global_step):
                 save_checkpoint(cfg, engine, ckpt_dir, epoch, i + 1, global_step, best)
                 metrics.close()

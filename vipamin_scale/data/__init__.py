@@ -21,7 +21,7 @@ __all__ = ["build_loader", "check_splits", "dataset_info", "resolve_root", "make
 
 def build_loader(data_cfg: Any, split: str, **kwargs: Any) -> Any:
     """The loader of one split for one rank, by data.backend (wds | dali); arguments as `data.wds.build_loader`."""
-    backend = getattr(data_cfg, "backend", "wds")
+    backend = data_cfg.backend
     if backend == "wds":
         return build_wds_loader(data_cfg, split, **kwargs)
     if backend == "dali":

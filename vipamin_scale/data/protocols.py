@@ -17,7 +17,7 @@ VTAB-1k (`vtab_shards`), VPT's convention. From the source's `train` list in its
 order (sorted by class), so its train list is first permuted with `seed`. The manifest records the
 rule, the source sizes, n90 and the source entries of train800 and val200 ("drawn").
 Hyper-parameters are chosen on train800 -> val200, the final run trains on train800val200 and tests
-on test (configs/data/vtab_select.yaml, vtab_final.yaml).
+on test (vipamin_scale/configs/data/vtab_select.yaml, vtab_final.yaml).
 
 Few-shot FGVC (`fewshot_shards`): for each k in shots, `OUT/<k>shot_seed<seed>/` with
     train = k images per class, drawn from the source's train list: each class's list (source order)

@@ -544,13 +544,13 @@ class ShardLoader:
 
 def resolve_root(data_cfg: Any) -> Path:
     """The shard directory of a data config: the embedded digits demo (built on first use) or data.root."""
-    name = getattr(data_cfg, "name", "shards")
+    name = data_cfg.name
     if name == "digits":
         from vipamin_scale.data.digits import digits_root
 
         return digits_root()
     if name == "shards":
-        root = getattr(data_cfg, "root", None)
+        root = data_cfg.root
         if not root:
             raise DataError("data.root: required when data.name=shards (a directory written by `vipamin-scale shards`)")
         return Path(root)
@@ -660,7 +660,7 @@ def check_splits(data_cfg: Any, reads: Mapping[str, str], *, train: str | None =
             entry = info["splits"][part]
             counts = limit_counts(entry["shard_counts"], limit if field_name == train and i == 0 else None)
             num_samples += sum(counts)
-            if getattr(data_cfg, "on_error", "raise") == "raise":
+            if data_cfg.on_error == "raise":
                 try:
                     _check_shard_files(root, entry["shards"], counts)
                 except DataError as exc:
@@ -708,21 +708,19 @@ def loader_spec(data_cfg: Any, split: str, *, train: bool, img_size: int, mean: 
     if train and num_samples < batch_size:
         raise DataError(f"{root / MANIFEST}: split {split!r} has {num_samples} samples, fewer than one global "
                         f"batch (data.batch_size={batch_size}); lower data.batch_size")
-    on_error = getattr(data_cfg, "on_error", "raise")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"data.on_error: must be raise or skip; got {on_error!r}")
+    on_error = data_cfg.on_error  # raise | skip: checked by config.validate
     if on_error == "raise":  # fail now, in one line, rather than inside a worker mid-epoch
         _check_shard_files(root, shards, counts)
-    data_mean = getattr(data_cfg, "mean", None)
-    data_std = getattr(data_cfg, "std", None)
+    data_mean = data_cfg.mean
+    data_std = data_cfg.std
     return LoaderSpec(
         root=root, split=split, shards=shards, shard_counts=shard_counts, counts=counts, num_classes=info["num_classes"], batch_size=batch_size, train=train, rank=rank,
         world_size=world_size, seed=seed, img_size=int(img_size),
         mean=list(data_mean) if data_mean is not None else list(mean),
         std=list(data_std) if data_std is not None else list(std),
-        augment=bool(train and getattr(data_cfg, "augment", False)), on_error=on_error,
-        max_skip=int(getattr(data_cfg, "max_skip", 0) or 0), num_workers=int(getattr(data_cfg, "num_workers", 0)),
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)), shard_splits=shard_splits,
+        augment=bool(train and data_cfg.augment), on_error=on_error,
+        max_skip=int(data_cfg.max_skip), num_workers=int(data_cfg.num_workers),
+        shuffle_buffer=int(data_cfg.shuffle_buffer), shard_splits=shard_splits,
         shard_offsets=shard_offsets)
 
 
@@ -750,5 +748,5 @@ def build_loader(data_cfg: Any, split: str, *, train: bool, img_size: int, mean:
         num_workers=spec.num_workers, seed=seed, shuffle_buffer=spec.shuffle_buffer, transform=transform,
         augment=spec.augment, on_error=spec.on_error, max_skip=spec.max_skip, shard_splits=spec.shard_splits,
         shard_offsets=spec.shard_offsets)
-    pin_memory = bool(getattr(data_cfg, "pin_memory", torch.cuda.is_available()))
+    pin_memory = torch.cuda.is_available() if data_cfg.pin_memory is None else bool(data_cfg.pin_memory)
     return ShardLoader(stream, num_workers=spec.num_workers, pin_memory=pin_memory)
