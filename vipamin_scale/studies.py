@@ -180,7 +180,8 @@ def summary_markdown(stats: list[dict[str, Any]], replicates: list[str]) -> list
     lines = ["## Mean ± sd over seeds", "",
              f"One row per group of runs that differ only in {averaged}. acc: test accuracy (best val where no "
              "test ran), mean ± sample sd (n-1) over the n finished runs of the group (of `runs`); "
-             "95 % CI: the t interval of the mean. init time in seconds.", "",
+             "95 % CI: the t interval of the mean. init time in seconds (none for runs that read a "
+             "prompts file: `vipamin-scale init` timed itself in that file).", "",
              "| group | deep | prompt_length | n | runs | acc mean ± sd | acc 95 % CI | init time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in stats:
@@ -292,7 +293,9 @@ def summary(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per group of runs that differ only in their replicates (`replicate_keys`), and in
     (deep, prompt length): accuracy (`Run.accuracy`) and init time as mean, sample sd (n-1), the 95 %
     t interval's half width, over the n finished runs with a value; `runs` counts the group's runs of
-    any status. `line` is the group without prompt.length: the plots' line label."""
+    any status. Init time leaves out runs that read their prompts from a file (method "file", as
+    slurm/*.sh train): the initializer ran in another process. `line` is the group without
+    prompt.length: the plots' line label."""
     factors, _ = replicate_keys(runs)
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -303,7 +306,8 @@ def summary(runs: list[Run]) -> list[dict[str, Any]]:
     for (group, deep, length), members in groups.items():
         ok = [r for r in members if r.status == "ok"]
         accs = [a for a in (r.accuracy() for r in ok) if a is not None and not math.isnan(a)]
-        times = [float(t) for t in (r.result.get("init_time_s") for r in ok) if t is not None and not math.isnan(t)]
+        times = [float(t) for t in (r.result.get("init_time_s") for r in ok if r.result.get("method") != "file")
+                 if t is not None and not math.isnan(t)]  # a run that read a prompts file timed the reading
         line = " ".join(g for g in group if g.partition("=")[0].lstrip("+~") != "prompt.length")
         acc_mean, acc_sd = _mean_sd(accs)
         time_mean, time_sd = _mean_sd(times)
