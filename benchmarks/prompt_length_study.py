@@ -12,12 +12,17 @@ machine), then `vipamin-scale report` on its sweep directory.
    (model=dinov2_s14_demo, 112 px), DATA_ROOT=.../4shot_seed{seed}: seed s trains both inits on
    draw s from the same random tensor (init.seed = train.seed = s). The array's order is the length
    slowest, so when the study is cut (scancel) the last lengths of LENGTHS are the ones missing.
-3. `vipamin-scale report runs/prompt-length-<array id>`; the wall time of step 2 is printed.
+3. `vipamin-scale report runs/prompt-length-<array id>`; the wall time of step 2 is printed; then the
+   paired differences (first init of --inits minus the second, paired by seed, per length) with their
+   95 % t interval over the seeds. `--report-only SWEEP_DIR` redoes step 3 alone.
 The cluster is stopped at the end (or on Ctrl-C, which cancels the array).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import os
 import shlex
 import shutil
@@ -53,6 +58,40 @@ def digits_tree(out: Path, val_per_class: int, test_per_class: int) -> Path:
     return out
 
 
+def paired(sweep: Path, a: str, b: str) -> list[str]:
+    """Markdown rows: per length, a - b test accuracy paired by seed, mean ± sd, 95 % t interval."""
+    from scipy.stats import t
+
+    acc: dict[tuple[str, int, str], float] = {}
+    for path in sweep.glob("*/result.json"):
+        m = re.fullmatch(r"(.+)-\w+-len(\d+)-seed(\w+)", path.parent.name)
+        result = json.loads(path.read_text())
+        if m and result.get("status", "ok") == "ok" and (result.get("test") or {}).get("acc") is not None:
+            acc[(m[1], int(m[2]), m[3])] = float(result["test"]["acc"])
+    rows = [f"| P | n | {a} - {b}, by seed | mean ± sd | 95 % CI | resolved |", "|---|---|---|---|---|---|"]
+    for length in sorted({k[1] for k in acc}):
+        seeds = sorted({k[2] for k in acc if k[1] == length and (a, length, k[2]) in acc and (b, length, k[2]) in acc})
+        d = [acc[(a, length, s)] - acc[(b, length, s)] for s in seeds]
+        if len(d) < 2:
+            continue
+        mean = sum(d) / len(d)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = float(t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+        rows.append(f"| {length} | {len(d)} | {' / '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} ± {sd:.3f} | "
+                    f"[{mean - half:+.3f}, {mean + half:+.3f}] | {'yes' if abs(mean) > half else 'no'} |")
+    return rows
+
+
+def report(sweep: Path, inits: list[str]) -> int:
+    cmd = [sys.executable, "-m", "vipamin_scale.cli", "report", str(sweep)]
+    print("$", shlex.join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    if len(inits) == 2:
+        print(f"\nPaired differences ({inits[0]} - {inits[1]}, test accuracy, same seed = same draw and tensor):\n")
+        print("\n".join(paired(sweep, *inits)), flush=True)
+    return rc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(REPO / "runs" / "prompt-length-data"))
@@ -65,7 +104,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--report-only", metavar="SWEEP_DIR", help="only report on a finished study's directory")
     args = ap.parse_args()
+    if args.report_only:
+        return report(Path(args.report_only), args.inits.split())
 
     work = Path(args.work).resolve()
     tree = digits_tree(work / "digits_tree", args.val_per_class, args.test_per_class)
@@ -109,10 +151,7 @@ def main() -> int:
     job = proc.stdout.strip().split(";")[0]
     print(f"sbatch exit {proc.returncode} (array {job}): wall {wall / 60:.1f} min{' ' + proc.stderr.strip() if proc.stderr.strip() else ''}",
           flush=True)
-    sweep = REPO / "runs" / f"prompt-length-{job}"
-    report = [sys.executable, "-m", "vipamin_scale.cli", "report", str(sweep)]
-    print("$", shlex.join(report), flush=True)
-    return subprocess.run(report).returncode or proc.returncode
+    return report(REPO / "runs" / f"prompt-length-{job}", args.inits.split()) or proc.returncode
 
 
 if __name__ == "__main__":
