@@ -53,7 +53,8 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD_NODE" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' || true)
 MASTER_ADDR=${MASTER_ADDR:-${HEAD_ADDR:-$HEAD_NODE}}
-MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}  # train uses MASTER_PORT+1
+# train uses MASTER_PORT+1, so ports go in steps of 2: the jobs of an array (consecutive ids) may share a node
+MASTER_PORT=${MASTER_PORT:-$(( 20000 + 2 * (SLURM_JOB_ID % 20000) ))}
 export NNODES NPROC_PER_NODE MASTER_ADDR MASTER_PORT MAX_RESTARTS
 # data.batch_size is the GLOBAL batch (each GPU takes BATCH / GPUs): 32 per GPU by default, e.g. 1024 on
 # 4 nodes x 8 GPUs; a data.batch_size=... override on the command line wins

@@ -79,6 +79,63 @@ def test_report_of_a_synthetic_sweep_lists_every_run(tmp_path):
     assert "report.md" in proc.stdout
 
 
+def test_seeds_are_averaged_and_every_other_swept_override_is_a_line(tmp_path):
+    """Two inits x 2 prompt lengths x 3 seeds, as slurm/prompt_length_sweep.sh leaves them (seed overrides,
+    one few-shot draw a seed in data.root, the run's own prompts file, method "file"): four groups of n = 3,
+    mean ± sample sd, the same numbers in report.md; the inits are two lines, not one averaged."""
+    sweep = tmp_path / "sweep"
+    accs = {("vipamin", 1): [0.50, 0.60, 0.70], ("vipamin", 5): [0.80, 0.80, 0.83],
+            ("vipamin_paper", 1): [0.40, 0.44, 0.45], ("vipamin_paper", 5): [0.90, 0.91, 0.95]}
+    num = 0
+    for (init, length), values in accs.items():
+        for seed, acc in enumerate(values):
+            job = sweep / str(num)
+            overrides = ["model=dinov2_s14_demo", f"data.root=/data/fewshot/4shot_seed{seed}", f"prompt.length={length}",
+                         f"init={init}", f"prompt.init_file={job}/prompts.safetensors", f"init.seed={seed}",
+                         f"train.seed={seed}"]
+            result = None if (init, length, seed) == ("vipamin", 5, 2) else {**_ok("file", length, True, acc, 0.1 * seed)}
+            _job(sweep, num, overrides, result)
+            num += 1
+    _job(sweep, num, ["model=dinov2_s14_demo", "data.root=/data/fewshot/4shot_seed2", "prompt.length=5",
+                      "init=vipamin", f"prompt.init_file={sweep / str(num)}/prompts.safetensors", "init.seed=2",
+                      "train.seed=2"], _ok("file", 5, True, 0.83, 0.2))  # the killed one's rerun, seed 2
+
+    report = build_report(sweep)
+    stats = report["summary"]
+    assert [(r["group"], r["prompt_length"], r["n"], r["runs"]) for r in stats] == [
+        ("prompt.length=1 init=vipamin", 1, 3, 3), ("prompt.length=5 init=vipamin", 5, 3, 4),
+        ("prompt.length=1 init=vipamin_paper", 1, 3, 3), ("prompt.length=5 init=vipamin_paper", 5, 3, 3)]
+    assert [r["line"] for r in stats] == ["init=vipamin"] * 2 + ["init=vipamin_paper"] * 2
+    for row in stats:
+        values = accs[(row["line"].split("=")[1], row["prompt_length"])]
+        mean = sum(values) / 3
+        sd = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+        assert abs(row["acc_mean"] - mean) < 1e-12 and abs(row["acc_sd"] - sd) < 1e-12, row
+        assert abs(row["acc_ci95"] - 4.302652729911275 * sd / 3 ** 0.5) < 1e-9
+    assert abs(stats[0]["acc_sd"] - 0.1) < 1e-12
+    assert all(r["init_time_mean"] is None for r in stats)  # method "file": the init ran elsewhere
+
+    md = report["report"].read_text()
+    assert "differ only in `init.seed`, `train.seed`, `prompt.init_file`, `data.root`." in md
+    assert "| prompt.length=1 init=vipamin | deep | 1 | 3 | 3 | 0.6000 ± 0.1000 | [0.3516, 0.8484] |  |" in md
+    assert "| prompt.length=5 init=vipamin | deep | 5 | 3 | 4 | 0.8100 ± 0.0173 |" in md
+    assert "| prompt.length=1 init=vipamin_paper | deep | 1 | 3 | 3 | 0.4300 ± 0.0265 |" in md
+    assert md.index("## Mean ± sd over seeds") < md.index("## Runs") < md.index("## Failed or incomplete runs")
+    assert "13 runs: 12 finished, 0 failed, 1 incomplete." in md
+    assert (sweep / "accuracy_vs_prompt_length.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_factor_that_changes_with_the_seed_in_every_run_is_not_averaged(tmp_path):
+    """Seeds that never repeat give no evidence that a key follows them: init=a (seed 0), init=b (seed 1) stay apart."""
+    sweep = tmp_path / "sweep"
+    for num, (init, seed) in enumerate((("random", 0), ("vipamin", 1))):
+        _job(sweep, num, ["prompt.length=4", f"init={init}", f"train.seed={seed}"], _ok(init, 4, True, 0.5 + num / 10, 0.0))
+    stats = build_report(sweep)["summary"]
+    assert [(r["line"], r["n"], r["acc_sd"]) for r in stats] == [("init=random", 1, None), ("init=vipamin", 1, None)]
+    assert stats[0]["init_time_mean"] == 0.0 and stats[0]["init_time_sd"] is None
+    assert "| init=random | deep | 4 | 1 | 1 | 0.5000 |  | 0.00 |" in build_report(sweep)["report"].read_text()
+
+
 def test_report_errors_on_a_missing_or_empty_directory(tmp_path):
     proc = subprocess.run(cli("report", str(tmp_path / "nope")), env=cli_env(), capture_output=True, text=True,
                           timeout=300)

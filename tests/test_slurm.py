@@ -77,6 +77,30 @@ def test_preemption_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_r
     assert json.loads((cut / "result.json").read_text())["steps"] == 24
 
 
+def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_path):
+    """slurm/prompt_length_sweep.sh alone (its vith_vipamin.sh replaced by an echo): the length varies
+    slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}."""
+    (tmp_path / "slurm").mkdir()
+    shutil.copy(REPO / "slurm" / "prompt_length_sweep.sh", tmp_path / "slurm")
+    (tmp_path / "slurm" / "vith_vipamin.sh").write_text('echo "$INIT $PROMPT_LENGTH $RUN $DATA_ROOT $*"\n')
+    env = {"PATH": "/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7", "LENGTHS": "1 10 50",
+           "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
+
+    def task(i, **extra):
+        return subprocess.run(["bash", str(tmp_path / "slurm" / "prompt_length_sweep.sh"), "x=1"], capture_output=True,
+                              text=True, env={**env, "SLURM_ARRAY_TASK_ID": str(i), **extra})
+
+    sweep = tmp_path / "runs" / "prompt-length-7"
+    assert task(0).stdout.split() == ["vipamin", "1", f"{sweep}/vipamin-deep-len1-seed0", "/d/4shot_seed0",
+                                      "init.seed=0", "train.seed=0", "x=1"]
+    assert task(5).stdout.split()[:4] == ["random", "1", f"{sweep}/random-deep-len1-seed2", "/d/4shot_seed2"]
+    assert task(17).stdout.split()[:2] == ["random", "50"]
+    bad = task(18)
+    assert bad.returncode == 2 and "LENGTHS x INITS x SEEDS has 18 entries" in bad.stderr and "--array=0-17" in bad.stderr
+    one = task(3, SEEDS="", INITS="", INIT="spt", LENGTHS="1 5 10 50")  # as before: one init, no seed override
+    assert one.stdout.split() == ["spt", "50", f"{sweep}/spt-deep-len50", "/d/4shot_seed{seed}", "x=1"]
+
+
 # ----------------------------------------------------------------------------- on Slurm
 
 

@@ -7,11 +7,14 @@ starts, result.json once it ends, with `"status": "failed"` and the error when i
 directory holds its trials and final runs, each an ordinary run directory. Every run is reported:
 
   report.md    one markdown table (the swept overrides, status, accuracy, parameters, timings)
-               and a list of the runs that failed or never finished; none is dropped
-  report.csv   the same table, one row a run
+               and a list of the runs that failed or never finished; none is dropped; above them,
+               one row per group of runs differing only in their seeds: mean ± sd, the 95 %
+               interval and n (`summary`; what counts as a seed: `replicate_keys`)
+  report.csv   the per-run table, one row a run
   accuracy_vs_prompt_length.png   test accuracy (best val where no test ran) against prompt
-               length, one line per init method, one panel each for shallow and deep prompts
-  init_time_vs_prompt_length.png  initializer wall time against prompt length
+               length, mean ± sd with n per point, one line per group (every swept override but the
+               seeds and prompt.length), one panel each for shallow and deep prompts
+  init_time_vs_prompt_length.png  initializer wall time against prompt length, the same way
   tune_val_vs_budget*.png         for each `vipamin-scale tune` directory found (its tune.json): val
                accuracy against budget; report.md gets its rung table, winner and final mean +- std
 """
@@ -145,12 +148,41 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str], tunes: list[str] = ()) -> str:
+def _pm(mean: Optional[float], sd: Optional[float], digits: int) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def summary_markdown(stats: list[dict[str, Any]], replicates: list[str]) -> list[str]:
+    """The `summary` rows as a markdown section: one row a group, mean ± sd, 95 % interval and n."""
+    averaged = ", ".join(f"`{k}`" for k in replicates) or "nothing (no seed was swept)"
+    lines = ["## Mean ± sd over seeds", "",
+             f"One row per group of runs that differ only in {averaged}. acc: test accuracy (best val where no "
+             "test ran), mean ± sample sd (n-1) over the n finished runs of the group (of `runs`); "
+             "95 % CI: the t interval of the mean. init time in seconds (none for runs that read a "
+             "prompts file: `vipamin-scale init` timed itself in that file).", "",
+             "| group | deep | prompt_length | n | runs | acc mean ± sd | acc 95 % CI | init time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in stats:
+        ci = row["acc_ci95"]
+        interval = f"[{row['acc_mean'] - ci:.4f}, {row['acc_mean'] + ci:.4f}]" if ci is not None else ""
+        lines.append(f"| {_cell(row['group']) or _cell(row['line'])} | {_cell(row['deep'])} | "
+                     f"{_cell(row['prompt_length'])} | {row['n']} | {row['runs']} | "
+                     f"{_pm(row['acc_mean'], row['acc_sd'], 4)} | {interval} | "
+                     f"{_pm(row['init_time_mean'], row['init_time_sd'], 2)} |")
+    return lines
+
+
+def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str], tunes: list[str] = (),
+             stats: list[dict[str, Any]] = (), replicates: list[str] = ()) -> str:
     cols = [c for c in COLUMNS if c != "error"]
     lines = [f"# Sweep report: {sweep_dir}", ""]
     counts = {s: sum(r["status"] == s for r in table) for s in ("ok", "failed", "incomplete")}
     lines.append(f"{len(table)} runs: {counts['ok']} finished, {counts['failed']} failed, "
                  f"{counts['incomplete']} incomplete.")
+    if stats:
+        lines += [""] + summary_markdown(stats, replicates) + ["", "## Runs"]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in table:
         lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
@@ -181,43 +213,136 @@ def write_csv(table: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _series(runs: list[Run], metric) -> dict[tuple[bool, str], list[tuple[int, float]]]:
-    """(deep, method) -> sorted (prompt length, mean metric over runs sharing both) points."""
-    points: dict[tuple[bool, str], dict[int, list[float]]] = {}
+def _given(run: Run) -> dict[str, str]:
+    return dict(o.partition("=")[::2] for o in run.overrides)
+
+
+def _is_seed(key: str) -> bool:
+    return key.lstrip("+~").rsplit(".", 1)[-1] == "seed"
+
+
+def _inside_run(value: str, run: Run) -> bool:
+    path = Path(value)
+    return path.is_absolute() and path.resolve().is_relative_to(run.path.resolve())
+
+
+def replicate_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
+    """Split the swept overrides into (factors, replicates). Replicates are averaged over, factors group:
+      * seeds: every key whose last part is `seed` (init.seed, train.seed, +data.seed, ...);
+      * a run's own files: a key whose value is, in every run, an absolute path inside that run's
+        directory (prompt.init_file=$RUN/prompts.safetensors, as slurm/*.sh pass it);
+      * a key that follows the seeds (e.g. data.root=.../4shot_seed<s>, one few-shot draw per seed):
+        the same seeds give the same value in every run, and some seeds repeat across runs (so the
+        key is not a factor that merely happens to change with them).
+    Every other swept override is a factor."""
+    keys = swept_overrides(runs)
+    given = [_given(r) for r in runs]
+    seeds = [k for k in keys if _is_seed(k)]
+    own = [k for k in keys if k not in seeds and all(k not in g or _inside_run(g[k], r) for g, r in zip(given, runs))]
+    tuples = [tuple(g.get(k) for k in seeds) for g in given]
+    follows = []
+    if seeds and len(set(tuples)) < len(tuples):
+        for key in keys:
+            if key in seeds or key in own:
+                continue
+            seen: dict[tuple, Optional[str]] = {}
+            if all(seen.setdefault(t, g.get(key)) == g.get(key) for t, g in zip(tuples, given)):
+                follows.append(key)
+    replicates = seeds + own + follows
+    return [k for k in keys if k not in replicates], replicates
+
+
+def _mean_sd(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def _ci95(sd: Optional[float], n: int) -> Optional[float]:
+    """Half width of the 95 % t interval of the mean; None below two values."""
+    if sd is None or n < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def summary(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per group of runs that differ only in their replicates (`replicate_keys`), and in
+    (deep, prompt length): accuracy (`Run.accuracy`) and init time as mean, sample sd (n-1), the 95 %
+    t interval's half width, over the n finished runs with a value; `runs` counts the group's runs of
+    any status. Init time leaves out runs that read their prompts from a file (method "file", as
+    slurm/*.sh train): the initializer ran in another process. `line` is the group without
+    prompt.length: the plots' line label."""
+    factors, _ = replicate_keys(runs)
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        value = metric(run)
-        if run.status != "ok" or value is None or run.prompt_length is None or run.deep is None:
+        given = _given(run)
+        key = (tuple(f"{k}={given[k]}" for k in factors if k in given), run.deep, run.prompt_length)
+        groups.setdefault(key, []).append(run)
+    out = []
+    for (group, deep, length), members in groups.items():
+        ok = [r for r in members if r.status == "ok"]
+        accs = [a for a in (r.accuracy() for r in ok) if a is not None and not math.isnan(a)]
+        times = [float(t) for t in (r.result.get("init_time_s") for r in ok if r.result.get("method") != "file")
+                 if t is not None and not math.isnan(t)]  # a run that read a prompts file timed the reading
+        line = " ".join(g for g in group if g.partition("=")[0].lstrip("+~") != "prompt.length")
+        acc_mean, acc_sd = _mean_sd(accs)
+        time_mean, time_sd = _mean_sd(times)
+        out.append({"group": " ".join(group), "line": line or str(members[0].method), "deep": deep,
+                    "prompt_length": length, "n": len(accs), "runs": len(members), "acc_mean": acc_mean,
+                    "acc_sd": acc_sd, "acc_ci95": _ci95(acc_sd, len(accs)), "acc": accs,
+                    "init_time_mean": time_mean, "init_time_sd": time_sd, "init_time_n": len(times)})
+    return sorted(out, key=lambda r: (r["deep"] is None, bool(r["deep"]), r["line"], r["prompt_length"] is None,
+                                      r["prompt_length"] or 0))
+
+
+def _series(stats: list[dict[str, Any]], metric: str) -> dict[tuple[bool, str], list[tuple[int, float, float, int]]]:
+    """(deep, line) -> (prompt length, mean, sd (0 below two values), n) points, by prompt length."""
+    series: dict[tuple[bool, str], list[tuple[int, float, float, int]]] = {}
+    for row in stats:
+        n = row["n"] if metric == "acc" else row["init_time_n"]
+        if row[f"{metric}_mean"] is None or row["prompt_length"] is None or row["deep"] is None:
             continue
-        if isinstance(value, float) and math.isnan(value):
-            continue
-        points.setdefault((run.deep, str(run.method)), {}).setdefault(run.prompt_length, []).append(value)
-    return {k: sorted((p, sum(v) / len(v)) for p, v in by_len.items()) for k, by_len in points.items()}
+        series.setdefault((row["deep"], row["line"]), []).append(
+            (row["prompt_length"], row[f"{metric}_mean"], row[f"{metric}_sd"] or 0.0, n))
+    return {k: sorted(v) for k, v in series.items()}
 
 
 def _plot(path: Path, series, ylabel: str, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
+    lengths = sorted({p[0] for pts in series.values() for p in pts})
     for ax, deep in zip(axes, (False, True)):
         drawn = False
-        for (is_deep, method), pts in sorted(series.items()):
+        if lengths and lengths[0] > 0 and lengths[-1] >= 10 * lengths[0]:  # 1, 5, 10, 20, 50: log-spaced
+            ax.set_xscale("log")
+            ax.set_xticks(lengths, [str(p) for p in lengths])
+            ax.minorticks_off()
+        for (is_deep, line), pts in sorted(series.items()):
             if is_deep != deep:
                 continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=method)
+            xs, ys, sds, ns = zip(*pts)
+            bars = ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=line)
+            for x, y, n in zip(xs, ys, ns):
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=bars[0].get_color())
             drawn = True
         ax.set_title(f"{'deep' if deep else 'shallow'} prompts")
         ax.set_xlabel("prompt length")
         ax.grid(alpha=0.3)
         if drawn:
-            ax.legend(title="init")
+            ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel(ylabel)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} (mean ± sd over seeds, n runs a point)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())
@@ -234,14 +359,14 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     out = Path(out_dir) if out_dir else sweep_dir
     runs = find_runs(sweep_dir)
     table = rows(runs)
+    stats = summary(runs)
     plots = []
     if runs:
-        acc = _series(runs, Run.accuracy)
         has_test = any((r.result.get("test") or {}).get("acc") is not None for r in runs)
-        _plot(out / "accuracy_vs_prompt_length.png", acc, "test accuracy" if has_test else "best val accuracy",
-              "accuracy vs prompt length")
-        init = _series(runs, lambda r: r.result.get("init_time_s"))
-        _plot(out / "init_time_vs_prompt_length.png", init, "init time (s)", "initializer time vs prompt length")
+        _plot(out / "accuracy_vs_prompt_length.png", _series(stats, "acc"),
+              "test accuracy" if has_test else "best val accuracy", "accuracy vs prompt length")
+        _plot(out / "init_time_vs_prompt_length.png", _series(stats, "init_time"), "init time (s)",
+              "initializer time vs prompt length")
         plots = ["accuracy_vs_prompt_length.png", "init_time_vs_prompt_length.png"]
     tunes = []
     for path in sorted(sweep_dir.rglob("tune.json"), key=_natural_key(sweep_dir)):  # `vipamin-scale tune` runs
@@ -258,8 +383,9 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         where = "" if rel == Path(".") else f" `{rel}`"
         tunes.append(tune_markdown(doc).replace("## Tuning", f"## Tuning{where}", 1) + f"\n![{name}]({name})\n")
     atomic_write_bytes(out / "report.csv", write_csv(table).encode())
-    atomic_write_bytes(out / "report.md", markdown(sweep_dir, table, plots, tunes).encode())
-    return {"runs": runs, "table": table, "report": out / "report.md", "csv": out / "report.csv",
+    md = markdown(sweep_dir, table, plots, tunes, stats, replicate_keys(runs)[1])
+    atomic_write_bytes(out / "report.md", md.encode())
+    return {"runs": runs, "table": table, "summary": stats, "report": out / "report.md", "csv": out / "report.csv",
             "plots": [out / p for p in plots]}
 
 
