@@ -181,7 +181,9 @@ def test_a_failing_rank_fails_the_job_fast(slurm, two_node_run, tmp_path):
         assert json.loads((run / "result.json").read_text())["status"] == "failed"
     assert re.search(r"srun: error: n[12]: task [01]: ", _job_log(tmp_path))  # srun saw a task fail
     assert elapsed < 240, f"a failed rank took {elapsed:.0f} s to fail the job"
-    job = slurm.job(proc.stdout.strip().split(";")[0])
+    # sbatch --wait can return while the job is still COMPLETING (seen under load): wait for its final state
+    job = slurm.wait_for(proc.stdout.strip().split(";")[0], lambda info: info.get("JobState") != "COMPLETING", 60,
+                         "the job's final state")
     assert job == {} or job["JobState"] == "FAILED", job
 
 
