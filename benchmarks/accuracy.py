@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from vipamin_scale import runs  # noqa: E402
 from vipamin_scale.config import default_config  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
+from vipamin_scale.pool import run_in_processes  # noqa: E402
 from vipamin_scale.stats import interval, paired, summary  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
@@ -285,38 +286,11 @@ def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: boo
 
 def run_jobs(a: argparse.Namespace, jobs: list[tuple]) -> list[Any]:
     """Run (fn, *args) jobs over --workers processes (spawned, 1 thread each); results in order."""
-    if a.workers <= 1:
-        _worker_init()
-        return [fn(*args) for fn, *args in jobs]
-    import multiprocessing as mp
-
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        pool = mp.get_context("spawn").Pool(a.workers, initializer=_worker_init)
-        try:
-            pending = [pool.apply_async(fn, args) for fn, *args in jobs]
-            results = []
-            for i, p in enumerate(pending):
-                results.append(p.get())
-                if (i + 1) % max(1, len(pending) // 10) == 0:
-                    log.info("  %d / %d jobs done", i + 1, len(pending))
-        except BaseException:
-            pool.terminate()
-            raise
-        pool.close()  # let the workers exit on their own: their libraries clean up (no leaked semaphores)
-        pool.join()
-        return results
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return run_in_processes(_call, jobs, a.workers, initializer=_worker_init, progress=True)
 
 
-# ----------------------------------------------------------------------------- statistics
+def _call(fn, *args):
+    return fn(*args)
 
 
 # ----------------------------------------------------------------------------- output
@@ -489,6 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     a = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
+    logging.getLogger("vipamin_scale.pool").setLevel(logging.INFO)  # "k / n jobs done"
     t0 = time.perf_counter()
     check_protocol(a)
     work = Path(a.work)

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-timm = pytest.importorskip("timm")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import timm  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 

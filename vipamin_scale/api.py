@@ -41,7 +41,7 @@ def compose(overrides: Optional[list[str]] = None) -> DictConfig:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """`vipamin-scale train`'s task: the run's record, without live objects."""
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
     from vipamin_scale.runs import record_exception
     from vipamin_scale.train import run_training
 
@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def init_prompts(cfg: DictConfig, out: Optional[str] = None) -> dict[str, Any]:
     """`vipamin-scale init`'s task: prompts written to `out` (default cfg.out)."""
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
     from vipamin_scale.init.run import run_init
 
     path = out or cfg.out

@@ -74,7 +74,7 @@ def _writable_run_dir(args: list[str]) -> Optional[str]:
 
 
 def _task_train(cfg) -> None:
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
     from vipamin_scale.runs import record_exception
     from vipamin_scale.train import run_training
 
@@ -172,7 +172,7 @@ def command_help(name: str) -> str:
 def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     import hydra
 
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
         print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "

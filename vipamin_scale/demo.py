@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from vipamin_scale.paths import atomic_write_bytes
+from vipamin_scale.pool import run_in_processes
 
 log = logging.getLogger(__name__)
 
@@ -95,39 +95,13 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     methods = list(METHODS)
     log.info("demo: %d methods x %d draws at %d images per class, %d workers", len(methods), DRAWS, preset["shots"],
              WORKERS)
-    accs = dict(zip([(m, d) for m, d, _ in jobs], _run_all([c for _, _, c in jobs])))
+    accs = dict(zip([(m, d) for m, d, _ in jobs], run_in_processes(_train, [(c,) for _, _, c in jobs], WORKERS)))
     rows = {m: summary([accs[(m, d)] for d in range(DRAWS)]) for m in methods}
     diffs = {m: paired(rows[VIPAMIN]["runs"], rows[m]["runs"]) for m in methods if m != VIPAMIN}
     table = format_table(cfg, preset, rows, diffs)
     print(table)
     atomic_write_bytes(Path(cfg.train.out_dir) / "demo_results.md", (table + "\n").encode())
     return {"rows": rows, "paired": diffs}
-
-
-def _run_all(cfgs: list[DictConfig]) -> list[Optional[float]]:
-    if WORKERS <= 1 or len(cfgs) == 1:
-        return [_train(c) for c in cfgs]
-    import multiprocessing as mp
-
-    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update({k: "1" for k in old})
-    try:
-        pool = mp.get_context("spawn").Pool(WORKERS)
-        try:
-            pending = [pool.apply_async(_train, (c,)) for c in cfgs]
-            results = [p.get() for p in pending]
-        except BaseException:
-            pool.terminate()
-            raise
-        pool.close()
-        pool.join()
-        return results
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def format_table(cfg: DictConfig, preset: dict[str, Any], rows: dict[str, dict], diffs: dict[str, dict]) -> str:

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -391,7 +391,7 @@ def release(out_dir: Path) -> None:
 @contextlib.contextmanager
 def hold(out_dir: Path) -> Iterator[None]:
     """Rank 0 holds the run directory's lock for the block; every rank raises the same RunLocked."""
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     out_dir = Path(out_dir)
     error = None

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vipamin_scale import checkpoint as ckpt
-from vipamin_scale import distributed as D
-from vipamin_scale import runs
+import vipamin_scale.checkpoint as ckpt
+import vipamin_scale.distributed as D
+import vipamin_scale.runs as runs
 from vipamin_scale.config import UserError, check_global_batch, eval_split, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine

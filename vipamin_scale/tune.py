@@ -59,7 +59,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from vipamin_scale.config import ConfigError, validate
-from vipamin_scale import runs
+import vipamin_scale.runs as runs
 from vipamin_scale.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class InlineLauncher:
         return trial_config(self.base, trial)
 
     def run(self, trials: Sequence[Trial]) -> None:
-        from vipamin_scale import distributed as D
+        import vipamin_scale.distributed as D
         for trial in trials:  # each trial records itself (vipamin_scale.runs), which is what a report reads
             cfg = self.config(trial)
             log.info("tune: %s %s", trial.name, _fmt_params(trial.params))
@@ -358,7 +358,7 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
     validate(cfg)
     points = candidates(cfg.tune.space, cfg.tune.trials, cfg.tune.seed)
     _check_space(cfg, points)
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     D.init_from_env()  # under torchrun the ranks agree on the lock (and every inline trial is distributed)
     with runs.hold(Path(cfg.train.out_dir)):
@@ -367,7 +367,7 @@ def run_tune(cfg: DictConfig, *, launcher: Any = None, base_overrides: Sequence[
 
 def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_overrides: Sequence[str],
             train_fn: Optional[Callable[[DictConfig], Any]]) -> TuneResult:
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     tcfg = cfg.tune
     root = Path(cfg.train.out_dir)
@@ -435,7 +435,7 @@ def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Any, base_o
 def _launch(launcher: Any, trials: list[Trial], base: DictConfig) -> None:
     """Run the trials that have not ended. A trial directory is reused only for the very same trial:
     same overrides (trial.json) and the same whole config (its run record), else ConfigError/RunMismatch."""
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     for t in trials:
         runs.check_same_run(t.dir, trial_config(base, t), what=f"tune: trial {t.name}")
@@ -474,7 +474,7 @@ def make_launcher(cfg: DictConfig, base_overrides: Sequence[str] = (),
 
 
 def _write_summary(root: Path, cfg: DictConfig, result: TuneResult, plan, final_split: str) -> None:
-    from vipamin_scale import distributed as D
+    import vipamin_scale.distributed as D
 
     if D.rank() != 0:
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.engine.base import Engine
 
 

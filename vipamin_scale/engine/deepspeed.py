@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.config import ConfigError, check_global_batch
 from vipamin_scale.engine.base import Engine, set_lr_from_scheduler
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.engine.base import Engine, param_groups
 
 

@@ -27,7 +27,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.engine.base import Engine
 
 log = logging.getLogger(__name__)

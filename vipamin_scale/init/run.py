@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.config import ConfigError, subspace_energy, validate
 from vipamin_scale.data import build_loader
 from vipamin_scale.init import spt as spt_math

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.init.capture import LayerSums
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 
 __all__ = [
     "ASSIGN_BLOCK",

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 from vipamin_scale.distributed import LOCAL
 
 __all__ = ["LOCAL", "tsqr", "StreamingTSQR", "energy_rank"]

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from vipamin_scale import distributed as D
+import vipamin_scale.distributed as D
 
 log = logging.getLogger(__name__)
 
