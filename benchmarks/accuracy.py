@@ -61,7 +61,7 @@ from vipamin_scale.stats import interval, paired, summary  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
 
-# the init presets (vipamin_scale's configs/init/*.yaml) as overrides
+# the init presets (vipamin_scale/configs/init/*.yaml) as overrides: test_bench_accuracy keeps them equal
 VIPAMIN = {"init.method": "vipamin", "init.k": 8, "init.lam": 0.5, "init.subspace": "mean",
            "init.official_compat": False, "init.ln_aware": False, "init.orth_scale": "match"}
 VIPAMIN_PAPER = {**VIPAMIN, "init.orth_scale": "raw"}
@@ -74,7 +74,7 @@ METHODS: dict[str, Optional[dict[str, Any]]] = {
     RANDOM: {"init.method": "random"},
     "SPT kmeans": {"init.method": "spt", "init.spt_mode": "kmeans"},
     "SPT rand": {"init.method": "spt", "init.spt_mode": "rand"},
-    DEFAULT: VIPAMIN,  # the project's default (configs/init/vipamin.yaml)
+    DEFAULT: VIPAMIN,  # the project's default (vipamin_scale/configs/init/vipamin.yaml)
     "VIPAMIN paper": VIPAMIN_PAPER,
     "VIPAMIN official": VIPAMIN_OFFICIAL,
     "BPT whiten Σ=mean": {**BPT, "init.bpt_sigma": "mean"},

@@ -11,7 +11,7 @@
 #
 # --array must have one index per (length, init, seed): LENGTHS x INITS x SEEDS entries, 0-based;
 # the length varies slowest, the seed fastest (so --array=0-5 above is P = 1, both inits, 3 seeds).
-# INITS (default: $INIT, default vipamin) are configs/init/* options. SEEDS (default: none, no seed
+# INITS (default: $INIT, default vipamin) are vipamin_scale/configs/init/* options. SEEDS (default: none, no seed
 # override): each seed s sets init.seed=s train.seed=s for both commands, so every init of a seed
 # starts from the same random tensor (VIPAMIN starts from it too), the same head and the same batch
 # order; a `{seed}` in DATA_ROOT becomes s (one few-shot draw a seed, shared by all inits: see

@@ -92,3 +92,22 @@ def test_schedule_and_paired_interval():
     p = bench.paired([0.5, 0.6, 0.7, None], [0.4, 0.45, 0.5, 0.9])  # a failed draw is left out of the pair
     assert p["n"] == 3 and abs(p["mean"] - 0.15) < 1e-12 and p["resolved"]
     assert not bench.paired([0.5, 0.4], [0.4, 0.5])["resolved"]
+
+
+def test_the_benchmarks_init_presets_are_the_packaged_ones():
+    """VIPAMIN, vipamin_paper and vipamin_official in the benchmark are the YAML presets `init=...` picks."""
+    from omegaconf import OmegaConf
+
+    from vipamin_scale.config import CONFIG_DIR, default_config
+
+    bench = load_accuracy_module()
+    for name, overrides in (("vipamin", bench.VIPAMIN), ("vipamin_paper", bench.VIPAMIN_PAPER),
+                            ("vipamin_official", bench.VIPAMIN_OFFICIAL)):
+        preset = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "init" / f"{name}.yaml"))
+        cfg = bench.run_cfg(bench.parse(["--quick"]), None, "VIPAMIN", full=True)  # the schema's values beneath
+        for key, value in preset.items():
+            want = overrides.get(f"init.{key}", cfg.init[key])
+            assert want == value, (name, key, want, value)
+        schema = default_config().init  # what the preset leaves to the schema, the benchmark sets alike
+        for key, value in overrides.items():
+            assert preset.get(key[len("init."):], schema[key[len("init."):]]) == value, (name, key)
