@@ -148,9 +148,14 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 
 def _all_reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
+    return _in_place(t, group, lambda buf: dist.all_reduce(buf, op=op, group=group))
+
+
+def _in_place(t: torch.Tensor, group: Any, collective: Any) -> torch.Tensor:
+    """Run an in-place `collective(buf)` on `t`'s values on the group's device, then copy them back into `t`."""
     if not _trivial(group):
         buf = t.to(_comm_device(group)).contiguous()
-        dist.all_reduce(buf, op=op, group=group)
+        collective(buf)
         if buf is not t:
             t.copy_(buf)
     return t
@@ -178,12 +183,7 @@ def gather(t: torch.Tensor, dst: int = 0, group: Any = None) -> list[torch.Tenso
 
 def broadcast(t: torch.Tensor, src: int, group: Any = None) -> torch.Tensor:
     """In-place broadcast from group rank `src`; returns `t`."""
-    if not _trivial(group):
-        buf = t.to(_comm_device(group)).contiguous()
-        dist.broadcast(buf, group=group, group_src=src)
-        if buf is not t:
-            t.copy_(buf)
-    return t
+    return _in_place(t, group, lambda buf: dist.broadcast(buf, group=group, group_src=src))
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
