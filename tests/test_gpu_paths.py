@@ -1,4 +1,5 @@
-"""The frozen backbone's storage dtype (model.dtype), compiled blocks (train.compile), and their rules."""
+"""The GPU step's paths, tested on the CPU: the frozen backbone's storage dtype (model.dtype), compiled
+blocks (train.compile), their rules, and the initializer's math on the run's device."""
 from __future__ import annotations
 
 import time
@@ -136,3 +137,33 @@ def test_compiled_blocks_equal_eager_within_fp32_round_off(capsys):
     torch.testing.assert_close(compiled.prompt.prompts, eager.prompt.prompts, rtol=1e-5, atol=1e-6)
     with capsys.disabled():
         print(f"\n[compile] tiny ViT (d=64, 2 blocks): build + 2 compiled steps {compile_s:.1f} s on this CPU")
+
+
+def test_vipamin_math_on_the_run_device_equals_the_pure_cpu_math():
+    """init/run.vipamin_row moves a layer's inputs to the run's device, runs the float64 math there and
+    returns CPU tensors (map_layers gathers on the CPU). On the CPU that path gives the pure function's
+    numbers exactly; gpu_check compares CUDA with the CPU within 1e-10."""
+    import vipamin_scale.init.vipamin as vip
+    from vipamin_scale.init.capture import layer_weights
+    from vipamin_scale.init.run import vipamin_row
+
+    model = _model()
+    icfg = default_config(init__method="vipamin", init__k=2).init
+    L_p, P, d = model.prompt_shape
+    N_p, d_h = model.backbone.patch_embed.num_patches, d // model.backbone.blocks[0].attn.num_heads
+    g = torch.Generator().manual_seed(3)
+    means = {"E": {1: torch.randn(N_p, d, generator=g, dtype=torch.float64)},
+             "K": {1: torch.randn(P + N_p, d_h, generator=g, dtype=torch.float64)},
+             "S": {1: torch.randn(1 + P + N_p, d, generator=g, dtype=torch.float64)}}
+    R = torch.rand(L_p, P, d, generator=g, dtype=torch.float64) - 0.5
+    w = layer_weights(model, 1)
+    ref = vip.vipamin_layer(E=means["E"][1], K=means["K"][1], R=R[1], W_V=w["W_V"], b_V=w["b_V"], k=2, lam=0.5,
+                            S=means["S"][1], Q=None, energy=None, gamma=w["gamma"], beta=w["beta"],
+                            official_compat=False, ln_aware=False, orth_scale="match", layer=1, ln_eps=w["ln_eps"])
+    for device in (None, torch.device("cpu")):
+        out = vipamin_row(icfg, model, means, R, {}, 1, device=device)
+        for name in ("prompts", "match", "orth"):
+            value = out[name]
+            assert value.device.type == "cpu" and value.dtype == torch.float64
+            assert torch.equal(value, getattr(ref, name)), name
+        assert out["info"] == ref.info
