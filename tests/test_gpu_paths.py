@@ -167,3 +167,28 @@ def test_vipamin_math_on_the_run_device_equals_the_pure_cpu_math():
             assert value.device.type == "cpu" and value.dtype == torch.float64
             assert torch.equal(value, getattr(ref, name)), name
         assert out["info"] == ref.info
+
+
+def test_zero3_tuned_for_the_frozen_backbone_and_fsdp2_bf16_policy(tmp_path):
+    """ZeRO-3's generated config sizes its knobs in this model's blocks (a user's JSON still wins); fsdp2's
+    policy for bf16 gathers and computes in bf16 and reduces in fp32, for fp32 it casts nothing."""
+    import json
+
+    from vipamin_scale.engine.deepspeed import deepspeed_config
+    from vipamin_scale.engine.fsdp2 import mixed_precision
+
+    model = _model()
+    d = model.backbone.embed_dim
+    block = sum(p.numel() for p in model.backbone.blocks[0].parameters())
+    cfg = default_config(engine__name="deepspeed", engine__zero_stage=3, data__batch_size=32)
+    zero = deepspeed_config(cfg, 2, model)["zero_optimization"]
+    assert zero == {"stage": 3, "stage3_param_persistence_threshold": d * d, "stage3_prefetch_bucket_size": 2 * block,
+                    "stage3_max_live_parameters": 3 * block, "stage3_max_reuse_distance": 2 * block}
+    assert deepspeed_config(cfg, 2)["zero_optimization"] == {"stage": 3}  # no model: DeepSpeed's defaults
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    cfg.engine.ds_config = str(user)
+    assert deepspeed_config(cfg, 2, model)["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    bf16, fp32 = mixed_precision("bf16"), mixed_precision("fp32")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert (fp32.param_dtype, fp32.reduce_dtype) == (None, None)
