@@ -69,17 +69,17 @@ class FSDP2Engine(Engine):
         for block in model.backbone.blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=mp)
         fully_shard(model, mesh=self.mesh, mp_policy=mp)
-        self.mixed_precision = self.precision == "bf16"
+        self.bf16_policy = self.precision == "bf16"
         local = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         if D.rank() == 0:
             log.info("fsdp2: %d blocks + root sharded over %d ranks: %d of %d parameter elements on rank 0",
                      len(model.backbone.blocks), D.world_size(), local, total)
 
-    mixed_precision = False  # FSDP2's bf16 policy applied (then no autocast)
+    bf16_policy = False  # FSDP2's bf16 MixedPrecisionPolicy applied (then no autocast)
 
     def autocast(self):
-        if self.mixed_precision:  # the policy already runs every sharded unit in bf16
+        if self.bf16_policy:  # the policy already runs every sharded unit in bf16
             return torch.autocast(self.device.type, enabled=False)
         return super().autocast()
 
