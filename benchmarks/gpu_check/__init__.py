@@ -5,17 +5,18 @@ of benchmarks/RESULTS.md.
     make gpu-check                                    # on a GPU machine, at most 9 minutes (--budget-s 540)
     python benchmarks/gpu_check.py [--budget-s 540]   # the same
     python benchmarks/gpu_check.py --only step,engines  # some sections; gpu.json keeps the others' figures
-    python benchmarks/gpu_check.py --smoke [--out DIR]  # the same code paths on CPU, tiny sizes (< 3 min):
+    python benchmarks/gpu_check.py --smoke [--out DIR]  # the same code paths on CPU, tiny sizes (~6 min here):
                                                       # DIR/gpu.json, DIR/RESULTS.md (default: a new tmp dir)
 
 Without a GPU and without --smoke: one line saying so, exit 2.
 
 The code: one module per section (gpu_check/<section>.py, each a `run(rec, ctx)`), one runner
 (gpu_check/runner.py), shared helpers (common.py, measure.py), the report (report.py);
-benchmarks/gpu_check.py is the entry. Sections, in this order, each in its own process (killed at its time cap, so one hang cannot eat
-the budget; a failure is recorded with its one-line message and where it happened, and the next
+benchmarks/gpu_check.py is the entry. Sections, each in its own process (killed at its time cap, so one
+hang cannot eat the budget; a failure is recorded with its one-line message and where it happened, and the next
 section runs). gpu.json and RESULTS.md are rewritten after every section, so a run killed from
-outside still leaves what it measured.
+outside still leaves what it measured. They run in common.SECTIONS' order: issue 24's targets first
+(env, step, engines, fewshot, init_size, dali, data), then the 2026-11 checks (train, init, throughput).
 
   env         device, driver, torch / CUDA / cuDNN / NCCL, DeepSpeed, DALI, timm versions.
   step        issue 24's step at ViT-H/14, P=10 deep, batch 64 (ddp): the bare timm loop, fp32 weights under
