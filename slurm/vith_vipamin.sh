@@ -40,7 +40,11 @@ DATA_ROOT=${DATA_ROOT:-}             # data.root (shards written by `vipamin-sca
 PROMPT=${PROMPT:-deep}               # vipamin_scale/configs/prompt/*: deep | shallow | bpt ...
 PROMPT_LENGTH=${PROMPT_LENGTH:-10}
 INIT=${INIT:-vipamin}                # vipamin_scale/configs/init/*: vipamin | vipamin_paper | spt | random ...
-ENGINE=${ENGINE:-zero3}              # vipamin_scale/configs/engine/*: zero3 | zero2 | zero1 | deepspeed | fairscale | ddp
+# vipamin_scale/configs/engine/*: ddp (the fastest while the frozen backbone fits on one GPU: ViT-H in bf16 is
+# 1.3 GB) | fsdp2 or zero3 (a backbone too big for one GPU: blocks sharded over the ranks) | zero1 | zero2 | fairscale
+ENGINE=${ENGINE:-ddp}
+PRECISION=${PRECISION:-bf16}         # train.precision: bf16 | fp32 | fp16
+DTYPE=${DTYPE:-$([[ $PRECISION == bf16 ]] && echo bf16 || echo fp32)}  # model.dtype: the frozen backbone stored in bf16 | fp32
 RUN=${RUN:-$REPO/runs/${SLURM_JOB_NAME:-vipamin}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
 PROMPTS=${PROMPTS:-$RUN/prompts.safetensors}
 INIT_ARGS=${INIT_ARGS:-}             # extra overrides for `init` only (space separated)
@@ -86,6 +90,7 @@ if [[ ! -f $PROMPTS ]]; then
     launch "$MASTER_PORT" init "${COMMON[@]}" "out=$PROMPTS" "hydra.run.dir=$RUN/init" "hydra.output_subdir=null" $INIT_ARGS "$@"
 fi
 # shellcheck disable=SC2086
-launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "engine=$ENGINE" "prompt.init_file=$PROMPTS" \
+launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "engine=$ENGINE" "train.precision=$PRECISION" "model.dtype=$DTYPE" \
+    "prompt.init_file=$PROMPTS" \
     "data.batch_size=$BATCH" "train.resume=true" "hydra.run.dir=$RUN" $TRAIN_ARGS "$@"
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} done: $RUN/result.json"

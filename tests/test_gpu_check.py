@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, cli_env
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["env", "train", "init", "dali", "throughput", "init_size", "data"]
+SECTIONS = ["env", "step", "engines", "fewshot", "init_size", "dali", "data", "train", "init", "throughput"]
 COMMITTED = [REPO / "benchmarks" / "results" / "gpu.json", REPO / "benchmarks" / "RESULTS.md"]
 
 
@@ -58,8 +58,20 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     assert s["init_size"]["capture_s"] > 0 and s["init_size"]["forward_s"] > 0 and s["init_size"]["prompts_finite"]
     assert s["init_size"]["B"] == 16 and s["init_size"]["math_s"] > 0
     assert s["data"]["wds_pil"]["images_per_s"] > 0 and s["data"]["dali_cpu"]["images_per_s"] > 0
+    # issue 24's targets: every variant measured on the CPU (compile is skipped in --smoke)
+    for key in ("bare", "autocast", "bf16_stored"):
+        assert s["step"][key]["images_per_s"] > 0, (key, s["step"][key])
+    assert s["step"]["bf16_stored"]["speed_vs_bare"] > 0 and "skipped" in s["step"]["bf16_stored_compiled"]
+    assert s["engines"]["backend"] == "gloo" and s["engines"]["world_size"] == 1
+    for key in ("fsdp2", "fsdp2_bf16_stored", "zero3"):
+        assert s["engines"][key]["speed_vs_ddp"] > 0, (key, s["engines"][key])
+    for key in ("today", "fp32_no_sync", "autocast", "bf16_stored"):
+        assert s["fewshot"][key]["steps_per_s"] > 0, (key, s["fewshot"][key])
+    dev = s["init_size"]["math_on_device"]
+    assert dev["passed"] and dev["max_abs_diff_vs_cpu"] == 0.0 and dev["device"] == "cpu"
     md = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- gpu-check:begin -->" in md and "| throughput | ok |" in md and "CPU smoke run" in md
+    assert "| engines | zero3 |" in md and "| fewshot | today |" in md
     assert _digest(COMMITTED) == before  # the committed figures are never touched by a smoke run
 
 
@@ -94,12 +106,14 @@ def test_smoke_never_writes_the_committed_results(tmp_path):
 
 
 def _module():
-    import importlib.util
+    """The package benchmarks/gpu_check/ (the script's sections and helpers), imported as the script does."""
+    import types
 
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import common, measure
+
+    return types.SimpleNamespace(largest_batch=measure.largest_batch, peak_bf16=common.peak_bf16)
 
 
 def test_largest_batch_doubles_then_bisects_to_an_eighth():

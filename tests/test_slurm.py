@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
 SCRIPT = REPO / "slurm" / "vith_vipamin.sh"
 # The script's settings for a tiny ViT on CPU (DDP over gloo), world size 2 = 2 nodes x 1 process.
 JOB_ENV = {"MODEL": "vit_test_d64", "DATA": "digits", "ENGINE": "ddp", "PROMPT": "deep", "PROMPT_LENGTH": "4",
-           "INIT": "vipamin", "NPROC_PER_NODE": "1", "VENV": str(REPO / ".venv")}
+           "INIT": "vipamin", "NPROC_PER_NODE": "1", "VENV": str(REPO / ".venv"), "PRECISION": "fp32"}
 INIT_OVERRIDES = ["init.k=3", "init.lam=0.5", "init.num_images=70", "init.batch_size=16", "model.pool=mean"]
 # 256 images / a global batch of 16 (8 a rank x 2 ranks) = 16 steps an epoch, 6 epochs: long enough to be signalled mid-run.
 TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=16", "data.eval_batch_size=128", "train.epochs=6",

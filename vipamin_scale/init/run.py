@@ -150,7 +150,8 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
         tensors["prompts"] = R
     elif method == "vipamin":
         shapes = {name: (P, d) for name in ("prompts", "match", "orth")}
-        gathered, layer_info = map_layers(rows, lambda l: vipamin_row(icfg, model, means, R, Q_tokens, l), shapes)
+        gathered, layer_info = map_layers(
+            rows, lambda l: vipamin_row(icfg, model, means, R, Q_tokens, l, device=calib.device), shapes)
         tensors.update(gathered)
     elif method == "spt":
         tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d, N_p)
@@ -178,18 +179,27 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
     return {"prompts": tensors["prompts"].float(), "tensors": tensors, "meta": meta}
 
 
-def vipamin_row(icfg, model: PromptedViT, means: dict, R: torch.Tensor, Q_tokens: dict, l: int) -> dict:
+def vipamin_row(icfg, model: PromptedViT, means: dict, R: torch.Tensor, Q_tokens: dict, l: int,
+                device: Optional[torch.device] = None) -> dict:
     """VIPAMIN's prompts for prompt row `l` from the reduced means (`reduce_means`), the random
     prompts `R` (L_p, P, d) and, for init.subspace=tokens, the row-space bases `Q_tokens`; the
-    options from `icfg` (cfg.init). Returns `prompts`, `match`, `orth` (P, d) float64 and `info`."""
-    w = layer_weights(model, l)
+    options from `icfg` (cfg.init). Returns `prompts`, `match`, `orth` (P, d) float64 on the CPU and `info`.
+
+    The math (float64 throughout) runs on `device`: the run's (`run_init` passes the capture's, so a
+    GPU run does its SVDs and pseudo-inverses in CUDA's float64); None is the CPU, where nothing moves."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+
+    def on(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(dev)
+
+    w = {name: on(v) if torch.is_tensor(v) else v for name, v in layer_weights(model, l).items()}
     res = vip.vipamin_layer(
-        E=means["E"][l], K=means["K"][l], R=R[l], W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
-        S=means["S"][l] if icfg.subspace == "mean" else None, Q=Q_tokens.get(l),
+        E=on(means["E"][l]), K=on(means["K"][l]), R=on(R[l]), W_V=w["W_V"], b_V=w["b_V"], k=icfg.k, lam=icfg.lam,
+        S=on(means["S"][l]) if icfg.subspace == "mean" else None, Q=on(Q_tokens.get(l)),
         energy=subspace_energy(icfg) if subspace_energy(icfg) < 1 else None, gamma=w["gamma"], beta=w["beta"],
         official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
         layer=l, ln_eps=w["ln_eps"])
-    return {"prompts": res.prompts, "match": res.match, "orth": res.orth, "info": res.info}
+    return {"prompts": res.prompts.cpu(), "match": res.match.cpu(), "orth": res.orth.cpu(), "info": res.info}
 
 
 def _check_room_for_orthogonal(icfg, n_tokens: int, d: int) -> None:

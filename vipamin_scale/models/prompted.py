@@ -99,10 +99,16 @@ class PromptedViT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # -- forward ------------------------------------------------------------------------------
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """The dtype the frozen backbone computes in: its stored one (model.dtype, set by the engine), or
+        what an engine's mixed-precision policy presents it as (FSDP2's param_dtype, DeepSpeed's bf16)."""
+        return self.backbone.patch_embed.proj.weight.dtype
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + CLS + position embedding: the `N_e` embedded tokens."""
+        """Patch embedding + CLS + position embedding: the `N_e` embedded tokens (in the backbone's dtype)."""
         bb = self.backbone
-        x = bb.patch_embed(x)
+        x = bb.patch_embed(x.to(self.backbone_dtype))
         x = bb._pos_embed(x)
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
@@ -130,8 +136,8 @@ class PromptedViT(nn.Module):
 
     def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
         P = self.num_prompts
-        if self.pool == "mean":
-            return self.fc_norm(x[:, 1:].mean(dim=1))
+        if self.pool == "mean":  # fc_norm trains with the head: in the head's dtype
+            return self.fc_norm(x[:, 1:].to(self.head.weight.dtype).mean(dim=1))
         x = self.backbone.norm(x)
         if self.pool == "cls":
             return x[:, 0]
@@ -140,7 +146,9 @@ class PromptedViT(nn.Module):
         return x[:, 1:1 + P].mean(dim=1)  # prompt_mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool_tokens(self.forward_tokens(x)))
+        """Logits `(B, classes)`. The pooled features go to the head in its weights' dtype: fp32 as stored
+        (a bf16 backbone's features are cast back), bf16 where an engine presents the whole model so."""
+        return self.head(self.pool_tokens(self.forward_tokens(x)).to(self.head.weight.dtype))
 
 
 def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
