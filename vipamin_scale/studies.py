@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import vipamin_scale.stats as stats
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.runs import find_run_dirs, run_config, run_overrides, run_status
 
@@ -252,23 +253,6 @@ def replicate_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
     return [k for k in keys if k not in replicates], replicates
 
 
-def _mean_sd(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return mean, sd
-
-
-def _ci95(sd: Optional[float], n: int) -> Optional[float]:
-    """Half width of the 95 % t interval of the mean; None below two values."""
-    if sd is None or n < 2:
-        return None
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-
-
 def summary(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per group of runs that differ only in their replicates (`replicate_keys`), and in
     (deep, prompt length): accuracy (`Run.accuracy`) and init time as mean, sample sd (n-1), the 95 %
@@ -289,12 +273,11 @@ def summary(runs: list[Run]) -> list[dict[str, Any]]:
         times = [float(t) for t in (r.result.get("init_time_s") for r in ok if r.result.get("method") != "file")
                  if t is not None and not math.isnan(t)]  # a run that read a prompts file timed the reading
         line = " ".join(g for g in group if g.partition("=")[0].lstrip("+~") != "prompt.length")
-        acc_mean, acc_sd = _mean_sd(accs)
-        time_mean, time_sd = _mean_sd(times)
+        acc, time = stats.summary(accs), stats.summary(times)
         out.append({"group": " ".join(group), "line": line or str(members[0].method), "deep": deep,
-                    "prompt_length": length, "n": len(accs), "runs": len(members), "acc_mean": acc_mean,
-                    "acc_sd": acc_sd, "acc_ci95": _ci95(acc_sd, len(accs)), "acc": accs,
-                    "init_time_mean": time_mean, "init_time_sd": time_sd, "init_time_n": len(times)})
+                    "prompt_length": length, "n": acc["n"], "runs": len(members), "acc_mean": acc["mean"],
+                    "acc_sd": acc["sd"], "acc_ci95": stats.half_width(acc["sd"], acc["n"]), "acc": accs,
+                    "init_time_mean": time["mean"], "init_time_sd": time["sd"], "init_time_n": time["n"]})
     return sorted(out, key=lambda r: (r["deep"] is None, bool(r["deep"]), r["line"], r["prompt_length"] is None,
                                       r["prompt_length"] or 0))
 
