@@ -24,8 +24,8 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     doc = json.loads(out.read_text())
     bench = load_accuracy_module()
     assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == 3
-    lo, hi, num = doc["args"]["lr_grid"]
-    lrs = parse_space({"lr": {"log": [lo, hi], "num": num}})[0][1]
+    lr_lo, lr_hi, num = doc["args"]["lr_grid"]
+    lrs = parse_space({"lr": {"log": [lr_lo, lr_hi], "num": num}})[0][1]
     assert doc["args"]["select_draws"] == 2 and doc["args"]["extend_edges"] == 1
     for name, m in doc["methods"].items():
         for k in ("1", "2"):
@@ -34,7 +34,7 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
             if name == bench.LINEAR:
                 assert tried == list(bench.LINEAR_CS)
             else:  # every grid point tried on val, then the one edge round (a 2-point grid: the winner is at an end)
-                assert tried[:2] == lrs and len(tried) == 3 and tried[2] in (lo / 10, hi * 10), tried
+                assert tried[:2] == lrs and len(tried) == 3 and tried[2] in (lr_lo / 10, lr_hi * 10), tried
                 edge = ["high"] if sel["value"] == max(tried) else ["low"] if sel["value"] == min(tried) else []
                 assert sel["at_edge"] == edge
             for t in sel["trials"]:  # the score is the mean over draws 0 and 1 (None: a draw failed)
