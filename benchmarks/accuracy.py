@@ -17,9 +17,13 @@ Protocol (the defaults; every number is a flag):
   random on the same 1000 images (`--full-epochs` epochs of batch 32, lr chosen on val). VPT
   random must reach the probe's test accuracy, else the schedule is called undertrained and no
   table is written (exit 1).
-* selection: every method picks its lr per k on val with `vipamin-scale tune` (grid mode: each
-  of `--lrs`, a 4-point log grid, at the full budget), on draw 0; the linear probe picks C on val
-  the same way. Never on test.
+* selection: every method picks its lr per k on val with `vipamin-scale tune` (grid mode, every
+  point of `--lr-grid`, a 4-point log grid from 0.05 to 1.6, at the full budget) by its mean val
+  accuracy over draws 0..`--select-draws`-1 (3; `tune.select_draws`, a draw that fails fails the
+  lr), and a winner at an end of the grid extends it one step that way and re-selects, at most
+  `--extend-edges` (2) times (`tune.extend_edges`); the table marks a choice that stayed at an edge.
+  The linear probe picks C on val by its mean over the same draws. Never on test. The gate's
+  full-data selection is one draw (with the edge rounds).
 * paired design: within draw d every method trains on the same images with train.seed = d, and
   every method that starts from random prompts uses the same random tensor (init.seed = d). Each
   final run is evaluated once, on test. Reported: mean +- sample sd over the draws, and for each
@@ -57,6 +61,7 @@ from vipamin_scale import runs  # noqa: E402
 from vipamin_scale.config import default_config  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
 from vipamin_scale.pool import run_in_processes  # noqa: E402
+import vipamin_scale.stats as stats  # noqa: E402
 from vipamin_scale.stats import interval, paired, summary  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
@@ -136,7 +141,7 @@ def run_cfg(a: argparse.Namespace, root: Optional[Path], method: str, *, full: b
 def protocol_record(a: argparse.Namespace) -> dict[str, Any]:
     """What fixes every run's result: a --work holding runs of another protocol is refused."""
     keys = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "shots", "draws", "batch", "epochs",
-            "min_steps", "full_epochs", "lrs", "weight_decay", "calib")
+            "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges", "weight_decay", "calib")
     return {k: getattr(a, k) for k in keys}
 
 
@@ -211,9 +216,12 @@ class LinearProbe:
         X, y = self.features(cfg, split)
         return float((clf.predict(X) == y).mean())
 
-    def select(self, cfg: DictConfig) -> tuple[float, list[dict[str, float]]]:
-        """C chosen on val (ties: the stronger regularization)."""
-        trials = [{"C": C, "val_acc": self.score(cfg, self.fit(cfg, C), cfg.data.val_split)} for C in LINEAR_CS]
+    def select(self, cfgs: list[DictConfig]) -> tuple[float, list[dict[str, float]]]:
+        """C chosen by its mean val accuracy over the draws' configs (ties: the stronger regularization)."""
+        trials = []
+        for C in LINEAR_CS:
+            by_draw = [self.score(cfg, self.fit(cfg, C), cfg.data.val_split) for cfg in cfgs]
+            trials.append({"C": C, "val_acc": stats.mean(by_draw), "val_by_draw": by_draw})
         best = max(trials, key=lambda t: (t["val_acc"], -t["C"]))
         return best["C"], trials
 
@@ -233,27 +241,37 @@ def _worker_init() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
 
 
-def job_tune(a: argparse.Namespace, root: Optional[str], method: str, full: bool, out: str) -> dict[str, Any]:
-    """Select `method`'s lr (or the probe's C) on val of one regime; returns {value, trials}."""
+def job_tune(a: argparse.Namespace, roots: Optional[list[str]], method: str, full: bool, out: str) -> dict[str, Any]:
+    """Select `method`'s lr (or the probe's C) on val of one regime, by the mean over the draws whose data
+    `roots` lists (None: the full data, one draw); returns {value, trials, at_edge}: trials in the order
+    tried (the grid, then the edge rounds), at_edge where the choice stayed at an end of the tried lrs."""
     global _PROBE
-    cfg = run_cfg(a, Path(root) if root else None, method, full=full)
+    cfgs = [run_cfg(a, Path(r) if r else None, method, full=full) for r in (roots or [None])]
     if method == LINEAR:
         _PROBE = _PROBE or LinearProbe(a)
-        C, trials = _PROBE.select(cfg)
-        return {"value": C, "trials": trials}
+        C, trials = _PROBE.select(cfgs)
+        return {"value": C, "trials": trials, "at_edge": []}
     from vipamin_scale.train import run_training
     from vipamin_scale.tune import run_tune
 
+    cfg = cfgs[0]
+    lo, hi, num = a.lr_grid
     cfg.train.out_dir = out
-    cfg.tune.space = {"train": {"lr": list(a.lrs)}}
+    cfg.tune.space = {"train": {"lr": {"log": [lo, hi], "num": int(num)}}}
     cfg.tune.mode, cfg.tune.final_seeds, cfg.tune.max_epochs = "grid", 0, int(cfg.train.epochs)
+    cfg.tune.extend_edges = a.extend_edges
+    if roots:
+        cfg.tune.select_draws, cfg.tune.draw_roots = len(roots), list(roots)
     try:
         result = run_tune(cfg, train_fn=run_training)
     except Exception as exc:  # the method's cells say failed; the benchmark goes on
         log.warning("%s: selection failed: %s: %s", out, type(exc).__name__, exc)
-        return {"value": None, "trials": [], "error": f"{type(exc).__name__}: {exc}"}
-    trials = [{"lr": t["params"]["train.lr"], "val_acc": t["val_acc"]} for t in result.rungs[-1]["trials"]]
-    return {"value": float(result.winner["params"]["train.lr"]), "trials": trials}
+        return {"value": None, "trials": [], "at_edge": [], "error": f"{type(exc).__name__}: {exc}"}
+    trials = [{"lr": t["params"]["train.lr"], "val_acc": t["val_acc"],
+               "val_by_draw": [d["val_acc"] for d in t.get("draws", [])]}
+              for r in result.rungs for t in r["trials"]]
+    return {"value": float(result.winner["params"]["train.lr"]), "trials": trials,
+            "at_edge": [e["side"] for e in result.winner["at_edge"]]}
 
 
 def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: bool, value: float, draw: int,
@@ -312,10 +330,16 @@ def table_markdown(doc: dict[str, Any]) -> str:
             text = "failed" if c["mean"] is None else f"{pct(c['mean'])} ± {pct(c['sd'])}" + (
                 f" (n={c['n']})" if c["n"] != doc["draws"] else "")
             cells.append(f"**{text}**" if c["mean"] is not None and c["mean"] == best[k] else text)
-        sel = ", ".join("–" if m["selected"][str(k)]["value"] is None else f"{m['selected'][str(k)]['value']:g}"
-                        for k in shots)
+        sel = ", ".join(selected_text(m["selected"][str(k)]) for k in shots)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'C' if name == LINEAR else 'lr'} {sel} |")
     return "\n".join(lines)
+
+
+def selected_text(sel: dict[str, Any]) -> str:
+    """The selected value, and where it stayed at an end of the grid after the edge rounds."""
+    if sel["value"] is None:
+        return "–"
+    return f"{sel['value']:g}" + "".join(f" ({side} edge)" for side in sel.get("at_edge", []))
 
 
 def diff_markdown(doc: dict[str, Any], ref: str) -> str:
@@ -392,7 +416,8 @@ def results_section(doc: dict[str, Any], png: str) -> str:
              f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", "",
              doc["protocol"] + (f" {doc['note']}" if doc.get("note") else ""), "", gate_text(doc["gate"]), "",
              f"Test accuracy (%), mean ± sample sd over {doc['draws']} paired draws; best per column in bold; "
-             "the last column is the value each method selected on val, per k.", "",
+             "the last column is the value each method selected on val, per k (\"high edge\": it stayed at the "
+             "largest lr tried after the edge rounds, so the optimum may lie beyond).", "",
              table_markdown(doc), "", f"![accuracy against shots]({png})", ""]
     for ref in (RANDOM, DEFAULT):
         if ref in doc["methods"]:
@@ -421,7 +446,11 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=20, help="few-shot epochs, at least")
     ap.add_argument("--min-steps", type=int, default=60, help="few-shot optimizer steps, at least")
     ap.add_argument("--full-epochs", type=int, default=10, help="epochs of the gate's VPT random runs (batch 32)")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.16, 0.5, 1.6], help="base lrs (x batch/256)")
+    ap.add_argument("--lr-grid", type=float, nargs=3, default=[0.05, 1.6, 4], metavar=("LO", "HI", "NUM"),
+                    help="the base lrs (x batch/256) selected over: NUM points log-spaced from LO to HI")
+    ap.add_argument("--select-draws", type=int, default=3, help="draws each lr's val accuracy is averaged over")
+    ap.add_argument("--extend-edges", type=int, default=2, choices=(0, 1, 2),
+                    help="times a winner at an end of the lr grid extends it one step and re-selects")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--calib", type=int, default=256, help="calibration images (at most the training set)")
     ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="a subset (default: all)")
@@ -437,8 +466,14 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                         "--quick: beside --out)")
     if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
         ap.set_defaults(model="vit_test_d64", checkpoint=None, img_size=32, pool="mean", shots=[1, 2], draws=3,
-                        epochs=2, min_steps=4, full=200, full_epochs=2, lrs=[0.5, 5.0], calib=32)
+                        epochs=2, min_steps=4, full=200, full_epochs=2, lr_grid=[0.5, 5.0, 2],
+                        select_draws=2, extend_edges=1, calib=32)
     args = ap.parse_args(argv)
+    if not 1 <= args.select_draws <= args.draws:
+        ap.error(f"--select-draws: must lie in [1, --draws={args.draws}]; got {args.select_draws}")
+    if args.lr_grid[2] < 2 or args.lr_grid[2] != int(args.lr_grid[2]) or not 0 < args.lr_grid[0] < args.lr_grid[1]:
+        ap.error(f"--lr-grid: LO HI NUM with 0 < LO < HI and NUM >= 2 an integer; got {args.lr_grid}")
+    args.lr_grid[2] = int(args.lr_grid[2])
     known = all_methods()
     args.methods = args.methods or list(METHODS) + (list(ABLATIONS) if args.all else [])
     bad = [m for m in args.methods if m not in known]
@@ -472,12 +507,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     sched = {k: schedule(10 * k, a.batch, a.epochs, a.min_steps) for k in a.shots}
     full_sched = schedule(full_n, 32, a.full_epochs, 0)
 
-    # 1. selection on val (draw 0 of each k) and the gate's selections, all at once
+    # 1. selection on val (the mean over draws 0..select_draws-1 of each k) and the gate's selections, all at once
     tune_jobs = [(job_tune, a, None, LINEAR, True, ""), (job_tune, a, None, RANDOM, True, str(work / "gate" / "tune"))]
     keys = [("gate", LINEAR), ("gate", RANDOM)]
     for k in a.shots:
         for m in a.methods:
-            tune_jobs.append((job_tune, a, str(roots[(k, 0)]), m, False, str(work / "tune" / f"{k}shot" / slug(m))))
+            tune_jobs.append((job_tune, a, [str(roots[(k, d)]) for d in range(a.select_draws)], m, False,
+                              str(work / "tune" / f"{k}shot" / slug(m))))
             keys.append((k, m))
     log.info("selection: %d jobs over %d workers", len(tune_jobs), a.workers)
     selected = dict(zip(keys, run_jobs(a, tune_jobs)))
@@ -514,8 +550,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      f"(same images, same train.seed and init.seed = draw); val 297, test 500. AdamW, batch "
                      f"min({a.batch}, n), " + ", ".join(f"{k}-shot {s['epochs']} epochs / {s['steps']} steps"
                                                         for k, s in sched.items())
-                     + f"; lr per method and k selected on val of draw 0 by `vipamin-scale tune` (grid) over "
-                     f"{a.lrs} (× batch/256); the linear probe's C over {list(LINEAR_CS)}; each final run tested once."),
+                     + f"; lr per method and k selected on val by `vipamin-scale tune` (grid) over {a.lr_grid[2]} "
+                     f"log-spaced lrs from {a.lr_grid[0]:g} to {a.lr_grid[1]:g} (× batch/256), by the mean over draws "
+                     f"0..{a.select_draws - 1}, a winner at an end of the grid extending it one step and re-selecting "
+                     f"at most {a.extend_edges} times; the linear probe's C over {list(LINEAR_CS)} the same way; each "
+                     "final run tested once."),
         "args": vars(a), "schedules": {str(k): s for k, s in sched.items()}, "gate": gate, "methods": {},
     }
     for m in a.methods:

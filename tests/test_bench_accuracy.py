@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, cli_env
 
 from benchmarks_support import load_accuracy_module
+from vipamin_scale.tune import parse_space
 
 
 @pytest.mark.slow
@@ -23,15 +24,25 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     doc = json.loads(out.read_text())
     bench = load_accuracy_module()
     assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == 3
-    lrs = doc["args"]["lrs"]
+    lr_lo, lr_hi, num = doc["args"]["lr_grid"]
+    lrs = parse_space({"lr": {"log": [lr_lo, lr_hi], "num": num}})[0][1]
+    assert doc["args"]["select_draws"] == 2 and doc["args"]["extend_edges"] == 1
     for name, m in doc["methods"].items():
         for k in ("1", "2"):
             sel = m["selected"][k]
-            grid = bench.LINEAR_CS if name == bench.LINEAR else lrs
-            assert [t.get("lr", t.get("C")) for t in sel["trials"]] == list(grid)  # every grid point tried on val
-            best = max(sel["trials"], key=lambda t: t["val_acc"])
-            assert sel["value"] in grid and next(t["val_acc"] for t in sel["trials"]
-                                                 if t.get("lr", t.get("C")) == sel["value"]) == best["val_acc"]
+            tried = [t.get("lr", t.get("C")) for t in sel["trials"]]
+            if name == bench.LINEAR:
+                assert tried == list(bench.LINEAR_CS)
+            else:  # every grid point tried on val, then the one edge round (a 2-point grid: the winner is at an end)
+                assert tried[:2] == lrs and len(tried) == 3 and tried[2] in (lr_lo / 10, lr_hi * 10), tried
+                edge = ["high"] if sel["value"] == max(tried) else ["low"] if sel["value"] == min(tried) else []
+                assert sel["at_edge"] == edge
+            for t in sel["trials"]:  # the score is the mean over draws 0 and 1 (None: a draw failed)
+                by_draw = t["val_by_draw"]
+                assert len(by_draw) == 2 and t["val_acc"] == (None if None in by_draw else pytest.approx(sum(by_draw) / 2))
+            best = max(sel["trials"], key=lambda t: -1 if t["val_acc"] is None else t["val_acc"])
+            assert sel["value"] in tried and next(t["val_acc"] for t in sel["trials"]
+                                                  if t.get("lr", t.get("C")) == sel["value"]) == best["val_acc"]
             cell = m["results"][k]
             assert cell["n"] == 3, (name, k, cell)  # every draw finished
             assert abs(cell["mean"] - sum(cell["runs"]) / 3) < 1e-12 and 0 <= cell["mean"] <= 1

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import TINY, cli, cli_env
 
-from vipamin_scale.studies import build_report
+from vipamin_scale.studies import PairingError, build_report
+from vipamin_scale.studies import main as studies_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -134,6 +135,77 @@ def test_a_factor_that_changes_with_the_seed_in_every_run_is_not_averaged(tmp_pa
     assert [(r["line"], r["n"], r["acc_sd"]) for r in stats] == [("init=random", 1, None), ("init=vipamin", 1, None)]
     assert stats[0]["init_time_mean"] == 0.0 and stats[0]["init_time_sd"] is None
     assert "| init=random | deep | 4 | 1 | 1 | 0.5000 |  | 0.00 |" in build_report(sweep)["report"].read_text()
+
+
+def test_paired_differences_against_a_baseline_with_exact_numbers(tmp_path, capsys):
+    """`report --paired init=random`: 3 inits x 2 prompt lengths x 3 seeds, written in scrambled order (one
+    few-shot draw a seed in data.root, the run's own prompts file, as slurm/*.sh leave them); spt's seed 2
+    failed. Each init minus random, matched by seed, per prompt length: mean, 95 % t-interval, n."""
+    sweep = tmp_path / "sweep"
+    accs = {("random", 1): [0.50, 0.60, 0.55], ("vipamin", 1): [0.60, 0.64, 0.65], ("spt", 1): [0.55, 0.58, None],
+            ("random", 5): [0.70, 0.72, 0.74], ("vipamin", 5): [0.80, 0.83, 0.84], ("spt", 5): [0.70, 0.70, 0.70]}
+    cells = [(init, length, seed) for (init, length) in accs for seed in range(3)]
+    names = {}
+    for num, (init, length, seed) in enumerate(sorted(cells, key=lambda c: (c[2] * 7 + c[1] + len(c[0])) % 5)):
+        acc = accs[(init, length)][seed]
+        result = ({"status": "failed", "error": "RuntimeError: loss is nan", "method": init} if acc is None
+                  else _ok(init, length, True, acc, 0.1))
+        job = sweep / str(num)
+        _job(sweep, num, ["model=dinov2_s14_demo", f"data.root=/data/fewshot/4shot_seed{seed}",
+                          f"prompt.length={length}", f"init={init}", f"prompt.init_file={job}/prompts.safetensors",
+                          f"init.seed={seed}", f"train.seed={seed}"], result)
+        names[(init, length, seed)] = str(num)
+
+    report = build_report(sweep, paired="init=random")
+    rows = [(r["versus"], r["group"], r["prompt_length"], r["n"]) for r in report["paired"]]
+    assert rows == [("init=spt", "prompt.length=1", 1, 2), ("init=spt", "prompt.length=5", 5, 3),
+                    ("init=vipamin", "prompt.length=1", 1, 3), ("init=vipamin", "prompt.length=5", 5, 3)]
+    t = {2: 4.302652729911275, 1: 12.706204736174698}  # Student's t, 0.975 quantile, by degrees of freedom
+    for r in report["paired"]:
+        init, length = r["versus"].split("=")[1], r["prompt_length"]
+        d = [a - b for a, b in zip(accs[(init, length)], accs[("random", length)]) if a is not None]
+        mean = sum(d) / len(d)
+        sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+        half = t[len(d) - 1] * sd / len(d) ** 0.5
+        assert r["diffs"] == pytest.approx(d, abs=1e-12) and abs(r["mean"] - mean) < 1e-12
+        assert abs(r["lo"] - (mean - half)) < 1e-9 and abs(r["hi"] - (mean + half)) < 1e-9, r
+        assert r["resolved"] == (mean - half > 0 or mean + half < 0)
+    by = {(r["versus"], r["prompt_length"]): r for r in report["paired"]}
+    assert by[("init=vipamin", 5)]["resolved"] and not by[("init=vipamin", 1)]["resolved"]
+    assert by[("init=spt", 5)]["sd"] is not None and abs(by[("init=spt", 5)]["mean"] + 0.02) < 1e-12
+
+    md = report["report"].read_text()
+    assert "## Paired differences against init=random" in md
+    assert "matched by `init.seed`, `train.seed`, `data.root`" in md
+    assert "| init=vipamin | prompt.length=5 | deep | 5 | 3 | +0.1033 | [+0.0890, +0.1177] | yes |" in md
+    assert "| init=vipamin | prompt.length=1 | deep | 1 | 3 | +0.0800 | [-0.0061, +0.1661] | no |" in md
+    assert "| init=spt | prompt.length=1 | deep | 1 | 2 | +0.0150 | [-0.4297, +0.4597] | no |" in md
+    with open(sweep / "report.csv") as f:
+        table = {r["run"]: r for r in csv.DictReader(f)}
+    vip = table[names[("vipamin", 1, 0)]]
+    assert vip["paired_vs"] == names[("random", 1, 0)] and abs(float(vip["paired_diff"]) - 0.10) < 1e-12
+    assert table[names[("random", 1, 0)]]["paired_diff"] == "" and table[names[("spt", 1, 2)]]["paired_diff"] == ""
+    with open(sweep / "report_paired.csv") as f:
+        paired = list(csv.DictReader(f))
+    assert [(r["versus"], r["prompt_length"], r["n"], r["resolved"]) for r in paired][-1] == ("init=vipamin", "5", "3", "True")
+    assert (sweep / "paired_diff_vs_prompt_length.png").read_bytes().startswith(PNG_MAGIC)
+    assert "](paired_diff_vs_prompt_length.png)" in md
+
+    # a baseline that is no swept factor, or no run's value: one error line, exit 2, nothing rewritten
+    before = (sweep / "report.md").read_bytes()
+    for bad, says in (("init=bpt", "no run has init=bpt; its values: random, spt, vipamin"),
+                      ("train.lr=0.1", "KEY a swept factor; the swept factors here: prompt.length, init"),
+                      ("init", "give KEY=VALUE")):
+        assert studies_main([str(sweep), "--paired", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --paired {bad}: ") and says in err[0], err
+    # two finished runs of one draw in one group: ambiguous, named
+    extra = _job(sweep, len(cells), ["model=dinov2_s14_demo", "data.root=/data/fewshot/4shot_seed0", "prompt.length=1",
+                                     "init=vipamin", f"prompt.init_file={sweep / str(len(cells))}/prompts.safetensors",
+                                     "init.seed=0", "train.seed=0"], _ok("vipamin", 1, True, 0.9, 0.1))
+    with pytest.raises(PairingError, match=f"runs .* and {extra.name} are the same draw"):
+        build_report(sweep, paired="init=random")
+    assert (sweep / "report.md").read_bytes() == before
 
 
 def test_report_errors_on_a_missing_or_empty_directory(tmp_path):

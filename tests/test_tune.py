@@ -192,6 +192,128 @@ def test_space_checked_before_any_training(tmp_path):
     assert fn.calls == []
 
 
+# ----------------------------------------------------------------------------- selection over draws, edges
+
+
+class Scored:
+    """A trial whose val accuracy is `score(lr, lam, draw)`, draw = train.seed; records what each trial saw."""
+
+    def __init__(self, score):
+        self.score, self.seen = score, []
+
+    def __call__(self, cfg):
+        self.seen.append((cfg.train.lr, cfg.train.seed, cfg.init.seed, cfg.data.root, cfg.train.out_dir))
+        acc = self.score(cfg.train.lr, cfg.init.lam, cfg.train.seed)
+        atomic_write_bytes(Path(cfg.train.out_dir) / "result.json",
+                           json.dumps({"final_eval": {"acc": acc}, "test": {"acc": acc}}).encode())
+
+
+def collapsing(lr, lam, draw):
+    """lr 0.1 is best on draw 0 and collapses to chance on draws 1 and 2; lr 0.03 is steady."""
+    table = {0.01: [0.50, 0.50, 0.50], 0.03: [0.70, 0.72, 0.71], 0.1: [0.80, 0.10, 0.12]}
+    return table[lr][draw]
+
+
+def test_mean_over_draws_picks_what_a_single_draw_would_not(tmp_path):
+    space = {"train": {"lr": [0.01, 0.03, 0.1]}}
+    one = run_tune(tune_cfg(tmp_path / "one", tune__mode="grid", tune__space=space, tune__final_seeds=0),
+                   train_fn=Scored(collapsing))
+    assert one.winner["params"] == {"train.lr": 0.1}  # draw 0 alone: the lr that collapses elsewhere
+    fn = Scored(collapsing)
+    roots = [str(tmp_path / f"4shot_seed{d}") for d in range(3)]
+    cfg = tune_cfg(tmp_path / "three", tune__mode="grid", tune__space=space, tune__final_seeds=2,
+                   tune__select_draws=3, tune__draw_roots=roots)
+    three = run_tune(cfg, train_fn=fn)
+    assert three.winner["params"] == {"train.lr": 0.03} and three.winner["val_acc"] == pytest.approx(0.71)
+    scores = {t["params"]["train.lr"]: t["val_acc"] for t in three.rungs[0]["trials"]}
+    assert scores == pytest.approx({0.01: 0.5, 0.03: 0.71, 0.1: 0.34})
+    trial = next(t for t in three.rungs[0]["trials"] if t["params"]["train.lr"] == 0.1)
+    assert [(d["draw"], d["dir"], d["val_acc"]) for d in trial["draws"]] == [
+        (0, "trials/rung0/c002/draw0", 0.8), (1, "trials/rung0/c002/draw1", 0.1), (2, "trials/rung0/c002/draw2", 0.12)]
+    # draw d: train.seed = init.seed = d on draw d's data; final seed s on draw s's data
+    searched = sorted((lr, s, i, r) for lr, s, i, r, _ in fn.seen[:9])
+    assert searched == sorted((lr, d, d, roots[d]) for lr in (0.01, 0.03, 0.1) for d in range(3))
+    assert [(lr, s, r) for lr, s, _, r, _ in fn.seen[9:]] == [(0.03, 0, roots[0]), (0.03, 1, roots[1])]
+    md = (tmp_path / "three" / "tune.md").read_text()
+    assert "mean over 3 draws" in md and "| 0.3400 | 0.8000 / 0.1000 / 0.1200 |" in md
+    # fewer roots than draws: refused before any training, naming the field
+    short = tune_cfg(tmp_path / "short", tune__select_draws=3, tune__draw_roots=roots[:2], tune__final_seeds=0)
+    with pytest.raises(ConfigError, match="^tune.draw_roots: 2 roots"):
+        run_tune(short, train_fn=fn)
+
+
+def test_a_failed_draw_fails_its_candidate(tmp_path):
+    def score(lr, lam, draw):
+        if lr == 0.1 and draw == 1:
+            raise FloatingPointError("loss is nan at step 3")
+        return collapsing(lr, lam, 0)
+
+    def fn(cfg):
+        try:
+            Scored(score)(cfg)
+        except FloatingPointError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    result = run_tune(tune_cfg(tmp_path, tune__mode="grid", tune__space={"train": {"lr": [0.03, 0.1]}},
+                               tune__final_seeds=0, tune__select_draws=2), train_fn=fn)
+    bad = result.rungs[0]["trials"][1]
+    assert bad["val_acc"] is None and bad["status"] == "failed" and bad["error"].startswith("draw 1: RuntimeError")
+    assert result.winner["params"] == {"train.lr": 0.03}
+
+
+def peaked(at):
+    """Val accuracy peaking at lr = `at` (log scale), whatever the draw."""
+    return lambda lr, lam, draw: 0.9 - 0.1 * (math.log10(lr) - math.log10(at)) ** 2
+
+
+def test_edge_extension_extends_reselects_and_stops_at_the_limit(tmp_path):
+    space = {"train": {"lr": {"log": [0.01, 0.1], "num": 2}}}
+    # the optimum (lr 1) lies one step beyond the grid: round 1 adds lr 1 and it wins; round 2 adds 10, which
+    # loses, and the winner is inside the extended grid
+    fn = Scored(peaked(1.0))
+    result = run_tune(tune_cfg(tmp_path / "a", tune__mode="grid", tune__space=space, tune__final_seeds=0,
+                               tune__extend_edges=2), train_fn=fn)
+    assert [lr for lr, *_ in fn.seen] == [0.01, 0.1, 1.0, 10.0]
+    assert [(x["round"], x["field"], x["side"], x["value"], x["candidate"]) for x in result.extensions] == [
+        (1, "train.lr", "high", 1.0, 2), (2, "train.lr", "high", 10.0, 3)]
+    assert result.winner["params"] == {"train.lr": 1.0} and result.winner["at_edge"] == []
+    assert [r.get("extension") for r in result.rungs] == [None, 1, 2]
+    assert [t["dir"] for t in result.rungs[1]["trials"]] == ["trials/edge1/c002"]
+    assert [t["promoted"] for r in result.rungs for t in r["trials"]] == [False, False, True, False]
+    # the optimum far beyond: the limit stops the search, and the winner is recorded at the edge
+    fn = Scored(peaked(100.0))
+    result = run_tune(tune_cfg(tmp_path / "b", tune__mode="grid", tune__space=space, tune__final_seeds=0,
+                               tune__extend_edges=1), train_fn=fn)
+    assert [lr for lr, *_ in fn.seen] == [0.01, 0.1, 1.0]
+    assert result.winner["params"] == {"train.lr": 1.0}
+    assert result.winner["at_edge"] == [{"field": "train.lr", "side": "high", "value": 1.0,
+                                         "why": "tune.extend_edges=1 rounds"}]
+    md = (tmp_path / "b" / "tune.md").read_text()
+    assert "At an edge: `train.lr` = 1.0 is the highest value tried (tune.extend_edges=1 rounds)" in md
+    assert "Edge round 1: the winner sat at the high edge of `train.lr`; extended to 1.0 (candidate 2)." in md
+    assert json.loads((tmp_path / "b" / "tune.json").read_text())["winner"]["at_edge"][0]["side"] == "high"
+    # no extension (the default): the edge is still said; the low edge extends downwards
+    result = run_tune(tune_cfg(tmp_path / "c", tune__mode="grid", tune__space=space, tune__final_seeds=0),
+                      train_fn=Scored(peaked(1e-4)))
+    assert result.winner["at_edge"][0]["side"] == "low" and result.extensions == []
+    fn = Scored(peaked(1e-4))
+    result = run_tune(tune_cfg(tmp_path / "d", tune__mode="grid", tune__space=space, tune__final_seeds=0,
+                               tune__extend_edges=1), train_fn=fn)
+    assert [lr for lr, *_ in fn.seen] == [0.01, 0.1, 0.001]
+
+
+def test_an_edge_at_the_fields_bound_is_not_extended(tmp_path):
+    """init.lam's grid ends at 1, the field's bound: the step beyond is refused and said; the winner stays at it."""
+    fn = Scored(lambda lr, lam, draw: lam)
+    space = {"train": {"lr": [0.03]}, "init": {"lam": {"range": [0.5, 1.0], "num": 2}}}
+    result = run_tune(tune_cfg(tmp_path, tune__mode="grid", tune__space=space, tune__final_seeds=0,
+                               tune__extend_edges=2), train_fn=fn)
+    assert len(fn.seen) == 2 and result.extensions[0]["candidate"] is None
+    assert result.extensions[0]["value"] == 1.5 and "init.lam: must lie in [0, 1]" in result.extensions[0]["refused"]
+    edge = result.winner["at_edge"]
+    assert [(e["field"], e["side"]) for e in edge] == [("init.lam", "high")] and "init.lam: must lie in" in edge[0]["why"]
+
+
 # ----------------------------------------------------------------------------- real runs
 
 

@@ -154,7 +154,7 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     """`vipamin-scale tune`: successive halving (or a full grid) over `space` on train -> val, then
-    the winner retrained on `final_train_split` over `final_seeds` seeds and tested (vipamin_scale/tune.py)."""
+    the winner retrained on `final_train_split` over `final_seeds` seeds and tested (vipamin_scale/tune/)."""
 
     # field -> values, nested like the config: {train: {lr: {log: [1e-3, 1e-1], num: 5}}, init: {lam: [0.1, 0.5]}}
     # a leaf is a list (the values), {log: [lo, hi], num: n} (geometric grid), {range: [lo, hi], num: n}
@@ -169,6 +169,10 @@ class TuneConfig:
     seed: int = 0  # seed of the candidates' sampling (tune.trials)
     final_seeds: int = 3  # the winner is retrained with train.seed = init.seed = 0..final_seeds-1 (0: skip)
     final_train_split: Optional[str] = None  # None: "<data.train_split>+<data.val_split>"
+    # a candidate's score: its mean val accuracy over draws d = 0..n-1 (train.seed = init.seed = d); 1: the base config alone
+    select_draws: int = 1
+    draw_roots: Optional[list[str]] = None  # data.root of draw d (and of final seed d); None: every draw reads data.root
+    extend_edges: int = 0  # 0..2: rounds that extend a log/range leaf one step beyond a winner at its edge and re-select
     # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
     launcher: str = choice("inline", "local", "slurm")
     workers: int = 1  # local: trials run at once
@@ -292,6 +296,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"engine.zero_stage: ZeRO stages need engine.name=deepspeed; got engine.name={cfg.engine.name}")
     if cfg.tune.eta < 2:
         raise ConfigError(f"tune.eta: must be >= 2; got {cfg.tune.eta!r}")
+    if cfg.tune.select_draws < 1:
+        raise ConfigError(f"tune.select_draws: must be >= 1; got {cfg.tune.select_draws!r}")
+    if not 0 <= cfg.tune.extend_edges <= 2:
+        raise ConfigError(f"tune.extend_edges: must be 0, 1 or 2; got {cfg.tune.extend_edges!r}")
     for key in ("tune.max_epochs", "tune.trials"):
         if _get(cfg, key) is not None and _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")

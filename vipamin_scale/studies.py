@@ -17,6 +17,13 @@ directory holds its trials and final runs, each an ordinary run directory. Every
   init_time_vs_prompt_length.png  initializer wall time against prompt length, the same way
   tune_val_vs_budget*.png         for each `vipamin-scale tune` directory found (its tune.json): val
                accuracy against budget; report.md gets its rung table, winner and final mean +- std
+
+With `--paired KEY=VALUE` (e.g. `--paired init=random`), paired differences against that baseline
+(`paired_differences`): every other value of KEY minus the baseline, draw by draw (matched by the seeds
+and what follows them), in each group of the other swept fields, with mean, 95 % t-interval, n and
+whether the interval excludes 0: a section of report.md, report_paired.csv (one row a group),
+paired_vs / paired_diff columns in report.csv (each run against its matched baseline run), and
+paired_diff_vs_prompt_length.png (the differences against prompt length, 95 % intervals as bars).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import vipamin_scale.stats as stats
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.runs import find_run_dirs, run_config, run_overrides, run_status
 
@@ -154,7 +162,7 @@ def _pm(mean: Optional[float], sd: Optional[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def summary_markdown(stats: list[dict[str, Any]], replicates: list[str]) -> list[str]:
+def summary_markdown(groups: list[dict[str, Any]], replicates: list[str]) -> list[str]:
     """The `summary` rows as a markdown section: one row a group, mean ± sd, 95 % interval and n."""
     averaged = ", ".join(f"`{k}`" for k in replicates) or "nothing (no seed was swept)"
     lines = ["## Mean ± sd over seeds", "",
@@ -164,7 +172,7 @@ def summary_markdown(stats: list[dict[str, Any]], replicates: list[str]) -> list
              "prompts file: `vipamin-scale init` timed itself in that file).", "",
              "| group | deep | prompt_length | n | runs | acc mean ± sd | acc 95 % CI | init time (s) |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in stats:
+    for row in groups:
         ci = row["acc_ci95"]
         interval = f"[{row['acc_mean'] - ci:.4f}, {row['acc_mean'] + ci:.4f}]" if ci is not None else ""
         lines.append(f"| {_cell(row['group']) or _cell(row['line'])} | {_cell(row['deep'])} | "
@@ -175,14 +183,14 @@ def summary_markdown(stats: list[dict[str, Any]], replicates: list[str]) -> list
 
 
 def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str], tunes: list[str] = (),
-             stats: list[dict[str, Any]] = (), replicates: list[str] = ()) -> str:
+             groups: list[dict[str, Any]] = (), replicates: list[str] = (), paired: list[str] = ()) -> str:
     cols = [c for c in COLUMNS if c != "error"]
     lines = [f"# Sweep report: {sweep_dir}", ""]
     counts = {s: sum(r["status"] == s for r in table) for s in ("ok", "failed", "incomplete")}
     lines.append(f"{len(table)} runs: {counts['ok']} finished, {counts['failed']} failed, "
                  f"{counts['incomplete']} incomplete.")
-    if stats:
-        lines += [""] + summary_markdown(stats, replicates) + ["", "## Runs"]
+    if groups:
+        lines += [""] + summary_markdown(groups, replicates) + ([""] + list(paired) if paired else []) + ["", "## Runs"]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in table:
         lines.append("| " + " | ".join(_cell(row[c]) for c in cols) + " |")
@@ -201,12 +209,12 @@ def markdown(sweep_dir: Path, table: list[dict[str, Any]], plots: list[str], tun
     return "\n".join(lines) + "\n"
 
 
-def write_csv(table: list[dict[str, Any]]) -> str:
+def write_csv(table: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in table:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     return buf.getvalue()
 
 
@@ -235,6 +243,12 @@ def replicate_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
         the same seeds give the same value in every run, and some seeds repeat across runs (so the
         key is not a factor that merely happens to change with them).
     Every other swept override is a factor."""
+    factors, seeds, own, follows = _replicate_parts(runs)
+    return factors, seeds + own + follows
+
+
+def _replicate_parts(runs: list[Run]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(factors, seeds, own files, keys that follow the seeds): `replicate_keys`, its replicates by kind."""
     keys = swept_overrides(runs)
     given = [_given(r) for r in runs]
     seeds = [k for k in keys if _is_seed(k)]
@@ -249,24 +263,7 @@ def replicate_keys(runs: list[Run]) -> tuple[list[str], list[str]]:
             if all(seen.setdefault(t, g.get(key)) == g.get(key) for t, g in zip(tuples, given)):
                 follows.append(key)
     replicates = seeds + own + follows
-    return [k for k in keys if k not in replicates], replicates
-
-
-def _mean_sd(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return mean, sd
-
-
-def _ci95(sd: Optional[float], n: int) -> Optional[float]:
-    """Half width of the 95 % t interval of the mean; None below two values."""
-    if sd is None or n < 2:
-        return None
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return [k for k in keys if k not in replicates], seeds, own, follows
 
 
 def summary(runs: list[Run]) -> list[dict[str, Any]]:
@@ -289,20 +286,116 @@ def summary(runs: list[Run]) -> list[dict[str, Any]]:
         times = [float(t) for t in (r.result.get("init_time_s") for r in ok if r.result.get("method") != "file")
                  if t is not None and not math.isnan(t)]  # a run that read a prompts file timed the reading
         line = " ".join(g for g in group if g.partition("=")[0].lstrip("+~") != "prompt.length")
-        acc_mean, acc_sd = _mean_sd(accs)
-        time_mean, time_sd = _mean_sd(times)
+        acc, time = stats.summary(accs), stats.summary(times)
         out.append({"group": " ".join(group), "line": line or str(members[0].method), "deep": deep,
-                    "prompt_length": length, "n": len(accs), "runs": len(members), "acc_mean": acc_mean,
-                    "acc_sd": acc_sd, "acc_ci95": _ci95(acc_sd, len(accs)), "acc": accs,
-                    "init_time_mean": time_mean, "init_time_sd": time_sd, "init_time_n": len(times)})
+                    "prompt_length": length, "n": acc["n"], "runs": len(members), "acc_mean": acc["mean"],
+                    "acc_sd": acc["sd"], "acc_ci95": stats.half_width(acc["sd"], acc["n"]), "acc": accs,
+                    "init_time_mean": time["mean"], "init_time_sd": time["sd"], "init_time_n": time["n"]})
     return sorted(out, key=lambda r: (r["deep"] is None, bool(r["deep"]), r["line"], r["prompt_length"] is None,
                                       r["prompt_length"] or 0))
 
 
-def _series(stats: list[dict[str, Any]], metric: str) -> dict[tuple[bool, str], list[tuple[int, float, float, int]]]:
+class PairingError(ValueError):
+    """`report --paired`: the baseline names no swept factor, or a draw is ambiguous (one error line)."""
+
+
+def paired_differences(runs: list[Run], baseline: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Paired differences against `baseline` ("KEY=VALUE", a swept factor such as init=random).
+
+    Cells are the groups of `summary` without KEY: every other factor, deep, prompt length. Within a
+    cell, each run with KEY=v (v not the baseline) is matched to the baseline's run of the same draw:
+    the same values of the seeds and of the keys that follow them (`replicate_keys`; a run's own files
+    are not a draw). Only finished runs with an accuracy pair; two finished runs of one draw in one
+    cell (and one KEY value) are ambiguous: PairingError. Returns (one row per cell and v: n, mean
+    difference, sample sd, 95 % t-interval lo/hi, resolved = the interval excludes 0, the differences
+    by draw; {run name: {"paired_vs": baseline run, "paired_diff": its difference}}); v - baseline."""
+    key, sep, value = baseline.partition("=")
+    factors, seeds, _, follows = _replicate_parts(runs)
+    bare = {f.lstrip("+~"): f for f in factors}
+    if not sep or key.lstrip("+~") not in bare:
+        raise PairingError(f"--paired {baseline}: give KEY=VALUE with KEY a swept factor; the swept factors here: "
+                           f"{', '.join(factors) or 'none'}")
+    key = bare[key.lstrip("+~")]
+    if not any(_given(r).get(key) == value for r in runs):
+        values = sorted({str(_given(r).get(key)) for r in runs})
+        raise PairingError(f"--paired {baseline}: no run has {key}={value}; its values: {', '.join(values)}")
+    draw_keys = seeds + follows
+    cells: dict[tuple, dict[str, dict[tuple, Run]]] = {}
+    for run in runs:
+        acc = run.accuracy() if run.status == "ok" else None
+        if acc is None or math.isnan(acc):
+            continue
+        given = _given(run)
+        cell = (tuple(f"{k}={given[k]}" for k in factors if k != key and k in given), run.deep, run.prompt_length)
+        draw = tuple(given.get(k) for k in draw_keys)
+        side = cells.setdefault(cell, {}).setdefault(str(given.get(key)), {})
+        if draw in side:
+            raise PairingError(f"--paired: runs {side[draw].name} and {run.name} are the same draw "
+                               f"({', '.join(f'{k}={v}' for k, v in zip(draw_keys, draw)) or 'no seed swept'}) "
+                               f"of one group; report one of them")
+        side[draw] = run
+    rows, per_run = [], {}
+    for (group, deep, length), sides in cells.items():
+        base = sides.get(value, {})
+        for v, side in sides.items():
+            if v == value:
+                continue
+            draws = sorted((d for d in side if d in base), key=_draw_order)
+            for d in draws:
+                per_run[side[d].name] = {"paired_vs": base[d].name,
+                                         "paired_diff": side[d].accuracy() - base[d].accuracy()}
+            p = stats.paired([side[d].accuracy() for d in draws], [base[d].accuracy() for d in draws])
+            rows.append({"versus": f"{key}={v}", "baseline": f"{key}={value}", "group": " ".join(group), "deep": deep,
+                         "prompt_length": length, "n": p["n"], "mean": p["mean"], "sd": p["sd"], "lo": p["lo"],
+                         "hi": p["hi"], "resolved": p["resolved"],
+                         "draws": [", ".join(f"{k}={x}" for k, x in zip(draw_keys, d)) for d in draws],
+                         "diffs": p["runs"]})
+    rows.sort(key=lambda r: (r["versus"], r["group"], r["deep"] is None, bool(r["deep"]), r["prompt_length"] is None,
+                             r["prompt_length"] or 0))
+    return rows, per_run
+
+
+def _draw_order(draw: tuple) -> tuple:
+    return tuple((0, int(x), "") if x is not None and x.isdigit() else (1, 0, str(x)) for x in draw)
+
+
+PAIRED_COLUMNS = ("versus", "baseline", "group", "deep", "prompt_length", "n", "mean", "sd", "lo", "hi", "resolved")
+
+
+def paired_markdown(rows: list[dict[str, Any]], baseline: str, draw_keys: list[str]) -> list[str]:
+    """The paired rows as a markdown section: mean difference, 95 % t-interval, n, whether it excludes 0."""
+    matched = ", ".join(f"`{k}`" for k in draw_keys) or "nothing (no seed was swept: one pair a cell)"
+    lines = [f"## Paired differences against {baseline}", "",
+             f"Each row: test accuracy (best val where no test ran) of the group minus that of {baseline}, draw by "
+             f"draw (runs matched by {matched}), over the n draws where both finished: mean, 95 % t-interval, "
+             "and whether the interval excludes 0 (resolved).", "",
+             "| versus | group | deep | prompt_length | n | mean diff | 95 % CI | excludes 0 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f"[{r['lo']:+.4f}, {r['hi']:+.4f}]" if r["lo"] is not None else ""
+        mean = f"{r['mean']:+.4f}" if r["mean"] is not None else ""
+        lines.append(f"| {_cell(r['versus'])} | {_cell(r['group'])} | {_cell(r['deep'])} | {_cell(r['prompt_length'])} | "
+                     f"{r['n']} | {mean} | {ci} | {'yes' if r['resolved'] else 'no'} |")
+    return lines
+
+
+def _paired_series(rows: list[dict[str, Any]]) -> dict[tuple[bool, str], list[tuple[int, float, float, int]]]:
+    """(deep, versus + group) -> (prompt length, mean difference, 95 % half width (0 below two pairs), n)."""
+    series: dict[tuple[bool, str], list[tuple[int, float, float, int]]] = {}
+    for r in rows:
+        if r["mean"] is None or r["prompt_length"] is None or r["deep"] is None:
+            continue
+        line = " ".join(x for x in (r["versus"], *(g for g in r["group"].split() if
+                                                   g.partition("=")[0].lstrip("+~") != "prompt.length")) if x)
+        half = (r["hi"] - r["mean"]) if r["hi"] is not None else 0.0
+        series.setdefault((r["deep"], line), []).append((r["prompt_length"], r["mean"], half, r["n"]))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _series(groups: list[dict[str, Any]], metric: str) -> dict[tuple[bool, str], list[tuple[int, float, float, int]]]:
     """(deep, line) -> (prompt length, mean, sd (0 below two values), n) points, by prompt length."""
     series: dict[tuple[bool, str], list[tuple[int, float, float, int]]] = {}
-    for row in stats:
+    for row in groups:
         n = row["n"] if metric == "acc" else row["init_time_n"]
         if row[f"{metric}_mean"] is None or row["prompt_length"] is None or row["deep"] is None:
             continue
@@ -311,7 +404,7 @@ def _series(stats: list[dict[str, Any]], metric: str) -> dict[tuple[bool, str], 
     return {k: sorted(v) for k, v in series.items()}
 
 
-def _plot(path: Path, series, ylabel: str, title: str) -> None:
+def _plot(path: Path, series, ylabel: str, title: str, bars: str = "mean ± sd over seeds", zero: bool = False) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -334,6 +427,8 @@ def _plot(path: Path, series, ylabel: str, title: str) -> None:
                 ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
                             color=bars[0].get_color())
             drawn = True
+        if zero:
+            ax.axhline(0.0, color="0.3", lw=0.8)
         ax.set_title(f"{'deep' if deep else 'shallow'} prompts")
         ax.set_xlabel("prompt length")
         ax.grid(alpha=0.3)
@@ -342,7 +437,7 @@ def _plot(path: Path, series, ylabel: str, title: str) -> None:
         else:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel(ylabel)
-    fig.suptitle(f"{title} (mean ± sd over seeds, n runs a point)")
+    fig.suptitle(f"{title} ({bars}, n a point)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())
@@ -351,23 +446,37 @@ def _plot(path: Path, series, ylabel: str, title: str) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write report.md, report.csv and the plots into `out_dir` (the sweep directory by default)."""
+def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, paired: Optional[str] = None) -> dict[str, Any]:
+    """Write report.md, report.csv and the plots into `out_dir` (the sweep directory by default); with
+    `paired` ("init=random"), the paired differences against that baseline too (`paired_differences`:
+    a report.md section, report_paired.csv, paired_diff_vs_prompt_length.png, and each run's difference
+    against its matched baseline run in report.csv's paired_vs / paired_diff columns)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"no such sweep directory: {sweep_dir}")
     out = Path(out_dir) if out_dir else sweep_dir
     runs = find_runs(sweep_dir)
     table = rows(runs)
-    stats = summary(runs)
+    groups = summary(runs)
+    pairs, per_run, paired_md = [], {}, []
+    if paired is not None and runs:  # before anything is written: a bad baseline is one error line
+        pairs, per_run = paired_differences(runs, paired)
+        _, seeds, _, follows = _replicate_parts(runs)
+        paired_md = paired_markdown(pairs, paired, seeds + follows)
+        for row in table:
+            row.update(per_run.get(row["run"], {}))
     plots = []
     if runs:
         has_test = any((r.result.get("test") or {}).get("acc") is not None for r in runs)
-        _plot(out / "accuracy_vs_prompt_length.png", _series(stats, "acc"),
+        _plot(out / "accuracy_vs_prompt_length.png", _series(groups, "acc"),
               "test accuracy" if has_test else "best val accuracy", "accuracy vs prompt length")
-        _plot(out / "init_time_vs_prompt_length.png", _series(stats, "init_time"), "init time (s)",
+        _plot(out / "init_time_vs_prompt_length.png", _series(groups, "init_time"), "init time (s)",
               "initializer time vs prompt length")
         plots = ["accuracy_vs_prompt_length.png", "init_time_vs_prompt_length.png"]
+        if paired is not None:  # runs exist: pairs were computed above
+            _plot(out / "paired_diff_vs_prompt_length.png", _paired_series(pairs), f"accuracy − {paired}",
+                  f"paired difference against {paired} vs prompt length", bars="mean and 95 % t-interval", zero=True)
+            plots.append("paired_diff_vs_prompt_length.png")
     tunes = []
     for path in sorted(sweep_dir.rglob("tune.json"), key=_natural_key(sweep_dir)):  # `vipamin-scale tune` runs
         from vipamin_scale.tune import plot_tune, tune_markdown
@@ -382,11 +491,16 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         plot_tune(doc, out / name)
         where = "" if rel == Path(".") else f" `{rel}`"
         tunes.append(tune_markdown(doc).replace("## Tuning", f"## Tuning{where}", 1) + f"\n![{name}]({name})\n")
-    atomic_write_bytes(out / "report.csv", write_csv(table).encode())
-    md = markdown(sweep_dir, table, plots, tunes, stats, replicate_keys(runs)[1])
+    columns = COLUMNS + (("paired_vs", "paired_diff") if paired is not None else ())
+    atomic_write_bytes(out / "report.csv", write_csv(table, columns).encode())
+    csvs = [out / "report.csv"]
+    if paired is not None:
+        atomic_write_bytes(out / "report_paired.csv", write_csv(pairs, PAIRED_COLUMNS).encode())
+        csvs.append(out / "report_paired.csv")
+    md = markdown(sweep_dir, table, plots, tunes, groups, replicate_keys(runs)[1], paired_md)
     atomic_write_bytes(out / "report.md", md.encode())
-    return {"runs": runs, "table": table, "summary": stats, "report": out / "report.md", "csv": out / "report.csv",
-            "plots": [out / p for p in plots]}
+    return {"runs": runs, "table": table, "summary": groups, "paired": pairs, "report": out / "report.md",
+            "csv": out / "report.csv", "csvs": csvs, "plots": [out / p for p in plots]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,15 +508,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", help="a Hydra multirun directory (hydra.sweep.dir) or one run's directory")
     parser.add_argument("--out", default=None, help="where to write the report (default: the sweep directory)")
+    parser.add_argument("--paired", default=None, metavar="KEY=VALUE",
+                        help="paired differences of every other value of a swept factor against this one "
+                             "(e.g. init=random), matched by seed/draw, with 95 %% t-intervals")
     args = parser.parse_args(argv)
     try:
-        report = build_report(args.sweep_dir, args.out)
-    except FileNotFoundError as exc:
+        report = build_report(args.sweep_dir, args.out, args.paired)
+    except (FileNotFoundError, PairingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not report["runs"]:
         print(f"error: no runs under {args.sweep_dir} (no run.json, result.json nor .hydra/overrides.yaml)", file=sys.stderr)
         return 2
     print(report["report"].read_text(), end="")
-    print(f"wrote {report['report']}, {report['csv']}" + "".join(f", {p}" for p in report["plots"]))
+    print(f"wrote {report['report']}" + "".join(f", {p}" for p in report["csvs"] + report["plots"]))
     return 0
