@@ -401,15 +401,11 @@ def hold(out_dir: Path) -> Iterator[None]:
             acquire(out_dir)
         except (RunLocked, OSError) as exc:
             error = exc
-    if D.is_dist():
-        import torch.distributed as dist
-
-        box = [None if error is None else (type(error).__name__, str(error), getattr(error, "errno", None),
-                                           getattr(error, "filename", None))]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            name, message, err, filename = box[0]
-            error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
+    seen = D.broadcast_object(None if error is None else (type(error).__name__, str(error),
+                                                          getattr(error, "errno", None), getattr(error, "filename", None)))
+    if seen is not None and error is None:
+        name, message, err, filename = seen
+        error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
     if error is not None:
         raise error
     try:
