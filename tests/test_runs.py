@@ -177,6 +177,44 @@ def test_identity_keeps_what_changes_a_result():
     assert differences(a, other) == ["data.batch_size: 32 -> 16", "init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]
 
 
+def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
+    """Identity and ranges are declared at the field: a field is in a run's identity unless the schema
+    marks it `identity=False` (so a new field lands in it by default), and the derived lists are the ones
+    kept by hand before (runs.IGNORED, config._POSITIVE / _NON_NEGATIVE / _UNIT_INTERVAL)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from vipamin_scale import config
+    from vipamin_scale.runs import IGNORED, identity
+
+    ident = identity(config.default_config())
+    for name, f in config.schema_fields():
+        listed = any(k == name or k.startswith(name + ".") for k in ident)
+        assert listed == config.in_identity(name), name
+        assert listed or f.metadata.get("identity") is False or not config.in_identity(name.split(".")[0]), name
+    assert set(IGNORED) == {"train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
+                            "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
+                            "tune"}
+    assert {k for k, r in config.RANGES.items() if r == "positive"} == {
+        "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",
+        "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every", "train.keep_last",
+        "train.log_every", "tune.min_epochs", "tune.workers"}
+    assert {k for k, r in config.RANGES.items() if r == "non_negative"} == {
+        "data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay", "train.warmup_epochs",
+        "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds"}
+    assert {k for k, r in config.RANGES.items() if r == "unit"} == {"init.lam", "prompt.dropout"}
+    says = {"positive": (0, "must be > 0"), "non_negative": (-1, "must be >= 0"), "unit": (1.5, "must lie in [0, 1]")}
+    for key, kind in config.RANGES.items():  # each declared range is checked, with the same message as before
+        bad, message = says[kind]
+        cfg = config.default_config(**{key.replace(".", "__"): bad})
+        with pytest.raises(config.ConfigError) as err:
+            config.validate(cfg)
+        assert str(err.value) == f"{key}: {message}; got {OmegaConf.select(cfg, key)!r}", key
+    plain = dataclasses.field(default=1)  # an undeclared field: in the identity
+    assert plain.metadata.get("identity", True) and config.positive(1).metadata["range"] == "positive"
+
+
 def test_runs_are_read_back_through_their_records(tmp_path):
     """`find_run_dirs` / `run_status` / `run_config` / `run_overrides`: a Hydra job is described by
     Hydra's own files, a run made without Hydra (a tune's inline trial) by its run record alone."""

@@ -13,8 +13,8 @@ Hydra itself): its overrides and composed config are what the user typed, and ar
 made without Hydra (a tune's inline trial, a benchmark's run) is described by its own records.
 
 Identity. A run is what its config says: `identity(cfg)` is the resolved config minus the fields that
-cannot change a result (IGNORED: where outputs go, where the data lives, bookkeeping, the engine,
-the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
+cannot change a result (IGNORED: the fields the schema declares `identity=False`: where outputs go,
+where the data lives, bookkeeping, the engine, the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
 `train.resume=true` (and a tune reusing a trial) continues a run only when the identities are equal;
 otherwise `RunMismatch` names every differing field, old -> new, before any compute.
 
@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from vipamin_scale.config import UserError
+from vipamin_scale.config import NOT_IDENTITY, UserError, in_identity
 from vipamin_scale.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,9 @@ HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
-# Fields that cannot change a run's result (prefixes of dotted names). `engine`: checkpoints are
-# engine-neutral and a run resumed under another engine continues the same run. The world size is
-# not a field at all: data.batch_size is the global batch and the training batches are a function
-# of (seed, epoch) only, so a run resumed at another world size is the same run.
-IGNORED = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
-           "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "init.out", "out", "engine", "tune")
+# Fields that cannot change a run's result (prefixes of dotted names): declared at the field in the
+# schema (`identity=False`, config.NOT_IDENTITY); every other field counts.
+IGNORED = NOT_IDENTITY
 
 
 class RunDirError(UserError):
@@ -112,7 +109,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if prefix and any(prefix == p or prefix.startswith(p + ".") for p in IGNORED):
+        if prefix and not in_identity(prefix):
             return
         if isinstance(node, Mapping) and node:
             for key, child in node.items():
