@@ -394,9 +394,9 @@ def section_train(rec: Record, ctx: dict) -> None:
 
 
 def _prompts(path: Path):
-    from safetensors.torch import load_file
+    from vipamin_scale.models.prompted import read_prompts_file
 
-    return load_file(str(path))["prompts"].double()
+    return read_prompts_file(path)["prompts"].double()  # its digest checked
 
 
 def device_prompts(cfg, device) -> "torch.Tensor":

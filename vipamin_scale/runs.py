@@ -6,6 +6,7 @@ This module alone reads and writes them (train, tune, the report and the benchma
     <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
     <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
+    <out_dir>/checkpoints/         the checkpoints (vipamin_scale/checkpoint.py); each records the config
 
 Reading runs back (`find_run_dirs`, `run_status`, `run_config`, `run_overrides`): a run directory is
 one that holds run.json or result.json. A Hydra job's directory also holds `.hydra/` (written by
@@ -16,7 +17,10 @@ Identity. A run is what its config says: `identity(cfg)` is the resolved config 
 cannot change a result (IGNORED: the fields the schema declares `identity=False`: where outputs go,
 where the data lives, bookkeeping, the engine, the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
 `train.resume=true` (and a tune reusing a trial) continues a run only when the identities are equal;
-otherwise `RunMismatch` names every differing field, old -> new, before any compute.
+otherwise `RunMismatch` names every differing field, old -> new, before any compute. The newest
+valid checkpoint vouches for the run (it records its resolved config), as run.json does: a run
+whose run.json was deleted or damaged is still refused under another config, and its run.json is
+rewritten from the checkpoint's record.
 
 One writer. `hold(out_dir)` creates `run.lock` atomically (O_EXCL) on rank 0 and every rank learns
 the outcome through one collective. A lock held by a live process is refused with one line naming
@@ -53,6 +57,7 @@ RESULT = "result.json"
 RUN = "run.json"
 LOCK = "run.lock"
 CONFIG = "config.resolved.yaml"
+CHECKPOINTS = "checkpoints"  # the run's checkpoints (vipamin_scale/checkpoint.py), each holding its config
 HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); read, never written here
 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
@@ -104,8 +109,9 @@ def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
 # ----------------------------------------------------------------------------- identity
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config's fields that can change a result, {dotted name: value}, sorted."""
+def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config's fields that can change a result, {dotted name: value}, sorted. `cfg` is a
+    config, or one already resolved to plain data (as a checkpoint records it)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -117,7 +123,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg, "")
     return dict(sorted(flat.items()))
 
 
@@ -177,15 +183,52 @@ def has_ended(out_dir: Path) -> bool:
 
 
 def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -> None:
-    """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check)."""
-    old = read_run(out_dir)
-    if not old or "identity" not in old:
+    """Raise RunMismatch when `out_dir` holds a run of another identity, naming every differing field.
+
+    Two records vouch for the run, and each must agree with `cfg`: the newest valid checkpoint (it
+    holds the resolved config it was trained under, so it speaks whether or not run.json survived)
+    and run.json. A checkpoint beside a missing or unreadable run.json: one warning, and run.json is
+    rewritten from the checkpoint's record (rank 0), never from `cfg`. Checkpoints of which none
+    loads say nothing here (the resume itself reports them). No record at all: nothing to check."""
+    out_dir = Path(out_dir)
+    source, recorded = checkpoint_identity(out_dir)
+    run = read_run(out_dir)
+    if recorded is not None and (not run or "identity" not in run):
+        _restore_record(out_dir, recorded, source, run)
+    new = identity(cfg)
+    for old in (recorded, (run or {}).get("identity")):
+        diff = differences(old, new) if isinstance(old, Mapping) else []
+        if diff:
+            raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
+                              f"use the same config or a new directory")
+
+
+def checkpoint_identity(out_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """(path, identity) of the config recorded in the run's newest valid checkpoint; (None, None) when
+    there is no checkpoint, none loads, or it records no config."""
+    import vipamin_scale.checkpoint as ckpt
+
+    try:
+        found = ckpt.load_latest(Path(out_dir) / CHECKPOINTS, quiet=True)
+    except ckpt.CheckpointError:
+        return None, None
+    if found is None or not isinstance(found[1].get("config"), Mapping):
+        return None, None
+    return found[0], identity(found[1]["config"])
+
+
+def _restore_record(out_dir: Path, ident: dict[str, Any], source: Path, run: Optional[dict[str, Any]]) -> None:
+    """Rewrite a missing or unreadable run.json from a checkpoint's identity (rank 0; one warning line).
+    Its status follows result.json: finished (ok), failed, else running."""
+    import vipamin_scale.distributed as D
+
+    if D.rank() != 0:
         return
-    diff = differences(old["identity"], identity(cfg))
-    if not diff:
-        return
-    raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
-                      f"use the same config or a new directory")
+    why = "is missing" if run is None else f"is unreadable ({run.get('error', 'no identity')})"
+    log.warning("%s %s; rewritten from the config recorded in %s", Path(out_dir) / RUN, why, source)
+    result = read_result(out_dir)
+    status = "running" if result is None else "finished" if result.get("status", "ok") == "ok" else "failed"
+    write_json(Path(out_dir) / RUN, {"fingerprint": fingerprint(ident), "status": status, "identity": ident})
 
 
 def begin(out_dir: Path, cfg: DictConfig) -> None:
