@@ -15,7 +15,8 @@ made without Hydra (a tune's inline trial, a benchmark's run) is described by it
 
 Identity. A run is what its config says: `identity(cfg)` is the resolved config minus the fields that
 cannot change a result (IGNORED: the fields the schema declares `identity=False`: where outputs go,
-where the data lives, bookkeeping, the engine, the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
+where the data lives, bookkeeping, the engine, the tune search's own settings), flattened to dotted
+names; the fingerprint is its SHA-256.
 `train.resume=true` (and a tune reusing a trial) continues a run only when the identities are equal;
 otherwise `RunMismatch` names every differing field, old -> new, before any compute. The newest
 valid checkpoint vouches for the run (it records its resolved config), as run.json does: a run
@@ -212,9 +213,10 @@ def checkpoint_identity(out_dir: Path) -> tuple[Optional[Path], Optional[dict[st
         found = ckpt.load_latest(Path(out_dir) / CHECKPOINTS, quiet=True)
     except ckpt.CheckpointError:
         return None, None
-    if found is None or not isinstance(found[1].get("config"), Mapping):
+    config = found[1].get("config") if found is not None else None
+    if not isinstance(config, Mapping) or not config:
         return None, None
-    return found[0], identity(found[1]["config"])
+    return found[0], identity(config)
 
 
 def _restore_record(out_dir: Path, ident: dict[str, Any], source: Path, run: Optional[dict[str, Any]]) -> None:
@@ -441,8 +443,9 @@ def hold(out_dir: Path) -> Iterator[None]:
             acquire(out_dir)
         except (RunLocked, OSError) as exc:
             error = exc
-    seen = D.broadcast_object(None if error is None else (type(error).__name__, str(error),
-                                                          getattr(error, "errno", None), getattr(error, "filename", None)))
+    told = None if error is None else (type(error).__name__, str(error), getattr(error, "errno", None),
+                                       getattr(error, "filename", None))
+    seen = D.broadcast_object(told)  # every rank learns rank 0's outcome
     if seen is not None and error is None:
         name, message, err, filename = seen
         error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
