@@ -122,7 +122,13 @@ def test_no_valid_checkpoint_is_one_line(trained, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_one_line(trained, tmp_path):
+    """Tensors that do not fit the model. A checkpoint of another run is refused earlier, by the config it
+    records (runs.check_same_run); here the recorded config says prompt.length=8 over (2, 4, 64) prompts."""
     run = _copy(trained, tmp_path)
+    for path in ckpt.list_checkpoints(run / "checkpoints"):
+        payload = ckpt.load(path)
+        payload["config"]["prompt"]["length"] = 8
+        path.write_bytes(ckpt.to_bytes(payload))
     line = _one_error_line(_train(run, "train.resume=true", "prompt.length=8", check=False))
     assert line == (f"error: checkpoint: {run / 'checkpoints' / 'ckpt-00000004.safetensors'} does not fit the "
                     f"model: parameter prompt.prompts has shape (2, 4, 64) there, (2, 8, 64) in the model "
@@ -190,3 +196,77 @@ def test_safetensors_file_with_wrong_state_is_one_error_naming_it(tmp_path, meta
         ckpt.load(path)
     assert str(err.value).startswith(f"checkpoint: {path}") and says in str(err.value)
     assert "\n" not in str(err.value)
+
+
+# -- digests: a checkpoint and a prompts file vouch for their bytes ---------------------------------------------------
+
+def _flip_bit(path, tensor: str) -> None:
+    """Flip the lowest bit of `tensor`'s first byte in a safetensors file (a float's last mantissa bit:
+    a change no NaN check can see), in place."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    begin = json.loads(data[8:8 + n])[tensor]["data_offsets"][0]
+    data[8 + n + begin] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _payload(step: int) -> dict:
+    prompts = torch.linspace(-1, 1, 2 * 4 * 8).reshape(2, 4, 8)
+    return {"trainable": {"params": {"prompt.prompts": prompts}, "optimizer": {}, "scheduler": {}},
+            "rng": [ckpt.rng_state()], "epoch": step // 2, "step_in_epoch": 0, "global_step": step, "config": {}}
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_damage_and_the_previous_one_loads(tmp_path, caplog):
+    for step in (2, 4):
+        ckpt.save(tmp_path, _payload(step), step, keep_last=2)
+    newest = tmp_path / "ckpt-00000004.safetensors"
+    assert torch.equal(ckpt.load(newest)["trainable"]["params"]["prompt.prompts"], _payload(4)["trainable"]["params"]
+                       ["prompt.prompts"])
+    _flip_bit(newest, "trainable/params/prompt.prompts")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load(newest)
+    assert str(err.value) == (f"checkpoint: {newest} is damaged (its tensors or metadata do not match the SHA-256 "
+                              f"recorded in it)")
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "ckpt-00000002.safetensors" and state["global_step"] == 2
+    assert f"checkpoint: {newest} is damaged" in caplog.text and "trying the previous checkpoint" in caplog.text
+
+    # the JSON metadata is covered too: the step counter changed in place (the header stays valid JSON)
+    ckpt.save(tmp_path, _payload(4), 4, keep_last=2)
+    data = newest.read_bytes()
+    assert data.count(b'global_step\\": 4') == 1
+    newest.write_bytes(data.replace(b'global_step\\": 4', b'global_step\\": 5'))
+    with pytest.raises(ckpt.CheckpointError, match="is damaged"):
+        ckpt.load(newest)
+
+
+def test_a_checkpoint_written_before_digests_loads_unverified_with_a_warning(tmp_path, caplog):
+    from safetensors.torch import save
+
+    tensors: dict = {}
+    meta = ckpt._split(_payload(2), "", tensors)
+    path = tmp_path / "ckpt-00000002.safetensors"
+    path.write_bytes(save(tensors, metadata={"vipamin_scale.checkpoint": json.dumps(meta)}))  # the format before
+    assert ckpt.load(path)["global_step"] == 2
+    assert f"checkpoint: {path} records no SHA-256 (written before checkpoints carried one): loaded unverified" \
+        in caplog.text
+
+
+def test_a_flipped_bit_in_a_prompts_file_is_one_error_naming_it(tmp_path):
+    """`vipamin-scale init` (and training) write prompts files with a digest; a damaged one is one error
+    line naming the file. A file without one (older, or the user's own) is read unverified (its shape
+    and values are still checked: test_models, test_runs)."""
+    from vipamin_scale.config import ConfigError
+    from vipamin_scale.init.run import read_prompts_metadata, write_prompts_file
+    from vipamin_scale.models.prompted import read_prompts_file
+
+    path = tmp_path / "prompts.safetensors"
+    prompts = torch.linspace(-1, 1, 2 * 4 * 64).reshape(2, 4, 64)
+    write_prompts_file(path, {"prompts": prompts, "random": -prompts}, {"method": "random", "B": 0})
+    assert torch.equal(read_prompts_file(path)["prompts"], prompts)
+    assert read_prompts_metadata(path) == {"method": "random", "B": 0}  # the digest is not one of the fields
+    _flip_bit(path, "random")  # any tensor of the file counts, not only `prompts`
+    with pytest.raises(ConfigError) as err:
+        read_prompts_file(path)
+    assert str(err.value) == (f"prompt.init_file: {path} is damaged (its tensors or metadata do not match the "
+                              f"SHA-256 recorded in it); write it again with `vipamin-scale init`")

@@ -20,6 +20,7 @@ def test_single_process_collectives_are_the_identity(group):
     assert D.gather(t, 0, group) == [t]
     obj = {"keys": ["a", "b"]}
     assert D.all_gather_object(obj, group) == [obj]
+    assert D.broadcast_object(obj, 0, group) is obj
     assert D.rank(group) == 0 and D.world_size(group) == 1
 
 

@@ -146,6 +146,22 @@ def test_mocov3_format_keeps_base_encoder_only(tmp_path):
     _assert_same_weights(_fresh_equal(tmp_path / "moco.pth.tar"), ref)
 
 
+@pytest.mark.parametrize("name", ["w.pth", "w.safetensors"])
+def test_unreadable_backbone_file_is_the_one_checkpoint_error(tmp_path, name):
+    """One CheckpointError for every checkpoint file, a user error (one `error:` line at the CLI): a
+    backbone's weights that do not parse name the file, as a training checkpoint's do."""
+    from vipamin_scale import checkpoint
+    from vipamin_scale.config import UserError
+
+    assert CheckpointError is checkpoint.CheckpointError and issubclass(CheckpointError, UserError)
+    path = tmp_path / name
+    path.write_bytes(b"\x00not a checkpoint" * 4)
+    with pytest.raises(CheckpointError) as err:
+        _fresh_equal(path)
+    assert str(err.value).startswith(f"model.checkpoint: {path} is not a readable checkpoint (")
+    assert "\n" not in str(err.value)
+
+
 def test_missing_key_is_named(tmp_path):
     sd = dict(_reference_backbone().state_dict())
     del sd["blocks.1.attn.qkv.weight"]

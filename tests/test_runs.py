@@ -143,6 +143,21 @@ def test_bad_prompts_file_is_one_line_naming_it(tmp_path, content, message):
         assert debug.returncode == 2 and "Traceback" in debug.stderr and _last_line(debug) == _last_line(proc)
 
 
+@pytest.mark.slow
+def test_backbone_file_that_does_not_fit_is_one_line(tmp_path):
+    """Before: models/backbones.py had its own CheckpointError, a RuntimeError: a traceback, exit 1."""
+    from vipamin_scale.models.backbones import build_backbone
+
+    weights = build_backbone("vit_test_d64").state_dict()
+    del weights["norm.weight"]
+    path = tmp_path / "w.pth"
+    torch.save(weights, path)
+    proc = _train(tmp_path / "run", f"model.checkpoint={path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _last_line(proc).startswith(f"error: {path}: does not fit the model: missing norm.weight")
+    assert "Traceback" not in proc.stderr
+
+
 def _unwritable(tmp_path):
     """A directory this process cannot create files in (read-only for a user; /sys for root)."""
     if os.geteuid() != 0:
@@ -175,6 +190,87 @@ def test_identity_keeps_what_changes_a_result():
     assert a["data.batch_size"] == 32 and fingerprint(a) == fingerprint(b)
     other = identity(default_config(data__batch_size=16, prompt__length=8, init__lam=0.25))
     assert differences(a, other) == ["data.batch_size: 32 -> 16", "init.lam: 0.5 -> 0.25", "prompt.length: 10 -> 8"]
+
+
+@pytest.mark.slow
+def test_the_checkpoint_vouches_for_the_run_when_run_json_is_lost(tmp_path, digits_root, caplog):
+    """Issue 25's hole: a run trained 2 of its 3 epochs as random at lr 0.5 (a real run, its last
+    checkpoint removed: what a kill after epoch 2 leaves), its run.json deleted, resumed as VIPAMIN at
+    lr 0.1. Before: it resumed silently and wrote a run.json saying vipamin at 0.1. Now the checkpoint's
+    recorded config refuses it, naming the fields, and run.json is rewritten from the checkpoint (one
+    warning). A garbled run.json with the same config: one warning, and the run finishes as it would."""
+    import vipamin_scale
+    from vipamin_scale import runs
+
+    run = tmp_path / "run"
+    base = [*TINY, "data.max_train_samples=64", "train.test_at_end=false", "train.loggers=[jsonl]",
+            f"hydra.run.dir={run}"]  # 3 epochs of 2 steps
+    vipamin_scale.train(vipamin_scale.compose(base))
+    (run / "checkpoints" / "ckpt-00000006.safetensors").unlink()
+    (run / "result.json").unlink()
+    (run / "run.json").unlink()
+    caplog.set_level("WARNING", logger="vipamin_scale")
+    other = vipamin_scale.compose([*base, "train.resume=true", "init=vipamin", "train.lr=0.1"])
+    with pytest.raises(runs.RunMismatch) as refused:
+        vipamin_scale.train(other)
+    line = str(refused.value)
+    assert line.startswith(f"train.resume: {run} holds a run made under another config (")
+    assert "init.method: random -> vipamin" in line and "train.lr: 0.5 -> 0.1" in line and "\n" not in line
+    warned = [r.getMessage() for r in caplog.records if "run.json" in r.getMessage()]
+    assert warned == [f"{run / 'run.json'} is missing; rewritten from the config recorded in "
+                      f"{run / 'checkpoints' / 'ckpt-00000004.safetensors'}"]
+    record = _strict((run / "run.json").read_text())  # from the checkpoint, never from the refused config
+    assert record["status"] == "running" and record["identity"]["init.method"] == "random"
+    assert record["identity"]["train.lr"] == 0.5 and record["fingerprint"] == runs.fingerprint(record["identity"])
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["ckpt-00000004.safetensors"]
+    assert not (run / "result.json").exists() and not (run / "prompts.safetensors").exists()
+
+    (run / "run.json").write_text("{garbled")
+    caplog.clear()
+    result = vipamin_scale.train(vipamin_scale.compose([*base, "train.resume=true"]))
+    warned = [r.getMessage() for r in caplog.records if "run.json" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{run / 'run.json'} is unreadable (")
+    assert result["steps"] == 6 and result["method"] == "random"
+    record = _strict((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["identity"]["train.lr"] == 0.5
+
+
+def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
+    """Identity and ranges are declared at the field: a field is in a run's identity unless the schema
+    marks it `identity=False` (so a new field lands in it by default), and the derived lists are the ones
+    kept by hand before (runs.IGNORED, config._POSITIVE / _NON_NEGATIVE / _UNIT_INTERVAL)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from vipamin_scale import config
+    from vipamin_scale.runs import IGNORED, identity
+
+    ident = identity(config.default_config())
+    for name, f in config.schema_fields():
+        listed = any(k == name or k.startswith(name + ".") for k in ident)
+        assert listed == config.in_identity(name), name
+        assert listed or f.metadata.get("identity") is False or not config.in_identity(name.split(".")[0]), name
+    assert set(IGNORED) == {"train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
+                            "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
+                            "tune", "train.compile"}
+    assert {k for k, r in config.RANGES.items() if r == "positive"} == {
+        "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",
+        "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every", "train.keep_last",
+        "train.log_every", "tune.min_epochs", "tune.workers", "tune.select_draws"}
+    assert {k for k, r in config.RANGES.items() if r == "non_negative"} == {
+        "data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay", "train.warmup_epochs",
+        "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds"}
+    assert {k for k, r in config.RANGES.items() if r == "unit"} == {"init.lam", "prompt.dropout"}
+    says = {"positive": (0, "must be > 0"), "non_negative": (-1, "must be >= 0"), "unit": (1.5, "must lie in [0, 1]")}
+    for key, kind in config.RANGES.items():  # each declared range is checked, with the same message as before
+        bad, message = says[kind]
+        cfg = config.default_config(**{key.replace(".", "__"): bad})
+        with pytest.raises(config.ConfigError) as err:
+            config.validate(cfg)
+        assert str(err.value) == f"{key}: {message}; got {OmegaConf.select(cfg, key)!r}", key
+    plain = dataclasses.field(default=1)  # an undeclared field: in the identity
+    assert plain.metadata.get("identity", True) and config.positive(1).metadata["range"] == "positive"
 
 
 def test_runs_are_read_back_through_their_records(tmp_path):

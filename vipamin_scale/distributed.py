@@ -195,6 +195,15 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     return parts
 
 
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Group rank `src`'s picklable `obj` on every rank (`obj` itself with one process)."""
+    if _trivial(group):
+        return obj
+    box = [obj if rank(group) == src else None]
+    dist.broadcast_object_list(box, group=group, group_src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

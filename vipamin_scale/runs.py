@@ -6,6 +6,7 @@ This module alone reads and writes them (train, tune, the report and the benchma
     <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
     <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
+    <out_dir>/checkpoints/         the checkpoints (vipamin_scale/checkpoint.py); each records the config
 
 Reading runs back (`find_run_dirs`, `run_status`, `run_config`, `run_overrides`): a run directory is
 one that holds run.json or result.json. A Hydra job's directory also holds `.hydra/` (written by
@@ -13,10 +14,14 @@ Hydra itself): its overrides and composed config are what the user typed, and ar
 made without Hydra (a tune's inline trial, a benchmark's run) is described by its own records.
 
 Identity. A run is what its config says: `identity(cfg)` is the resolved config minus the fields that
-cannot change a result (IGNORED: where outputs go, where the data lives, bookkeeping, the engine,
-the tune search's own settings), flattened to dotted names; the fingerprint is its SHA-256.
+cannot change a result (IGNORED: the fields the schema declares `identity=False`: where outputs go,
+where the data lives, bookkeeping, the engine, the tune search's own settings), flattened to dotted
+names; the fingerprint is its SHA-256.
 `train.resume=true` (and a tune reusing a trial) continues a run only when the identities are equal;
-otherwise `RunMismatch` names every differing field, old -> new, before any compute.
+otherwise `RunMismatch` names every differing field, old -> new, before any compute. The newest
+valid checkpoint vouches for the run (it records its resolved config), as run.json does: a run
+whose run.json was deleted or damaged is still refused under another config, and its run.json is
+rewritten from the checkpoint's record.
 
 One writer. `hold(out_dir)` creates `run.lock` atomically (O_EXCL) on rank 0 and every rank learns
 the outcome through one collective. A lock held by a live process is refused with one line naming
@@ -44,7 +49,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from vipamin_scale.config import UserError
+from vipamin_scale.config import NOT_IDENTITY, UserError, in_identity
 from vipamin_scale.paths import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -53,19 +58,15 @@ RESULT = "result.json"
 RUN = "run.json"
 LOCK = "run.lock"
 CONFIG = "config.resolved.yaml"
+CHECKPOINTS = "checkpoints"  # the run's checkpoints (vipamin_scale/checkpoint.py), each holding its config
 HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); read, never written here
 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
-# Fields that cannot change a run's result (prefixes of dotted names). `engine`: checkpoints are
-# engine-neutral and a run resumed under another engine continues the same run; `train.compile`
-# changes float round-off only, as the engine does. The world size is
-# not a field at all: data.batch_size is the global batch and the training batches are a function
-# of (seed, epoch) only, so a run resumed at another world size is the same run.
-IGNORED = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
-           "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "init.out", "out", "engine", "tune",
-           "train.compile")
+# Fields that cannot change a run's result (prefixes of dotted names): declared at the field in the
+# schema (`identity=False`, config.NOT_IDENTITY); every other field counts.
+IGNORED = NOT_IDENTITY
 
 
 class RunDirError(UserError):
@@ -109,12 +110,13 @@ def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
 # ----------------------------------------------------------------------------- identity
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config's fields that can change a result, {dotted name: value}, sorted."""
+def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config's fields that can change a result, {dotted name: value}, sorted. `cfg` is a
+    config, or one already resolved to plain data (as a checkpoint records it)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if prefix and any(prefix == p or prefix.startswith(p + ".") for p in IGNORED):
+        if prefix and not in_identity(prefix):
             return
         if isinstance(node, Mapping) and node:
             for key, child in node.items():
@@ -122,7 +124,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg, "")
     return dict(sorted(flat.items()))
 
 
@@ -182,15 +184,53 @@ def has_ended(out_dir: Path) -> bool:
 
 
 def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -> None:
-    """Raise RunMismatch when `out_dir` records a run of another identity (no record: nothing to check)."""
-    old = read_run(out_dir)
-    if not old or "identity" not in old:
+    """Raise RunMismatch when `out_dir` holds a run of another identity, naming every differing field.
+
+    Two records vouch for the run, and each must agree with `cfg`: the newest valid checkpoint (it
+    holds the resolved config it was trained under, so it speaks whether or not run.json survived)
+    and run.json. A checkpoint beside a missing or unreadable run.json: one warning, and run.json is
+    rewritten from the checkpoint's record (rank 0), never from `cfg`. Checkpoints of which none
+    loads say nothing here (the resume itself reports them). No record at all: nothing to check."""
+    out_dir = Path(out_dir)
+    source, recorded = checkpoint_identity(out_dir)
+    run = read_run(out_dir)
+    if recorded is not None and (not run or "identity" not in run):
+        _restore_record(out_dir, recorded, source, run)
+    new = identity(cfg)
+    for old in (recorded, (run or {}).get("identity")):
+        diff = differences(old, new) if isinstance(old, Mapping) else []
+        if diff:
+            raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
+                              f"use the same config or a new directory")
+
+
+def checkpoint_identity(out_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """(path, identity) of the config recorded in the run's newest valid checkpoint; (None, None) when
+    there is no checkpoint, none loads, or it records no config."""
+    import vipamin_scale.checkpoint as ckpt
+
+    try:
+        found = ckpt.load_latest(Path(out_dir) / CHECKPOINTS, quiet=True)
+    except ckpt.CheckpointError:
+        return None, None
+    config = found[1].get("config") if found is not None else None
+    if not isinstance(config, Mapping) or not config:
+        return None, None
+    return found[0], identity(config)
+
+
+def _restore_record(out_dir: Path, ident: dict[str, Any], source: Path, run: Optional[dict[str, Any]]) -> None:
+    """Rewrite a missing or unreadable run.json from a checkpoint's identity (rank 0; one warning line).
+    Its status follows result.json: finished (ok), failed, else running."""
+    import vipamin_scale.distributed as D
+
+    if D.rank() != 0:
         return
-    diff = differences(old["identity"], identity(cfg))
-    if not diff:
-        return
-    raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
-                      f"use the same config or a new directory")
+    why = "is missing" if run is None else f"is unreadable ({run.get('error', 'no identity')})"
+    log.warning("%s %s; rewritten from the config recorded in %s", Path(out_dir) / RUN, why, source)
+    result = read_result(out_dir)
+    status = "running" if result is None else "finished" if result.get("status", "ok") == "ok" else "failed"
+    write_json(Path(out_dir) / RUN, {"fingerprint": fingerprint(ident), "status": status, "identity": ident})
 
 
 def begin(out_dir: Path, cfg: DictConfig) -> None:
@@ -403,15 +443,12 @@ def hold(out_dir: Path) -> Iterator[None]:
             acquire(out_dir)
         except (RunLocked, OSError) as exc:
             error = exc
-    if D.is_dist():
-        import torch.distributed as dist
-
-        box = [None if error is None else (type(error).__name__, str(error), getattr(error, "errno", None),
-                                           getattr(error, "filename", None))]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None and error is None:
-            name, message, err, filename = box[0]
-            error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
+    told = None if error is None else (type(error).__name__, str(error), getattr(error, "errno", None),
+                                       getattr(error, "filename", None))
+    seen = D.broadcast_object(told)  # every rank learns rank 0's outcome
+    if seen is not None and error is None:
+        name, message, err, filename = seen
+        error = RunLocked(message) if name == "RunLocked" else OSError(err, os.strerror(err or errno.EIO), filename)
     if error is not None:
         raise error
     try:

@@ -8,9 +8,9 @@ from gpu_check.common import INIT_ARGS, Record, child_env, compose_config, cuda,
 
 
 def _prompts(path: Path):
-    from safetensors.torch import load_file
+    from vipamin_scale.models.prompted import read_prompts_file
 
-    return load_file(str(path))["prompts"].double()
+    return read_prompts_file(path)["prompts"].double()  # its digest checked
 
 
 def device_prompts(cfg, device) -> "torch.Tensor":

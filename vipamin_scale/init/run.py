@@ -8,7 +8,8 @@ run_init(cfg, out) — works unchanged under torchrun:
      (SPT k-means / rand draw, `linalg/`), gathered to `(L_p, P, d)` on every rank;
   4. rank 0 writes the safetensors file atomically: tensors `prompts`, `random` (+ `match`,
      `orth` for VIPAMIN) and metadata (options, per-layer energies, B, key fingerprint, world
-     size, wall time per phase). A failure anywhere leaves no file behind.
+     size, wall time per phase), with the SHA-256 of it all (`vipamin_scale.digest`). A failure
+     anywhere leaves no file behind.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from timm.models.vision_transformer import VisionTransformer
 
+import vipamin_scale.digest as digest
 import vipamin_scale.distributed as D
 from vipamin_scale.config import ConfigError, subspace_energy, validate
 from vipamin_scale.data import build_loader
@@ -237,18 +239,19 @@ def _spt_prompts(cfg: DictConfig, sums: LayerSums, keys: list[str], rows: list[i
 
 
 def write_prompts_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    from safetensors.torch import save
-
-    data = save({k: v.detach().float().contiguous() for k, v in tensors.items()},
-                metadata={k: json.dumps(v, allow_nan=False) for k, v in meta.items()})
+    """The tensors (float32), each metadata value as JSON, and the SHA-256 of both (`vipamin_scale.digest`,
+    verified by `models.prompted.load_prompts_file`); written atomically."""
+    data = digest.to_bytes({k: v.detach().float().contiguous() for k, v in tensors.items()},
+                           {k: json.dumps(v, allow_nan=False) for k, v in meta.items()})
     atomic_write_bytes(Path(path), data)
 
 
 def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
+    """A prompts file's metadata as written (its digest left out)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != digest.KEY}
 
 
 

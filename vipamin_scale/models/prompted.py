@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+import vipamin_scale.digest as digest
 from vipamin_scale.config import ConfigError
 
 POOLS = ("cls", "mean", "img_mean", "prompt_mean")
@@ -187,9 +188,11 @@ def random_prompts(num_layers: int, length: int, dim: int, patch_size: tuple[int
     return xavier_prompts(num_layers, length, dim, patch_size, seed).float()
 
 
-def load_prompts_file(path: str | Path, model: PromptedViT) -> torch.Tensor:
-    """The `prompts` tensor of a safetensors file, checked against the model's shape and for NaN/Inf.
-    A missing, unreadable or unfit file is a ConfigError naming `prompt.init_file` and the path."""
+def read_prompts_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a prompts file (safetensors), checked against the SHA-256 it records (written by
+    `vipamin-scale init` and by training). A missing, unreadable or damaged (digest mismatch) file is a
+    ConfigError naming `prompt.init_file` and the path. A file that records no digest (written before
+    prompts files carried one, or by the user's own code) is the user's data and is read unverified."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -197,11 +200,23 @@ def load_prompts_file(path: str | Path, model: PromptedViT) -> torch.Tensor:
         raise ConfigError(f"prompt.init_file: no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = sorted(f.keys())
-            prompts = f.get_tensor("prompts") if "prompts" in keys else None
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError (header too large, ...)
         raise ConfigError(f"prompt.init_file: {path} is not a readable safetensors file "
                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if digest.verify(tensors, metadata) is False:
+        raise ConfigError(f"prompt.init_file: {path} is damaged (its tensors or metadata do not match the "
+                          f"SHA-256 recorded in it); write it again with `vipamin-scale init`")
+    return tensors
+
+
+def load_prompts_file(path: str | Path, model: PromptedViT) -> torch.Tensor:
+    """The `prompts` tensor of a prompts file (`read_prompts_file`: digest checked), checked against the
+    model's shape and for NaN/Inf; a ConfigError naming `prompt.init_file` and the path otherwise."""
+    path = Path(path)
+    tensors = read_prompts_file(path)
+    keys, prompts = sorted(tensors), tensors.get("prompts")
     if prompts is None:
         raise ConfigError(f"prompt.init_file: {path} has no `prompts` tensor (has {keys})")
     try:
