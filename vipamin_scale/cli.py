@@ -18,12 +18,24 @@ Under torchrun every rank must agree on the output directory: pass hydra.run.dir
 An error the user can cause (a config value, a data or prompts file, a run directory in use or
 holding another run, a full or read-only disk) prints one line `error: <message>` and exits 2;
 VIPAMIN_SCALE_DEBUG=1 prints the full traceback as well.
+
+Under torchrun the rank that fails first is the root cause (`root_cause`): it prints its own line, and
+every other rank that then fails (a collective losing its peer) or is stopped by torchrun (SIGTERM)
+prints one line naming it, `error: stopped because rank R failed: <its message>`, and exits with the
+root's code. Each rank's line also goes to torchrun's error file (TORCHELASTIC_ERROR_FILE), so
+torchrun's summary names the root rank with it; `python -m vipamin_scale.launch` (torchrun, used by
+launch/torchrun.sh and slurm/) also exits with the root rank's code, 2 for a user error (torchrun
+itself exits 1 whatever failed).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,9 +48,21 @@ log = logging.getLogger("vipamin_scale")
 DEBUG_ENV = "VIPAMIN_SCALE_DEBUG"  # 1: a user error prints its full traceback too
 
 
+class RankFailed(Exception):
+    """Another rank of the job failed first, and this rank stopped because of it (see `root_cause`)."""
+
+    def __init__(self, rank: int, message: str, code: int):
+        super().__init__(f"stopped because rank {rank} failed: {message}")
+        self.rank, self.code = rank, code
+
+
+class Terminated(Exception):
+    """SIGTERM under torchrun: the launcher stops the other ranks when one fails (or the job is cancelled)."""
+
+
 def user_error_line(exc: BaseException) -> Optional[str]:
     """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
-    if isinstance(exc, UserError):
+    if isinstance(exc, (UserError, RankFailed)):
         return f"error: {exc}"
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         where = exc.filename if exc.filename is not None else "a run file"
@@ -54,7 +78,46 @@ def _report(exc: BaseException) -> int:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(line, file=sys.stderr)
-    return 2
+    return exc.code if isinstance(exc, RankFailed) else 2
+
+
+def _terminated(exc: Terminated) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 128 + 15
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """`exc` when this rank is the first of its job to fail (recorded in the job's store for the others,
+    `distributed.first_failure`), else RankFailed naming the rank that was. `exc` alone without a process
+    group. Call it before the process group is destroyed; calling it again gives the same answer."""
+    import vipamin_scale.distributed as D
+
+    if isinstance(exc, RankFailed) or not D.is_dist():
+        return exc
+    line = user_error_line(exc)
+    message, code = (line[len("error: "):], 2) if line else (f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
+    first = D.first_failure(message, code, record=not isinstance(exc, Terminated))  # never the root cause
+    return exc if first is None or first[0] == D.rank() else RankFailed(*first)
+
+
+def _launcher_error_file(exc: BaseException) -> None:
+    """This rank's failure for torchrun's summary: TORCHELASTIC_ERROR_FILE in the format of torch's own
+    `ErrorHandler` (the summary shows `py_callstack`: a user error's one line, a bug's traceback). torchrun
+    takes the failure with the earliest whole-second timestamp as the root cause: the root's rounds down
+    and a rank stopped by it rounds up, so it is the root's even within one second."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    line = user_error_line(exc)
+    stack = line or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    now = time.time()
+    stamp = math.ceil(now) if isinstance(exc, RankFailed) else math.floor(now)
+    record = {"message": {"message": line or f"{type(exc).__name__}: {exc}",
+                          "extraInfo": {"py_callstack": stack, "timestamp": str(stamp)}}}
+    try:
+        Path(path).write_text(json.dumps(record))
+    except OSError:
+        pass
 
 
 def _writable_run_dir(args: list[str]) -> Optional[str]:
@@ -81,8 +144,11 @@ def _task_train(cfg) -> None:
     try:
         result = run_training(cfg)
     except Exception as exc:  # a sweep's report lists the failed run with its error (a finished run is kept)
-        record_exception(cfg, exc)
-        raise
+        cause = root_cause(exc)  # under torchrun: the rank that failed first
+        record_exception(cfg, cause)
+        if cause is exc:
+            raise
+        raise cause from exc
     if result.get("test") and result.get("best_val") and D.rank() == 0:
         log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
                  result["best_val"]["acc"], result["best_val"]["epoch"])
@@ -187,14 +253,24 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     register()
     status = {"code": 0}
 
+    def on_sigterm(signum, frame) -> None:  # torchrun stops the ranks left when one fails: say which one did
+        if not status.get("failing"):
+            raise Terminated("terminated (SIGTERM)")
+
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg) -> None:
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         try:
             task(cfg)
         except Exception as exc:  # a user error: one line, exit 2; anything else: Hydra's traceback
-            status["code"] = _report(exc)
+            status["failing"] = True
+            exc = root_cause(exc)
+            _launcher_error_file(exc)
+            status["code"] = _terminated(exc) if isinstance(exc, Terminated) else _report(exc)
         finally:
             D.destroy()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     saved = sys.argv
     sys.argv = [f"vipamin-scale {name}", *args]
