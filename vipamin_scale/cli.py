@@ -120,6 +120,72 @@ def _launcher_error_file(exc: BaseException) -> None:
         pass
 
 
+_HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
+
+
+def check_overrides(args: list[str], command: str = "train") -> None:
+    """ConfigError naming the first override that cannot mean what the user meant, before Hydra writes
+    anything: a field the schema does not have (`+` too: an added field is read by nothing), with the
+    closest field or group names; a group option with no file in the config group (with its options); a
+    value its field's type refuses. Sweeps (`a,b`), interpolations and Hydra's own keys are left to Hydra."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from vipamin_scale.config import default_config, schema_fields
+
+    plain, flag_value = [], False
+    for arg in args:  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
+        if not flag_value and not arg.startswith("-"):
+            plain.append(arg)
+        flag_value = arg in _HYDRA_VALUE_FLAGS
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in plain:
+        try:
+            overrides += parser.parse_overrides([arg])
+        except Exception:  # a syntax error: Hydra says where
+            pass
+    fields = {name: f for name, f in schema_fields()}
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    more_configs = any(a.split("=")[0] in ("--config-dir", "-cd") or a.startswith("hydra.searchpath") for a in args)
+    typed = default_config()
+    for o in overrides:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or o.is_delete():
+            continue
+        if key in groups and more_configs:  # options may come from the user's own config directories
+            continue
+        if key in groups:
+            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            value = o.value()
+            if isinstance(value, str) and value not in options:
+                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options)}")
+            continue
+        if key not in fields and not any(key.startswith(f"{name}.") for name, f in fields.items()
+                                         if "dict" in str(f.type)):  # a dict field takes any key
+            names = [*fields, *groups] if "." not in key else list(fields)
+            score = {n: difflib.SequenceMatcher(None, key, n).ratio() for n in names}
+            near = [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+                    if score[n] >= max(score.values()) - 0.1]  # the close ones, not every name that shares a prefix
+            hint = f"did you mean {' or '.join(near)}?" if near else f"`vipamin-scale {command} --help` lists them"
+            raise ConfigError(f"{key}: no such field; {hint}")
+        value = o.value()
+        if o.is_sweep_override() or (isinstance(value, str) and "${" in value):
+            continue
+        try:
+            OmegaConf.update(typed, key, value, merge=True)
+        except ValidationError:
+            parent, _, leaf = key.rpartition(".")
+            node = (OmegaConf.select(typed, parent) if parent else typed)._get_node(leaf)
+            kind = type(node).__name__.removesuffix("Node").lower()
+            kind = {"integer": "an integer", "enum": "an option"}.get(kind, f"a {kind}")
+            raise ConfigError(f"{key}: {value!r} is not {kind}") from None
+
+
 def _writable_run_dir(args: list[str]) -> Optional[str]:
     """`hydra.run.dir` can be created and written (Hydra writes there before any task): else the error line."""
     given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
@@ -243,6 +309,11 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.startswith("hydra.run.dir=") for a in args):
         print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "
               "directory", file=sys.stderr)
+        return 2
+    try:
+        check_overrides(args, name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     line = _writable_run_dir(args) if int(os.environ.get("RANK", "0")) == 0 else None
     if line:
