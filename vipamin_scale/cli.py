@@ -187,16 +187,21 @@ def check_overrides(args: list[str], command: str = "train") -> None:
 
 
 def _writable_run_dir(args: list[str]) -> Optional[str]:
-    """`hydra.run.dir` can be created and written (Hydra writes there before any task): else the error line."""
+    """`hydra.run.dir` can be created and written, and no other live process holds it (Hydra writes
+    `.hydra/` and its log there before any task; the task then takes the lock, `runs.hold`): else the
+    error line."""
+    from vipamin_scale.runs import RunLocked, acquire, release
+
     given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
     if not given or "${" in given[-1]:
         return None
     path = Path(given[-1])
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        acquire(path)  # what the task's lock will do, here before Hydra writes: refused when in use
+        release(path)
+    except RunLocked as exc:
+        return user_error_line(exc)
     except OSError as exc:
         return user_error_line(exc) or f"error: hydra.run.dir: {path}: {exc.strerror or exc}"
     return None
@@ -227,11 +232,11 @@ def _task_tune(cfg) -> None:
 
 
 def _task_init(cfg) -> None:
-    from vipamin_scale.init.run import run_init
+    from vipamin_scale.init.run import init_command
 
     if not cfg.out:
         raise ConfigError("out: where to write the prompts file, e.g. out=prompts.safetensors")
-    run_init(cfg, cfg.out)
+    init_command(cfg, cfg.out)
 
 
 def _task_diagnose(cfg) -> None:

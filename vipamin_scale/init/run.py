@@ -35,7 +35,7 @@ from vipamin_scale.models import load_backbone, normalization
 from vipamin_scale.models.prompted import PromptedViT, VPTPrompts, load_prompts_file
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.progress import progress_bar
-from vipamin_scale.runs import write_json
+from vipamin_scale.runs import hold, write_json
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,25 @@ def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
 
 # -- diagnose ---------------------------------------------------------------------------------
 
+def init_command(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
+    """`vipamin-scale init`: `run_init` while holding the run directory (`train.out_dir`, Hydra's run
+    dir) like any command that writes there (`runs.hold`: a directory in use is one error line)."""
+    D.init_from_env()  # every rank learns the lock's outcome
+    with hold(Path(cfg.train.out_dir)):
+        return run_init(cfg, out)
+
+
 def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
     """Attention entropy, projection energy (after norm1 and without) and scale, per layer, of
     the given prompts (prompt.init_file, or computed with init.method) next to random prompts
-    of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir)."""
+    of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir).
+    Holds the run directory (`runs.hold`) throughout."""
+    D.init_from_env()  # every rank learns the lock's outcome
+    with hold(Path(cfg.train.out_dir)):
+        return _diagnose(cfg)
+
+
+def _diagnose(cfg: DictConfig) -> dict[str, Any]:
     model = _prepare(cfg)
     L_p, P, d = model.prompt_shape
     out_dir = Path(cfg.train.out_dir)
