@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "benchmarks"))
 
+from vipamin_scale.launch import command as torchrun  # noqa: E402
 from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
@@ -153,16 +154,6 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vipamin_scale.cli", *args]
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "vipamin_scale.cli", *args]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -6,10 +6,33 @@ Here the job's first failure, as torchrun's own summary names it ("Root Cause", 
 files, see `cli.root_cause`), gives the exit code: 2 for a user error, a rank's own code otherwise (1
 for a signal). The summary is printed as torchrun prints it, without the launcher's own traceback.
 launch/torchrun.sh and slurm/vith_vipamin.sh start ranks through this module.
+
+`command(...)` is the one builder of a local torchrun command line and `free_port()` the one free-port
+helper (the tests and the benchmarks start their torchrun jobs with them).
 """
 from __future__ import annotations
 
+import socket
 import sys
+from pathlib import Path
+from typing import Optional
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it; another process may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def command(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: Optional[int] = None,
+            max_restarts: int = 0, script: Optional[str | Path] = None) -> list[str]:
+    """`torchrun` (torch.distributed.run, this Python) at `nproc` ranks per node, static rendezvous at
+    127.0.0.1:`port` (a free port by default), running `vipamin-scale ARGS`, or `script ARGS`."""
+    target = [str(script)] if script is not None else ["-m", "vipamin_scale.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            f"--node-rank={node_rank}", f"--max-restarts={max_restarts}", "--master-addr=127.0.0.1",
+            f"--master-port={port or free_port()}", *target, *args]
 
 
 def main(argv: list[str] | None = None) -> int:
