@@ -286,7 +286,14 @@ def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: boo
 
 def run_jobs(a: argparse.Namespace, jobs: list[tuple]) -> list[Any]:
     """Run (fn, *args) jobs over --workers processes (spawned, 1 thread each); results in order."""
-    return run_in_processes(_call, jobs, a.workers, initializer=_worker_init, progress=True)
+    done = []
+
+    def tenth(i: int, result: Any) -> None:  # a line per tenth of the jobs
+        done.append(i)
+        if len(done) % max(1, len(jobs) // 10) == 0:
+            log.info("  %d / %d jobs done", len(done), len(jobs))
+
+    return run_in_processes(_call, jobs, a.workers, initializer=_worker_init, on_done=tenth)
 
 
 def _call(fn, *args):
