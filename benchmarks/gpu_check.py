@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "benchmarks"))
 
 from vipamin_scale.launch import command as torchrun  # noqa: E402
-from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
+from vipamin_scale.paths import atomic_write_bytes, portable, write_marked_section  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 RESULTS_JSON = REPO / "benchmarks" / "results" / "gpu.json"
@@ -1066,7 +1066,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"gpu_check: {name}: {sec['status']} in {sec['seconds']:.0f} s"
                   + (f" -- {sec['error']}" if sec.get("error") else ""), file=sys.stderr, flush=True)
         doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(json_path, doc)
+        write_json(json_path, portable(doc, {"WORK": Path(work).resolve(), "": REPO}))  # no path of this machine
         write_marked_section(md, BEGIN, END, results_section(doc))
     bad = [n for n, s in doc["sections"].items() if s["status"] != "ok"]
     print(f"gpu_check: wrote {json_path} and the gpu-check section of {md}; "
