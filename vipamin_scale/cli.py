@@ -56,10 +56,6 @@ class RankFailed(Exception):
         self.rank, self.code = rank, code
 
 
-class Terminated(Exception):
-    """SIGTERM under torchrun: the launcher stops the other ranks when one fails (or the job is cancelled)."""
-
-
 def user_error_line(exc: BaseException) -> Optional[str]:
     """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
     if isinstance(exc, (UserError, RankFailed)):
@@ -81,11 +77,6 @@ def _report(exc: BaseException) -> int:
     return exc.code if isinstance(exc, RankFailed) else 2
 
 
-def _terminated(exc: Terminated) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 128 + 15
-
-
 def root_cause(exc: BaseException) -> BaseException:
     """`exc` when this rank is the first of its job to fail (recorded in the job's store for the others,
     `distributed.first_failure`), else RankFailed naming the rank that was. `exc` alone without a process
@@ -96,7 +87,7 @@ def root_cause(exc: BaseException) -> BaseException:
         return exc
     line = user_error_line(exc)
     message, code = (line[len("error: "):], 2) if line else (f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
-    first = D.first_failure(message, code, record=not isinstance(exc, Terminated))  # never the root cause
+    first = D.first_failure(message, code)
     return exc if first is None or first[0] == D.rank() else RankFailed(*first)
 
 
@@ -329,9 +320,22 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     register()
     status = {"code": 0}
 
-    def on_sigterm(signum, frame) -> None:  # torchrun stops the ranks left when one fails: say which one did
-        if not status.get("failing"):
-            raise Terminated("terminated (SIGTERM)")
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame) -> None:
+        """torchrun stops the ranks left when one fails: say which one did, and exit with its code. Any
+        other SIGTERM (a cancelled or requeued job), and one reaching a DataLoader worker, is left as it
+        was: the default death."""
+        if status.get("failing"):
+            return  # this rank is reporting its own failure and exits right after
+        first = D.first_failure("", 0, record=False, timeout_s=2) if os.getpid() == main_pid else None
+        if first is not None and first[0] != D.rank():
+            exc = RankFailed(*first)
+            _launcher_error_file(exc)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            os._exit(exc.code)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg) -> None:
@@ -342,7 +346,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
             status["failing"] = True
             exc = root_cause(exc)
             _launcher_error_file(exc)
-            status["code"] = _terminated(exc) if isinstance(exc, Terminated) else _report(exc)
+            status["code"] = _report(exc)
         finally:
             D.destroy()
             if previous is not None:
