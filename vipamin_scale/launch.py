@@ -4,7 +4,9 @@
 torchrun exits 1 whenever a rank fails, so a user error (exit 2 in one process) would read as a crash.
 Here the job's first failure, as torchrun's own summary names it ("Root Cause", from the ranks' error
 files, see `cli.root_cause`), gives the exit code: 2 for a user error, a rank's own code otherwise (1
-for a signal). The summary is printed as torchrun prints it, without the launcher's own traceback.
+for a signal). The summary is printed as torchrun prints it, without the launcher's own traceback; a
+signal to the launcher itself (srun stopping a node, a cancelled job) is one line and exit 1, so that
+srun, which exits with its tasks' highest code, keeps the failed node's.
 launch/torchrun.sh and slurm/vith_vipamin.sh start ranks through this module.
 
 `command(...)` is the one builder of a local torchrun command line and `free_port()` the one free-port
@@ -36,6 +38,7 @@ def command(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: O
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.format_msg(), file=sys.stderr)
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as exc:  # srun stopping this node (another failed) or a cancelled job: no traceback
+        print(f"error: torchrun stopped by {exc.sigval.name}; its ranks were stopped with it", file=sys.stderr)
+        return 1  # not 128 + N: srun reports its tasks' highest code, which must stay the failed node's
     return 0
 
 
