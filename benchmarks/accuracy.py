@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from vipamin_scale import runs  # noqa: E402
 from vipamin_scale.config import default_config  # noqa: E402
-from vipamin_scale.paths import atomic_write_bytes, write_marked_section  # noqa: E402
+from vipamin_scale.paths import atomic_write_bytes, portable, write_marked_section  # noqa: E402
 from vipamin_scale.pool import run_in_processes  # noqa: E402
 import vipamin_scale.stats as stats  # noqa: E402
 from vipamin_scale.stats import interval, paired, summary  # noqa: E402
@@ -304,7 +304,14 @@ def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: boo
 
 def run_jobs(a: argparse.Namespace, jobs: list[tuple]) -> list[Any]:
     """Run (fn, *args) jobs over --workers processes (spawned, 1 thread each); results in order."""
-    return run_in_processes(_call, jobs, a.workers, initializer=_worker_init, progress=True)
+    done = []
+
+    def tenth(i: int, result: Any) -> None:  # a line per tenth of the jobs
+        done.append(i)
+        if len(done) % max(1, len(jobs) // 10) == 0:
+            log.info("  %d / %d jobs done", len(done), len(jobs))
+
+    return run_in_processes(_call, jobs, a.workers, initializer=_worker_init, on_done=tenth)
 
 
 def _call(fn, *args):
@@ -575,13 +582,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(gate_text(gate))
     doc["verdict"] = "ok" if gate["passed"] else "undertrained"
     if not gate["passed"] and not a.no_gate:
-        runs.write_json(out, doc, nan_as_null=True)
+        runs.write_json(out, portable(doc, places(a)), nan_as_null=True)
         print(f"undertrained: VPT random does not reach the converged linear probe on the full training set; no "
               f"table is written (the figures are in {out})")
         raise SystemExit(1)
     png = out.with_suffix(".png")
     plot(doc, png)
-    runs.write_json(out, doc, nan_as_null=True)
+    runs.write_json(out, portable(doc, places(a)), nan_as_null=True)
     write_demo_preset(a, doc, sched, Path(a.preset_out))
     if not gate["passed"]:
         print("UNDERTRAINED (--no-gate): the tables below come from a schedule that failed the gate")
@@ -597,6 +604,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return doc
 
 
+def places(a: argparse.Namespace) -> dict[str, Any]:
+    """Where this run's paths are written from in its committed records (`paths.portable`): the work
+    directory as WORK/..., the repository's as relative paths; no directory of the machine."""
+    return {"WORK": Path(a.work).resolve(), "": REPO}
+
+
 def write_demo_preset(a: argparse.Namespace, doc: dict[str, Any], sched: dict[int, dict], path: Path) -> None:
     """The 4-shot hyper-parameters `make demo` uses (the largest k <= 4 this run measured)."""
     k = max((s for s in a.shots if s <= 4), default=min(a.shots))
@@ -608,7 +621,7 @@ def write_demo_preset(a: argparse.Namespace, doc: dict[str, Any], sched: dict[in
               "warmup_epochs": sched[k]["warmup_epochs"], "weight_decay": a.weight_decay,
               "calib": min(10 * k, a.calib), "lr": {m: methods[m] for m in methods},
               "overrides": {m: doc["methods"][m]["overrides"] for m in methods}}
-    runs.write_json(path, preset)
+    runs.write_json(path, portable(preset, places(a)))
 
 
 if __name__ == "__main__":

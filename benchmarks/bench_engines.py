@@ -115,15 +115,15 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result, allow_nan=False))
         return
+    sys.path.insert(0, str(REPO))
+    from vipamin_scale.launch import command as torchrun
+
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     rows = []
-    launch = [sys.executable]
-    if args.world > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={args.world}",
-                  "--master-addr=127.0.0.1", "--master-port=29533"]
     for engine, ac in CONFIGS if args.world == 1 else WORLD_CONFIGS:
-        cmd = [*launch, __file__, "--child", engine, "1" if ac else "0", "--img-size", str(args.img_size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        child = ["--child", engine, "1" if ac else "0", "--img-size", str(args.img_size), "--batch", str(args.batch),
+                 "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = torchrun(args.world, *child, script=__file__) if args.world > 1 else [sys.executable, __file__, *child]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

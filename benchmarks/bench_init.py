@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,17 +26,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from vipamin_scale.launch import command as torchrun  # noqa: E402
+
 MODELS = {  # label: (timm name, depth override, image size)
     "ViT-B/16": ("vit_base_patch16_224", None, 224),
     "ViT-H/14 (reduced depth)": ("vit_huge_patch14_224", 4, 224),
 }
 QUICK = {"ViT-test (quick)": ("vit_test_d96", None, 32)}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli_init(name: str, depth, img: int, world: int, images: int, P: int, out: Path) -> dict:
@@ -46,8 +41,7 @@ def run_cli_init(name: str, depth, img: int, world: int, images: int, P: int, ou
             f"out={out}", f"hydra.run.dir={out.parent / (out.stem + '_run')}"]
     if depth:
         args.append(f"model.depth={depth}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
-           "--master-addr=127.0.0.1", f"--master-port={_port()}", "-m", "vipamin_scale.cli", "init", *args]
+    cmd = torchrun(world, "init", *args)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

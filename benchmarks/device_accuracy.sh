@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy benchmark on a GPU machine that has python3 + torch but no package registry and
-# takes at most 64 MiB from here (the lent H200). Here, first:
+# takes at most 64 MiB from here (an H200 without network access). Here, first:
 #   bash benchmarks/gpu_wheels.sh                       # .whl/: deepspeed, hydra, timm, webdataset, ...
 #   python benchmarks/device_accuracy.py pack           # .gpu/: the demo backbone's weights in fp16 (42 MB:
 #                                                       #   the fp32 file, 85 MB, does not travel)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels for a GPU machine that has python3 + torch but no registry (the lent H200 image: Python 3.12,
+# Wheels for a GPU machine that has python3 + torch but no registry (an H200 machine without network access: Python 3.12,
 # torch 2.11). Writes .whl/ (git-ignored, ~8 MB); there:
 #   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py

@@ -8,6 +8,8 @@
 #   NNODES (1)  NODE_RANK (0)  NPROC_PER_NODE (GPUs on this node, else 1)  MASTER_ADDR (127.0.0.1)
 #   MASTER_PORT (29500)  MAX_RESTARTS (0; with >0 a restarted job resumes from its newest checkpoint)
 #   RDZV_ENDPOINT (host:port: c10d rendezvous instead of the static NODE_RANK form)
+# torchrun through vipamin_scale/launch.py: on a failure it exits with the rank that failed first's code
+# (2 for a user error; torchrun alone exits 1).
 # Every rank must write to the same directory: without a hydra.run.dir=... argument one is made
 # from the date, here, once, and passed to all ranks.
 set -euo pipefail
@@ -28,5 +30,5 @@ rdzv=(--nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" --master-addr="${MAS
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
   rdzv=(--nnodes="${NNODES:-1}" --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-vipamin}")
 fi
-exec "$py" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="$nproc" \
+exec "$py" -m vipamin_scale.launch "${rdzv[@]}" --nproc-per-node="$nproc" \
   --max-restarts="${MAX_RESTARTS:-0}" -m vipamin_scale.cli "$cmd" "${args[@]}"

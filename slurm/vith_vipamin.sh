@@ -70,12 +70,13 @@ COMMON=("model=$MODEL" "data=$DATA" "prompt=$PROMPT" "prompt.length=$PROMPT_LENG
 [[ -n $MODEL_CKPT ]] && COMMON+=("model.checkpoint=$MODEL_CKPT")
 [[ -n $DATA_ROOT ]] && COMMON+=("data.root=$DATA_ROOT")
 
-# One torchrun per node. The task ignores SIGUSR1 (inherited through exec), so the launcher
+# One torchrun per node (vipamin_scale.launch: torchrun that exits with the first failing rank's code,
+# 2 for a user error). The task ignores SIGUSR1 (inherited through exec), so the launcher
 # survives it; the trainer processes install their own handler (vipamin_scale/preempt.py).
 launch() {  # launch PORT COMMAND [overrides...]
     local port=$1; shift
     srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
-        bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
+        bash -c 'trap "" USR1; exec "$0" -m vipamin_scale.launch --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
             --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$1" \
             --max-restarts="$MAX_RESTARTS" -m vipamin_scale.cli "${@:2}"' \
         "$VENV/bin/python" "$port" "$@"

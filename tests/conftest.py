@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -10,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VIPAMIN_SCALE_CACHE", str(REPO / ".cache" / "tests"))
+
+from vipamin_scale.launch import command as torchrun  # noqa: E402,F401  (the tests' torchrun and port helpers)
+from vipamin_scale.launch import free_port  # noqa: E402,F401
 
 # Small, fast and deterministic settings shared by the end-to-end tests. A random tiny ViT's
 # features are weak (a fitted logistic probe on its CLS reaches ~0.28 on the digits, on raw pixels
@@ -19,12 +21,6 @@ TINY = [
     "data.eval_batch_size=128", "train.epochs=3", "train.lr=0.5", "train.warmup_epochs=0.5",
     "train.log_every=1", "train.progress=false", "prompt.length=4",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -38,10 +34,6 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vipamin_scale.cli", *args]
 
 
-def torchrun(nproc: int, *args: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-            f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-            "-m", "vipamin_scale.cli", *args]
 
 
 @pytest.fixture(scope="session")

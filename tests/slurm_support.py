@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vipamin_scale.launch import free_port
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "munged")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed(timeout_s: float = 600.0) -> Optional[str]:
@@ -86,8 +82,8 @@ class LocalSlurm:
 
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
-        self.ctld_port = _free_port()
-        ports = {n: _free_port() for n in self.NODES}
+        self.ctld_port = free_port()
+        ports = {n: free_port() for n in self.NODES}
         d = self.dir
         nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={ports[n]} CPUs={self.cpus} "
                           f"RealMemory=1000 State=UNKNOWN" for n in self.NODES)

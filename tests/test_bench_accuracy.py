@@ -122,3 +122,16 @@ def test_the_benchmarks_init_presets_are_the_packaged_ones():
         schema = default_config().init  # what the preset leaves to the schema, the benchmark sets alike
         for key, value in overrides.items():
             assert preset.get(key[len("init."):], schema[key[len("init."):]]) == value, (name, key)
+
+
+def test_committed_results_name_no_directory_of_their_machine():
+    """The writers pass their records through `paths.portable`; the committed ones hold its form."""
+    from vipamin_scale.paths import portable
+
+    assert portable({"cmd": "x.py --work /tmp/w --out /root/o/a.json see https://h.org/a/b 1/2",
+                     "logs": ["/tmp/w/a/b.log", "/repo/runs/x"]}, {"WORK": "/tmp/w", "": "/repo"}) == \
+        {"cmd": "x.py --work WORK --out …/a.json see https://h.org/a/b 1/2", "logs": ["WORK/a/b.log", "runs/x"]}
+    files = [*(REPO / "benchmarks" / "results").glob("*.*"), *(REPO / "vipamin_scale").glob("*.json")]
+    found = {f.name for f in files if f.suffix in (".json", ".csv", ".md")
+             and re.search(r"(/tmp/|/root/|/work/|/home/)[A-Za-z0-9_.-]", f.read_text())}
+    assert not found, found

@@ -7,17 +7,20 @@ shard.
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY, cli, cli_env
+from conftest import REPO, TINY, cli, cli_env, free_port
 from PIL import Image
 
+from vipamin_scale import runs
 from vipamin_scale.cli import main
 from vipamin_scale.config import ConfigError
 from vipamin_scale.data import DataError, check_splits, make_shards
 from vipamin_scale.data.shards import write_dataset
+from vipamin_scale.data.wds import plan_slot
 from data_support import loader_cfg
 
 PER_CLASS = {"train": 8, "val": 2, "test": 2}  # x 3 classes: train 24, val 6, test 6
@@ -193,3 +196,29 @@ def test_corrupt_image_one_line(run_cli, tmp_path):
     write_dataset({"train": samples, "val": samples[:4]}, ["a", "b"], root, shuffle=False, verify=False)
     line = _user_error(_train(run_cli, root, tmp_path / "run", "train.test_at_end=false"))
     assert line.startswith(f"error: {root / 'train-000000.tar'}: key train_00000005: cannot decode the png image"), line
+
+
+@pytest.mark.slow  # one torchrun launch at 2 ranks (~25 s on 2 cores)
+def test_corrupt_sample_on_one_rank_names_that_rank_under_torchrun(tmp_path):
+    """A sample only rank 1 decodes is corrupt: rank 1's line is the root cause everywhere. The launcher
+    (launch/torchrun.sh) exits 2 as for one process, torchrun's summary names rank 1 with its line, rank 0
+    stops with one line naming rank 1 (no gloo traceback), and the run's record holds rank 1's error."""
+    first = plan_slot([16], batch_size=8, train=True, world_size=2, rank=1, num_workers=0, worker=0, seed=0,
+                      epoch=0, shuffle_buffer=1000).batches[0][0][1]  # rank 1's first sample
+    samples = [(f"s{i}", Image.new("RGB", (8, 8), (15 * i, 0, 0)), i % 2) for i in range(16)]
+    samples[first] = (f"s{first}", (b"\x89PNG\r\n\x1a\n garbage", "png"), 1)
+    root, run = tmp_path / "data", tmp_path / "run"
+    write_dataset({"train": samples, "val": samples[:4]}, ["a", "b"], root, shuffle=False, verify=False)
+    env = cli_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    done = subprocess.run([str(REPO / "launch" / "torchrun.sh"), "train", *RUN, f"data.root={root}",
+                           "train.test_at_end=false", f"hydra.run.dir={run}"], env=env, capture_output=True,
+                          text=True, timeout=300)  # a hang (a collective's 600 s timeout) fails here
+    out = done.stdout + done.stderr
+    root_line = f"{root / 'train-000000.tar'}: key train_{first:08d}: cannot decode the png image"
+    assert done.returncode == 2, out[-4000:]
+    assert f"error: {root_line}" in out, out[-4000:]
+    assert f"error: stopped because rank 1 failed: {root_line}" in out, out[-4000:]  # rank 0, one line
+    assert "Connection closed" not in out and "Traceback" not in out, out[-4000:]
+    summary = out[out.index("Root Cause"):]  # torchrun's summary: the first failure is rank 1's, with its line
+    assert "rank      : 1 (local_rank: 1)" in summary and root_line in summary, summary
+    assert "cannot decode the png image" in runs.run_status(run)[1]["error"]

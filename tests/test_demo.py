@@ -19,6 +19,21 @@ def test_the_packaged_preset_is_the_benchmarks_record():
     assert set(recorded["lr"]) == set(recorded["overrides"]) >= set(demo.METHODS)
 
 
+def test_a_line_as_each_run_ends(capsys):
+    """No silent minutes: the pool reports each job as it ends, and the demo prints one line per run."""
+    from vipamin_scale.pool import run_in_processes
+
+    jobs = [("VIPAMIN", 0, None), ("VPT random", 0, None), ("VIPAMIN", 1, None)]
+    results = run_in_processes(lambda x: x, [(0.5,), (None,), (0.25,)], 1, on_done=demo._progress(jobs))
+    assert results == [0.5, None, 0.25]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "demo: VIPAMIN draw 0: test acc 50.0 %", "demo: VPT random draw 0: test acc –", "demo: VIPAMIN draw 1: test acc 25.0 %"]
+    assert [line.split("elapsed, ")[1] for line in lines] == ["2 runs left)", "1 runs left)", "0 runs left)"]
+    assert demo.progress_line("VIPAMIN", 2, 0.123, 125.4, 3) == \
+        "demo: VIPAMIN draw 2: test acc 12.3 % (2:05 elapsed, 3 runs left)"
+
+
 @pytest.mark.slow
 def test_demo_runs_paired_draws_at_the_preset(tmp_path):
     """On the tiny model (the preset's schedule and lrs, another backbone: said in a warning line)."""
@@ -35,6 +50,8 @@ def test_demo_runs_paired_draws_at_the_preset(tmp_path):
             result = runs.read_result(run)
             accs[(method, d)] = result["final_eval"]["acc"]
             assert result["final_eval"]["count"] == 500  # the one evaluation is on test
+            assert f"demo: {method} draw {d}: test acc {100 * accs[(method, d)]:.1f} % (" in proc.stdout
+    assert proc.stdout.count(" runs left)") == len(demo.METHODS) * demo.DRAWS and "0 runs left)" in proc.stdout
     for d in range(demo.DRAWS):  # a draw is the same images for every method, another draw other images
         roots = {OmegaConf.load(out / demo._slug(m) / f"draw{d}" / "config.resolved.yaml").data.root
                  for m in demo.METHODS}

@@ -11,12 +11,11 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import cli, cli_env, free_port
+from conftest import cli, cli_env, torchrun
 from omegaconf import OmegaConf
 
 from vipamin_scale import checkpoint as ckpt
@@ -31,15 +30,9 @@ STEPS = 8  # 2 epochs x 128 / (2 x 16)
 KILL_STEP = 6  # mid-epoch 2: the newest checkpoint is the end of epoch 1 (step 4)
 
 
-def _torchrun(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-            "-m", "vipamin_scale.cli", "train", *args]
-
-
 def _launch(run_dir, *overrides, nproc=2, env=None, max_restarts=0) -> subprocess.Popen:
     args = [*SMALL, f"hydra.run.dir={run_dir}", *overrides]
-    cmd = _torchrun(nproc, *args, max_restarts=max_restarts) if nproc > 1 else cli("train", *args)
+    cmd = torchrun(nproc, "train", *args, max_restarts=max_restarts) if nproc > 1 else cli("train", *args)
     log = open(f"{run_dir}.log", "w")
     return subprocess.Popen(cmd, env=env or cli_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
 

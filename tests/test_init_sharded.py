@@ -45,8 +45,7 @@ def sharded_runs(tmp_path_factory, digits_root):
     for world in WORLDS:
         out = root / f"world{world}"
         out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", WORKER, str(out), str(cases)]
+        cmd = torchrun(world, str(out), str(cases), script=WORKER)
         procs[world] = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for world, proc in procs.items():
         _, err = proc.communicate(timeout=900)

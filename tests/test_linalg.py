@@ -12,15 +12,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import kmeans_support as reference
+from conftest import torchrun
 from vipamin_scale.init.spt import spt_rand
 from vipamin_scale.linalg import (
     LOCAL,
@@ -279,17 +278,10 @@ def test_lloyd_stops_and_iters_zero_returns_seeds():
 # ----------------------------------------------------------------------------- torchrun
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(nproc: int, out: Path, *extra: str) -> subprocess.Popen:
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), str(out), *extra]
+    cmd = torchrun(nproc, str(out), *extra, script=WORKER)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

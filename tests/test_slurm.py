@@ -187,6 +187,34 @@ def test_a_failing_rank_fails_the_job_fast(slurm, two_node_run, tmp_path):
     assert job == {} or job["JobState"] == "FAILED", job
 
 
+def test_a_user_error_on_one_node_is_the_jobs_one_line(slurm, two_node_run, tmp_path):
+    """A corrupt sample only rank 1 (node n2) decodes: its line is the root cause on both nodes (rank 0
+    stops naming it), and the job ends FAILED with exit code 2, a user error's."""
+    from PIL import Image
+
+    from vipamin_scale.data.shards import write_dataset
+    from vipamin_scale.data.wds import plan_slot
+
+    first = plan_slot([16], batch_size=16, train=True, world_size=2, rank=1, num_workers=0, worker=0, seed=0,
+                      epoch=0, shuffle_buffer=1000).batches[0][0][1]  # rank 1's first sample
+    samples = [(f"s{i}", Image.new("RGB", (8, 8), (15 * i, 0, 0)), i % 2) for i in range(16)]
+    samples[first] = (f"s{first}", (b"\x89PNG\r\n\x1a\n garbage", "png"), 1)
+    root, run = tmp_path / "data", tmp_path / "run"
+    write_dataset({"train": samples, "val": samples[:4], "test": samples[:4]}, ["a", "b"], root, shuffle=False,
+                  verify=False)
+    run.mkdir()
+    shutil.copy(two_node_run["run"] / "prompts.safetensors", run / "prompts.safetensors")  # init skipped
+    proc = _sbatch(slurm, tmp_path, run=run, env={"DATA": "shards", "DATA_ROOT": str(root)}, timeout=300)
+    log = _job_log(tmp_path)
+    line = f"{root / 'train-000000.tar'}: key train_{first:08d}: cannot decode the png image"
+    assert proc.returncode != 0 and f"error: {line}" in log, log[-4000:]
+    assert f"error: stopped because rank 1 failed: {line}" in log, log[-4000:]
+    assert "Connection closed" not in log and "Traceback" not in log, log[-4000:]
+    job = slurm.wait_for(proc.stdout.strip().split(";")[0], lambda info: info.get("JobState") != "COMPLETING", 60,
+                         "the job's final state")
+    assert job == {} or (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), job
+
+
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_node_run, tmp_path):
     """`scancel --signal=USR1` mid-training: checkpoint at the next step, `scontrol requeue`, the
     requeued job (same id and run directory) resumes: final trainable state as uninterrupted."""

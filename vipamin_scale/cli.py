@@ -18,12 +18,24 @@ Under torchrun every rank must agree on the output directory: pass hydra.run.dir
 An error the user can cause (a config value, a data or prompts file, a run directory in use or
 holding another run, a full or read-only disk) prints one line `error: <message>` and exits 2;
 VIPAMIN_SCALE_DEBUG=1 prints the full traceback as well.
+
+Under torchrun the rank that fails first is the root cause (`root_cause`): it prints its own line, and
+every other rank that then fails (a collective losing its peer) or is stopped by torchrun (SIGTERM)
+prints one line naming it, `error: stopped because rank R failed: <its message>`, and exits with the
+root's code. Each rank's line also goes to torchrun's error file (TORCHELASTIC_ERROR_FILE), so
+torchrun's summary names the root rank with it; `python -m vipamin_scale.launch` (torchrun, used by
+launch/torchrun.sh and slurm/) also exits with the root rank's code, 2 for a user error (torchrun
+itself exits 1 whatever failed).
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,9 +48,17 @@ log = logging.getLogger("vipamin_scale")
 DEBUG_ENV = "VIPAMIN_SCALE_DEBUG"  # 1: a user error prints its full traceback too
 
 
+class RankFailed(Exception):
+    """Another rank of the job failed first, and this rank stopped because of it (see `root_cause`)."""
+
+    def __init__(self, rank: int, message: str, code: int):
+        super().__init__(f"stopped because rank {rank} failed: {message}")
+        self.rank, self.code = rank, code
+
+
 def user_error_line(exc: BaseException) -> Optional[str]:
     """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
-    if isinstance(exc, UserError):
+    if isinstance(exc, (UserError, RankFailed)):
         return f"error: {exc}"
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         where = exc.filename if exc.filename is not None else "a run file"
@@ -54,20 +74,125 @@ def _report(exc: BaseException) -> int:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(line, file=sys.stderr)
-    return 2
+    return exc.code if isinstance(exc, RankFailed) else 2
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """`exc` when this rank is the first of its job to fail (recorded in the job's store for the others,
+    `distributed.first_failure`), else RankFailed naming the rank that was. `exc` alone without a process
+    group. Call it before the process group is destroyed; calling it again gives the same answer."""
+    import vipamin_scale.distributed as D
+
+    if isinstance(exc, RankFailed) or not D.is_dist():
+        return exc
+    line = user_error_line(exc)
+    message, code = (line[len("error: "):], 2) if line else (f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
+    first = D.first_failure(message, code)
+    return exc if first is None or first[0] == D.rank() else RankFailed(*first)
+
+
+def _launcher_error_file(exc: BaseException) -> None:
+    """This rank's failure for torchrun's summary: TORCHELASTIC_ERROR_FILE in the format of torch's own
+    `ErrorHandler` (the summary shows `py_callstack`: a user error's one line, a bug's traceback). torchrun
+    takes the failure with the earliest whole-second timestamp as the root cause: the root's rounds down
+    and a rank stopped by it rounds up, so it is the root's even within one second."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    line = user_error_line(exc)
+    stack = line or "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    now = time.time()
+    stamp = math.ceil(now) if isinstance(exc, RankFailed) else math.floor(now)
+    record = {"message": {"message": line or f"{type(exc).__name__}: {exc}",
+                          "extraInfo": {"py_callstack": stack, "timestamp": str(stamp)}}}
+    try:
+        Path(path).write_text(json.dumps(record))
+    except OSError:
+        pass
+
+
+_HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
+
+
+def check_overrides(args: list[str], command: str = "train") -> None:
+    """ConfigError naming the first override that cannot mean what the user meant, before Hydra writes
+    anything: a field the schema does not have (`+` too: an added field is read by nothing), with the
+    closest field or group names; a group option with no file in the config group (with its options); a
+    value its field's type refuses. Sweeps (`a,b`), interpolations and Hydra's own keys are left to Hydra."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from vipamin_scale.config import default_config, schema_fields
+
+    plain, flag_value = [], False
+    for arg in args:  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
+        if not flag_value and not arg.startswith("-"):
+            plain.append(arg)
+        flag_value = arg in _HYDRA_VALUE_FLAGS
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in plain:
+        try:
+            overrides += parser.parse_overrides([arg])
+        except Exception:  # a syntax error: Hydra says where
+            pass
+    fields = {name: f for name, f in schema_fields()}
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    more_configs = any(a.split("=")[0] in ("--config-dir", "-cd") or a.startswith("hydra.searchpath") for a in args)
+    typed = default_config()
+    for o in overrides:
+        key = o.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or o.is_delete():
+            continue
+        if key in groups and more_configs:  # options may come from the user's own config directories
+            continue
+        if key in groups:
+            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            value = o.value()
+            if isinstance(value, str) and value not in options:
+                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options)}")
+            continue
+        if key not in fields and not any(key.startswith(f"{name}.") for name, f in fields.items()
+                                         if "dict" in str(f.type)):  # a dict field takes any key
+            names = [*fields, *groups] if "." not in key else list(fields)
+            score = {n: difflib.SequenceMatcher(None, key, n).ratio() for n in names}
+            near = [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+                    if score[n] >= max(score.values()) - 0.1]  # the close ones, not every name that shares a prefix
+            hint = f"did you mean {' or '.join(near)}?" if near else f"`vipamin-scale {command} --help` lists them"
+            raise ConfigError(f"{key}: no such field; {hint}")
+        value = o.value()
+        if o.is_sweep_override() or (isinstance(value, str) and "${" in value):
+            continue
+        try:
+            OmegaConf.update(typed, key, value, merge=True)
+        except ValidationError:
+            parent, _, leaf = key.rpartition(".")
+            node = (OmegaConf.select(typed, parent) if parent else typed)._get_node(leaf)
+            kind = type(node).__name__.removesuffix("Node").lower()
+            kind = {"integer": "an integer", "enum": "an option"}.get(kind, f"a {kind}")
+            raise ConfigError(f"{key}: {value!r} is not {kind}") from None
 
 
 def _writable_run_dir(args: list[str]) -> Optional[str]:
-    """`hydra.run.dir` can be created and written (Hydra writes there before any task): else the error line."""
+    """`hydra.run.dir` can be created and written, and no other live process holds it (Hydra writes
+    `.hydra/` and its log there before any task; the task then takes the lock, `runs.hold`): else the
+    error line."""
+    from vipamin_scale.runs import RunLocked, acquire, release
+
     given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
     if not given or "${" in given[-1]:
         return None
     path = Path(given[-1])
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        acquire(path)  # what the task's lock will do, here before Hydra writes: refused when in use
+        release(path)
+    except RunLocked as exc:
+        return user_error_line(exc)
     except OSError as exc:
         return user_error_line(exc) or f"error: hydra.run.dir: {path}: {exc.strerror or exc}"
     return None
@@ -81,8 +206,11 @@ def _task_train(cfg) -> None:
     try:
         result = run_training(cfg)
     except Exception as exc:  # a sweep's report lists the failed run with its error (a finished run is kept)
-        record_exception(cfg, exc)
-        raise
+        cause = root_cause(exc)  # under torchrun: the rank that failed first
+        record_exception(cfg, cause)
+        if cause is exc:
+            raise
+        raise cause from exc
     if result.get("test") and result.get("best_val") and D.rank() == 0:
         log.info("test acc %.4f (best %s acc %.4f at epoch %d)", result["test"]["acc"], cfg.train.eval_split,
                  result["best_val"]["acc"], result["best_val"]["epoch"])
@@ -95,11 +223,11 @@ def _task_tune(cfg) -> None:
 
 
 def _task_init(cfg) -> None:
-    from vipamin_scale.init.run import run_init
+    from vipamin_scale.init.run import init_command
 
     if not cfg.out:
         raise ConfigError("out: where to write the prompts file, e.g. out=prompts.safetensors")
-    run_init(cfg, cfg.out)
+    init_command(cfg, cfg.out)
 
 
 def _task_diagnose(cfg) -> None:
@@ -178,6 +306,11 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
         print("error: hydra.run.dir: under torchrun pass hydra.run.dir=DIR so every rank writes to the same "
               "directory", file=sys.stderr)
         return 2
+    try:
+        check_overrides(args, name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     line = _writable_run_dir(args) if int(os.environ.get("RANK", "0")) == 0 else None
     if line:
         print(line, file=sys.stderr)
@@ -187,14 +320,37 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     register()
     status = {"code": 0}
 
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame) -> None:
+        """torchrun stops the ranks left when one fails: say which one did, and exit with its code. Any
+        other SIGTERM (a cancelled or requeued job), and one reaching a DataLoader worker, is left as it
+        was: the default death."""
+        if status.get("failing"):
+            return  # this rank is reporting its own failure and exits right after
+        first = D.first_failure("", 0, record=False, timeout_s=2) if os.getpid() == main_pid else None
+        if first is not None and first[0] != D.rank():
+            exc = RankFailed(*first)
+            _launcher_error_file(exc)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            os._exit(exc.code)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg) -> None:
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         try:
             task(cfg)
         except Exception as exc:  # a user error: one line, exit 2; anything else: Hydra's traceback
+            status["failing"] = True
+            exc = root_cause(exc)
+            _launcher_error_file(exc)
             status["code"] = _report(exc)
         finally:
             D.destroy()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     saved = sys.argv
     sys.argv = [f"vipamin-scale {name}", *args]

@@ -8,15 +8,17 @@ the same random tensor. Prints test accuracy per draw, mean ± sd, and VIPAMIN's
 against each other method with its 95 % interval, saying whether the interval excludes 0.
 
 The runs are ordinary training runs under `<run dir>/<method>/draw<d>/`, shared by two worker
-processes (one torch thread each); the table is written beside them as demo_results.md.
+processes (one torch thread each); a line is printed as each run ends (`progress_line`), and the
+table is written beside them as demo_results.md.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +77,25 @@ def _train(cfg: DictConfig) -> Optional[float]:
     return (result.get("final_eval") or {}).get("acc")
 
 
+def progress_line(method: str, draw: int, acc: Optional[float], elapsed_s: float, left: int) -> str:
+    """The line printed as a run ends: its method, draw and test accuracy, time since the demo began,
+    runs left."""
+    shown = "–" if acc is None else f"{100 * acc:.1f} %"
+    minutes, seconds = divmod(int(round(elapsed_s)), 60)
+    return f"demo: {method} draw {draw}: test acc {shown} ({minutes}:{seconds:02d} elapsed, {left} runs left)"
+
+
+def _progress(jobs: list[tuple]) -> Callable[[int, Any], None]:
+    """`on_done` for the runs of `jobs` ((method, draw, config), ...): prints `progress_line` as each ends."""
+    start, done = time.monotonic(), []
+
+    def on_done(i: int, acc: Optional[float]) -> None:
+        done.append(i)
+        method, draw, _ = jobs[i]
+        print(progress_line(method, draw, acc, time.monotonic() - start, len(jobs) - len(done)), flush=True)
+    return on_done
+
+
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from vipamin_scale.data.digits import digits_fewshot
     from vipamin_scale.stats import paired, summary
@@ -95,7 +116,8 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     methods = list(METHODS)
     log.info("demo: %d methods x %d draws at %d images per class, %d workers", len(methods), DRAWS, preset["shots"],
              WORKERS)
-    accs = dict(zip([(m, d) for m, d, _ in jobs], run_in_processes(_train, [(c,) for _, _, c in jobs], WORKERS)))
+    results = run_in_processes(_train, [(c,) for _, _, c in jobs], WORKERS, on_done=_progress(jobs))
+    accs = dict(zip([(m, d) for m, d, _ in jobs], results))
     rows = {m: summary([accs[(m, d)] for d in range(DRAWS)]) for m in methods}
     diffs = {m: paired(rows[VIPAMIN]["runs"], rows[m]["runs"]) for m in methods if m != VIPAMIN}
     table = format_table(cfg, preset, rows, diffs)

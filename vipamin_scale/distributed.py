@@ -12,6 +12,7 @@ may live anywhere: NCCL reduces GPU tensors only, so a collective runs on the ba
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from typing import Any
 
@@ -212,3 +213,28 @@ def barrier() -> None:
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+FIRST_FAILURE_KEY = "vipamin_scale/first_failure"
+
+
+def first_failure(message: str, code: int, *, record: bool = True,
+                  timeout_s: float = 10.0) -> tuple[int, str, int] | None:
+    """The job's first failure, `(rank, message, exit code)`: this rank's, recorded now, unless another rank
+    recorded one first (then theirs); with `record=False` only another's (None when none is recorded).
+    Kept in the rendezvous store at MASTER_ADDR:MASTER_PORT (torchrun's agent holds it, so it outlives
+    the ranks), one key per restart attempt. None without a process group or when the store cannot be
+    reached (a rank that reports then speaks for itself)."""
+    if not is_dist() or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    key = f"{FIRST_FAILURE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    mine = json.dumps([rank(), message, int(code)])
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        if not record and not store.check([key]):
+            return None
+        first = json.loads(store.compare_set(key, "", mine) if record else store.get(key))
+    except (RuntimeError, ValueError, OSError):  # DistStoreError is a RuntimeError
+        return None
+    return int(first[0]), str(first[1]), int(first[2])

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any, Mapping
 
 
 def cache_dir() -> Path:
@@ -41,3 +43,34 @@ def write_marked_section(path: Path, begin: str, end: str, section: str) -> None
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     atomic_write_bytes(path, text.encode())
+
+
+# An absolute path inside a text: '/' not after a word character, '.', ':' or another '/' (so neither
+# a/b, 1/2 nor the // of a URL), then path segments.
+_ABSOLUTE = re.compile(r"(?<![\w.:/~-])/(?:[\w.+@-]+/)*[\w.+@-]+/?")
+
+
+def portable(obj: Any, places: Mapping[str, Any]) -> Any:
+    """`obj` (a string, or every string inside dicts and lists) naming no directory of this machine, for
+    a record that is committed: an absolute path under one of `places` ({label: directory}) is written
+    relative to it, `label/rest` (`label` for the directory itself; the label "" gives the bare relative
+    path), and any other absolute path keeps only its file name, `…/name`."""
+    if isinstance(obj, Mapping):
+        return {k: portable(v, places) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, places) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    bases = sorted(((label, str(Path(d)).rstrip("/")) for label, d in places.items()), key=lambda p: -len(p[1]))
+
+    def one(match: re.Match) -> str:
+        path = match.group(0).rstrip("/")
+        for label, base in bases:
+            if path == base:
+                return label or "."
+            if path.startswith(base + "/"):
+                rest = path[len(base) + 1:]
+                return f"{label}/{rest}" if label else rest
+        return f"…/{Path(path).name}"
+
+    return _ABSOLUTE.sub(one, obj)

@@ -1,14 +1,17 @@
 """Independent runs shared by worker processes: the demo's and the accuracy benchmark's.
 
-    run_in_processes(fn, [args, ...], workers) -> [fn(*args), ...]   (in order)
+    run_in_processes(fn, [args, ...], workers, on_done=None) -> [fn(*args), ...]   (in order)
 
 Workers are spawned (no fork of a process holding torch threads or CUDA) with one torch thread
 each (OMP_NUM_THREADS=1 in their environment; on a 2-core machine 2 such processes beat one with 2
 threads). They exit on their own at the end, so their libraries clean up (no leaked semaphores); an
 error in a job stops the pool and is raised here. `workers <= 1` runs the jobs in this process.
+`on_done(i, result)` is called in this process as each job ends (in the order they end): a caller's
+progress line, so no minutes pass in silence.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -18,13 +21,27 @@ log = logging.getLogger(__name__)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def _safely(report: Callable[[int, Any], None], i: int, result: Any) -> None:
+    """`report(i, result)` on the pool's result thread, where an exception would stall the pool."""
+    try:
+        report(i, result)
+    except Exception as exc:
+        log.warning("progress report failed: %s: %s", type(exc).__name__, exc)
+
+
 def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
-                     initializer: Optional[Callable[[], None]] = None, progress: bool = False) -> list[Any]:
+                     initializer: Optional[Callable[[], None]] = None,
+                     on_done: Optional[Callable[[int, Any], None]] = None) -> list[Any]:
     """`fn(*args)` for every `args` in `jobs`, over `workers` processes; the results in job order."""
+    report = on_done or (lambda i, result: None)
     if workers <= 1 or len(jobs) <= 1:
         if initializer is not None:
             initializer()
-        return [fn(*args) for args in jobs]
+        results = []
+        for i, args in enumerate(jobs):
+            results.append(fn(*args))
+            report(i, results[-1])
+        return results
     import multiprocessing as mp
 
     old = {k: os.environ.get(k) for k in THREAD_VARS}
@@ -32,12 +49,9 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
     try:
         pool = mp.get_context("spawn").Pool(workers, initializer=initializer)
         try:
-            pending = [pool.apply_async(fn, args) for args in jobs]
-            results = []
-            for i, p in enumerate(pending):
-                results.append(p.get())
-                if progress and (i + 1) % max(1, len(pending) // 10) == 0:
-                    log.info("  %d / %d jobs done", i + 1, len(pending))
+            pending = [pool.apply_async(fn, args, callback=functools.partial(_safely, report, i))
+                       for i, args in enumerate(jobs)]
+            results = [p.get() for p in pending]
         except BaseException:
             pool.terminate()
             raise

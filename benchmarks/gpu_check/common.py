@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(1, str(REPO / "benchmarks"))
 
+from vipamin_scale.launch import command as torchrun  # noqa: E402,F401  (the one torchrun command)
 from vipamin_scale.paths import atomic_write_bytes  # noqa: E402
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
@@ -115,16 +116,6 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vipamin_scale.cli", *args]
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "vipamin_scale.cli", *args]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-from vipamin_scale.paths import write_marked_section
+from vipamin_scale.paths import portable, write_marked_section
 
 from gpu_check.common import (BEGIN, BUDGET_S, CORRECTNESS, END, ENTRY, REPO, RESULTS_JSON, RESULTS_MD, SECTIONS,
                               Record, child_env, cuda, failure, kill_tree, last_line, one_line, sizes, write_json)
@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"gpu_check: {name}: {sec['status']} in {sec['seconds']:.0f} s"
                   + (f" -- {sec['error']}" if sec.get("error") else ""), file=sys.stderr, flush=True)
         doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(json_path, doc)
+        write_json(json_path, portable(doc, {"WORK": Path(work).resolve(), "": REPO}))  # no path of this machine
         write_marked_section(md, BEGIN, END, results_section(doc))
     bad = [n for n in names if doc["sections"][n]["status"] != "ok"]
     print(f"gpu_check: wrote {json_path} and the gpu-check section of {md}; "

@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -37,7 +38,7 @@ from vipamin_scale.models import load_backbone, normalization
 from vipamin_scale.models.prompted import PromptedViT, VPTPrompts, load_prompts_file
 from vipamin_scale.paths import atomic_write_bytes
 from vipamin_scale.progress import progress_bar
-from vipamin_scale.runs import write_json
+from vipamin_scale.runs import hold, write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +147,9 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
     times["allreduce_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {"random": R}
-    layer_info: dict[int, dict] = {}
-    if method == "random":
-        tensors["prompts"] = R
-    elif method == "vipamin":
-        shapes = {name: (P, d) for name in ("prompts", "match", "orth")}
-        gathered, layer_info = map_layers(
-            rows, lambda l: vipamin_row(icfg, model, means, R, Q_tokens, l, device=calib.device), shapes)
-        tensors.update(gathered)
-    elif method == "spt":
-        tensors["prompts"] = _spt_prompts(cfg, sums, calib.keys, rows, P, d, N_p)
+    stats = Calibrated(cfg, model, sums, calib.keys, means, R, Q_tokens, rows, N_p, calib.device)
+    made, options = INITIALIZERS[method](stats)
+    tensors: dict[str, torch.Tensor] = {"random": R, **made}
     times["math_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -167,18 +160,56 @@ def run_init(cfg: DictConfig, out: str | Path, backbone: Optional[VisionTransfor
         "prompt_length": P, "num_layers": L_p, "B": B, "keys_sha256": fingerprint, "world_size": D.world_size(),
         "seed": icfg.seed, "wall_times": times,
     }
-    if method == "vipamin":
-        meta.update(k=icfg.k, lam=icfg.lam, subspace=icfg.subspace, energy=subspace_energy(icfg),
-                    official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
-                    layers=layer_info)
-    if method == "spt":
-        meta.update(spt_mode=icfg.spt_mode, spt_source=icfg.spt_source, kmeans_iters=icfg.kmeans_iters)
+    meta.update(options)  # the method's options and per-layer records
     if D.rank() == 0:
         write_prompts_file(out, tensors, meta)
         log.info("init %s: wrote %s (prompts %s, B=%d, world %d; capture %.2fs, math %.2fs)", method, out,
                  tuple(tensors["prompts"].shape), B, D.world_size(), times["capture_s"], times["math_s"])
     D.barrier()
     return {"prompts": tensors["prompts"].float(), "tensors": tensors, "meta": meta}
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What an initializer computes its prompts from: the calibration pass's sums (`sums`, this rank's)
+    and their all-reduced means, the random prompts `R` (L_p, P, d) float64, the row-space bases of
+    init.subspace=tokens (`Q_tokens`), the prompt rows and the patch count N_p."""
+
+    cfg: DictConfig
+    model: PromptedViT
+    sums: LayerSums
+    keys: list[str]
+    means: dict
+    R: torch.Tensor
+    Q_tokens: dict
+    rows: list[int]
+    N_p: int
+    device: Optional[torch.device] = None  # where the per-layer math runs (the capture's device)
+
+
+def _random_init(c: Calibrated) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return {"prompts": c.R}, {}
+
+
+def _vipamin_init(c: Calibrated) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    icfg, (_, P, d) = c.cfg.init, c.R.shape
+    shapes = {name: (P, d) for name in ("prompts", "match", "orth")}
+    gathered, layers = map_layers(c.rows, lambda l: vipamin_row(icfg, c.model, c.means, c.R, c.Q_tokens, l, device=c.device), shapes)
+    return gathered, dict(k=icfg.k, lam=icfg.lam, subspace=icfg.subspace, energy=subspace_energy(icfg),
+                          official_compat=icfg.official_compat, ln_aware=icfg.ln_aware, orth_scale=icfg.orth_scale,
+                          layers=layers)
+
+
+def _spt_init(c: Calibrated) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    icfg, (_, P, d) = c.cfg.init, c.R.shape
+    return ({"prompts": _spt_prompts(c.cfg, c.sums, c.keys, c.rows, P, d, c.N_p)},
+            dict(spt_mode=icfg.spt_mode, spt_source=icfg.spt_source, kmeans_iters=icfg.kmeans_iters))
+
+
+# init.method -> the prompts it makes from the calibration (`Calibrated`): ({"prompts": (L_p, P, d), ...
+# more tensors for the file}, what the file's metadata records of the method's options), like ENGINES.
+INITIALIZERS: dict[str, Callable[[Calibrated], tuple[dict[str, torch.Tensor], dict[str, Any]]]] = {
+    "random": _random_init, "vipamin": _vipamin_init, "spt": _spt_init}
 
 
 def vipamin_row(icfg, model: PromptedViT, means: dict, R: torch.Tensor, Q_tokens: dict, l: int,
@@ -257,10 +288,25 @@ def read_prompts_metadata(path: str | Path) -> dict[str, Any]:
 
 # -- diagnose ---------------------------------------------------------------------------------
 
+def init_command(cfg: DictConfig, out: str | Path) -> dict[str, Any]:
+    """`vipamin-scale init`: `run_init` while holding the run directory (`train.out_dir`, Hydra's run
+    dir) like any command that writes there (`runs.hold`: a directory in use is one error line)."""
+    D.init_from_env()  # every rank learns the lock's outcome
+    with hold(Path(cfg.train.out_dir)):
+        return run_init(cfg, out)
+
+
 def run_diagnose(cfg: DictConfig) -> dict[str, Any]:
     """Attention entropy, projection energy (after norm1 and without) and scale, per layer, of
     the given prompts (prompt.init_file, or computed with init.method) next to random prompts
-    of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir)."""
+    of the same shape. Prints a table; writes JSON and a PNG beside `out` (default: run dir).
+    Holds the run directory (`runs.hold`) throughout."""
+    D.init_from_env()  # every rank learns the lock's outcome
+    with hold(Path(cfg.train.out_dir)):
+        return _diagnose(cfg)
+
+
+def _diagnose(cfg: DictConfig) -> dict[str, Any]:
     model = _prepare(cfg)
     L_p, P, d = model.prompt_shape
     out_dir = Path(cfg.train.out_dir)

@@ -1,0 +1,65 @@
+"""The command line as a user meets it: a misspelt or mistyped override, or a run directory another process
+holds, is one `error:` line (exit 2) before anything is written; init and diagnose hold their run directory."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import TINY
+
+from vipamin_scale import runs
+from vipamin_scale.cli import main
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model.pol=cls", "error: model.pol: no such field; did you mean model.pool?"),
+    ("+model.pol=cls", "error: model.pol: no such field; did you mean model.pool?"),  # `+` adds nothing read
+    ("trian.lr=0.1", "error: trian.lr: no such field; did you mean train.lr?"),
+    ("train.lr=abc", "error: train.lr: 'abc' is not a float"),
+    ("prompt.deep=maybe", "error: prompt.deep: 'maybe' is not a boolean"),
+    ("engine=zero4", "error: engine=zero4: no such option; the options are ddp, deepspeed, fairscale, fsdp2, "
+                     "zero1, zero2, zero3"),
+], ids=["field", "added_field", "section", "float", "bool", "group_option"])
+def test_bad_override_is_one_line_before_anything_is_written(override, says, tmp_path, capfd):
+    run = tmp_path / "run"
+    code = main(["train", "model=vit_test_d64", override, f"hydra.run.dir={run}"])
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines() == [says], err
+    assert not run.exists()
+
+
+
+@pytest.mark.parametrize("command", ["init", "diagnose", "train"])
+def test_a_run_directory_in_use_is_refused_before_anything_is_written(command, tmp_path, capfd):
+    """Another live process holds the run directory: one line naming it, and nothing (Hydra's `.hydra/`,
+    its log) is written there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    runs.acquire(run)  # this process holds it, as a running command would
+    try:
+        code = main([command, *TINY, f"out={tmp_path / 'p.safetensors'}", f"hydra.run.dir={run}"])
+    finally:
+        runs.release(run)
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"error: train.out_dir: {run} is in use by pid {os.getpid()}"), err
+    assert list(run.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["init", "diagnose"])
+def test_init_and_diagnose_hold_the_run_directory(command, tmp_path):
+    """The commands take the lock themselves (a process that took it after the CLI's check still wins)."""
+    from vipamin_scale import compose
+    from vipamin_scale.cli import HYDRA_TASKS
+
+    run = tmp_path / "run"
+    cfg = compose([*TINY, f"out={tmp_path / 'p.safetensors'}", f"hydra.run.dir={run}"])
+    run.mkdir()
+    runs.acquire(run)
+    try:
+        with pytest.raises(runs.RunLocked, match="is in use by pid"):
+            HYDRA_TASKS[command](cfg)
+    finally:
+        runs.release(run)
+    assert not (tmp_path / "p.safetensors").exists()
