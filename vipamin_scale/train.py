@@ -390,8 +390,8 @@ class PackTrainer:
         if skip >= self.steps_per_epoch:
             epoch, skip = epoch + 1, 0
         if self.rank == 0:
-            log.info("resumed %d run(s) from step %d (epoch %d): %s", len(resumed), step, epoch,
-                     ", ".join(str(run.resume_from) for run in resumed))
+            for run in resumed:
+                log.info("resumed from %s (epoch %d, step %d)", run.resume_from, epoch, step)
         return epoch, skip, step
 
     # -- one step ---------------------------------------------------------------------------------
