@@ -169,3 +169,36 @@ def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
     assert result["steps"] == 4
     assert counts["step"] == 0, counts
     assert counts["epoch"] <= 2, counts
+
+
+def test_plan_packs_groups_compatible_runs_in_sweep_order(tmp_path):
+    from vipamin_scale.packs import plan_packs
+
+    cfgs = [vipamin_scale.compose(["model=vit_test_d64", *o, f"train.out_dir={tmp_path / str(i)}"])
+            for i, o in enumerate([["train.lr=0.1"], ["prompt.length=3"], ["init=vipamin"], ["train.seed=2"],
+                                   ["prompt.length=3", "train.lr=0.2"]])]
+    assert plan_packs(cfgs) == [[0, 2, 3], [1, 4]]
+    assert plan_packs(cfgs, pack_size=2) == [[0, 2], [3], [1, 4]]
+    with pytest.raises(ConfigError, match=r"^hydra\.launcher\.pack_size: must be >= 1"):
+        plan_packs(cfgs, pack_size=0)
+
+
+@pytest.mark.slow
+def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digits_root):
+    """`vipamin-scale train -m hydra/launcher=packed` under torchrun (2 ranks): 4 jobs in packs of 2, one
+    pack per rank, each trained alone (world 1); every job directory holds Hydra's records and a run's."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "vipamin_scale.cli", "train", "-m", "hydra/launcher=packed",
+            "hydra.launcher.pack_size=2", *TINY, *SHORT, "train.epochs=1", "train.lr=0.05,0.16", "init=random,vipamin",
+            f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'unused'}"]
+    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        result = json.loads((job / "result.json").read_text())
+        assert result["pack_size"] == 2 and result["world_size"] == 1 and result["steps"] == 2
+        assert (job / ".hydra" / "overrides.yaml").is_file()
+        assert json.loads((job / "run.json").read_text())["status"] == "finished"
+    assert "rank 1 of 2 trains 1 of them" in proc.stdout + proc.stderr
