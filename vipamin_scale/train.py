@@ -129,37 +129,23 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
 # ----------------------------------------------------------------------------- pack compatibility
 
 
-def _flat(cfg: DictConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, child in node.items():
-                walk(child, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            out[prefix] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
 def may_differ(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in PACK_MAY_DIFFER)
 
 
 def pack_key(cfg: DictConfig) -> tuple:
     """What runs must share to train in one pack (equal keys: they can)."""
-    return tuple(sorted((k, repr(v)) for k, v in _flat(cfg).items() if not may_differ(k)))
+    return tuple(sorted((k, repr(v)) for k, v in runs.flat_fields(cfg).items() if not may_differ(k)))
 
 
 def check_pack(cfgs: Sequence[DictConfig]) -> None:
     """One ConfigError naming the first field that keeps a run out of the pack; nothing else is done."""
     if not cfgs:
         raise ConfigError("train_pack: no runs given")
-    first = _flat(cfgs[0])
+    first = runs.flat_fields(cfgs[0])
     dirs: dict[str, int] = {}
     for i, cfg in enumerate(cfgs):
-        flat = _flat(cfg)
+        flat = runs.flat_fields(cfg)
         for name in sorted(set(first) | set(flat)):
             if not may_differ(name) and repr(first.get(name)) != repr(flat.get(name)):
                 raise ConfigError(f"{name}: the runs of a pack must share it ({first.get(name)!r} in run 0, "
@@ -316,6 +302,22 @@ class PackTrainer:
         # The backbone is read once; each run's initializer and BPT's statistics run on it (on this
         # rank's device), then each run's model is built around it from their ready tensors.
         backbone = load_backbone(cfg).to(D.device())
+        # The loaders first: a pack whose data disagree in step count fails before any compute.
+        mean, std = normalization(cfg, backbone)
+        self.loader_args = dict(img_size=cfg.model.img_size, mean=mean, std=std, rank=self.rank, world_size=self.world)
+        self.train_loaders: dict[tuple, Any] = {}
+        for run in pack:
+            if run.data_key not in self.train_loaders:
+                self.train_loaders[run.data_key] = build_loader(
+                    run.cfg.data, cfg.data.train_split, train=True, seed=run.cfg.train.seed,
+                    limit=cfg.data.max_train_samples, **self.loader_args)
+        steps = {len(loader) for loader in self.train_loaders.values()}
+        if len(steps) > 1:
+            raise ConfigError(f"data.root: the runs of a pack must take as many steps per epoch; their data give "
+                              f"{sorted(steps)} (data.max_train_samples may equalize them)")
+        self.steps_per_epoch = steps.pop()
+        self.eval_loaders = self._eval_loaders(eval_split(cfg)[1])
+
         models, self.diagnostics = [], {}
         for k, run in enumerate(pack):
             run.k = k
@@ -338,21 +340,6 @@ class PackTrainer:
             models.append(model)
         self.model = PromptedPack(models)
         seed_everything(cfg.train.seed)  # the initializers must not shift training's random stream
-
-        mean, std = normalization(cfg, backbone)
-        self.loader_args = dict(img_size=cfg.model.img_size, mean=mean, std=std, rank=self.rank, world_size=self.world)
-        self.train_loaders: dict[tuple, Any] = {}
-        for run in pack:
-            if run.data_key not in self.train_loaders:
-                self.train_loaders[run.data_key] = build_loader(
-                    run.cfg.data, cfg.data.train_split, train=True, seed=run.cfg.train.seed,
-                    limit=cfg.data.max_train_samples, **self.loader_args)
-        steps = {len(loader) for loader in self.train_loaders.values()}
-        if len(steps) > 1:
-            raise ConfigError(f"data.root: the runs of a pack must take as many steps per epoch; their data give "
-                              f"{sorted(steps)} (data.max_train_samples may equalize them)")
-        self.steps_per_epoch = steps.pop()
-        self.eval_loaders = self._eval_loaders(eval_split(cfg)[1])
 
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         warmup_steps = int(round(cfg.train.warmup_epochs * self.steps_per_epoch))
