@@ -447,7 +447,8 @@ class PackTrainer:
         run.error = exc
         runs.record_exception(run.cfg, exc)
         run.metrics.close()
-        log.error("%s: %s: %s (the pack's other runs go on)", run.out_dir, type(exc).__name__, exc)
+        log.error("%s: %s: %s%s", run.out_dir, type(exc).__name__, exc,
+                  " (the pack's other runs go on)" if len(self.pack) > 1 else "")
 
     # -- one epoch --------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, skip: int, step: int) -> tuple[int, bool]:
