@@ -391,7 +391,11 @@ class PackTrainer:
         b = labels.shape[0] // len(live)
         logits = self.engine.forward(images, [run.k for run in live])  # (R * b, C)
         losses = torch.stack([cross_entropy(z, y) for z, y in zip(logits.split(b), labels.split(b))])  # (R,)
-        self.engine.backward(losses.sum())  # each run's gradient is its own loss's
+        loss = losses.sum()  # each run's gradient is its own loss's
+        if len(live) < len(self.pack):  # DDP reduces every parameter: a failed run's get exact zeros
+            loss = loss + 0.0 * sum(p.sum() for run in self.pack if not run.live
+                                    for p in self.model.runs[run.k].parameters() if p.requires_grad)
+        self.engine.backward(loss)
         self.engine.step()
         return losses.detach().double()
 

@@ -4,8 +4,7 @@
 
 The plain model with torch AdamW; with world size > 1 it is wrapped in
 `torch.nn.parallel.DistributedDataParallel` (gradients averaged over ranks), with world size 1
-it runs as is (a pack of several runs, `models/packed.py`, with `find_unused_parameters`: a run
-that failed alone stops taking part in the forward). Activation checkpointing is torch's non-reentrant checkpoint per block.
+it runs as is. Activation checkpointing is torch's non-reentrant checkpoint per block.
 """
 from __future__ import annotations
 
@@ -21,7 +20,5 @@ class DDPEngine(Engine):
     def _wrap(self, model: nn.Module) -> nn.Module:
         if D.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # a pack's failed run leaves its parameters out of the forward (train.py): DDP must allow it
-            unused = len(getattr(model, "runs", ())) > 1
-            return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model
