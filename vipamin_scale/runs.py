@@ -109,15 +109,10 @@ def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config's fields that can change a result, {dotted name: value}, sorted."""
-    return flat_fields(cfg, IGNORED)
-
-
-def flat_fields(cfg: DictConfig, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The resolved config as {dotted name: leaf value}, sorted, minus the `ignored` prefixes."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if prefix and any(prefix == p or prefix.startswith(p + ".") for p in ignored):
+        if prefix and any(prefix == p or prefix.startswith(p + ".") for p in IGNORED):
             return
         if isinstance(node, Mapping) and node:
             for key, child in node.items():

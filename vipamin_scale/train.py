@@ -67,7 +67,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -129,23 +129,36 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
 # ----------------------------------------------------------------------------- pack compatibility
 
 
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every leaf of a resolved config tree."""
+    if isinstance(node, dict) and node:
+        for key, child in node.items():
+            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def config_fields(cfg: DictConfig) -> dict[str, Any]:
+    return dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+
+
 def may_differ(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in PACK_MAY_DIFFER)
 
 
 def pack_key(cfg: DictConfig) -> tuple:
     """What runs must share to train in one pack (equal keys: they can)."""
-    return tuple(sorted((k, repr(v)) for k, v in runs.flat_fields(cfg).items() if not may_differ(k)))
+    return tuple(sorted((k, repr(v)) for k, v in config_fields(cfg).items() if not may_differ(k)))
 
 
 def check_pack(cfgs: Sequence[DictConfig]) -> None:
     """One ConfigError naming the first field that keeps a run out of the pack; nothing else is done."""
     if not cfgs:
         raise ConfigError("train_pack: no runs given")
-    first = runs.flat_fields(cfgs[0])
+    first = config_fields(cfgs[0])
     dirs: dict[str, int] = {}
     for i, cfg in enumerate(cfgs):
-        flat = runs.flat_fields(cfg)
+        flat = config_fields(cfg)
         for name in sorted(set(first) | set(flat)):
             if not may_differ(name) and repr(first.get(name)) != repr(flat.get(name)):
                 raise ConfigError(f"{name}: the runs of a pack must share it ({first.get(name)!r} in run 0, "
