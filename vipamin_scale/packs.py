@@ -6,7 +6,10 @@
     run_packed(cfgs, pack_size=None) -> [result per run]          every pack trained; under torchrun with
                                         W ranks, rank r trains packs r, r + W, ... alone (world 1 each, no
                                         collective between packs) and returns None for the others' runs
-                                        (their result.json is in their run directories)
+                                        (their result.json is in their run directories). When this process
+                                        already joined a process group, every pack is trained by all ranks
+                                        together instead (a distributed run each), and every rank returns
+                                        every result
 
 The three ways in call `run_packed`: Python (`vipamin_scale.train_pack` for one pack), the Hydra launcher
 (`vipamin-scale train -m hydra/launcher=packed ...`, `launch_sweep` below, the plugin class in
@@ -23,6 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+import vipamin_scale.distributed as D
 from vipamin_scale.config import ConfigError
 from vipamin_scale.train import pack_key, train_pack
 
@@ -60,6 +64,8 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> l
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if D.is_dist():  # a process group is up (its collectives would reach the other ranks): train packs together
+        world, rank = 1, 0
     results: list[Optional[dict[str, Any]]] = [None] * len(cfgs)
     mine = plan[rank::world] if world > 1 else plan
     log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
