@@ -29,7 +29,9 @@ Protocol (the defaults; every number is a flag):
   final run is evaluated once, on test. Reported: mean +- sample sd over the draws, and for each
   method the mean paired difference against VPT random and against the project's VIPAMIN
   default, with a 95 % t-interval over draws; "resolved" only when the interval excludes 0.
-* runs are shared by `--workers` processes (1 torch thread each); everything is written under
+* runs are shared by `--workers` processes (1 torch thread each); the final training runs of one
+  (k, method) go to one worker as a pack (`vipamin_scale.packs.run_packed`: side by side over one
+  backbone, each run equal to its solo run, issue 22); everything is written under
   --work, and a finished run is reused. The protocol is recorded there: a re-run with different
   settings into the same --work is refused (pass --fresh to start over).
 Writes benchmarks/results/accuracy[_quick].json and .png, benchmarks/results/demo_preset.json (the
@@ -284,22 +286,41 @@ def job_final(a: argparse.Namespace, root: Optional[str], method: str, full: boo
     if method == LINEAR:
         _PROBE = _PROBE or LinearProbe(a)
         return _PROBE.score(cfg, _PROBE.fit(cfg, value), cfg.data.test_split)
-    from vipamin_scale.train import run_training
+    return job_final_pack(a, [(root, method, full, value, draw, out)])[0]
 
-    path = Path(out)
-    cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = out, value, draw, draw
-    cfg.train.eval_split = "test"  # the one evaluation of a final run (its lr was chosen on val)
-    if runs.is_finished(path):
-        runs.check_same_run(path, cfg, what="benchmarks/accuracy.py")  # reuse only the very same run
-    r = runs.read_result(path) if runs.is_finished(path) else None
-    if r is None:
-        try:
-            run_training(cfg)
-        except Exception as exc:  # recorded in the table; the benchmark goes on
-            log.warning("%s draw %d failed: %s: %s", out, draw, type(exc).__name__, exc)
-            runs.record_failure(path, f"{type(exc).__name__}: {exc}")
-        r = runs.read_result(path) or {}
-    return (r.get("final_eval") or {}).get("acc") if r.get("status", "ok") == "ok" else None
+
+def job_final_pack(a: argparse.Namespace, specs: list[tuple]) -> list[Optional[float]]:
+    """Training final runs (`job_final`'s arguments after `a`) in this worker, as packs
+    (`vipamin_scale.packs.run_packed`: compatible runs side by side over one backbone, each equal to its
+    solo run); each run's test accuracy (None: failed). A run already finished is reused, never retrained."""
+    from vipamin_scale.packs import run_packed
+
+    accs: list[Optional[float]] = [None] * len(specs)
+    todo = []
+    for i, (root, method, full, value, draw, out) in enumerate(specs):
+        if value is None:  # its selection failed
+            continue
+        cfg = run_cfg(a, Path(root) if root else None, method, full=full)
+        cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = out, value, draw, draw
+        cfg.train.eval_split = "test"  # the one evaluation of a final run (its lr was chosen on val)
+        if runs.is_finished(Path(out)):
+            runs.check_same_run(Path(out), cfg, what="benchmarks/accuracy.py")  # reuse only the very same run
+            accs[i] = (runs.read_result(Path(out)).get("final_eval") or {}).get("acc")
+        else:
+            todo.append((i, cfg))
+    try:
+        results = run_packed([cfg for _, cfg in todo])
+    except Exception as exc:  # a pack that cannot start: its runs are recorded failed; the benchmark goes on
+        log.warning("final runs %s failed: %s: %s", [str(c.train.out_dir) for _, c in todo], type(exc).__name__, exc)
+        for _, cfg in todo:
+            runs.record_failure(Path(cfg.train.out_dir), f"{type(exc).__name__}: {exc}")
+        results = [None] * len(todo)
+    for (i, cfg), r in zip(todo, results):
+        if r is not None and r.get("status", "ok") == "ok":
+            accs[i] = (r.get("final_eval") or {}).get("acc")
+        else:
+            log.warning("%s failed: %s", cfg.train.out_dir, (r or {}).get("error"))
+    return accs
 
 
 def run_jobs(a: argparse.Namespace, jobs: list[tuple]) -> list[Any]:
@@ -531,15 +552,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   (job_final, a, None, RANDOM, True, selected[("gate", RANDOM)]["value"], 0,
                    str(work / "gate" / "final"))]
     fkeys = [("gate", LINEAR, 0), ("gate", RANDOM, 0)]
-    for k in a.shots:
+    for k in a.shots:  # the training runs as packs: one worker job per (shots, method), split to fill the workers
         for m in a.methods:
-            for d in range(a.draws):
-                v = selected[(k, m)]["value"]
-                final_jobs.append((job_final, a, str(roots[(k, d)]), m, False, v, d,
-                                   str(work / "final" / f"{k}shot" / slug(m) / f"{v}" / f"draw{d}")))
-                fkeys.append((k, m, d))
+            specs = [(str(roots[(k, d)]), m, False, selected[(k, m)]["value"], d,
+                      str(work / "final" / f"{k}shot" / slug(m) / f"{selected[(k, m)]['value']}" / f"draw{d}"))
+                     for d in range(a.draws)]
+            keys = [(k, m, d) for d in range(a.draws)]
+            if m == LINEAR:
+                final_jobs += [(job_final, a, *spec) for spec in specs]
+                fkeys += keys
+                continue
+            size = max(1, math.ceil(len(specs) * len(a.shots) * len(a.methods) / max(a.workers, 1)))
+            for j in range(0, len(specs), size):
+                final_jobs.append((job_final_pack, a, specs[j:j + size]))
+                fkeys.append(keys[j:j + size])
     log.info("final runs: %d jobs over %d workers", len(final_jobs), a.workers)
-    acc = dict(zip(fkeys, run_jobs(a, final_jobs)))
+    acc = {}
+    for key, got in zip(fkeys, run_jobs(a, final_jobs)):
+        acc.update(zip(key, got) if isinstance(key, list) else [(key, got)])
 
     gate = {"n": full_n, "epochs": full_sched["epochs"], "steps": full_sched["steps"],
             "probe_C": selected[("gate", LINEAR)]["value"], "probe_trials": selected[("gate", LINEAR)]["trials"],

@@ -5,6 +5,7 @@ The Python API is the CLI's commands, for notebooks and scripts:
     import vipamin_scale
     cfg = vipamin_scale.compose(["model=vit_test_d64", "train.epochs=1", "hydra.run.dir=runs/nb"])
     result = vipamin_scale.train(cfg)                  # the run's record (its result.json)
+    results = vipamin_scale.train_pack([cfg_a, cfg_b])  # K runs over one backbone, each as if alone
     vipamin_scale.init_prompts(cfg, "prompts.safetensors")
 
 `compose` is what `vipamin-scale train <overrides>` composes; `train` and `init_prompts` are what
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-__all__ = ["__version__", "compose", "init_prompts", "train"]
+__all__ = ["__version__", "compose", "init_prompts", "train", "train_pack"]
 
 
 def _version() -> str:
@@ -62,6 +63,16 @@ def train(cfg: "DictConfig") -> dict[str, Any]:
     from vipamin_scale.api import train as _train
 
     return _train(cfg)
+
+
+def train_pack(cfgs: "list[DictConfig]") -> list[dict[str, Any]]:
+    """K runs (full configs, each with its own train.out_dir) trained side by side in this process over one
+    frozen backbone; each run's record equals its solo `train`'s (within float rounding). They may differ in
+    train.lr, train.weight_decay, train.seed, init.*, data.root; anything else is one error naming the field.
+    A run that fails (non-finite loss) is recorded as failed and the others go on."""
+    from vipamin_scale.api import train_pack as _train_pack
+
+    return _train_pack(cfgs)
 
 
 def init_prompts(cfg: "DictConfig", out: Optional[str] = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Python API's bodies (`vipamin_scale.compose`, `train`, `init_prompts`): the CLI's tasks, callable.
+"""The Python API's bodies (`vipamin_scale.compose`, `train`, `train_pack`, `init_prompts`): the CLI's tasks, callable.
 
 Kept out of `vipamin_scale/__init__.py` so that importing the package imports neither torch nor Hydra.
 """
@@ -53,6 +53,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         D.destroy()
     return {k: v for k, v in result.items() if k != "model"}
+
+
+def train_pack(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
+    """K runs trained as one pack over one backbone (`vipamin_scale.train.train_pack`): each run's record."""
+    import vipamin_scale.distributed as D
+    from vipamin_scale.train import train_pack as _train_pack
+
+    try:
+        return _train_pack(list(cfgs))
+    finally:
+        D.destroy()
 
 
 def init_prompts(cfg: DictConfig, out: Optional[str] = None) -> dict[str, Any]:

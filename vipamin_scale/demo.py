@@ -7,9 +7,11 @@ on the same images with the same seed, and the methods that start from random pr
 the same random tensor. Prints test accuracy per draw, mean ± sd, and VIPAMIN's paired difference
 against each other method with its 95 % interval, saying whether the interval excludes 0.
 
-The runs are ordinary training runs under `<run dir>/<method>/draw<d>/`, shared by two worker
-processes (one torch thread each); a line is printed as each run ends (`progress_line`), and the
-table is written beside them as demo_results.md.
+The runs are ordinary training runs under `<run dir>/<method>/draw<d>/`, trained as packs
+(`packs.plan_packs`, `train.train_pack`: the runs of one worker side by side over one backbone, each
+equal to its solo run) in two worker processes (one torch thread each); a line is printed as each run
+ends (`progress_line`; the runs of a pack end together), and the table is written beside them as
+demo_results.md.
 """
 from __future__ import annotations
 
@@ -67,14 +69,40 @@ def _slug(name: str) -> str:
     return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
-def _train(cfg: DictConfig) -> Optional[float]:
+def _train_pack(cfgs: list[DictConfig]) -> list[Optional[float]]:
+    """One worker's pack: each run's final eval accuracy (a failed run: a UserError naming it)."""
     import torch
 
-    from vipamin_scale.train import run_training
+    from vipamin_scale.config import UserError
+    from vipamin_scale.train import train_pack
 
     torch.set_num_threads(1)
-    result = run_training(cfg)
-    return (result.get("final_eval") or {}).get("acc")
+    results = train_pack(cfgs)
+    for cfg, result in zip(cfgs, results):
+        if result.get("status") == "failed":
+            raise UserError(f"demo: the run in {cfg.train.out_dir} failed: {result.get('error')}")
+    return [(r.get("final_eval") or {}).get("acc") for r in results]
+
+
+def train_in_packs(cfgs: list[DictConfig], workers: int,
+                   on_done: Optional[Callable[[int, Optional[float]], None]] = None) -> list[Optional[float]]:
+    """Every run's final eval accuracy, in order: the runs cut into `workers` packs, one per worker process;
+    `on_done(i, acc)` is called for each run `i` as its pack ends."""
+    import math
+
+    from vipamin_scale.packs import plan_packs
+
+    plan = plan_packs(cfgs, pack_size=math.ceil(len(cfgs) / max(workers, 1)))
+    accs: list[Optional[float]] = [None] * len(cfgs)
+
+    def pack_done(p: int, got: list[Optional[float]]) -> None:
+        for i, acc in zip(plan[p], got):
+            accs[i] = acc
+            if on_done is not None:
+                on_done(i, acc)
+
+    run_in_processes(_train_pack, [([cfgs[i] for i in p],) for p in plan], workers, on_done=pack_done)
+    return accs
 
 
 def progress_line(method: str, draw: int, acc: Optional[float], elapsed_s: float, left: int) -> str:
@@ -116,7 +144,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     methods = list(METHODS)
     log.info("demo: %d methods x %d draws at %d images per class, %d workers", len(methods), DRAWS, preset["shots"],
              WORKERS)
-    results = run_in_processes(_train, [(c,) for _, _, c in jobs], WORKERS, on_done=_progress(jobs))
+    results = train_in_packs([c for _, _, c in jobs], WORKERS, on_done=_progress(jobs))
     accs = dict(zip([(m, d) for m, d, _ in jobs], results))
     rows = {m: summary([accs[(m, d)] for d in range(DRAWS)]) for m in methods}
     diffs = {m: paired(rows[VIPAMIN]["runs"], rows[m]["runs"]) for m in methods if m != VIPAMIN}

@@ -2,15 +2,16 @@
 
 Slurm sends SIGUSR1 before a job's time limit (`#SBATCH --signal=USR1@120`), and an operator can
 send it at any time (`scancel --signal=USR1 JOBID`). Each rank's handler only sets a flag; at
-every step boundary the ranks agree (all-reduce max: the signal reaches ranks at different steps,
-or only some of them), then every rank takes part in the checkpoint, rank 0 runs
+every check of the train loop (every `train.log_every` steps and at epoch end) the ranks agree
+(the flag rides in the loop's one fused collective, `local`; or `requested`, a collective of its
+own: the signal reaches ranks at different steps, or only some of them), then every rank takes part in the checkpoint, rank 0 runs
 `scontrol requeue $SLURM_JOB_ID`, and every rank exits with `PREEMPT_EXIT_CODE`. The requeued
 job runs the same script with `train.resume=true` and continues exactly where this one stopped
 (the checkpoint records the step within the epoch; `train.py` skips the steps already taken).
 
 Outside Slurm (no `SLURM_JOB_ID`) the same signal checkpoints and exits; resume by hand with
 `train.resume=true`. `VIPAMIN_SCALE_PREEMPT_AT_STEP=N` acts as if the signal arrived just
-before global step N ended (for tests).
+before global step N ended (for tests; acted on at the first check at or after step N).
 """
 from __future__ import annotations
 
@@ -47,8 +48,12 @@ class Preemption:
         if self.installed:
             signal.signal(PREEMPT_SIGNAL, _on_signal)
 
+    def local(self, first_step: int, last_step: int) -> bool:
+        """This rank's flag for the steps `first_step..last_step` since the last check (no collective)."""
+        return _flag.is_set() or first_step <= self.at_step <= last_step
+
     def requested(self, global_step: int) -> bool:
-        local = _flag.is_set() or global_step == self.at_step
+        local = self.local(global_step, global_step)
         if not D.is_dist():
             return local
         flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float64)

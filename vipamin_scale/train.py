@@ -1,37 +1,73 @@
-"""One training loop, engine-agnostic: initialize prompts, train, evaluate, checkpoint, resume, log.
+"""One training loop, engine-agnostic, for a pack of K runs over one frozen backbone (K = 1: a solo run).
 
-    run_training(cfg) -> result dict: what `<out_dir>/result.json` holds (plain JSON values; the
-                         trained prompts and head are in the run's checkpoints, never returned)
+    train_pack(cfgs)  -> [result dict per run]: what each `<train.out_dir>/result.json` holds (a failed
+                         run: its failure record); the trained prompts and heads are in the runs'
+                         checkpoints, never returned
+    run_training(cfg) =  train_pack([cfg])[0], raising what made the run fail
 
-Per epoch: every rank runs the same number of steps (the loader guarantees it), the loss is
-averaged over ranks for logging, top-1 accuracy is computed over the whole eval split (counts
-all-reduced). A checkpoint is written at the end of every epoch (rank 0, atomic, last K kept);
-`train.resume=true` continues from the newest one, skipping the steps already taken in a
-partial epoch, so a resumed run ends where an uninterrupted one would.
+A pack (issue 22, ARCHITECTURE.md "Packs") is K ordinary runs, each a full config with its own run
+directory, trained side by side: one backbone, one forward over the concatenated batches
+(`models/packed.py`), loss = the sum of the runs' own mean losses, so each run's gradients are its own;
+one AdamW with two param groups per run (each run's lr and weight decay; AdamW is per element, so a
+group steps exactly as the run's own optimizer would, and its state by parameter name is the solo
+checkpoint's), one LambdaLR whose factor every run shares (the schedule length must agree). Runs of
+the same data (data.root, train.seed: the same batches) share one loader, others have their own.
+`check_pack` says what may differ (`PACK_MAY_DIFFER`); anything else is one ConfigError naming the
+field, before any compute. Per-run randomness: the head, the Xavier prompts and the initializers draw
+from generators seeded by the run's own config (each run's initializer runs after seeding the global
+RNG with its own train.seed, as its solo run does), so they are drawn as in the solo run. Prompt
+dropout draws from the global RNG, which a pack cannot split per run: `prompt.dropout > 0` is refused
+in packs of K > 1 (as is any engine but ddp, whose AdamW is the one whose groups are exact per run).
 
-World size: data.batch_size is the global batch and the loader's global batches depend on
-(seed, epoch) only (data/wds.py), so a step is the same samples and the same averaged gradient at
-every world size: the same config trains the same prompts (up to float summation order) at world
-1, 2 or 4, and a run resumed at another world size continues the same sequence (steps count global
-batches). What is drawn per rank stays per rank: with prompt.dropout > 0 the dropout masks come
-from each rank's torch RNG (restored per rank on resume; a new rank takes rank 0's state), so
-world sizes then differ by their dropout draws.
+Pieces (torchtitan's trainer): `PackTrainer.restore` (the position to resume from), `build` (backbone,
+initializers, models, loaders, engine), `train_step` (one step, no host sync), `train_epoch`, `check`
+(the fused collective), `evaluate`, `save`, `finish` (the results).
 
-The run directory's records go through `vipamin_scale.runs`: rank 0 holds its lock for the whole
-run; a resume continues only a run of the same identity (else one line naming the differing
-fields, before any compute); a resume of a finished run returns its result.json untouched. A
-non-finite loss stops every rank at that step (`TrainingDiverged`, naming the step and the lr);
-the checkpoints written before it stay.
+Host syncs. The step never waits for the host: each run's loss stays on the device, accumulated in
+float64 with the first non-finite step and its value. Every `train.log_every` steps, at the end of
+every epoch, and so before every checkpoint, `check` runs ONE collective (an all-gather of
+[loss sums, first bad steps, bad values, preemption flag]) and reads it once: the mean losses are
+logged, the preemption flag acted on, and a non-finite loss fails its run.
+
+Non-finite loss: the run stops at the next check (at most `train.log_every - 1` steps after the bad
+one, its in-memory prompts then unused); no checkpoint is written after the bad step (checks precede
+every checkpoint); the error (`TrainingDiverged`) names the first bad step, its epoch and its lr. With
+train.log_every=1 that is the step itself. Alone, the run raises; in a pack of K > 1 the run is
+recorded as failed (the same record and line as alone) and the others go on.
+
+Per epoch: every rank runs the same number of steps (the loader guarantees it), the loss is averaged
+over ranks for logging, top-1 accuracy is computed over the whole eval split (counts all-reduced). A
+checkpoint per run is written at the end of every epoch (rank 0, atomic, last K kept, the solo
+parameter names), so a packed run resumes solo and a solo run in a pack. `train.resume=true` continues
+from the newest checkpoint every run of the pack has (a pack killed between two runs' writes resumes
+all from the previous one), skipping the steps already taken in a partial epoch, so a resumed run ends
+where an uninterrupted one would.
+
+World size: data.batch_size is the global batch and the loader's global batches depend on (seed,
+epoch) only (data/wds.py), so a step is the same samples and the same averaged gradient at every world
+size: the same config trains the same prompts (up to float summation order) at world 1, 2 or 4, and a
+run resumed at another world size continues the same sequence (steps count global batches). What is
+drawn per rank stays per rank: with prompt.dropout > 0 the dropout masks come from each rank's torch
+RNG (restored per rank on resume; a new rank takes rank 0's state), so world sizes then differ by
+their dropout draws.
+
+The run directories' records go through `vipamin_scale.runs`: rank 0 holds each run's lock for the
+whole pack; a resume continues only a run of the same identity (else one line naming the differing
+fields, before any compute); a resume of a finished run returns its result.json untouched. A data
+error in a pack of K > 1 at world 1 fails the runs reading that data alone; under torchrun it ends the
+pack (a rank's data error is not seen by the others, as for a solo run).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,12 +76,13 @@ from omegaconf import DictConfig, OmegaConf
 import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
-from vipamin_scale.config import UserError, check_global_batch, eval_split, validate
+from vipamin_scale.config import ConfigError, UserError, check_global_batch, eval_split, validate
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
 from vipamin_scale.faults import kill_switch
 from vipamin_scale.init.bpt_stats import bpt_whitening
 from vipamin_scale.models import build_model, load_backbone, normalization
+from vipamin_scale.models.packed import PromptedPack
 from vipamin_scale.models.prompted import cross_entropy
 from vipamin_scale.preempt import Preemption
 from vipamin_scale.progress import progress_bar
@@ -53,34 +90,21 @@ from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
 
+# Fields (dotted prefixes) in which the runs of a pack may differ: neither shapes nor step counts
+# depend on them. Everything else must be equal (`check_pack`).
+PACK_MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "init", "data.root", "prompt.init_file",
+                   "train.out_dir", "train.resume", "train.keep_last", "train.loggers", "train.project",
+                   "train.run_name", "train.mlflow_uri", "train.log_diagnostics", "train.progress", "tune", "out")
+
 
 class TrainingDiverged(UserError):
-    """The loss became NaN/Inf: the run stops (exit 2); the last checkpoint written before it stays."""
+    """The loss became NaN/Inf: the run stops (exit 2); the checkpoints written before it stay."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def evaluate(engine, loader) -> dict[str, float]:
-    engine.model.eval()
-    correct = torch.zeros((), dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    engine.pad_eval(len(loader))  # ZeRO-3: ranks with fewer eval batches join the others' collectives
-    for images, labels, _ in loader:
-        images, labels = images.to(engine.device), labels.to(engine.device)
-        logits = engine.forward(images)
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double().cpu()
-        correct += (logits.argmax(dim=1) == labels).sum().double().cpu()
-        total += labels.numel()
-    stats = torch.stack([correct, total, loss_sum])
-    D.all_reduce_sum(stats)
-    correct, total, loss_sum = stats.tolist()
-    return {"acc": correct / max(total, 1.0), "loss": loss_sum / max(total, 1.0), "count": int(total)}
 
 
 def initial_prompts(cfg: DictConfig, backbone, out_dir: Path) -> Optional[torch.Tensor]:
@@ -102,176 +126,550 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
     return {**reads, "data.test_split": cfg.data.test_split} if cfg.train.test_at_end else reads
 
 
+# ----------------------------------------------------------------------------- pack compatibility
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every leaf of a resolved config tree."""
+    if isinstance(node, dict) and node:
+        for key, child in node.items():
+            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def config_fields(cfg: DictConfig) -> dict[str, Any]:
+    return dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def may_differ(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PACK_MAY_DIFFER)
+
+
+def pack_key(cfg: DictConfig) -> tuple:
+    """What runs must share to train in one pack (equal keys: they can)."""
+    return tuple(sorted((k, repr(v)) for k, v in config_fields(cfg).items() if not may_differ(k)))
+
+
+def check_pack(cfgs: Sequence[DictConfig]) -> None:
+    """One ConfigError naming the first field that keeps a run out of the pack; nothing else is done."""
+    if not cfgs:
+        raise ConfigError("train_pack: no runs given")
+    first = config_fields(cfgs[0])
+    dirs: dict[str, int] = {}
+    for i, cfg in enumerate(cfgs):
+        flat = config_fields(cfg)
+        for name in sorted(set(first) | set(flat)):
+            if not may_differ(name) and repr(first.get(name)) != repr(flat.get(name)):
+                raise ConfigError(f"{name}: the runs of a pack must share it ({first.get(name)!r} in run 0, "
+                                  f"{flat.get(name)!r} in run {i}, {cfg.train.out_dir}); only "
+                                  f"{', '.join(p + ('.*' if p in ('init', 'tune') else '') for p in PACK_MAY_DIFFER[:6])} "
+                                  f"(and bookkeeping) may differ")
+        out_dir = str(Path(cfg.train.out_dir).resolve())
+        if out_dir in dirs:
+            raise ConfigError(f"train.out_dir: runs {dirs[out_dir]} and {i} of the pack both write into {cfg.train.out_dir}")
+        dirs[out_dir] = i
+    if len(cfgs) > 1:
+        if cfgs[0].prompt.dropout > 0:
+            raise ConfigError(f"prompt.dropout: {cfgs[0].prompt.dropout} draws its masks from the global RNG, which the "
+                              f"runs of a pack would share; pack only runs with prompt.dropout=0, or train them alone")
+        if cfgs[0].engine.name != "ddp":
+            raise ConfigError(f"engine.name: packs of several runs train with engine.name=ddp (one AdamW with a group "
+                              f"per run); got {cfgs[0].engine.name}")
+
+
+# ----------------------------------------------------------------------------- the runs of a pack
+
+
+@dataclass
+class Run:
+    """One run of a pack: its config, records and per-run state (index `k` in the pack's model)."""
+
+    cfg: DictConfig
+    out_dir: Path
+    k: int = -1
+    root: Optional[Path] = None
+    metrics: Optional[MetricsLog] = None
+    state: Optional[dict[str, Any]] = None  # the checkpoint resumed from
+    resume_from: Optional[Path] = None
+    best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "epoch": -1})
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    init_time: float = 0.0
+    num_trainable: int = 0
+    prompt_params: int = 0
+    vpt_prompt_params: int = 0
+    error: Optional[BaseException] = None
+    result: Optional[dict[str, Any]] = None
+
+    @property
+    def live(self) -> bool:
+        return self.error is None and self.result is None
+
+    @property
+    def data_key(self) -> tuple:  # runs with equal keys read the same training batches
+        return (str(self.root), self.cfg.train.seed)
+
+
+def train_pack(cfgs: Sequence[DictConfig]) -> list[dict[str, Any]]:
+    """Train the runs of `cfgs` as one pack (module docstring); each entry is the run's result.json
+    content, or its failure record ({"status": "failed", "error": ...}) for a run that failed alone."""
+    out = []
+    for run in _train_pack(cfgs):
+        if run.error is not None:
+            out.append(runs.read_result(run.out_dir) or {"status": "failed", "error": f"{type(run.error).__name__}: {run.error}"})
+        else:
+            out.append(run.result)
+    return out
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
-    validate(cfg)
+    """A solo run: the pack of one."""
+    (run,) = _train_pack([cfg], alone=True)
+    if run.error is not None:
+        raise run.error
+    return run.result
+
+
+def _train_pack(cfgs: Sequence[DictConfig], alone: bool = False) -> list[Run]:
+    cfgs = list(cfgs)
+    for cfg in cfgs:
+        validate(cfg)
+    check_pack(cfgs)
     D.init_from_env()
-    check_global_batch(cfg.data.batch_size, D.world_size())
-    check_splits(cfg.data, splits_read(cfg), train="data.train_split", limit=cfg.data.max_train_samples)
-    out_dir = Path(cfg.train.out_dir)
-    with runs.hold(out_dir):  # one writer per run directory
-        # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        resuming = cfg.train.resume or restarted
-        if resuming:
-            runs.check_same_run(out_dir, cfg)
-            if runs.is_finished(out_dir):
-                if D.rank() == 0:
-                    log.info("%s holds a finished run; nothing to do (result.json kept)", out_dir)
-                return runs.read_result(out_dir)
-        D.barrier()  # every rank has read the records before rank 0 rewrites them
-        if D.rank() == 0:
-            runs.begin(out_dir, cfg)
-        return _train(cfg, out_dir, resuming, restarted)
+    check_global_batch(cfgs[0].data.batch_size, D.world_size())
+    pack = [Run(cfg, Path(cfg.train.out_dir)) for cfg in cfgs]
+    # A torchrun restart (elastic, --max-restarts) always continues from the newest checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    with contextlib.ExitStack() as held:
+        for run in pack:
+            with _failing_alone(run, alone):
+                check_splits(run.cfg.data, splits_read(run.cfg), train="data.train_split",
+                             limit=run.cfg.data.max_train_samples)
+                held.enter_context(runs.hold(run.out_dir))  # one writer per run directory
+                if run.cfg.train.resume or restarted:
+                    runs.check_same_run(run.out_dir, run.cfg)
+                    if runs.is_finished(run.out_dir):
+                        if D.rank() == 0:
+                            log.info("%s holds a finished run; nothing to do (result.json kept)", run.out_dir)
+                        run.result = runs.read_result(run.out_dir)
+        live = [run for run in pack if run.live]
+        if live:
+            D.barrier()  # every rank has read the records before rank 0 rewrites them
+            if D.rank() == 0:
+                for run in live:
+                    runs.begin(run.out_dir, run.cfg)
+            PackTrainer(live, restarted, alone).train()
+    return pack
 
 
-def _train(cfg: DictConfig, out_dir: Path, resuming: bool, restarted: bool) -> dict[str, Any]:
-    rank, world = D.rank(), D.world_size()
-    ckpt_dir = out_dir / "checkpoints"
-    # The newest valid checkpoint, read before any compute (a damaged newer one is skipped, with a warning).
-    resumed = ckpt.load_latest(ckpt_dir) if resuming else None
-    resume_from, state = resumed if resumed is not None else (None, None)
-    seed_everything(cfg.train.seed)
-    metrics = MetricsLog.from_config(cfg, out_dir, enabled=rank == 0)  # a tracker that cannot start fails here
+@contextlib.contextmanager
+def _failing_alone(run: Run, alone: bool):
+    """A user error of one run of a pack (K > 1) fails that run alone: recorded as its solo run's would be."""
+    try:
+        yield
+    except UserError as exc:
+        if alone:
+            raise
+        run.error = exc
+        if not isinstance(exc, runs.RunDirError):
+            runs.record_exception(run.cfg, exc)
+        log.error("%s: %s: %s (the pack's other runs go on)", run.out_dir, type(exc).__name__, exc)
 
-    root = resolve_root(cfg.data)
-    info = dataset_info(root)
-    num_classes = int(info["num_classes"])
 
-    # The backbone is read once; the initializer and BPT's statistics run on it (on this rank's
-    # device), then the model is built around it from their ready tensors.
-    backbone = load_backbone(cfg).to(D.device())
-    t0 = time.perf_counter()
-    prompts = None if resume_from is not None else initial_prompts(cfg, backbone, out_dir)
-    init_time = time.perf_counter() - t0
-    whitening = bpt_whitening(cfg, backbone)  # deterministic: a resumed run recomputes the same
-    model = build_model(cfg, num_classes, prompts=prompts, whitening=whitening, backbone=backbone)
-    if resume_from is not None:  # before ZeRO-3 partitions the parameters
-        ckpt.check_trainable(resume_from, state["trainable"],
-                             {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
-    diagnostics = None
-    if resume_from is None and wants_diagnostics(cfg.train):
-        from vipamin_scale.init.run import prompt_diagnostics
+# ----------------------------------------------------------------------------- the trainer
 
-        diagnostics = prompt_diagnostics(cfg, model, {"prompts": model.prompt().detach().double()})  # collective
-    seed_everything(cfg.train.seed)  # the initializer must not shift training's random stream
-    mean, std = normalization(cfg, model.backbone)
-    img_size = cfg.model.img_size
-    train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, img_size=img_size, mean=mean, std=std,
-                                rank=rank, world_size=world, seed=cfg.train.seed, limit=cfg.data.max_train_samples)
-    eval_loader = build_loader(cfg.data, eval_split(cfg)[1], train=False,
-                               img_size=img_size, mean=mean, std=std, rank=rank, world_size=world)
 
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-    global_batch = cfg.data.batch_size  # the same samples per step at every world size
-    lr = cfg.train.lr * global_batch / 256.0
-    num_trainable = sum(p.numel() for p in model.trainable_parameters())  # before ZeRO-3 partitions them
-    engine = build_engine(cfg, model, total_steps, warmup_steps, lr)
+class PackTrainer:
+    """The loop over a pack's live runs; `train()` runs restore, build, the epochs and finish."""
 
-    start_epoch, skip_steps, global_step, best = 0, 0, 0, {"acc": -1.0, "epoch": -1}
-    if resume_from is not None:
-        engine.load_trainable_state(state["trainable"])
-        ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        start_epoch, skip_steps, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        best = state.get("best", best)
-        if skip_steps >= steps_per_epoch:
-            start_epoch, skip_steps = start_epoch + 1, 0
-        if rank == 0:
-            log.info("resumed from %s (epoch %d, step %d)", resume_from, start_epoch, global_step)
+    def __init__(self, pack: list[Run], restarted: bool, alone: bool):
+        self.pack, self.restarted, self.alone = pack, restarted, alone
+        self.cfg = pack[0].cfg  # what the runs share (check_pack)
+        self.rank, self.world = D.rank(), D.world_size()
 
-    if rank == 0:
-        if resume_from is None:
-            metrics.start(OmegaConf.to_container(cfg, resolve=True), diagnostics)
-        log.info("model %s: %d trainable parameters (prompts %s + head), lr %.3g (base %.3g x %d/256), "
-                 "%d steps/epoch, world %d", cfg.model.name, num_trainable, tuple(model.prompt_shape), lr,
-                 cfg.train.lr, global_batch, steps_per_epoch, world)
+    # -- restore ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """The checkpoint of every run at the newest position they all have (read before any compute;
+        a damaged newer one is skipped, with a warning). None for all when one has none."""
+        if not (self.cfg.train.resume or self.restarted):
+            return
+        found = [ckpt.load_latest(run.out_dir / "checkpoints") for run in self.pack]
+        if any(f is None for f in found):
+            return
+        step = min(state["global_step"] for _, state in found)
+        for run, (path, state) in zip(self.pack, found):
+            if state["global_step"] != step:
+                path, state = _checkpoint_at(run.out_dir / "checkpoints", step)
+            run.resume_from, run.state = path, state
 
-    kill = kill_switch(restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
-    progress = progress_bar(total_steps, "train", "step", initial=global_step, enabled=cfg.train.progress and rank == 0)
-    preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next step boundary, requeue, exit
-    train_time, images_seen, last_eval = 0.0, 0, {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_loader.set_epoch(epoch)
-        engine.model.train()
-        t_epoch = time.perf_counter()
-        loss_acc, loss_n = torch.zeros(2, dtype=torch.float64), 0
-        for i, (images, labels, _) in enumerate(train_loader):
-            if i < skip_steps:
+    # -- build ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, pack = self.cfg, self.pack
+        for run in pack:
+            run.root = resolve_root(run.cfg.data)
+            run.metrics = MetricsLog.from_config(run.cfg, run.out_dir, enabled=self.rank == 0)
+        counts = {int(dataset_info(run.root)["num_classes"]) for run in pack}
+        if len(counts) > 1:
+            raise ConfigError(f"data.root: the runs of a pack must have as many classes; got {sorted(counts)}")
+        num_classes = counts.pop()
+        # The backbone is read once; each run's initializer and BPT's statistics run on it (on this
+        # rank's device), then each run's model is built around it from their ready tensors.
+        backbone = load_backbone(cfg).to(D.device())
+        # The loaders first: a pack whose data disagree in step count fails before any compute.
+        mean, std = normalization(cfg, backbone)
+        self.loader_args = dict(img_size=cfg.model.img_size, mean=mean, std=std, rank=self.rank, world_size=self.world)
+        self.train_loaders: dict[tuple, Any] = {}
+        for run in pack:
+            if run.data_key not in self.train_loaders:
+                self.train_loaders[run.data_key] = build_loader(
+                    run.cfg.data, cfg.data.train_split, train=True, seed=run.cfg.train.seed,
+                    limit=cfg.data.max_train_samples, **self.loader_args)
+        steps = {len(loader) for loader in self.train_loaders.values()}
+        if len(steps) > 1:
+            raise ConfigError(f"data.root: the runs of a pack must take as many steps per epoch; their data give "
+                              f"{sorted(steps)} (data.max_train_samples may equalize them)")
+        self.steps_per_epoch = steps.pop()
+        self.eval_loaders = self._eval_loaders(eval_split(cfg)[1])
+
+        models, self.diagnostics = [], {}
+        for k, run in enumerate(pack):
+            run.k = k
+            seed_everything(run.cfg.train.seed)  # as the solo run: its initializer sees its own RNG state
+            t0 = time.perf_counter()
+            prompts = None if run.resume_from is not None else initial_prompts(run.cfg, backbone, run.out_dir)
+            run.init_time = time.perf_counter() - t0
+            whitening = bpt_whitening(run.cfg, backbone)  # deterministic: a resumed run recomputes the same
+            model = build_model(run.cfg, num_classes, prompts=prompts, whitening=whitening, backbone=backbone)
+            if run.resume_from is not None:  # before ZeRO-3 partitions the parameters
+                ckpt.check_trainable(run.resume_from, run.state["trainable"],
+                                     {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad})
+            if run.resume_from is None and wants_diagnostics(run.cfg.train):
+                from vipamin_scale.init.run import prompt_diagnostics
+
+                self.diagnostics[k] = prompt_diagnostics(run.cfg, model, {"prompts": model.prompt().detach().double()})
+            run.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3
+            run.prompt_params = sum(p.numel() for p in model.prompt.parameters() if p.requires_grad)
+            run.vpt_prompt_params = int(np.prod(model.prompt_shape))
+            models.append(model)
+        self.model = PromptedPack(models)
+        seed_everything(cfg.train.seed)  # the initializers must not shift training's random stream
+
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        warmup_steps = int(round(cfg.train.warmup_epochs * self.steps_per_epoch))
+        global_batch = cfg.data.batch_size  # the same samples per step at every world size
+        lrs = [run.cfg.train.lr * global_batch / 256.0 for run in pack]
+        groups = None if len(pack) == 1 else [(self.model.prefix(run.k), lr, run.cfg.train.weight_decay)
+                                               for run, lr in zip(pack, lrs)]
+        self.engine = build_engine(cfg, self.model, self.total_steps, warmup_steps, lrs[0], runs=groups)
+        if self.rank == 0:
+            for run, lr in zip(pack, lrs):
+                log.info("%s: model %s: %d trainable parameters (prompts %s + head), lr %.3g (base %.3g x %d/256), "
+                         "%d steps/epoch, world %d, pack of %d", run.out_dir, cfg.model.name, run.num_trainable,
+                         tuple(self.model.runs[run.k].prompt_shape), lr, run.cfg.train.lr, global_batch,
+                         self.steps_per_epoch, self.world, len(pack))
+
+    def _eval_loaders(self, split: str) -> dict[str, Any]:
+        """One eval loader per data root (its runs evaluated in one pass)."""
+        loaders: dict[str, Any] = {}
+        for run in self.pack:
+            if str(run.root) not in loaders:
+                loaders[str(run.root)] = build_loader(run.cfg.data, split, train=False, **self.loader_args)
+        return loaders
+
+    def load_state(self) -> tuple[int, int, int]:
+        """Every run's trainable state and the RNG from their checkpoints: (epoch, step in epoch, global step)."""
+        resumed = [run for run in self.pack if run.resume_from is not None]
+        if not resumed:
+            return 0, 0, 0
+        self.engine.load_trainable_state(merge_states(self.model, [(run.k, run.state["trainable"]) for run in self.pack]))
+        state = resumed[0].state
+        ckpt.set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        for run in self.pack:
+            run.best = run.state.get("best", run.best)
+        epoch, skip, step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        if skip >= self.steps_per_epoch:
+            epoch, skip = epoch + 1, 0
+        if self.rank == 0:
+            for run in resumed:
+                log.info("resumed from %s (epoch %d, step %d)", run.resume_from, epoch, step)
+        return epoch, skip, step
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self, batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]], live: list[Run]) -> torch.Tensor:
+        """One optimizer step of every live run; returns their losses `(R,)` float64, on the device.
+        No host sync: nothing here reads a device value."""
+        device = self.engine.device
+        images = torch.cat([batches[run.data_key][0] for run in live]).to(device)  # (R * b, 3, H, W)
+        labels = torch.cat([batches[run.data_key][1] for run in live]).to(device)  # (R * b,)
+        b = labels.shape[0] // len(live)
+        logits = self.engine.forward(images, [run.k for run in live])  # (R * b, C)
+        losses = torch.stack([cross_entropy(z, y) for z, y in zip(logits.split(b), labels.split(b))])  # (R,)
+        loss = losses.sum()  # each run's gradient is its own loss's
+        if len(live) < len(self.pack):  # DDP reduces every parameter: a failed run's get exact zeros
+            loss = loss + 0.0 * sum(p.sum() for run in self.pack if not run.live
+                                    for p in self.model.runs[run.k].parameters() if p.requires_grad)
+        self.engine.backward(loss)
+        self.engine.step()
+        return losses.detach().double()
+
+    # -- the fused check --------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        K = len(self.pack)
+        device = self.engine.device
+        self.loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
+        self.first_bad = torch.zeros(K, dtype=torch.float64, device=device)  # 0: none yet
+        self.bad_value = torch.zeros(K, dtype=torch.float64, device=device)
+        self.window: dict[int, list[float]] = {}  # step -> every run's lr in that step (host values)
+
+    def _accumulate(self, losses: torch.Tensor, live: list[Run], step: int) -> None:
+        full = torch.zeros_like(self.loss_sum).index_copy_(
+            0, torch.tensor([run.k for run in live], device=losses.device), losses)  # (K,)
+        bad = ~torch.isfinite(full) & (self.first_bad == 0)
+        self.first_bad = torch.where(bad, float(step), self.first_bad)
+        self.bad_value = torch.where(bad, full, self.bad_value)
+        self.loss_sum += full
+
+    def check(self, epoch: int, step: int, n: int, preempt_local: bool) -> bool:
+        """The one collective of a check: log every live run's mean loss over the last `n` steps, fail
+        a run whose loss went non-finite, and return whether any rank was asked to stop (preemption)."""
+        K = len(self.pack)
+        flag = torch.full((1,), 1.0 if preempt_local else 0.0, dtype=torch.float64, device=self.loss_sum.device)
+        rows = D.all_gather(torch.cat([self.loss_sum, self.first_bad, self.bad_value, flag])).tolist()  # (W, 3K + 1)
+        for run in self.pack:
+            if not run.live:
                 continue
-            images, labels = images.to(engine.device), labels.to(engine.device)
-            loss = cross_entropy(engine.forward(images), labels)
-            _check_finite(loss, global_step + 1, epoch, engine.lr)
-            engine.backward(loss)
-            engine.step()
-            global_step += 1
-            images_seen += labels.numel() * world
-            loss_acc += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-            loss_n += 1
-            progress.update(1)
-            if global_step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
-                D.all_reduce_sum(loss_acc)
-                mean_loss = (loss_acc[0] / loss_acc[1]).item()
-                progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
-                metrics.write({"event": "train", "epoch": epoch, "step": global_step, "loss": mean_loss, "lr": engine.lr})
-                loss_acc.zero_()
-            kill.after_step(global_step, rank)
-            if i + 1 < steps_per_epoch and preempt.requested(global_step):
-                save_checkpoint(cfg, engine, ckpt_dir, epoch, i + 1, global_step, best)
-                metrics.close()
-                preempt.stop(global_step)
-        skip_steps = 0
-        train_time += time.perf_counter() - t_epoch
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            last_eval = evaluate(engine, eval_loader)
-            if last_eval["acc"] > best["acc"]:
-                best = {"acc": last_eval["acc"], "epoch": epoch}
-            metrics.write({"event": cfg.train.eval_split, "epoch": epoch, "step": global_step, **last_eval})
-            if rank == 0:
-                log.info("epoch %d: %s acc %.4f loss %.4f", epoch, cfg.train.eval_split, last_eval["acc"], last_eval["loss"])
-        save_checkpoint(cfg, engine, ckpt_dir, epoch + 1, 0, global_step, best)
-        if epoch + 1 < cfg.train.epochs and preempt.requested(global_step):
-            metrics.close()
-            preempt.stop(global_step)
-    progress.close()
+            k = run.k
+            bad = [r[K + k] for r in rows if r[K + k] > 0]
+            if bad:
+                s = int(min(bad))
+                value = sum(r[2 * K + k] for r in rows if r[K + k] == s) / self.world
+                lr = self.window[s][k]
+                self._fail(run, TrainingDiverged(
+                    f"train: the loss is {value} at step {s} (epoch {epoch}), lr {lr:.4g}; the run stopped at "
+                    f"the next check (step {step}, train.log_every={self.cfg.train.log_every}), the checkpoints "
+                    f"written before step {s} are kept; lower train.lr or check the prompts and data"))
+                continue
+            mean_loss = sum(r[k] for r in rows) / (n * self.world)
+            run.metrics.write({"event": "train", "epoch": epoch, "step": step, "loss": mean_loss,
+                               "lr": self.engine.run_lr(k)})
+            if K == 1:
+                self.progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+        self._reset_window()
+        return any(r[-1] > 0 for r in rows)
 
-    result: dict[str, Any] = {
-        "method": cfg.init.method if not cfg.prompt.init_file else "file",
-        "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep,
-        "best_val": best, "final_eval": last_eval, "trainable_params": num_trainable,
-        "init_time_s": init_time, "train_time_s": train_time,
-        "images_per_s": images_seen / train_time if train_time > 0 else None,
-        "world_size": world, "device": str(engine.device), "steps": global_step,
-        "prompt_params": sum(p.numel() for p in model.prompt.parameters() if p.requires_grad), "vpt_prompt_params": int(np.prod(model.prompt_shape)),
-    }
-    if cfg.train.test_at_end:
-        test_loader = build_loader(cfg.data, cfg.data.test_split, train=False, img_size=img_size, mean=mean,
-                                   std=std, rank=rank, world_size=world)
-        result["test"] = evaluate(engine, test_loader)
-        metrics.write({"event": "test", "step": global_step, **result["test"]})
-    if rank == 0:
-        runs.finish(out_dir, result)
-    metrics.close()
-    return result
+    def _fail(self, run: Run, exc: BaseException) -> None:
+        """The run stops here; alone it raises, in a pack it is recorded (as alone) and the others go on."""
+        if self.alone:
+            raise exc
+        run.error = exc
+        runs.record_exception(run.cfg, exc)
+        run.metrics.close()
+        log.error("%s: %s: %s%s", run.out_dir, type(exc).__name__, exc,
+                  " (the pack's other runs go on)" if len(self.pack) > 1 else "")
+
+    # -- one epoch --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, skip: int, step: int) -> tuple[int, bool]:
+        """The epoch's steps from `skip` on; returns (global step, whether a stop was asked at its last check)."""
+        for loader in self.train_loaders.values():
+            loader.set_epoch(epoch)
+        self.engine.model.train()
+        iters = {key: iter(loader) for key, loader in self.train_loaders.items()}
+        log_every, n, since = self.cfg.train.log_every, 0, step + 1
+        stop = False
+        for i in range(self.steps_per_epoch):
+            batches = self._next_batches(iters)
+            live = [run for run in self.pack if run.live]
+            if not live:
+                break
+            if i < skip:
+                continue
+            self.window[step + 1] = [self.engine.run_lr(k) if self.pack[k].live else 0.0 for k in range(len(self.pack))]
+            losses = self.train_step(batches, live)
+            step += 1
+            n += 1
+            self._accumulate(losses, live, step)
+            self.images_seen += batches[live[0].data_key][1].numel() * self.world
+            self.progress.update(1)
+            last = i == self.steps_per_epoch - 1
+            if step % log_every == 0 or last:
+                stop = self.check(epoch, step, n, self.preempt.local(since, step))
+                n, since = 0, step + 1
+                if stop and not last:
+                    self.save(epoch, i + 1, step)
+                    self._close_metrics()
+                    self.preempt.stop(step)
+            self.kill.after_step(step, self.rank)
+        return step, stop
+
+    def _next_batches(self, iters: dict[tuple, Any]) -> dict[tuple, Any]:
+        """The next batch of every loader that live runs read; at world 1 a loader's error fails its runs alone."""
+        batches = {}
+        for key, it in iters.items():
+            readers = [run for run in self.pack if run.live and run.data_key == key]
+            if not readers:
+                continue
+            try:
+                images, labels, _ = next(it)
+            except Exception as exc:
+                if self.alone or self.world > 1 or not isinstance(exc, (UserError, OSError, ValueError)):
+                    raise
+                for run in readers:
+                    self._fail(run, exc)
+                continue
+            batches[key] = (images, labels)
+        return batches
+
+    # -- evaluate ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loaders: dict[str, Any]) -> dict[int, dict[str, float]]:
+        """Top-1 accuracy and mean loss of every live run on its eval split: {k: {acc, loss, count}}.
+        The runs of one data root are evaluated in one pass (their batch repeated once per run)."""
+        self.engine.model.eval()
+        out = {}
+        for root, loader in loaders.items():
+            group = [run for run in self.pack if run.live and str(run.root) == root]
+            if not group:
+                continue
+            R = len(group)
+            stats = torch.zeros(R, 3, dtype=torch.float64, device=self.engine.device)  # (R, [correct, total, loss sum])
+            self.engine.pad_eval(len(loader))  # ZeRO-3: ranks with fewer eval batches join the others' collectives
+            for images, labels, _ in loader:
+                images, labels = images.to(self.engine.device), labels.to(self.engine.device)
+                logits = self.engine.forward(images.repeat(R, 1, 1, 1), [run.k for run in group])  # (R * b, C)
+                for j, z in enumerate(logits.split(labels.shape[0])):
+                    stats[j, 2] += torch.nn.functional.cross_entropy(z.float(), labels, reduction="sum").double()
+                    stats[j, 0] += (z.argmax(dim=1) == labels).sum().double()
+                    stats[j, 1] += labels.numel()
+            D.all_reduce_sum(stats)
+            for run, (correct, total, loss_sum) in zip(group, stats.tolist()):
+                out[run.k] = {"acc": correct / max(total, 1.0), "loss": loss_sum / max(total, 1.0), "count": int(total)}
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        """Every live run's checkpoint (solo parameter names); every rank's RNG state is gathered, rank 0
+        writes (the trainable state is replicated)."""
+        rngs = D.all_gather_object(ckpt.rng_state())
+        state = self.engine.trainable_state()
+        if self.rank == 0:
+            for run in self.pack:
+                if not run.live:
+                    continue
+                payload = {"trainable": split_state(self.model, state, run.k), "rng": rngs, "epoch": epoch,
+                           "step_in_epoch": step_in_epoch, "global_step": global_step, "best": run.best,
+                           "world_size": self.world, "engine": self.engine.name,
+                           "config": OmegaConf.to_container(run.cfg, resolve=True)}
+                ckpt.save(run.out_dir / "checkpoints", payload, global_step, run.cfg.train.keep_last)
+        D.barrier()
+
+    def _close_metrics(self) -> None:
+        for run in self.pack:
+            if run.live:
+                run.metrics.close()
+
+    # -- the whole run ----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        self.restore()
+        self.build()
+        start_epoch, skip, step = self.load_state()
+        if self.rank == 0:
+            for run in self.pack:
+                if run.resume_from is None:
+                    run.metrics.start(OmegaConf.to_container(run.cfg, resolve=True), self.diagnostics.get(run.k))
+        self.kill = kill_switch(self.restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
+        self.progress = progress_bar(self.total_steps, "train", "step", initial=step,
+                                     enabled=cfg.train.progress and self.rank == 0)
+        self.preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next check, requeue, exit
+        self.train_time, self.images_seen = 0.0, 0
+        self._reset_window()
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t_epoch = time.perf_counter()
+            step, stop = self.train_epoch(epoch, skip, step)
+            skip = 0
+            self.train_time += time.perf_counter() - t_epoch
+            if not any(run.live for run in self.pack):
+                break
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                for k, ev in self.evaluate(self.eval_loaders).items():
+                    run = self.pack[k]
+                    run.last_eval = ev
+                    if ev["acc"] > run.best["acc"]:
+                        run.best = {"acc": ev["acc"], "epoch": epoch}
+                    run.metrics.write({"event": cfg.train.eval_split, "epoch": epoch, "step": step, **ev})
+                    if self.rank == 0:
+                        log.info("%s: epoch %d: %s acc %.4f loss %.4f", run.out_dir, epoch, cfg.train.eval_split,
+                                 ev["acc"], ev["loss"])
+            self.save(epoch + 1, 0, step)
+            if epoch + 1 < cfg.train.epochs and stop:
+                self._close_metrics()
+                self.preempt.stop(step)
+        self.progress.close()
+        self.finish(step)
+
+    def finish(self, step: int) -> None:
+        """Each live run's result: the final test (train.test_at_end), result.json, metrics closed."""
+        cfg = self.cfg
+        tests = self.evaluate(self._eval_loaders(cfg.data.test_split)) if cfg.train.test_at_end else {}
+        for run in self.pack:
+            if not run.live:
+                continue
+            result: dict[str, Any] = {
+                "method": run.cfg.init.method if not run.cfg.prompt.init_file else "file",
+                "prompt_length": cfg.prompt.length, "deep": cfg.prompt.deep,
+                "best_val": run.best, "final_eval": run.last_eval, "trainable_params": run.num_trainable,
+                "init_time_s": run.init_time, "train_time_s": self.train_time,
+                "images_per_s": self.images_seen / self.train_time if self.train_time > 0 else None,
+                "world_size": self.world, "device": str(self.engine.device), "steps": step,
+                "prompt_params": run.prompt_params, "vpt_prompt_params": run.vpt_prompt_params,
+                "pack_size": len(self.pack),
+            }
+            if run.k in tests:
+                result["test"] = tests[run.k]
+                run.metrics.write({"event": "test", "step": step, **result["test"]})
+            if self.rank == 0:
+                runs.finish(run.out_dir, result)
+            run.metrics.close()
+            run.result = result
 
 
-def _check_finite(loss: torch.Tensor, step: int, epoch: int, lr: float) -> None:
-    """Every rank stops at the first step whose loss is NaN/Inf on any rank, before its update."""
-    total = torch.tensor([loss.item()], dtype=torch.float64)
-    D.all_reduce_sum(total)
-    if not math.isfinite(total.item()):
-        raise TrainingDiverged(f"train: the loss is {total.item() / D.world_size()} at step {step} (epoch {epoch}), "
-                               f"lr {lr:.4g}; stopped before that update (checkpoints written before it are kept); "
-                               f"lower train.lr or check the prompts and data")
+# ----------------------------------------------------------------------------- per-run state
 
 
-def save_checkpoint(cfg, engine, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int, best) -> None:
-    """Every rank's RNG state is gathered; rank 0 writes (the trainable state is replicated)."""
-    rngs = D.all_gather_object(ckpt.rng_state())
-    state = engine.trainable_state()
-    if D.rank() == 0:
-        payload = {"trainable": state, "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                   "global_step": global_step, "best": best, "world_size": D.world_size(),
-                   "engine": engine.name, "config": OmegaConf.to_container(cfg, resolve=True)}
-        ckpt.save(ckpt_dir, payload, global_step, cfg.train.keep_last)
-    D.barrier()
+def split_state(pack: PromptedPack, state: dict[str, Any], k: int) -> dict[str, Any]:
+    """Run k's part of the engine's trainable state, under its solo names (a solo checkpoint)."""
+    prefix, K = pack.prefix(k), len(pack.runs)
+    sched = state["scheduler"]
+    if K > 1:  # LambdaLR's per-group lists: run k's two groups
+        sched = {key: v[2 * k:2 * k + 2] if isinstance(v, list) and len(v) == 2 * K else v for key, v in sched.items()}
+    return {"params": {n[len(prefix):]: v for n, v in state["params"].items() if n.startswith(prefix)},
+            "optimizer": {n[len(prefix):]: v for n, v in state["optimizer"].items() if n.startswith(prefix)},
+            "scheduler": sched}
+
+
+def merge_states(pack: PromptedPack, states: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The engine's trainable state of the pack from its runs' solo states (`split_state`'s inverse)."""
+    params, moments = {}, {}
+    for k, s in states:
+        params.update({pack.prefix(k) + n: v for n, v in s["params"].items()})
+        moments.update({pack.prefix(k) + n: v for n, v in s["optimizer"].items()})
+    first = states[0][1]["scheduler"]
+    if len(states) == 1:
+        sched = first
+    else:
+        sched = {key: sum((s["scheduler"][key] for _, s in states), []) if isinstance(v, list) else v
+                 for key, v in first.items()}
+    return {"params": params, "optimizer": moments, "scheduler": sched}
+
+
+def _checkpoint_at(directory: Path, global_step: int) -> tuple[Path, dict[str, Any]]:
+    """The valid checkpoint of `global_step` in `directory` (a pack resumes every run at one position)."""
+    for path in reversed(ckpt.list_checkpoints(directory)):
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError:
+            continue
+        if state["global_step"] == global_step:
+            return path, state
+    raise ckpt.CheckpointError(f"checkpoint: {directory} has no checkpoint of step {global_step}, where the pack's "
+                               f"other runs resume; raise train.keep_last, or resume this run alone")

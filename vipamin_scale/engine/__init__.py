@@ -25,9 +25,11 @@ ENGINES: dict[str, type[Engine]] = {cls.name: cls for cls in (DDPEngine, DeepSpe
 __all__ = ["ENGINES", "DDPEngine", "DeepSpeedEngine", "Engine", "FSDP2Engine", "FairscaleEngine", "build_engine"]
 
 
-def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr: float) -> Engine:
-    """The engine `cfg.engine.name` names, built on this rank's device."""
+def build_engine(cfg, model: nn.Module, total_steps: int, warmup_steps: int, lr: float, runs=None) -> Engine:
+    """The engine `cfg.engine.name` names, built on this rank's device (`runs`: a pack's, see `base.Engine`)."""
     name = cfg.engine.name
     if name not in ENGINES:
         raise ConfigError(f"engine.name: must be one of {', '.join(ENGINES)}; got {name!r}")
+    if runs is not None:
+        return ENGINES[name](model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, runs=runs)
     return ENGINES[name](model, cfg, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps)

@@ -35,19 +35,31 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in name order; biases and norm weights get no weight decay."""
-    decay, no_decay = [], []
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+def param_groups(model: nn.Module, weight_decay: float, runs: Optional[list[tuple[str, float, float]]] = None) -> list[dict]:
+    """Trainable parameters in name order; biases and norm weights get no weight decay.
+
+    `runs`: [(name prefix, lr, weight decay)] of a pack's runs (`models/packed.py`): two groups per
+    run (decay, no decay), in run order, each with its run's lr and weight decay, so one AdamW steps
+    every run exactly as its own would (AdamW's update is per element, its state per parameter).
+    """
+    if runs is None:
+        runs = [("", None, weight_decay)]
+    groups = []
+    for prefix, lr, wd in runs:
+        decay, no_decay = [], []
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if not p.requires_grad or not name.startswith(prefix):
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        extra = {} if lr is None else {"lr": lr}
+        groups += [dict(params=decay, weight_decay=wd, **extra), dict(params=no_decay, weight_decay=0.0, **extra)]
+    return groups
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(model: nn.Module, lr: float, weight_decay: float,
+          runs: Optional[list[tuple[str, float, float]]] = None) -> torch.optim.AdamW:
     """The optimizer every engine uses (plain torch AdamW, so the numbers agree across engines)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(param_groups(model, weight_decay, runs), lr=lr, betas=(0.9, 0.999))
 
 
 def require_blocks(model: nn.Module, field: str = "engine.activation_checkpointing", verb: str = "checkpoint") -> None:
@@ -88,10 +100,14 @@ def set_lr_from_scheduler(optimizer, scheduler) -> None:
         group["lr"] = lr
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    """Names in the order `param_groups` puts them (decay group first, then no-decay)."""
-    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
-    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+def trainable_names(model: nn.Module, runs: Optional[list[tuple[str, float, float]]] = None) -> list[str]:
+    """Names in the order `param_groups` puts them (per run: decay group first, then no-decay)."""
+    names = []
+    for prefix, _, _ in runs or [("", None, None)]:
+        named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)),
+                       key=lambda kv: kv[0])
+        names += [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+    return names
 
 
 class Engine(ABC):
@@ -107,7 +123,9 @@ class Engine(ABC):
       `ds_config`, `data.batch_size`);
     - `lr`: the (batch-scaled) peak learning rate; `total_steps`, `warmup_steps`: the schedule
       (`cosine_with_warmup`);
-    - `device`: where the model lives; `None` is this rank's device (`distributed.device()`).
+    - `device`: where the model lives; `None` is this rank's device (`distributed.device()`);
+    - `runs`: a pack's runs as [(parameter name prefix, peak lr, weight decay)] (`param_groups`); `None`:
+      one run, `lr` and `train.weight_decay`. The schedule's factor is the same for every run.
 
     Construction, in order: store the backbone in `model.dtype` (`store_backbone`), move the model, enable
     activation checkpointing (`_enable_activation_checkpointing`), compile the blocks (`train.compile`:
@@ -121,12 +139,13 @@ class Engine(ABC):
     name: str  # engine.name
 
     def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, runs: Optional[list[tuple[str, float, float]]] = None):
         self.device = D.device() if device is None else device
         self.backbone_dtype = store_backbone(model, cfg.model.dtype)
         self.model = model.to(self.device)
         self.precision = cfg.train.precision
-        self.names = trainable_names(model)
+        self.runs = runs
+        self.names = trainable_names(model, runs)
         if cfg.engine.activation_checkpointing:
             require_blocks(model)
             self._enable_activation_checkpointing(model)
@@ -145,7 +164,7 @@ class Engine(ABC):
         """Engines that replace parameters in place (FSDP2) do it here, before the optimizer sees them."""
 
     def _build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return adamw(model, lr, weight_decay)
+        return adamw(model, lr, weight_decay, self.runs)
 
     @abstractmethod
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -158,9 +177,10 @@ class Engine(ABC):
         enabled = dtype is not None and self.backbone_dtype == torch.float32
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, *args) -> torch.Tensor:
+        """The wrapped model's forward (`args`: a pack's run indices, `models/packed.py`)."""
         with self.autocast():
-            return self.module(images)
+            return self.module(images, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -188,6 +208,10 @@ class Engine(ABC):
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def run_lr(self, k: int) -> float:
+        """Run k's current lr (a pack: its two groups start at 2k)."""
+        return self.optimizer.param_groups[2 * k]["lr"]
 
     # -- engine-neutral state -------------------------------------------------------------------
     def _full(self, t: torch.Tensor) -> torch.Tensor:

@@ -206,8 +206,8 @@ class DeepSpeedEngine(Engine):
             link()
 
     # -- the loop's interface -------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self._dtype))  # DeepSpeed holds the module in the working dtype
+    def forward(self, images: torch.Tensor, *args) -> torch.Tensor:
+        return self.module(images.to(self._dtype), *args)  # DeepSpeed holds the module in the working dtype
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)

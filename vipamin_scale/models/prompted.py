@@ -115,13 +115,16 @@ class PromptedViT(nn.Module):
         return bb.norm_pre(x)
 
     def _prompt_tokens(self, prompts: torch.Tensor, layer: int, batch: int) -> torch.Tensor:
+        if prompts.ndim == 4:  # per sample (B, L_p, P, d): a pack's runs side by side (models/packed.py)
+            return self.prompt_dropout(prompts[:, layer])
         return self.prompt_dropout(prompts[layer].unsqueeze(0).expand(batch, -1, -1))
 
     def forward_tokens(self, x: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens after the last block (before the final norm), `(B, 1 + P + N_p, d)`.
 
         `prompts=None` uses the model's own; a tensor of the same shape may be passed instead
-        (the initializer's pass A runs the backbone with random prompts this way).
+        (the initializer's pass A runs the backbone with random prompts this way), or one prompt set
+        per sample, `(B, L_p, P, d)` (a pack of runs, `models/packed.py`).
         """
         prompts = self.prompt() if prompts is None else prompts
         x = self.embed(x)

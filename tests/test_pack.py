@@ -1,0 +1,227 @@
+"""Packs (issue 22): K runs in one process over one backbone, each equal to its solo run; runs fail alone;
+a killed pack resumes bit-identically; the loop's step does not sync the host (issue 24)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, cli_env, free_port
+
+import vipamin_scale
+import vipamin_scale.distributed as D
+from vipamin_scale import checkpoint as ckpt
+from vipamin_scale.config import ConfigError
+from vipamin_scale.train import PackTrainer, check_pack, train_pack
+
+WORKER = Path(__file__).resolve().parent / "dist_scripts" / "pack_worker.py"
+SHORT = ["train.epochs=2", "data.max_train_samples=64", "init.num_images=64", "init.k=2"]  # 2 steps/epoch
+# VPT runs that differ in what a pack allows: initializer, lr, wd, train.seed (another loader), init.seed
+VPT = {"random": ["init=random"],
+       "vipamin": ["init=vipamin", "init.num_images=64", "init.k=2", "train.lr=0.2", "train.weight_decay=0.01",
+                   "train.seed=1"],
+       "spt": ["init=spt", "init.num_images=64", "init.seed=3", "train.lr=0.3"],
+       "diverges": ["init=random", "train.lr=1e30"]}
+BPT = {"bpt_random": ["init=random", "prompt.kind=bpt", "prompt.bpt=whiten_fixed"],
+       "bpt_vipamin": ["init=vipamin", "init.num_images=64", "init.k=2", "prompt.kind=bpt", "prompt.bpt=whiten_fixed",
+                       "train.lr=0.2", "train.seed=1"]}
+TOL = 1e-5
+
+
+def _cfg(out_dir, *overrides):
+    return vipamin_scale.compose([*TINY, *SHORT, *overrides, f"train.out_dir={out_dir}"])
+
+
+def _losses(run):
+    """[(step, loss)] of the train records (a step logged again after a resume: the last record)."""
+    records = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r["event"] == "train"}
+    return sorted(records.items())
+
+
+def _same_run(packed: Path, solo: Path, exact: bool = False) -> None:
+    """metrics losses, final prompts and head (solo parameter names), result.json accuracies."""
+    a, b = json.loads((packed / "result.json").read_text()), json.loads((solo / "result.json").read_text())
+    if b.get("status") == "failed":
+        assert a["status"] == "failed" and a["error"] == b["error"], (a["error"], b["error"])
+        assert json.loads((packed / "run.json").read_text())["status"] == "failed"
+        return
+    la, lb = _losses(packed), _losses(solo)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) <= (0 if exact else TOL), (la, lb)
+    pa = ckpt.load(ckpt.latest(packed / "checkpoints"))["trainable"]["params"]
+    pb = ckpt.load(ckpt.latest(solo / "checkpoints"))["trainable"]["params"]
+    assert sorted(pa) == sorted(pb)
+    for name in pa:
+        diff = (pa[name] - pb[name]).abs().max().item()
+        assert diff <= (0 if exact else TOL), (name, diff)
+    for key in ("final_eval", "test") if "test" in b else ("final_eval",):
+        for metric in ("acc", "loss"):
+            assert abs(a[key][metric] - b[key][metric]) <= (0 if exact else TOL), (key, metric, a[key], b[key])
+
+
+def test_check_pack_names_the_field(tmp_path):
+    base = ["model=vit_test_d64", "data=digits"]
+    cfg = lambda name, *o: vipamin_scale.compose([*base, *o, f"train.out_dir={tmp_path / name}"])  # noqa: E731
+    check_pack([cfg("a", "train.lr=0.1", "init=vipamin", "train.seed=3"), cfg("b", "train.weight_decay=0.5")])
+    with pytest.raises(ConfigError, match=r"^train\.epochs: the runs of a pack must share it \(5 in run 0, 3 in run 1"):
+        check_pack([cfg("a"), cfg("b", "train.epochs=3")])
+    with pytest.raises(ConfigError, match=r"^prompt\.length: the runs of a pack must share it"):
+        check_pack([cfg("a"), cfg("b", "prompt.length=3")])
+    with pytest.raises(ConfigError, match=r"^train\.out_dir: runs 0 and 1 of the pack both write into"):
+        check_pack([cfg("a"), cfg("a", "train.lr=0.2")])
+    with pytest.raises(ConfigError, match=r"^prompt\.dropout: 0\.1 draws its masks from the global RNG"):
+        check_pack([cfg("a", "prompt.dropout=0.1"), cfg("b", "prompt.dropout=0.1")])
+    check_pack([cfg("a", "prompt.dropout=0.1")])  # alone it is the solo run
+    with pytest.raises(ConfigError, match=r"^engine\.name: packs of several runs train with engine\.name=ddp"):
+        check_pack([cfg("a", "engine=fsdp2"), cfg("b", "engine=fsdp2")])
+
+
+@pytest.mark.slow
+def test_packed_runs_equal_their_solo_runs_and_fail_alone(tmp_path, digits_root):
+    """World 1, in process: VPT runs (random, vipamin, spt, and one that diverges) in one pack, two BPT
+    runs in another; each equals its solo run (the diverging one fails with the same record)."""
+    for name, overrides in {**VPT, **BPT}.items():
+        train_pack([_cfg(tmp_path / "solo" / name, *overrides)])
+    for group in (VPT, BPT):
+        results = train_pack([_cfg(tmp_path / "pack" / name, *o) for name, o in group.items()])
+        assert [r.get("status", "ok") for r in results] == ["failed" if n == "diverges" else "ok" for n in group]
+    for name in {**VPT, **BPT}:
+        _same_run(tmp_path / "pack" / name, tmp_path / "solo" / name)
+    error = json.loads((tmp_path / "pack" / "diverges" / "result.json").read_text())["error"]
+    assert error.startswith("TrainingDiverged: train: the loss is ") and " at step 2 (epoch 0), lr " in error
+    assert json.loads((tmp_path / "pack" / "random" / "result.json").read_text())["pack_size"] == 4
+
+
+@pytest.mark.slow
+def test_packed_runs_equal_solo_at_world_2_and_a_killed_pack_resumes_exactly(tmp_path, digits_root):
+    """One torchrun launch (gloo, 2 ranks) trains every run solo and in packs; then a pack of two,
+    SIGKILLed after step 3 (faults.py) and re-run with the same command, equals it uninterrupted, bit for bit."""
+    spec = [[[str(tmp_path / "solo" / n), *SHORT, *o]] for n, o in {**VPT, **BPT}.items()]
+    spec += [[[str(tmp_path / "pack" / n), *SHORT, *o] for n, o in group.items()] for group in (VPT, BPT)]
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                           f"--master-port={free_port()}", str(WORKER), str(spec_file)],
+                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in {**VPT, **BPT}:
+        assert json.loads((tmp_path / "pack" / name / "result.json").read_text()).get("world_size", 2) == 2
+        _same_run(tmp_path / "pack" / name, tmp_path / "solo" / name)
+
+    two = {n: VPT[n] for n in ("random", "vipamin")}
+    for kind, env in (("whole", cli_env()), ("killed", cli_env(VIPAMIN_SCALE_KILL_AT_STEP="3"))):
+        spec_file.write_text(json.dumps([[[str(tmp_path / kind / n), *SHORT, *o, "train.resume=true"]
+                                          for n, o in two.items()]]))
+        proc = subprocess.run([sys.executable, str(WORKER), str(spec_file)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == (-9 if kind == "killed" else 0), proc.stderr[-3000:]
+    for name in two:
+        assert ckpt.latest(tmp_path / "killed" / name / "checkpoints").name == "ckpt-00000002.safetensors"
+        assert not (tmp_path / "killed" / name / "result.json").exists()
+    spec_file.write_text(json.dumps([[[str(tmp_path / "killed" / n), *SHORT, *o, "train.resume=true"]
+                                      for n, o in two.items()]]))
+    proc = subprocess.run([sys.executable, str(WORKER), str(spec_file)], env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in two:
+        _same_run(tmp_path / "killed" / name, tmp_path / "whole" / name, exact=True)
+
+
+def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
+    """A run of 4 steps with train.log_every=4: no host sync called by the package inside a step, and at
+    most 2 (the fused collective and its read) per check, over the whole epoch loop but evaluation.
+    (torch's own CPU AdamW reads its step counter with .item(); on CUDA it does not: not counted.)"""
+    counts = {"step": 0, "epoch": 0}
+    where: list[str] = []
+    package = str(Path(vipamin_scale.__file__).parent)
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            if where and sys._getframe(1).f_code.co_filename.startswith(package):
+                counts[where[-1]] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def inside(name, fn):
+        def wrapped(*args, **kwargs):
+            where.append(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                where.pop()
+        return wrapped
+
+    for attr in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, counting(getattr(torch.Tensor, attr)))
+    for attr in ("all_reduce_sum", "all_reduce_max", "all_gather", "all_gather_object", "broadcast", "barrier"):
+        monkeypatch.setattr(D, attr, counting(getattr(D, attr)))
+    monkeypatch.setattr(PackTrainer, "train_step", inside("step", PackTrainer.train_step))
+    monkeypatch.setattr(PackTrainer, "train_epoch", inside("epoch", PackTrainer.train_epoch))
+    monkeypatch.setattr(PackTrainer, "evaluate", inside("eval", PackTrainer.evaluate))  # not counted
+    counts["eval"] = 0
+    (result,) = train_pack([vipamin_scale.compose([*TINY, "train.epochs=1", "data.max_train_samples=128",
+                                                   "train.log_every=4", "train.test_at_end=false",
+                                                   f"train.out_dir={tmp_path / 'run'}"])])
+    assert result["steps"] == 4
+    assert counts["step"] == 0, counts
+    assert counts["epoch"] <= 2, counts
+
+
+def test_plan_packs_groups_compatible_runs_in_sweep_order(tmp_path):
+    from vipamin_scale.packs import plan_packs
+
+    cfgs = [vipamin_scale.compose(["model=vit_test_d64", *o, f"train.out_dir={tmp_path / str(i)}"])
+            for i, o in enumerate([["train.lr=0.1"], ["prompt.length=3"], ["init=vipamin"], ["train.seed=2"],
+                                   ["prompt.length=3", "train.lr=0.2"]])]
+    assert plan_packs(cfgs) == [[0, 2, 3], [1, 4]]
+    assert plan_packs(cfgs, pack_size=2) == [[0, 2], [3], [1, 4]]
+    with pytest.raises(ConfigError, match=r"^hydra\.launcher\.pack_size: must be >= 1"):
+        plan_packs(cfgs, pack_size=0)
+
+
+@pytest.mark.slow
+def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digits_root):
+    """`vipamin-scale train -m hydra/launcher=packed` under torchrun (2 ranks): 4 jobs in packs of 2, one
+    pack per rank, each trained alone (world 1); every job directory holds Hydra's records and a run's."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "vipamin_scale.cli", "train", "-m", "hydra/launcher=packed",
+            "hydra.launcher.pack_size=2", *TINY, *SHORT, "train.epochs=1", "train.lr=0.05,0.16", "init=random,vipamin",
+            f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'unused'}"]
+    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        result = json.loads((job / "result.json").read_text())
+        assert result["pack_size"] == 2 and result["world_size"] == 1 and result["steps"] == 2
+        assert (job / ".hydra" / "overrides.yaml").is_file()
+        assert json.loads((job / "run.json").read_text())["status"] == "finished"
+    assert "rank 1 of 2 trains 1 of them" in proc.stdout + proc.stderr
+
+
+def test_a_run_with_bad_data_fails_alone(tmp_path):
+    """Two draws of a task in one pack, one with an undecodable image: that run fails with its solo
+    run's record (the same one line); the other ends as it would alone."""
+    from PIL import Image
+
+    from vipamin_scale.data.shards import write_dataset
+
+    samples = [(f"s{i}", Image.new("RGB", (8, 8), (20 * i, 0, 0)), i % 2) for i in range(16)]
+    write_dataset({"train": samples, "val": samples[:4]}, ["a", "b"], tmp_path / "good", shuffle=False, verify=False)
+    samples[5] = ("s5", (b"\x89PNG\r\n\x1a\n garbage", "png"), 1)
+    write_dataset({"train": samples, "val": samples[:4]}, ["a", "b"], tmp_path / "bad", shuffle=False, verify=False)
+    data = ["data=shards", "data.batch_size=8", "data.max_train_samples=null", "train.epochs=1", "train.test_at_end=false"]
+    cfg = lambda kind, root: vipamin_scale.compose([*TINY, *data, f"data.root={tmp_path / root}",  # noqa: E731
+                                                    f"train.out_dir={tmp_path / kind / root}"])
+    for root in ("good", "bad"):
+        train_pack([cfg("solo", root)])
+    good, bad = train_pack([cfg("pack", "good"), cfg("pack", "bad")])
+    assert bad["status"] == "failed" and "cannot decode the png image" in bad["error"], bad
+    assert "status" not in good and good["steps"] == 2
+    for root in ("good", "bad"):
+        _same_run(tmp_path / "pack" / root, tmp_path / "solo" / root)

@@ -1,0 +1,130 @@
+"""Packing a sweep: group its runs into packs (`train.train_pack`), spread the packs over ranks.
+
+    plan_packs(cfgs, pack_size=None) -> [[run index, ...], ...]   runs that can share a pack (equal
+                                        `train.pack_key`), in sweep order, cut into packs of at most
+                                        pack_size (None: each compatible group is one pack)
+    run_packed(cfgs, pack_size=None) -> [result per run]          every pack trained; under torchrun with
+                                        W ranks, rank r trains packs r, r + W, ... alone (world 1 each, no
+                                        collective between packs) and returns None for the others' runs
+                                        (their result.json is in their run directories). When this process
+                                        already joined a process group, every pack is trained by all ranks
+                                        together instead (a distributed run each), and every rank returns
+                                        every result
+
+The three ways in call `run_packed`: Python (`vipamin_scale.train_pack` for one pack), the Hydra launcher
+(`vipamin-scale train -m hydra/launcher=packed ...`, `launch_sweep` below, the plugin class in
+`hydra_plugins/vipamin_scale_packed`), and a tune launcher (`tune.launcher=packed`: each rung's candidate
+configs, `run_packed(cfgs, tune.pack_size)`, results in candidate order).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+import vipamin_scale.distributed as D
+from vipamin_scale.config import ConfigError
+from vipamin_scale.train import pack_key, train_pack
+
+log = logging.getLogger(__name__)
+
+
+def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[list[int]]:
+    """Indices of `cfgs` grouped by compatibility (first appearance order), each group cut into packs."""
+    if pack_size is not None and pack_size < 1:
+        raise ConfigError(f"hydra.launcher.pack_size: must be >= 1 (or null: every compatible run); got {pack_size}")
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(pack_key(cfg), []).append(i)
+    size = pack_size or max(len(cfgs), 1)
+    return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+
+
+@contextlib.contextmanager
+def _alone() -> Iterator[None]:
+    """This rank trains by itself: the torchrun environment hidden (the device, LOCAL_RANK, is kept)."""
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    os.environ.update(WORLD_SIZE="1", RANK="0")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[Optional[dict[str, Any]]]:
+    """Train `cfgs` as packs (module docstring); results in the order of `cfgs`."""
+    cfgs = list(cfgs)
+    plan = plan_packs(cfgs, pack_size)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if D.is_dist():  # a process group is up (its collectives would reach the other ranks): train packs together
+        world, rank = 1, 0
+    results: list[Optional[dict[str, Any]]] = [None] * len(cfgs)
+    mine = plan[rank::world] if world > 1 else plan
+    log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
+             f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else "")
+    for pack in mine:
+        with _alone() if world > 1 else contextlib.nullcontext():
+            for i, result in zip(pack, train_pack([cfgs[i] for i in pack])):
+                results[i] = result
+    return results
+
+
+# ----------------------------------------------------------------------------- the Hydra launcher
+
+
+def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+    """`hydra/launcher=packed`'s launch: every job's config composed and recorded in its job directory as
+    Hydra's basic launcher would (`.hydra/`: config, hydra config, overrides; train.out_dir = the job's
+    directory), then all trained by `run_packed` with `hydra.launcher.pack_size`. Returns Hydra's JobReturns."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, setup_globals
+
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    cfgs, jobs = [], []
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        sweep = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(sweep):
+            sweep.hydra.job.id, sweep.hydra.job.num = idx, idx
+        HydraConfig.instance().set_config(sweep)
+        out_dir = Path(str(sweep.hydra.sweep.dir)) / str(sweep.hydra.sweep.subdir)
+        with read_write(sweep.hydra.runtime), open_dict(sweep.hydra.runtime):
+            sweep.hydra.runtime.output_dir = str(out_dir.resolve())
+        HydraConfig.instance().set_config(sweep)  # `${hydra:runtime.output_dir}` is the job's directory
+        hydra_cfg = sweep.hydra
+        with read_write(sweep), open_dict(sweep):
+            task_cfg = OmegaConf.create({k: sweep[k] for k in sweep if k != "hydra"})
+        task_cfg = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
+        task_cfg.train.out_dir = str(out_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            record = out_dir / str(hydra_cfg.output_subdir or ".hydra")
+            record.mkdir(parents=True, exist_ok=True)
+            _save_config(task_cfg, "config.yaml", record)
+            _save_config(OmegaConf.create({"hydra": hydra_cfg}), "hydra.yaml", record)
+            _save_config(OmegaConf.create(list(overrides)), "overrides.yaml", record)
+        cfgs.append(task_cfg)
+        jobs.append((list(overrides), task_cfg, hydra_cfg, out_dir))
+    results = run_packed(cfgs, launcher.pack_size)
+    returns = []
+    for (overrides, task_cfg, hydra_cfg, out_dir), result in zip(jobs, results):
+        ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
+                        working_dir=str(out_dir), task_name="train")
+        ret.status = JobStatus.COMPLETED  # a failed run is recorded in its result.json, as a solo job's is
+        ret.return_value = result
+        returns.append(ret)
+    failed = [r for r in results if r is not None and r.get("status") == "failed"]
+    if failed:
+        log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(failed),
+                  len(results))
+    return returns
+
+
+__all__ = ["plan_packs", "run_packed", "launch_sweep"]
