@@ -23,7 +23,7 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     bench = load_accuracy_module()
-    assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == 3
+    assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == [3, 3]
     lr_lo, lr_hi, num = doc["args"]["lr_grid"]
     lrs = parse_space({"lr": {"log": [lr_lo, lr_hi], "num": num}})[0][1]
     assert doc["args"]["select_draws"] == 2 and doc["args"]["extend_edges"] == 1
