@@ -1,21 +1,10 @@
 """benchmarks/prompt_length_study.py: the converged, paired prompt-length study end to end (--quick)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, cli_env
-
-
-def load_study_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("prompt_length_study", REPO / "benchmarks" / "prompt_length_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks_support import load_study_module, run_quick
 
 
 @pytest.mark.slow
@@ -23,10 +12,7 @@ def test_quick_prompt_length_study_end_to_end(tmp_path):
     """Per (regime, P, method): the lr selected by the mean val accuracy over the draws (then one edge
     round), n paired runs, the pairing with VPT random draw by draw; the cost of P per cell; the cut named."""
     out = tmp_path / "pl.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "prompt_length_study.py"), "--quick", "--no-gate", "--work",
-           str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _, proc = run_quick("prompt_length_study.py", tmp_path, out, timeout=900)
     doc = json.loads(out.read_text())
     study = load_study_module()
     from vipamin_scale.stats import paired
