@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 23's two studies at their full protocols on a GPU machine that has python3 + torch but no package
 # registry and takes at most 64 MiB from here (an H200 without network access), in one call:
-# benchmarks/accuracy.py (per-shot draws 5 5 20 20) then benchmarks/prompt_length_study.py, each with
+# benchmarks/prompt_length_study.py then benchmarks/accuracy.py (per-shot draws 5 5 20 20), each with
 # --workers 14 (one torch thread each, packs per worker) unless ARGS say otherwise. Here, first:
 #   bash benchmarks/gpu_wheels.sh                       # .whl/ (~8 MB)
 #   python benchmarks/device_accuracy.py pack           # .gpu/: the demo backbone's weights in fp16 (42 MB)
 # There (carry .whl and .gpu):
-#   [ACCURACY_TIMEOUT_S=170] [STUDY_TIMEOUT_S=380] bash benchmarks/device_studies.sh OUTDIR [accuracy.py args]
+#   [STUDY_TIMEOUT_S=380] [ACCURACY_TIMEOUT_S=170] bash benchmarks/device_studies.sh OUTDIR [accuracy.py args]
 # Every run is written under .cache/device_studies/ in the repository (git-ignored, so a device machine
 # that stays warm keeps it): the same command again resumes both studies, reusing every finished run,
 # when a timeout cut the first call. OUTDIR gets accuracy.json/.png, demo_preset.json,
@@ -33,9 +33,9 @@ run() {  # run NAME TIMEOUT_S SCRIPT ARGS...: one study under its timeout, its l
     echo "$name: exit $rc"
     (( status == 0 )) && status=$rc
 }
-run accuracy "${ACCURACY_TIMEOUT_S:-170}" benchmarks/accuracy.py --work "$work/accuracy" --out "$out/accuracy.json" \
-    --preset-out "$out/demo_preset.json" "$@"
 run prompt_length "${STUDY_TIMEOUT_S:-380}" benchmarks/prompt_length_study.py --work "$work/prompt_length" \
     --out "$out/prompt_length.json"
+run accuracy "${ACCURACY_TIMEOUT_S:-170}" benchmarks/accuracy.py --work "$work/accuracy" --out "$out/accuracy.json" \
+    --preset-out "$out/demo_preset.json" "$@"
 (cd "$work" && find . -name result.json -o -name tune.json -o -name protocol.json | tar czf "$out/runs.tgz" -T -) || true
 exit $status

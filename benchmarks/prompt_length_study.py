@@ -34,6 +34,7 @@ and, not with --quick, the marked prompt-length section of benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -75,13 +76,21 @@ def run_dir(work: Path, regime: str, length: int, method: str, *parts: Any) -> s
 
 def job_cost(a: argparse.Namespace, specs: list[tuple[int, str, str, float, str]]) -> list[dict[str, Any]]:
     """One solo run per spec (length, method, 4-shot draw-0 root, lr, out), one after another in this
-    worker: {init_time_s, step_s (training time per optimizer step), peak_mib (None on a CPU)}."""
+    worker: {init_time_s, step_s (training time per optimizer step), peak_mib (None on a CPU)}, kept in
+    the run's cost.json (a re-run reuses it; a run cut before writing it is trained again from scratch)."""
+    import shutil
+
     import torch
 
     from vipamin_scale.train import train_pack
 
     out = []
     for length, method, root, lr, path in specs:
+        record = Path(path) / "cost.json"
+        if record.is_file():
+            out.append(json.loads(record.read_text()))
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # a measurement, not a result: a cut one starts over
         cfg = bench.run_cfg(at_length(a, length), Path(root), method)
         cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = path, lr, 0, 0
         cuda = torch.cuda.is_available()
@@ -94,9 +103,12 @@ def job_cost(a: argparse.Namespace, specs: list[tuple[int, str, str, float, str]
             log.warning("%s failed: %s: %s", path, type(exc).__name__, exc)
             result = None
         ok = result is not None and result.get("status", "ok") == "ok" and result.get("steps")
-        out.append({"init_time_s": result["init_time_s"] if ok else None,
-                    "step_s": result["train_time_s"] / result["steps"] if ok else None,
-                    "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if ok and cuda else None})
+        cost = {"init_time_s": result["init_time_s"] if ok else None,
+                "step_s": result["train_time_s"] / result["steps"] if ok else None,
+                "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if ok and cuda else None}
+        if ok:
+            runs.write_json(record, cost)
+        out.append(cost)
     return out
 
 
