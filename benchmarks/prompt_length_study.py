@@ -131,13 +131,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # 1. selection on val: per (regime, P, method), and the probe's C on the full data
     jobs = [(bench.job_tune, a, None, LINEAR, True, "")]
     keys: list = [("probe",)]
-    for length in order:
-        for m in a.methods:
-            jobs.append((bench.job_tune, at_length(a, length), few_roots[:a.select_draws], m, False,
-                         run_dir(work, "tune", length, m, FEW)))
-            keys.append((FEW, length, m))
-            jobs.append((bench.job_tune, at_length(a, length), None, m, True, run_dir(work, "tune", length, m, FULL)))
-            keys.append((FULL, length, m))
+    for regime in (FULL, FEW):  # the full-data selections (the heaviest jobs) first
+        for length in order:
+            for m in a.methods:
+                jobs.append((bench.job_tune, at_length(a, length), None if regime == FULL else few_roots[:a.select_draws],
+                             m, regime == FULL, run_dir(work, "tune", length, m, regime)))
+                keys.append((regime, length, m))
     log.info("selection: %d jobs over %d workers", len(jobs), a.workers)
     selected = dict(zip(keys, bench.run_jobs(a, jobs)))
     log.info("selection done (%.1f min)", (time.perf_counter() - t0) / 60)
