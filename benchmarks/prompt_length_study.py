@@ -55,7 +55,7 @@ log = logging.getLogger("prompt_length_study")
 
 RANDOM, LINEAR = bench.RANDOM, bench.LINEAR
 METHODS = (RANDOM, bench.DEFAULT, "SPT rand", "BPT")
-FEW, FULL = "4-shot", "full"  # the two regimes (the few-shot one is named by --shots in the tables)
+FEW, FULL = "few-shot", "full"  # the two regimes (--shots images per class; the full training set)
 BEGIN, END = "<!-- prompt-length:begin -->", "<!-- prompt-length:end -->"
 PROTOCOL_KEYS = ("model", "checkpoint", "img_size", "pool", "lengths", "methods", "shots", "draws", "seeds", "full",
                  "batch", "epochs", "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges",
@@ -330,7 +330,7 @@ def results_section(doc: dict[str, Any], png: str) -> str:
                   "**bold**: the interval excludes 0).", "", paired_markdown(doc, regime), ""]
     lines += ["Selected lr (base, × batch/256) per P; \"high/low edge\": it stayed at the end of the lrs tried "
               "after the edge rounds.", "", selected_markdown(doc), "",
-              "The cost of P (solo 4-shot runs, draw 0, one worker alone): training time per optimizer step, init "
+              "The cost of P (solo few-shot runs, draw 0, one worker alone): training time per optimizer step, init "
               "time (the initializer's capture and math), peak memory allocated on the GPU (– on a CPU); in "
               "brackets the ratio to the smallest P. A layer attends over N + P tokens (N = 65 for the demo backbone at "
               "112 px: 64 patches + CLS).", "",
@@ -362,8 +362,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                 ys.append(100 * c["mean"])
                 err.append(0.0 if lo is None else 100 * (hi - lo) / 2)
             ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=2, lw=1.2, label=m, color=colormaps["tab10"](i))
-        ax.set_xscale("log")
-        ax.set_xlabel("prompt length P (per layer)")
         ax.set_ylabel("test accuracy, % (mean, 95 % interval)")
         ax.set_title(f"{doc['regimes'][regime]['what']}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -372,10 +370,14 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         pts = [(int(p), 1000 * c[m]["step_s"]) for p, c in doc["cost"].items() if (c.get(m) or {}).get("step_s")]
         if pts:
             axes[2].plot(*zip(*sorted(pts)), marker="o", ms=3.5, label=m, color=colormaps["tab10"](i))
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("prompt length P (per layer)")
-    axes[2].set_ylabel("training time per step, ms (solo, 4-shot)")
+    axes[2].set_ylabel("training time per step, ms (solo, few-shot)")
     axes[2].grid(alpha=0.3)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(doc["lengths"])
+        ax.set_xticklabels([str(p) for p in doc["lengths"]])
+        ax.set_xlabel("prompt length P (per layer)")
     fig.suptitle(f"{doc['args']['model']} @ {doc['args']['img_size']} px, VPT-Deep" + (" (cut)" if doc["cut"] else ""),
                  fontsize=10)
     buf = io.BytesIO()
