@@ -40,9 +40,9 @@ sweep-demo: $(STAMP)
 	  hydra.sweep.dir=$(SWEEP_DIR)
 	$(PY) -m vipamin_scale.cli report $(SWEEP_DIR)
 
-# Every initializer at its own lr selected on val, demo backbone at 112 px, 1/2/4/8-shot, 5 paired draws,
-# a convergence gate; writes benchmarks/results/accuracy.{json,png}, demo_preset.json and RESULTS.md
-# (4.5 min on one H200 with --workers 14; hours on 2 CPU cores).
+# Every initializer at its own lr selected on val, demo backbone at 112 px, 1/2/4/8-shot, 5/5/20/20 paired
+# draws, a convergence gate; writes benchmarks/results/accuracy.{json,png}, demo_preset.json and RESULTS.md
+# (a GPU machine: benchmarks/device_studies.sh; hours on 2 CPU cores).
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 

@@ -1,158 +1,425 @@
-"""A small prompt-length study, end to end as a user runs one: `slurm/prompt_length_sweep.sh` as a
-Slurm job array on the private test cluster of `tests/slurm_support.py` (two 1-CPU nodes on this
-machine), then `vipamin-scale report` on its sweep directory.
+"""Prompt-length study, converged and paired: test accuracy against the prompt length P per method, each
+method at its own lr selected per P, with 95 % intervals and paired differences against VPT random.
 
-    python benchmarks/prompt_length_study.py            # ~25 min on 2 free cores; prints the commands
+    python benchmarks/prompt_length_study.py            # the full protocol (a GPU machine: device_studies.sh)
+    python benchmarks/prompt_length_study.py --quick     # tiny random ViT, 2 lengths, 2 draws (make test)
+    python benchmarks/prompt_length_study.py --lengths 1 10 50 --methods "VPT random" VIPAMIN --draws 4
+                                                         # a cut version: the section's heading says what was cut
 
-1. Data (under --work): the digits as an image tree, with val and test cut to their first
-   --val-per-class / --test-per-class images of each class (the data config has no eval limit;
-   the cut keeps the study's eval cost small; train keeps all 1000), then one 4-shot draw a seed
-   with the user's command `vipamin-scale shards TREE OUT --protocol fewshot --shots 4 --seed S`.
-2. `sbatch --array=0-N slurm/prompt_length_sweep.sh` with LENGTHS x INITS x SEEDS, the demo backbone
-   (model=dinov2_s14_demo, 112 px), DATA_ROOT=.../4shot_seed{seed}: seed s trains both inits on
-   draw s from the same random tensor (init.seed = train.seed = s). The array's order is the length
-   slowest, so when the study is cut (scancel) the last lengths of LENGTHS are the ones missing.
-3. `vipamin-scale report runs/prompt-length-<array id>`; the wall time of step 2 is printed; then the
-   paired differences (first init of --inits minus the second, paired by seed, per length) with their
-   95 % t interval over the seeds. `--report-only SWEEP_DIR` redoes step 3 alone.
-The cluster is stopped at the end (or on Ctrl-C, which cancels the array).
+Protocol (the defaults; every number is a flag; the backbone, schedules, selection, gate and workers
+are benchmarks/accuracy.py's, by its own code):
+* backbone: the demo's DINOv2 ViT-S/14 at 112 px, frozen, CLS pooling, VPT-Deep, P in {1, 5, 10, 20, 50, 100}.
+* methods: VPT random, VIPAMIN (the project's default), SPT rand, BPT (the `prompt=bpt` preset).
+* regimes: 4 shots per class, `--draws` (10) paired draws d (same images, train.seed = init.seed = d for
+  every method); and the full 1000 training images, one draw, `--seeds` (3) seeds s (train.seed = init.seed = s).
+  Val (297) and test (500) whole.
+* selection: per (regime, P, method) the lr by `vipamin-scale tune` (grid over `--lr-grid`, every point at
+  the full budget) on val, by the mean over draws 0..`--select-draws`-1 (3) at 4 shots (one draw on the
+  full data), a winner at an end of the grid extending it and re-selecting at most `--extend-edges`
+  times (`tune.select_draws`, `tune.extend_edges`); each rung trains as a pack. Never on test.
+* the gate: VPT random at P = `--gate-length` (10) on the full data (seed 0, its selected lr) must reach
+  the converged linear probe's test accuracy (benchmarks/accuracy.py's probe and rule), else no table
+  is written (exit 1; --no-gate writes it marked UNDERTRAINED).
+* final runs: trained as packs (one pack per (regime, P, method), cut to fill `--workers` processes),
+  each tested once. Reported: mean, sd and 95 % t-interval per cell (n per cell), paired differences
+  against VPT random per P with their half-widths (`vipamin_scale.stats`), the selected lr per P and
+  whether it stayed at an edge.
+* the cost of P: after the final runs, one worker alone trains one solo 4-shot run per (P, method)
+  (draw 0, its selected lr) and records its init time, training time per step (`result.json`) and, on
+  a GPU, the peak memory allocated; each against P with its ratio to the smallest P.
+Everything is written under --work and a finished run is reused (a re-run resumes); a --work of another
+protocol is refused (--fresh starts over). Writes benchmarks/results/prompt_length[_quick].json and .png
+and, not with --quick, the marked prompt-length section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
+import logging
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy as bench  # noqa: E402  (benchmarks/accuracy.py: the protocol's code, shared)
+from vipamin_scale import runs  # noqa: E402
+from vipamin_scale.paths import atomic_write_bytes, portable, write_marked_section  # noqa: E402
+from vipamin_scale.stats import interval, paired, summary  # noqa: E402
+
+log = logging.getLogger("prompt_length_study")
+
+RANDOM, LINEAR = bench.RANDOM, bench.LINEAR
+METHODS = (RANDOM, bench.DEFAULT, "SPT rand", "BPT")
+FEW, FULL = "few-shot", "full"  # the two regimes (--shots images per class; the full training set)
+BEGIN, END = "<!-- prompt-length:begin -->", "<!-- prompt-length:end -->"
+PROTOCOL_KEYS = ("model", "checkpoint", "img_size", "pool", "lengths", "methods", "shots", "draws", "seeds", "full",
+                 "batch", "epochs", "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges",
+                 "weight_decay", "calib", "gate_length")
 
 
-def digits_tree(out: Path, val_per_class: int, test_per_class: int) -> Path:
-    """`out/<split>/<class>/<index>.png`: the digits' train split whole, val and test cut per class."""
-    from PIL import Image
+def at_length(a: argparse.Namespace, length: int) -> argparse.Namespace:
+    """The protocol at prompt length `length` (what accuracy.py's run_cfg reads as --prompt-length)."""
+    return argparse.Namespace(**{**vars(a), "prompt_length": length})
 
-    from vipamin_scale.data.digits import _split_indices, digits_images
 
-    if (out / ".done").is_file():
-        return out
-    images, labels = digits_images()
-    keep = {"train": None, "val": val_per_class, "test": test_per_class}
-    for split, idx in _split_indices(labels).items():
-        taken: dict[int, int] = {}
-        for i in sorted(int(i) for i in idx):
-            c = int(labels[i])
-            if keep[split] is not None and taken.get(c, 0) >= keep[split]:
-                continue
-            taken[c] = taken.get(c, 0) + 1
-            path = out / split / str(c) / f"{i:04d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(path)
-    (out / ".done").write_text("ok\n")
+def run_dir(work: Path, regime: str, length: int, method: str, *parts: Any) -> str:
+    return str(work.joinpath(regime, f"P{length}", bench.slug(method), *map(str, parts)))
+
+
+# ----------------------------------------------------------------------------- the cost of P
+
+
+def job_cost(a: argparse.Namespace, specs: list[tuple[int, str, str, float, str]]) -> list[dict[str, Any]]:
+    """One solo run per spec (length, method, 4-shot draw-0 root, lr, out), one after another in this
+    worker: {init_time_s, step_s (training time per optimizer step), peak_mib (None on a CPU)}, kept in
+    the run's cost.json (a re-run reuses it; a run cut before writing it is trained again from scratch)."""
+    import shutil
+
+    import torch
+
+    from vipamin_scale.train import train_pack
+
+    out = []
+    for length, method, root, lr, path in specs:
+        record = Path(path) / "cost.json"
+        if record.is_file():
+            out.append(json.loads(record.read_text()))
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # a measurement, not a result: a cut one starts over
+        cfg = bench.run_cfg(at_length(a, length), Path(root), method)
+        cfg.train.out_dir, cfg.train.lr, cfg.train.seed, cfg.init.seed = path, lr, 0, 0
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            result = train_pack([cfg])[0]
+        except Exception as exc:  # the cost row says failed; the study goes on
+            log.warning("%s failed: %s: %s", path, type(exc).__name__, exc)
+            result = None
+        ok = result is not None and result.get("status", "ok") == "ok" and result.get("steps")
+        cost = {"init_time_s": result["init_time_s"] if ok else None,
+                "step_s": result["train_time_s"] / result["steps"] if ok else None,
+                "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if ok and cuda else None}
+        if ok:
+            runs.write_json(record, cost)
+        out.append(cost)
     return out
 
 
-def paired(sweep: Path, a: str, b: str) -> list[str]:
-    """Markdown rows: per length, a - b test accuracy paired by seed, mean ± sd, 95 % t interval."""
-    from scipy.stats import t
-
-    acc: dict[tuple[str, int, str], float] = {}
-    for path in sweep.glob("*/result.json"):
-        m = re.fullmatch(r"(.+)-\w+-len(\d+)-seed(\w+)", path.parent.name)
-        result = json.loads(path.read_text())
-        if m and result.get("status", "ok") == "ok" and (result.get("test") or {}).get("acc") is not None:
-            acc[(m[1], int(m[2]), m[3])] = float(result["test"]["acc"])
-    rows = [f"| P | n | {a} - {b}, by seed | mean ± sd | 95 % CI | resolved |", "|---|---|---|---|---|---|"]
-    for length in sorted({k[1] for k in acc}):
-        seeds = sorted({k[2] for k in acc if k[1] == length and (a, length, k[2]) in acc and (b, length, k[2]) in acc})
-        d = [acc[(a, length, s)] - acc[(b, length, s)] for s in seeds]
-        if len(d) < 2:
-            continue
-        mean = sum(d) / len(d)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-        half = float(t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
-        rows.append(f"| {length} | {len(d)} | {' / '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} ± {sd:.3f} | "
-                    f"[{mean - half:+.3f}, {mean + half:+.3f}] | {'yes' if abs(mean) > half else 'no'} |")
-    return rows
+# ----------------------------------------------------------------------------- the study
 
 
-def report(sweep: Path, inits: list[str]) -> int:
-    cmd = [sys.executable, "-m", "vipamin_scale.cli", "report", str(sweep)]
-    print("$", shlex.join(cmd), flush=True)
-    rc = subprocess.run(cmd).returncode
-    if len(inits) == 2:
-        print(f"\nPaired differences ({inits[0]} - {inits[1]}, test accuracy, same seed = same draw and tensor):\n")
-        print("\n".join(paired(sweep, *inits)), flush=True)
-    return rc
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    a = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
+    logging.getLogger("vipamin_scale.pool").setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    bench.check_protocol(a, {k: getattr(a, k) for k in PROTOCOL_KEYS})
+    work = Path(a.work)
+    k = a.shots
+    roots = bench.fewshot_roots(work / "data", [k], a.draws)
+    few_roots = [str(roots[(k, d)]) for d in range(a.draws)]
+    order = sorted(a.lengths, reverse=True)  # the longest prompts (the slowest runs) first
+
+    # 1. selection on val: per (regime, P, method), and the probe's C on the full data
+    jobs = [(bench.job_tune, a, None, LINEAR, True, "")]
+    keys: list = [("probe",)]
+    for regime in (FULL, FEW):  # the full-data selections (the heaviest jobs) first
+        for length in order:
+            for m in a.methods:
+                jobs.append((bench.job_tune, at_length(a, length), None if regime == FULL else few_roots[:a.select_draws],
+                             m, regime == FULL, run_dir(work, "tune", length, m, regime)))
+                keys.append((regime, length, m))
+    log.info("selection: %d jobs over %d workers", len(jobs), a.workers)
+    selected = dict(zip(keys, bench.run_jobs(a, jobs)))
+    log.info("selection done (%.1f min)", (time.perf_counter() - t0) / 60)
+
+    # 2. the final runs, as packs, and the probe's test
+    groups = []
+    for length in order:
+        for m in a.methods:
+            for regime, n in ((FEW, a.draws), (FULL, a.seeds)):
+                lr = selected[(regime, length, m)]["value"]
+                specs = [(few_roots[d] if regime == FEW else None, m, regime == FULL, lr, d,
+                          run_dir(work, "final", length, m, regime, lr, f"{'draw' if regime == FEW else 'seed'}{d}"))
+                         for d in range(n)]
+                groups.append((at_length(a, length), [(regime, length, m, d) for d in range(n)], specs))
+    jobs, fkeys = bench.pack_jobs(groups, a.workers)
+    jobs.append((bench.job_final, a, None, LINEAR, True, selected[("probe",)]["value"], 0, ""))
+    fkeys.append([("probe",)])
+    log.info("final runs: %d jobs over %d workers", len(jobs), a.workers)
+    acc: dict[tuple, Optional[float]] = {}
+    for key, got in zip(fkeys, bench.run_jobs(a, jobs)):
+        acc.update(zip(key, got) if isinstance(got, list) else [(key[0], got)])
+
+    # 3. the cost of P: solo runs, one worker alone
+    cost_specs = [(length, m, few_roots[0], selected[(FEW, length, m)]["value"],
+                   run_dir(work, "cost", length, m, selected[(FEW, length, m)]["value"]))
+                  for length in sorted(a.lengths) for m in a.methods if selected[(FEW, length, m)]["value"] is not None]
+    costs = dict(zip([(s[0], s[1]) for s in cost_specs],
+                     bench.run_jobs(argparse.Namespace(workers=1), [(job_cost, a, cost_specs)])[0]))
+
+    gate = bench.gate_record(a, selected[("probe",)], acc[("probe",)], selected[(FULL, a.gate_length, RANDOM)],
+                             acc[(FULL, a.gate_length, RANDOM, 0)])
+    doc = record(a, argv, selected, acc, costs, gate, t0)
+    out = Path(a.out)
+    print(bench.gate_text(gate))
+    if not gate["passed"] and not a.no_gate:
+        runs.write_json(out, portable(doc, bench.places(a)), nan_as_null=True)
+        print(f"undertrained: VPT random at P = {a.gate_length} does not reach the converged linear probe on the full "
+              f"training set; no table is written (the figures are in {out})")
+        raise SystemExit(1)
+    png = out.with_suffix(".png")
+    plot(doc, png)
+    runs.write_json(out, portable(doc, bench.places(a)), nan_as_null=True)
+    section = results_section(doc, os.path.relpath(png, Path(a.results_md).parent))
+    print(section)
+    if not a.quick:
+        write_marked_section(Path(a.results_md), BEGIN, END, section)
+    print(f"wrote {out}, {png}" + ("" if a.quick else f", {a.results_md}") + f" in {doc['minutes']:.1f} min")
+    return doc
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default=str(REPO / "runs" / "prompt-length-data"))
-    ap.add_argument("--lengths", default="1 10 50 5 20", help="LENGTHS, in the order they run")
-    ap.add_argument("--inits", default="vipamin random")
-    ap.add_argument("--seeds", default="0 1 2")
-    ap.add_argument("--shots", type=int, default=4)
-    ap.add_argument("--val-per-class", type=int, default=10)
-    ap.add_argument("--test-per-class", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--report-only", metavar="SWEEP_DIR", help="only report on a finished study's directory")
-    args = ap.parse_args()
-    if args.report_only:
-        return report(Path(args.report_only), args.inits.split())
+def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc: dict, costs: dict,
+           gate: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The study's JSON: per regime, P and method the selection, the summary and the pairing with VPT random."""
+    few_s = bench.schedule(10 * a.shots, a.batch, a.epochs, a.min_steps)
+    full_s = bench.schedule(a.full, 32, a.full_epochs, 0)
+    doc: dict[str, Any] = {
+        "machine": bench.machine(), "note": a.note, "lengths": sorted(a.lengths), "methods": list(a.methods),
+        "command": "python benchmarks/prompt_length_study.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                                 " " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "cut": cut_from_full(a), "args": vars(a), "gate": gate,
+        "regimes": {FEW: {"n": a.draws, "what": f"{a.shots} images per class, {a.draws} paired draws",
+                          "schedule": few_s},
+                    FULL: {"n": a.seeds, "what": f"the full {a.full} training images, one draw, {a.seeds} seeds",
+                           "schedule": full_s}},
+        "cells": {}, "cost": {},
+    }
+    for regime, n in ((FEW, a.draws), (FULL, a.seeds)):
+        cells = doc["cells"][regime] = {}
+        for length in sorted(a.lengths):
+            row = cells[str(length)] = {}
+            for m in a.methods:
+                row[m] = {"selected": selected[(regime, length, m)],
+                          "results": summary([acc.get((regime, length, m, d)) for d in range(n)])}
+            for m in a.methods:
+                if m != RANDOM and RANDOM in row:
+                    row[m]["paired"] = paired(row[m]["results"]["runs"], row[RANDOM]["results"]["runs"])
+    for (length, m), c in costs.items():
+        doc["cost"].setdefault(str(length), {})[m] = c
+    doc["minutes"] = (time.perf_counter() - t0) / 60
+    return doc
 
-    work = Path(args.work).resolve()
-    tree = digits_tree(work / "digits_tree", args.val_per_class, args.test_per_class)
-    seeds = args.seeds.split()
-    for s in seeds:
-        if not (work / "fewshot" / f"{args.shots}shot_seed{s}" / "manifest.json").is_file():
-            cmd = [sys.executable, "-m", "vipamin_scale.cli", "shards", str(tree), str(work / "fewshot"),
-                   "--protocol", "fewshot", "--shots", str(args.shots), "--seed", s]
-            print("$", shlex.join(cmd), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
-    sys.path.insert(0, str(REPO / "tests"))
-    import slurm_support
+def cut_from_full(a: argparse.Namespace) -> dict[str, list]:
+    """{flag: [the full protocol's value, this run's]} for every protocol setting that differs (empty: the
+    full protocol)."""
+    full = parse([])
+    return {k: [getattr(full, k), getattr(a, k)] for k in PROTOCOL_KEYS if getattr(full, k) != getattr(a, k)}
 
-    why = slurm_support.ensure_installed()
-    if why:
-        print(f"error: no local Slurm: {why}", file=sys.stderr)
-        return 2
-    n = len(args.lengths.split()) * len(args.inits.split()) * len(seeds)
-    env = {"LENGTHS": args.lengths, "INITS": args.inits, "SEEDS": args.seeds, "MODEL": "dinov2_s14_demo",
-           "ENGINE": "ddp", "DATA": "shards", "DATA_ROOT": f"{work}/fewshot/{args.shots}shot_seed{{seed}}",
-           "BATCH": str(args.batch), "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-           "VENV": os.environ.get("VENV", str(Path(sys.executable).parents[1]))}
-    overrides = [f"train.epochs={args.epochs}", f"train.eval_every={args.epochs}", f"train.lr={args.lr}",
-                 "train.warmup_epochs=1", "train.progress=false", "train.loggers=[jsonl]", "train.keep_last=1"]
-    sbatch = ["sbatch", "--parsable", "--wait", f"--array=0-{n - 1}", "--gpus-per-node=0", "--cpus-per-task=1",
-              "--time=60", f"--output={REPO}/runs/prompt-length-%A_%a.out", "slurm/prompt_length_sweep.sh", *overrides]
-    print("$", " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(sbatch), flush=True)
 
-    cluster = slurm_support.LocalSlurm(cpus_per_node=1)
-    try:
-        cluster.start()
-        print(f"local Slurm up: SLURM_CONF={cluster.conf}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.run(sbatch, cwd=REPO, env={**os.environ, **cluster.env, **env}, capture_output=True,
-                              text=True)
-        wall = time.monotonic() - t0
-    finally:
-        cluster.stop()
-        shutil.rmtree(cluster.dir, ignore_errors=True)
-    job = proc.stdout.strip().split(";")[0]
-    print(f"sbatch exit {proc.returncode} (array {job}): wall {wall / 60:.1f} min{' ' + proc.stderr.strip() if proc.stderr.strip() else ''}",
-          flush=True)
-    return report(REPO / "runs" / f"prompt-length-{job}", args.inits.split()) or proc.returncode
+# ----------------------------------------------------------------------------- output
+
+
+def pct(x: Optional[float], signed: bool = False) -> str:
+    return bench.pct(x, signed)
+
+
+def accuracy_markdown(doc: dict[str, Any], regime: str) -> str:
+    """Rows P, a column per method: mean ± 95 % half-width (n)."""
+    methods = doc["methods"]
+    lines = ["| P | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for length, row in doc["cells"][regime].items():
+        cells = []
+        for m in methods:
+            c = row[m]["results"]
+            lo, hi = interval(c)
+            cells.append("failed" if c["mean"] is None else
+                         f"{pct(c['mean'])} ± {pct(None if lo is None else (hi - lo) / 2)} (n={c['n']})")
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_markdown(doc: dict[str, Any], regime: str) -> str:
+    """Rows P, a column per method: the paired difference against VPT random, mean ± half-width [interval]."""
+    methods = [m for m in doc["methods"] if m != RANDOM]
+    lines = ["| P | " + " | ".join(f"{m} − {RANDOM}" for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for length, row in doc["cells"][regime].items():
+        cells = []
+        for m in methods:
+            p = row[m].get("paired")
+            if p is None or p["mean"] is None:
+                cells.append("–")
+                continue
+            text = (f"{pct(p['mean'], True)} ± {pct(bench.half(p))} [{pct(p['lo'], True)}, {pct(p['hi'], True)}] "
+                    f"(n={p['n']})")
+            cells.append(f"**{text}**" if p["resolved"] else text)
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def selected_markdown(doc: dict[str, Any]) -> str:
+    """Rows P, a column per (method, regime): the selected lr and where it stayed at an edge."""
+    cols = [(m, r) for m in doc["methods"] for r in doc["cells"]]
+    lines = ["| P | " + " | ".join(f"{m}, {r}" for m, r in cols) + " |", "|---|" + "---|" * len(cols)]
+    for length in map(str, doc["lengths"]):
+        lines.append(f"| {length} | " + " | ".join(bench.selected_text(doc["cells"][r][length][m]["selected"])
+                                                  for m, r in cols) + " |")
+    return "\n".join(lines)
+
+
+def cost_markdown(doc: dict[str, Any]) -> str:
+    """Rows P: per method the training time per step, the init time and the peak memory, with the ratio
+    of each to the smallest P's."""
+    methods = doc["methods"]
+    first = str(doc["lengths"][0])
+    base = doc["cost"].get(first, {})
+
+    def cell(c: Optional[dict], key: str, scale: float, unit: str, m: str) -> str:
+        v = (c or {}).get(key)
+        if v is None:
+            return "–"
+        b = (base.get(m) or {}).get(key)
+        return f"{v * scale:.{1 if unit != 'MiB' else 0}f} {unit}" + (f" (×{v / b:.2f})" if b else "")
+
+    head = [f"{m}: {what}" for m in methods for what in ("step", "init", "peak")]
+    lines = ["| P | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for length in map(str, doc["lengths"]):
+        row = doc["cost"].get(length, {})
+        cells = []
+        for m in methods:
+            c = row.get(m)
+            cells += [cell(c, "step_s", 1000, "ms", m), cell(c, "init_time_s", 1, "s", m),
+                      cell(c, "peak_mib", 1, "MiB", m)]
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_section(doc: dict[str, Any], png: str) -> str:
+    heading = "## Prompt-length study: converged, paired (`benchmarks/prompt_length_study.py`)"
+    if doc["cut"]:
+        heading += " — CUT VERSION (not the full protocol)"
+    if not doc["gate"]["passed"]:
+        heading += " — UNDERTRAINED (the gate failed; written with --no-gate)"
+    a = doc["args"]
+    lines = [BEGIN, heading, "", f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", ""]
+    if doc["cut"]:
+        lines += ["Cut from the full protocol (flag: full → this run): "
+                  + "; ".join(f"{k}: {full} → {this}" for k, (full, this) in doc["cut"].items()) + ".", ""]
+    few, full = doc["regimes"][FEW], doc["regimes"][FULL]
+    lines += [f"{a['model']} at {a['img_size']} px, frozen, {a['pool']} pooling, VPT-Deep, P ∈ {doc['lengths']}; "
+              f"digits, val 297 and test 500 whole. {FEW}: {few['what']} ({few['schedule']['steps']} steps of batch "
+              f"{few['schedule']['batch']}); {FULL}: {full['what']} ({full['schedule']['steps']} steps of batch "
+              f"{full['schedule']['batch']}). Each method's lr selected per (regime, P) on val by the mean over "
+              f"{a['select_draws']} draws ({FEW}; one on the full data) over {a['lr_grid'][2]} log-spaced lrs from "
+              f"{a['lr_grid'][0]:g} to {a['lr_grid'][1]:g} (× batch/256), extending at an edge at most "
+              f"{a['extend_edges']} times." + (f" {doc['note']}" if doc.get("note") else ""), "",
+              bench.gate_text(doc["gate"]).replace("VPT random (", f"VPT random at P = {a['gate_length']} ("), ""]
+    for regime in (FEW, FULL):
+        lines += [f"Test accuracy (%), {regime}: mean ± 95 % half-width (t, over the {doc['regimes'][regime]['n']} "
+                  f"{'draws' if regime == FEW else 'seeds'}), n per cell.", "", accuracy_markdown(doc, regime), "",
+                  f"Paired difference against {RANDOM}, {regime} (points; mean ± 95 % half-width [interval]; "
+                  "**bold**: the interval excludes 0).", "", paired_markdown(doc, regime), ""]
+    lines += ["Selected lr (base, × batch/256) per P; \"high/low edge\": it stayed at the end of the lrs tried "
+              "after the edge rounds.", "", selected_markdown(doc), "",
+              "The cost of P (solo few-shot runs, draw 0, one worker alone): training time per optimizer step, init "
+              "time (the initializer's capture and math), peak memory allocated on the GPU (– on a CPU); in "
+              "brackets the ratio to the smallest P. A layer attends over N + P tokens (N = 65 for the demo backbone at "
+              "112 px: 64 patches + CLS).", "",
+              cost_markdown(doc), "", f"![accuracy against P]({png})", "", END]
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Test accuracy against P (log axis) per method with 95 % intervals, one panel per regime, and the
+    training time per step against P."""
+    import io
+
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, regime in zip(axes, (FEW, FULL)):
+        for i, m in enumerate(doc["methods"]):
+            xs, ys, err = [], [], []
+            for length, row in doc["cells"][regime].items():
+                c = row[m]["results"]
+                if c["mean"] is None:
+                    continue
+                lo, hi = interval(c)
+                xs.append(int(length) * (1 + 0.03 * (i - 1.5)))
+                ys.append(100 * c["mean"])
+                err.append(0.0 if lo is None else 100 * (hi - lo) / 2)
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=2, lw=1.2, label=m, color=colormaps["tab10"](i))
+        ax.set_ylabel("test accuracy, % (mean, 95 % interval)")
+        ax.set_title(f"{doc['regimes'][regime]['what']}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    for i, m in enumerate(doc["methods"]):
+        pts = [(int(p), 1000 * c[m]["step_s"]) for p, c in doc["cost"].items() if (c.get(m) or {}).get("step_s")]
+        if pts:
+            axes[2].plot(*zip(*sorted(pts)), marker="o", ms=3.5, label=m, color=colormaps["tab10"](i))
+    axes[2].set_ylabel("training time per step, ms (solo, few-shot)")
+    axes[2].grid(alpha=0.3)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(doc["lengths"])
+        ax.set_xticklabels([str(p) for p in doc["lengths"]])
+        ax.set_xlabel("prompt length P (per layer)")
+    fig.suptitle(f"{doc['args']['model']} @ {doc['args']['img_size']} px, VPT-Deep" + (" (cut)" if doc["cut"] else ""),
+                 fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random ViT, 2 lengths, 2 draws: a smoke run")
+    bench.add_protocol_args(ap)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1, 5, 10, 20, 50, 100])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD")
+    ap.add_argument("--shots", type=int, default=4, help="images per class of the few-shot regime")
+    ap.add_argument("--draws", type=int, default=10, help="paired few-shot draws per cell")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the full-data runs per cell")
+    ap.add_argument("--gate-length", type=int, default=10, help="P of the gate's VPT random (one of --lengths)")
+    ap.add_argument("--work", default=None, help="run directory (default .cache/prompt_length[_quick])")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prompt_length[_quick].json)")
+    if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
+        ap.set_defaults(model="vit_test_d64", checkpoint=None, img_size=32, pool="mean", lengths=[1, 4], gate_length=4,
+                        methods=[RANDOM, bench.DEFAULT], shots=1, draws=2, seeds=2, epochs=1, min_steps=2, full=60,
+                        full_epochs=1, lr_grid=[0.5, 5.0, 2], select_draws=2, extend_edges=1, calib=10)
+    args = ap.parse_args(argv)
+    bench.check_protocol_args(ap, args, args.draws)
+    bad = [m for m in args.methods if m not in bench.all_methods() and m not in bench.PRESETS]
+    if bad or RANDOM not in args.methods:
+        ap.error(f"--methods: {RANDOM!r} (the baseline) and others of {list(METHODS)} or benchmarks/accuracy.py's; "
+                 f"got {args.methods}")
+    if args.gate_length not in args.lengths:
+        ap.error(f"--gate-length: must be one of --lengths {args.lengths}; got {args.gate_length}")
+    if args.seeds < 1 or min(args.lengths) < 1:
+        ap.error(f"--seeds and --lengths: at least 1; got {args.seeds} and {args.lengths}")
+    args.prompt_length = args.gate_length  # what accuracy.py's run_cfg reads for the linear probe (no prompts)
+    suffix = "_quick" if args.quick else ""
+    args.work = args.work or str(REPO / ".cache" / f"prompt_length{suffix}")
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"prompt_length{suffix}.json")
+    return args
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,6 +17,12 @@
 # order; a `{seed}` in DATA_ROOT becomes s (one few-shot draw a seed, shared by all inits: see
 # `vipamin-scale shards --protocol fewshot`). Each run: $SWEEP/<init>-<prompt>-len<P>[-seed<s>].
 #
+# PACK=1: one task per (length, seed), LENGTHS x SEEDS entries (--array=0-5 above), the seed fastest;
+# the task trains every init of INITS as one pack in one process (`vipamin-scale train -m
+# hydra/launcher=packed`: each run equal to its solo run, in the same run directories; the
+# initializer runs in-process, no prompts file), on one GPU; MODEL, DATA, PROMPT, BATCH, MODEL_CKPT
+# as in vith_vipamin.sh, VIPAMIN_SCALE the command (default: python -m vipamin_scale.cli).
+#
 #SBATCH --job-name=prompt-length
 #SBATCH --array=0-4
 #SBATCH --nodes=1
@@ -35,17 +41,44 @@ read -r -a INITS <<< "${INITS:-${INIT:-vipamin}}"
 read -r -a SEEDS <<< "${SEEDS:-}"
 TASK=${SLURM_ARRAY_TASK_ID:-0}
 NSEEDS=$(( ${#SEEDS[@]} > 0 ? ${#SEEDS[@]} : 1 ))
-TOTAL=$(( ${#LENGTHS[@]} * ${#INITS[@]} * NSEEDS ))
+PACK=${PACK:-0}
+NINITS=$(( PACK == 1 ? 1 : ${#INITS[@]} ))  # PACK=1: a task's inits are one pack
+TOTAL=$(( ${#LENGTHS[@]} * NINITS * NSEEDS ))
 if (( TASK >= TOTAL )); then
-    echo "error: array index $TASK but LENGTHS x INITS x SEEDS has $TOTAL entries" \
-         "(${LENGTHS[*]} x ${INITS[*]} x ${SEEDS[*]:-no seed}): use --array=0-$(( TOTAL - 1 ))" >&2
+    if (( PACK == 1 )); then
+        echo "error: array index $TASK but LENGTHS x SEEDS (PACK=1) has $TOTAL entries" \
+             "(${LENGTHS[*]} x ${SEEDS[*]:-no seed}): use --array=0-$(( TOTAL - 1 ))" >&2
+    else
+        echo "error: array index $TASK but LENGTHS x INITS x SEEDS has $TOTAL entries" \
+             "(${LENGTHS[*]} x ${INITS[*]} x ${SEEDS[*]:-no seed}): use --array=0-$(( TOTAL - 1 ))" >&2
+    fi
     exit 2
 fi
 export MODEL=${MODEL:-vit_l14}
 export ENGINE=${ENGINE:-zero2}
-export PROMPT_LENGTH=${LENGTHS[$(( TASK / (${#INITS[@]} * NSEEDS) ))]}
-export INIT=${INITS[$(( TASK / NSEEDS % ${#INITS[@]} ))]}
+export PROMPT_LENGTH=${LENGTHS[$(( TASK / (NINITS * NSEEDS) ))]}
+export INIT=${INITS[$(( TASK / NSEEDS % NINITS ))]}
 SWEEP=${SWEEP:-$REPO/runs/prompt-length-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}}
+if (( PACK == 1 )); then
+    ARGS=("model=${MODEL:-vit_l14}" "data=${DATA:-shards}" "prompt=${PROMPT:-deep}" "prompt.length=$PROMPT_LENGTH"
+          "init=$(IFS=,; echo "${INITS[*]}")" "train.resume=true")
+    SUBDIR="\${hydra:runtime.choices.init}-${PROMPT:-deep}-len$PROMPT_LENGTH"
+    if (( ${#SEEDS[@]} > 0 )); then
+        SEED=${SEEDS[$(( TASK % NSEEDS ))]}
+        SUBDIR=$SUBDIR-seed$SEED
+        ARGS+=("init.seed=$SEED" "train.seed=$SEED")
+        [[ -n ${DATA_ROOT:-} ]] && DATA_ROOT=${DATA_ROOT//\{seed\}/$SEED}
+    fi
+    [[ -n ${DATA_ROOT:-} ]] && ARGS+=("data.root=$DATA_ROOT")
+    [[ -n ${MODEL_CKPT:-} ]] && ARGS+=("model.checkpoint=$MODEL_CKPT")
+    [[ -n ${BATCH:-} ]] && ARGS+=("data.batch_size=$BATCH")
+    VENV=${VENV:-$REPO/.venv}
+    # shellcheck disable=SC1091
+    [[ -f $VENV/bin/activate ]] && source "$VENV/bin/activate"
+    read -r -a CMD <<< "${VIPAMIN_SCALE:-python -m vipamin_scale.cli}"
+    cd "$REPO"
+    exec "${CMD[@]}" train -m hydra/launcher=packed "${ARGS[@]}" "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=$SUBDIR" "$@"
+fi
 RUN=$SWEEP/$INIT-${PROMPT:-deep}-len$PROMPT_LENGTH
 SEED_ARGS=()
 if (( ${#SEEDS[@]} > 0 )); then

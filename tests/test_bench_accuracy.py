@@ -5,25 +5,21 @@ import json
 import math
 import re
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO, cli_env
 
-from benchmarks_support import load_accuracy_module
+from benchmarks_support import load_accuracy_module, run_quick
 from vipamin_scale.tune import parse_space
 
 
 @pytest.mark.slow
 def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     out = tmp_path / "accuracy.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--quick", "--no-gate", "--work",
-           str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    cmd, proc = run_quick("accuracy.py", tmp_path, out, timeout=1200)
     doc = json.loads(out.read_text())
     bench = load_accuracy_module()
-    assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == 3
+    assert list(doc["methods"]) == list(bench.METHODS) and doc["shots"] == [1, 2] and doc["draws"] == [3, 3]
     lr_lo, lr_hi, num = doc["args"]["lr_grid"]
     lrs = parse_space({"lr": {"log": [lr_lo, lr_hi], "num": num}})[0][1]
     assert doc["args"]["select_draws"] == 2 and doc["args"]["extend_edges"] == 1

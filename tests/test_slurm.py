@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -99,6 +100,32 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
     assert bad.returncode == 2 and "LENGTHS x INITS x SEEDS has 18 entries" in bad.stderr and "--array=0-17" in bad.stderr
     one = task(3, SEEDS="", INITS="", INIT="spt", LENGTHS="1 5 10 50")  # as before: one init, no seed override
     assert one.stdout.split() == ["spt", "50", f"{sweep}/spt-deep-len50", "/d/4shot_seed{seed}", "x=1"]
+    # PACK=1: a task per (length, seed), its inits one pack (the command replaced by an echo)
+    packed = task(4, PACK="1", VIPAMIN_SCALE="echo")
+    assert packed.stdout.split() == [
+        "train", "-m", "hydra/launcher=packed", "model=vit_l14", "data=shards", "prompt=deep", "prompt.length=10",
+        "init=vipamin,random", "train.resume=true", "init.seed=1", "train.seed=1", "data.root=/d/4shot_seed1",
+        f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra:runtime.choices.init}-deep-len10-seed1", "x=1"]
+    bad = task(9, PACK="1", VIPAMIN_SCALE="echo")
+    assert bad.returncode == 2 and "LENGTHS x SEEDS (PACK=1) has 9 entries" in bad.stderr and "--array=0-8" in bad.stderr
+
+
+def test_prompt_length_sweep_pack_task_trains_its_inits_as_one_pack(tmp_path):
+    """PACK=1 for real (without Slurm): the task's two inits train as one pack into the run directories
+    the unpacked array writes, with the seed's init.seed, train.seed and draw."""
+    env = cli_env(REPO=str(REPO), SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3",
+                  INITS="random vipamin", SEEDS="0 5", MODEL="vit_test_d64", DATA="digits", SWEEP=str(tmp_path),
+                  VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean",
+                           "data.max_train_samples=64", "data.batch_size=32", "train.epochs=1", "train.progress=false",
+                           "init.num_images=32"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for init in ("random", "vipamin"):
+        run = tmp_path / f"{init}-deep-len2-seed5"
+        result = json.loads((run / "result.json").read_text())
+        assert result["pack_size"] == 2 and result["prompt_length"] == 2 and result["method"] == init
+        config = (run / ".hydra" / "config.yaml").read_text()
+        assert "seed: 5" in config
 
 
 # ----------------------------------------------------------------------------- on Slurm

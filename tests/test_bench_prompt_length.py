@@ -1,0 +1,67 @@
+"""benchmarks/prompt_length_study.py: the converged, paired prompt-length study end to end (--quick)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks_support import load_study_module, run_quick
+
+
+@pytest.mark.slow
+def test_quick_prompt_length_study_end_to_end(tmp_path):
+    """Per (regime, P, method): the lr selected by the mean val accuracy over the draws (then one edge
+    round), n paired runs, the pairing with VPT random draw by draw; the cost of P per cell; the cut named."""
+    out = tmp_path / "pl.json"
+    _, proc = run_quick("prompt_length_study.py", tmp_path, out, timeout=900)
+    doc = json.loads(out.read_text())
+    study = load_study_module()
+    from vipamin_scale.stats import paired
+
+    assert doc["lengths"] == [1, 4] and doc["methods"] == [study.RANDOM, study.bench.DEFAULT]
+    assert set(doc["cut"]) >= {"model", "lengths", "methods", "draws"} and doc["cut"]["draws"] == [10, 2]
+    for regime, n in ((study.FEW, 2), (study.FULL, 2)):
+        for length in ("1", "4"):
+            row = doc["cells"][regime][length]
+            for m in doc["methods"]:
+                sel, res = row[m]["selected"], row[m]["results"]
+                tried = [t["lr"] for t in sel["trials"]]
+                assert tried[:2] == [0.5, 5.0] and len(tried) == 3 and tried[2] in (0.05, 50.0), tried
+                for t in sel["trials"]:  # 4-shot: the mean over draws 0 and 1; full data: one draw
+                    by = t["val_by_draw"]
+                    assert len(by) == (2 if regime == study.FEW else 0)
+                    if by and None not in by:
+                        assert t["val_acc"] == pytest.approx(sum(by) / 2)
+                best = max(sel["trials"], key=lambda t: -1 if t["val_acc"] is None else t["val_acc"])
+                assert sel["value"] == best["lr"]
+                assert res["n"] == n and len(res["runs"]) == n and res["mean"] == pytest.approx(sum(res["runs"]) / n)
+            p = row[study.bench.DEFAULT]["paired"]
+            assert p == paired(row[study.bench.DEFAULT]["results"]["runs"], row[study.RANDOM]["results"]["runs"])
+        for m in doc["methods"]:  # the cost of P: a solo 4-shot run per (P, method)
+            c = doc["cost"]["4"][m]
+            assert c["step_s"] > 0 and c["init_time_s"] >= 0 and c["peak_mib"] is None  # no GPU here
+    g = doc["gate"]
+    assert g["random_lr"] == doc["cells"][study.FULL]["4"][study.RANDOM]["selected"]["value"]
+    assert g["random_test"] == doc["cells"][study.FULL]["4"][study.RANDOM]["results"]["runs"][0]
+    assert g["passed"] == (g["random_test"] >= g["probe_test"])
+    # the final runs went as packs: a 4-shot run's record says so
+    final = list((tmp_path / "work" / "final" / "P4" / "vpt_random" / study.FEW).glob("*/draw1/result.json"))
+    assert len(final) == 1 and json.loads(final[0].read_text())["pack_size"] >= 2
+    printed = proc.stdout
+    assert "CUT VERSION" in printed and "| P | VIPAMIN − VPT random |" in printed
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_study_arguments_are_checked_before_any_run(capsys):
+    study = load_study_module()
+    for argv, what in ((["--gate-length", "7"], "--gate-length"), (["--methods", "VIPAMIN"], "--methods"),
+                       (["--draws", "2"], "--select-draws")):
+        with pytest.raises(SystemExit) as exc:
+            study.parse(argv)
+        assert exc.value.code == 2 and what in capsys.readouterr().err
+    a = study.parse([])
+    assert (a.lengths, a.draws, a.seeds, a.shots, a.select_draws) == ([1, 5, 10, 20, 50, 100], 10, 3, 4, 3)
+    assert study.cut_from_full(a) == {}
+    assert a.methods == [study.RANDOM, "VIPAMIN", "SPT rand", "BPT"]
+    cfg = study.bench.run_cfg(study.at_length(a, 50), None, "BPT", full=True)
+    assert (cfg.prompt.kind, cfg.prompt.length, cfg.prompt.bpt, cfg.data.max_train_samples) == ("bpt", 50, "whiten_fixed",
+                                                                                                1000)
