@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn as nn
-from conftest import cli, cli_env, torchrun
+from conftest import cli, cli_env, free_port, torchrun
 from omegaconf import OmegaConf
 
 from vipamin_scale import checkpoint as ckpt

@@ -19,8 +19,9 @@ An error the user can cause (a config value, a data or prompts file, a run direc
 holding another run, a full or read-only disk) prints one line `error: <message>` and exits 2;
 VIPAMIN_SCALE_DEBUG=1 prints the full traceback as well.
 
-Under torchrun the rank that fails first is the root cause (`root_cause`): it prints its own line, and
-every other rank that then fails (a collective losing its peer) or is stopped by torchrun (SIGTERM)
+Under torchrun the rank that fails first is the root cause (`root_cause`): it prints its own line (as
+does every rank with a user error of its own), and every other rank that then fails (a collective
+losing its peer) or is stopped by torchrun (SIGTERM)
 prints one line naming it, `error: stopped because rank R failed: <its message>`, and exits with the
 root's code. Each rank's line also goes to torchrun's error file (TORCHELASTIC_ERROR_FILE), so
 torchrun's summary names the root rank with it; `python -m vipamin_scale.launch` (torchrun, used by
@@ -79,8 +80,11 @@ def _report(exc: BaseException) -> int:
 
 def root_cause(exc: BaseException) -> BaseException:
     """`exc` when this rank is the first of its job to fail (recorded in the job's store for the others,
-    `distributed.first_failure`), else RankFailed naming the rank that was. `exc` alone without a process
-    group. Call it before the process group is destroyed; calling it again gives the same answer."""
+    `distributed.first_failure`) or when `exc` is a user error of this rank's own (a config value every
+    rank checks, its own shard: its line is true whoever failed first), else RankFailed naming the rank
+    that was first (this rank's failure, a collective losing its peer, is a consequence). `exc` alone
+    without a process group. Call it before the process group is destroyed; calling it again gives the
+    same answer."""
     import vipamin_scale.distributed as D
 
     if isinstance(exc, RankFailed) or not D.is_dist():
@@ -88,7 +92,9 @@ def root_cause(exc: BaseException) -> BaseException:
     line = user_error_line(exc)
     message, code = (line[len("error: "):], 2) if line else (f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
     first = D.first_failure(message, code)
-    return exc if first is None or first[0] == D.rank() else RankFailed(*first)
+    if first is None or first[0] == D.rank() or line is not None:  # a user error of its own is its own root
+        return exc
+    return RankFailed(*first)
 
 
 def _launcher_error_file(exc: BaseException) -> None:
