@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import vipamin_scale.distributed as D
+import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError
 from vipamin_scale.train import pack_key, train_pack
 
@@ -59,8 +60,12 @@ def _alone() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[Optional[dict[str, Any]]]:
-    """Train `cfgs` as packs (module docstring); results in the order of `cfgs`."""
+def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
+               keep_going: bool = False) -> list[Optional[dict[str, Any]]]:
+    """Train `cfgs` as packs (module docstring); results in the order of `cfgs`. A run that fails alone is
+    recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
+    is raised, or with `keep_going` recorded for each of its runs (their result: the failure record) while
+    the next packs go on."""
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -72,7 +77,17 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> l
              f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else "")
     for pack in mine:
         with _alone() if world > 1 else contextlib.nullcontext():
-            for i, result in zip(pack, train_pack([cfgs[i] for i in pack])):
+            try:
+                done = train_pack([cfgs[i] for i in pack])
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc)
+                for i in pack:
+                    runs.record_exception(cfgs[i], exc)
+                done = [runs.read_result(Path(cfgs[i].train.out_dir)) or
+                        {"status": "failed", "error": f"{type(exc).__name__}: {exc}"} for i in pack]
+            for i, result in zip(pack, done):
                 results[i] = result
     return results
 
