@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -127,7 +128,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             _save_config(OmegaConf.create(list(overrides)), "overrides.yaml", record)
         cfgs.append(task_cfg)
         jobs.append((list(overrides), task_cfg, hydra_cfg, out_dir))
-    results = run_packed(cfgs, launcher.pack_size)
+    results = run_packed(cfgs, launcher.pack_size, keep_going=True)
     returns = []
     for (overrides, task_cfg, hydra_cfg, out_dir), result in zip(jobs, results):
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
@@ -136,10 +137,30 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         ret.return_value = result
         returns.append(ret)
     failed = [r for r in results if r is not None and r.get("status") == "failed"]
+    for record in failed:  # the line each failed job prints under Hydra's basic launcher (cli: exit 2 at the end)
+        print(f"error: {_message(record.get('error') or '')}", file=sys.stderr, flush=True)
     if failed:
         log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(failed),
                   len(results))
+    _FAILED.append(len(failed))
     return returns
 
 
-__all__ = ["plan_packs", "run_packed", "launch_sweep"]
+_FAILED: list[int] = []  # failed runs per launch_sweep call of this process, until `take_failed` reads them
+
+
+def take_failed() -> int:
+    """How many packed runs of this process's sweep failed (and forget it): the CLI then exits 2, as a
+    sweep under Hydra's basic launcher does when a job failed with a user error."""
+    n = sum(_FAILED)
+    _FAILED.clear()
+    return n
+
+
+def _message(error: str) -> str:
+    """A failure record's error without its exception class ("TrainingDiverged: train: ..." -> "train: ...")."""
+    head, sep, rest = error.partition(": ")
+    return rest if sep and head.isidentifier() else error
+
+
+__all__ = ["plan_packs", "run_packed", "launch_sweep", "take_failed"]
