@@ -16,8 +16,7 @@ that could not record itself is recorded as failed here); an exception of one tr
 others. `from_config(cfg, base_overrides, train_fn)` makes it from the tune's config. A new launcher
 is a subclass registered under its `tune.launcher` name (`@register`) plus the name in
 config.TuneConfig.launcher's choices; one that trains in this process gets each trial's whole config
-from `InlineLauncher.config` (e.g. a launcher that trains a rung's trials as packs:
-`run_packed([self.config(t) for t in trials], pack_size)`).
+from `InlineLauncher.config` (as `packed` does).
 """
 from __future__ import annotations
 
