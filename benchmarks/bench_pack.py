@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 TINY = ["model=vit_test_d64", "model.pool=mean", "prompt.length=4"]
 DEMO = ["model.img_size=112", "prompt.length=10"]
-COMMON = ["data=digits", "data.max_train_samples=40", "data.batch_size=10",  # 4-shot: 4 steps an epoch
+# 4-shot: 4 steps an epoch; val once at the end (train.eval_every = epochs) and test, as benchmarks/accuracy.py
+COMMON = ["data=digits", "data.max_train_samples=40", "data.batch_size=10", "data.num_workers=0",
           "train.warmup_epochs=0.5", "train.log_every=4", "train.progress=false", "train.loggers=[jsonl]",
           "train.keep_last=1", "init=random"]
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
     a.runs = a.runs or (8 if a.demo else 16)
     epochs = a.epochs or (20 if a.demo else 2)
-    base = [*(DEMO if a.demo else TINY), *COMMON, f"train.epochs={epochs}"]
+    base = [*(DEMO if a.demo else TINY), *COMMON, f"train.epochs={epochs}", f"train.eval_every={epochs}"]
     runs = grid(a.runs)
     ks = [int(k) for k in (a.ks or ("4" if a.demo else "4,8,16")).split(",")]
     rows = []

@@ -15,7 +15,8 @@ def workload(smoke: bool) -> list[str]:
 
     if smoke:
         return [*TINY, *COMMON, "train.epochs=1"]
-    return ["model.name=vit_small_patch14_dinov2", "model.checkpoint=null", *DEMO, *COMMON, "train.epochs=20"]
+    return ["model.name=vit_small_patch14_dinov2", "model.checkpoint=null", *DEMO, *COMMON, "train.epochs=20",
+            "train.eval_every=20"]  # val once at the end, then test
 
 
 def run(rec: Record, ctx: dict) -> None:
