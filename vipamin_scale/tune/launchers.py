@@ -209,12 +209,12 @@ class PackedLauncher(InlineLauncher):
         import vipamin_scale.distributed as D
         from vipamin_scale.packs import run_packed
 
-        cfgs = [self.config(t) for t in trials]  # under torchrun run_tune joined the process group: each
         for trial in trials:
-            log.info("tune: %s %s", trial.name, fmt_params(trial.params))  # pack is trained by all ranks
-        run_packed(cfgs, self.pack_size, keep_going=True)
+            log.info("tune: %s %s", trial.name, fmt_params(trial.params))
+        # under torchrun run_tune joined the process group: every pack is trained by all ranks together
+        run_packed([self.config(t) for t in trials], self.pack_size, keep_going=True)
         D.barrier()
-        for trial, cfg in zip(trials, cfgs):  # a run that could not record itself (e.g. its directory was held)
+        for trial in trials:  # a run that could not record itself (e.g. its directory was held)
             if D.rank() == 0 and not runs.has_ended(trial.dir):
                 runs.record_failure(trial.dir, "the packed run ended without result.json (see the tune's log)")
         D.barrier()
