@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, cli_env
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-SECTIONS = ["env", "step", "engines", "fewshot", "init_size", "dali", "data", "train", "init", "throughput"]
+SECTIONS = ["env", "step", "engines", "fewshot", "packed", "init_size", "dali", "data", "train", "init", "throughput"]
 COMMITTED = [REPO / "benchmarks" / "results" / "gpu.json", REPO / "benchmarks" / "RESULTS.md"]
 
 
@@ -67,11 +67,14 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
         assert s["engines"][key]["speed_vs_ddp"] > 0, (key, s["engines"][key])
     for key in ("today", "fp32_no_sync", "autocast", "bf16_stored"):
         assert s["fewshot"][key]["steps_per_s"] > 0, (key, s["fewshot"][key])
+    packed = s["packed"]  # issue 22: a pack of 2 in one process against the solo run, equal accuracies
+    assert packed["k2"]["runs"] == 2 and packed["k2"]["gain"] > 0 and packed["k2"]["max_acc_diff"] <= 1e-5
+    assert packed["solo"]["processes"] == 1 and "gpu_peak_mb_per_run" not in packed["solo"]
     dev = s["init_size"]["math_on_device"]
     assert dev["passed"] and dev["max_abs_diff_vs_cpu"] == 0.0 and dev["device"] == "cpu"
     md = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- gpu-check:begin -->" in md and "| throughput | ok |" in md and "CPU smoke run" in md
-    assert "| engines | zero3 |" in md and "| fewshot | today |" in md
+    assert "| engines | zero3 |" in md and "| fewshot | today |" in md and "| k2 | 1 x 2 |" in md
     assert _digest(COMMITTED) == before  # the committed figures are never touched by a smoke run
 
 

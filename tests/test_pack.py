@@ -225,3 +225,33 @@ def test_a_run_with_bad_data_fails_alone(tmp_path):
     assert "status" not in good and good["steps"] == 2
     for root in ("good", "bad"):
         _same_run(tmp_path / "pack" / root, tmp_path / "solo" / root)
+
+
+@pytest.mark.slow
+def test_hydra_packed_sweep_with_a_failed_run_exits_as_the_basic_launcher(tmp_path, digits_root):
+    """A sweep whose second run diverges: every run's records are written, then the failed run's one
+    `error:` line and exit 2 (what `vipamin-scale train -m` prints and returns under the basic launcher)."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "vipamin_scale.cli", "train", "-m", "hydra/launcher=packed", *TINY, *SHORT,
+            "train.epochs=1", "train.lr=0.05,1e30,0.16", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(3)]
+    assert [r.get("status", "ok") for r in results] == ["ok", "failed", "ok"]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert lines == ["error: " + results[1]["error"].split(": ", 1)[1]] and "the loss is nan" in lines[0]
+
+
+def test_a_pack_that_fails_as_a_whole_is_recorded_per_run_and_the_next_pack_goes_on(tmp_path):
+    """run_packed(keep_going=True) (the Hydra and tune launchers): a pack whose shared backbone cannot load
+    records the error for each of its runs; the next pack trains."""
+    from vipamin_scale.packs import run_packed
+
+    bad = _cfg(tmp_path / "bad", "train.epochs=1", f"model.checkpoint={tmp_path / 'missing.safetensors'}")
+    good = _cfg(tmp_path / "good", "train.epochs=1", "train.test_at_end=false")
+    with pytest.raises(ConfigError, match="^model.checkpoint: no such file"):
+        run_packed([bad, good])
+    failed, ok = run_packed([bad, good], keep_going=True)
+    assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: model.checkpoint: no such file")
+    assert json.loads((tmp_path / "bad" / "result.json").read_text())["error"] == failed["error"]
+    assert "status" not in ok and ok["steps"] == 2

@@ -402,3 +402,25 @@ def test_tune_inline_under_torchrun_with_deepspeed(tmp_path):
     assert trial["world_size"] == 2 and trial["steps"] == 128 // (2 * 32)
     final = json.loads((out / "final" / "seed0" / "result.json").read_text())
     assert final["world_size"] == 2 and final["test"]["count"] == 500
+
+
+@pytest.mark.slow
+def test_packed_launcher_gives_the_inline_winner_and_scores(tmp_path):
+    """tune.launcher=packed: a rung's 6 trials (3 candidates x 2 draws) trained as one pack, the diverging
+    candidate's runs failing alone; the same statuses, val scores (1e-5) and winner as inline."""
+    import vipamin_scale
+
+    done = {}
+    for launcher in ("inline", "packed"):
+        cfg = vipamin_scale.compose([*TINY, "data.max_train_samples=64", "+tune.space.train.lr=[0.05,0.5,1e30]",
+                                     "tune.mode=grid", "tune.max_epochs=1", "tune.select_draws=2", "tune.final_seeds=0",
+                                     f"tune.launcher={launcher}", f"train.out_dir={tmp_path / launcher}"])
+        done[launcher] = run_tune(cfg)
+    inline, packed = (done[k].rungs[0]["trials"] for k in ("inline", "packed"))
+    assert [t["status"] for t in packed] == [t["status"] for t in inline] == ["ok", "ok", "failed"]
+    assert "loss is nan" in packed[2]["error"]
+    for a, b in zip(inline[:2], packed[:2]):  # a candidate's val score: the mean over its 2 draws
+        assert a["params"] == b["params"] and abs(a["val_acc"] - b["val_acc"]) <= 1e-5, (a, b)
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "packed").glob("trials/rung0/c*/draw*/result.json"))]
+    assert [r.get("pack_size") for r in results[:4]] == [6] * 4 and len(results) == 6
+    assert done["packed"].winner["params"] == done["inline"].winner["params"]

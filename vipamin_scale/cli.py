@@ -364,6 +364,9 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
         app()
     finally:
         sys.argv = saved
+    packs = sys.modules.get("vipamin_scale.packs")  # hydra/launcher=packed: its jobs never reach `app`
+    if packs is not None and packs.take_failed():
+        status["code"] = status["code"] or 2
     return status["code"]
 
 

@@ -222,9 +222,11 @@ class TuneConfig:
     select_draws: int = positive(1)
     draw_roots: Optional[list[str]] = None  # data.root of draw d (and of final seed d); None: every draw reads data.root
     extend_edges: int = 0  # 0..2: rounds that extend a log/range leaf one step beyond a winner at its edge and re-select
-    # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit)
-    launcher: str = choice("inline", "local", "slurm")
+    # inline (this process) | local (subprocesses, `workers` at once) | slurm (submitit) | packed (this
+    # process, a rung's trials as packs over one backbone, vipamin_scale/packs.py)
+    launcher: str = choice("inline", "local", "slurm", "packed")
     workers: int = positive(1)  # local: trials run at once
+    pack_size: Optional[int] = positive(None)  # packed: at most this many runs per pack; None: every compatible trial of a rung
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
     # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
     # `+tune.slurm.<name>=...` (submitit names: slurm_partition, slurm_account, slurm_qos, mem_gb, ...)
@@ -307,7 +309,7 @@ def validate(cfg: DictConfig) -> None:
     for kind, (_, accepts, says) in _RANGE_RULES.items():  # every positive field, then >= 0, then [0, 1]
         for key in (k for k, r in RANGES.items() if r == kind):
             value = _get(cfg, key)
-            if not accepts(value):
+            if value is not None and not accepts(value):  # None: an Optional field left unset
                 raise ConfigError(f"{key}: {says}; got {value!r}")
     if cfg.init.energy is not None and not 0.0 < cfg.init.energy <= 1.0:
         raise ConfigError(f"init.energy: must lie in (0, 1]; got {cfg.init.energy!r}")

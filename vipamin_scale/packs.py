@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import vipamin_scale.distributed as D
+import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError
 from vipamin_scale.train import pack_key, train_pack
 
@@ -59,8 +61,12 @@ def _alone() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[Optional[dict[str, Any]]]:
-    """Train `cfgs` as packs (module docstring); results in the order of `cfgs`."""
+def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
+               keep_going: bool = False) -> list[Optional[dict[str, Any]]]:
+    """Train `cfgs` as packs (module docstring); results in the order of `cfgs`. A run that fails alone is
+    recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
+    is raised, or with `keep_going` recorded for each of its runs (their result: the failure record) while
+    the next packs go on."""
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -72,7 +78,17 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> l
              f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else "")
     for pack in mine:
         with _alone() if world > 1 else contextlib.nullcontext():
-            for i, result in zip(pack, train_pack([cfgs[i] for i in pack])):
+            try:
+                done = train_pack([cfgs[i] for i in pack])
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc)
+                for i in pack:
+                    runs.record_exception(cfgs[i], exc)
+                done = [runs.read_result(Path(cfgs[i].train.out_dir)) or
+                        {"status": "failed", "error": f"{type(exc).__name__}: {exc}"} for i in pack]
+            for i, result in zip(pack, done):
                 results[i] = result
     return results
 
@@ -112,7 +128,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             _save_config(OmegaConf.create(list(overrides)), "overrides.yaml", record)
         cfgs.append(task_cfg)
         jobs.append((list(overrides), task_cfg, hydra_cfg, out_dir))
-    results = run_packed(cfgs, launcher.pack_size)
+    results = run_packed(cfgs, launcher.pack_size, keep_going=True)
     returns = []
     for (overrides, task_cfg, hydra_cfg, out_dir), result in zip(jobs, results):
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
@@ -121,10 +137,30 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         ret.return_value = result
         returns.append(ret)
     failed = [r for r in results if r is not None and r.get("status") == "failed"]
+    for record in failed:  # the line each failed job prints under Hydra's basic launcher (cli: exit 2 at the end)
+        print(f"error: {_message(record.get('error') or '')}", file=sys.stderr, flush=True)
     if failed:
         log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(failed),
                   len(results))
+    _FAILED.append(len(failed))
     return returns
 
 
-__all__ = ["plan_packs", "run_packed", "launch_sweep"]
+_FAILED: list[int] = []  # failed runs per launch_sweep call of this process, until `take_failed` reads them
+
+
+def take_failed() -> int:
+    """How many packed runs of this process's sweep failed (and forget it): the CLI then exits 2, as a
+    sweep under Hydra's basic launcher does when a job failed with a user error."""
+    n = sum(_FAILED)
+    _FAILED.clear()
+    return n
+
+
+def _message(error: str) -> str:
+    """A failure record's error without its exception class ("TrainingDiverged: train: ..." -> "train: ...")."""
+    head, sep, rest = error.partition(": ")
+    return rest if sep and head.isidentifier() else error
+
+
+__all__ = ["plan_packs", "run_packed", "launch_sweep", "take_failed"]

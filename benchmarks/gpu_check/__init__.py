@@ -16,7 +16,7 @@ benchmarks/gpu_check.py is the entry. Sections, each in its own process (killed 
 hang cannot eat the budget; a failure is recorded with its one-line message and where it happened, and the next
 section runs). gpu.json and RESULTS.md are rewritten after every section, so a run killed from
 outside still leaves what it measured. They run in common.SECTIONS' order: issue 24's targets first
-(env, step, engines, fewshot, init_size, dali, data), then the 2026-11 checks (train, init, throughput).
+(env, step, engines, fewshot, packed, init_size, dali, data), then the 2026-11 checks (train, init, throughput).
 
   env         device, driver, torch / CUDA / cuDNN / NCCL, DeepSpeed, DALI, timm versions.
   step        issue 24's step at ViT-H/14, P=10 deep, batch 64 (ddp): the bare timm loop, fp32 weights under
@@ -25,6 +25,9 @@ outside still leaves what it measured. They run in common.SECTIONS' order: issue
               1-rank group, against ddp, model.dtype fp32 and bf16.
   fewshot     the few-shot step (the demo backbone's shape, 112 px, batch 10): steps/s as the loop runs it
               today (fp32, a host sync per step) and with bf16 storage, compile, no sync.
+  packed      issue 22's packed trials: the accuracy benchmark's 4-shot workload (demo shape, random weights,
+              112 px, batch 10, 80 steps, val + test) as runs/hour of 14 processes of one run each against
+              packs of K = 4..64 in one process; peak GPU memory per run; accuracies equal to the solo runs'.
   init_size   (also) the per-layer math on the GPU in float64 against the CPU's, within 1e-10, and its time.
   train       `vipamin-scale train` (the CLI, tiny model, a few steps) under engine=ddp, zero2 and
               zero3 with activation checkpointing, each in fp32 and bf16, all at once; every loss

@@ -31,11 +31,12 @@ PEAK_BF16 = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12
              "L40S": 362.05e12, "B200": 2250e12}
 
 # name: (time cap on a GPU, time cap in --smoke), seconds, in the order they run: the sections that
-# measure issue 24's targets first (step, engines, fewshot, init_size, dali, data), then the correctness
+# measure issue 24's targets first (step, engines, fewshot; issue 22's packed; init_size, dali, data), then the correctness
 # runs and the throughput table the 2026-11-30 run already passed. The GPU caps keep one hang from
 # eating the device's minutes; the smoke caps only stop a hang (a shared 2-core machine is slow).
 SECTIONS: dict[str, tuple[float, float]] = {
-    "env": (45, 120), "step": (200, 300), "engines": (150, 300), "fewshot": (60, 180), "init_size": (100, 180),
+    "env": (45, 120), "step": (200, 300), "engines": (150, 300), "fewshot": (60, 180), "packed": (200, 120),
+    "init_size": (100, 180),
     "dali": (60, 180), "data": (75, 180), "train": (150, 300), "init": (120, 300), "throughput": (180, 300)}
 BUDGET_S = {"gpu": 540.0, "smoke": 1500.0}  # the whole run (--budget-s); 540 s: one call on a lent device
 CORRECTNESS = ("train", "init", "dali")  # sections whose result carries `passed`
@@ -47,11 +48,12 @@ def sizes(smoke: bool) -> dict[str, Any]:
         return dict(model="vit_test_d64", img=32, batch=2, search_start=2, search_limit=4, search_cap_s=10,
                     warmup=1, steps=2, init_B=16, init_batch=8, data_images=32, data_batch=8, data_threads=1,
                     data_epochs=2, fewshot_model="vit_test_d64", fewshot_img=32, fewshot_batch=10, fewshot_warmup=1,
-                    fewshot_steps=3, compile=False)
+                    fewshot_steps=3, compile=False, packed_procs=1, packed_ks=[2])
     return dict(model="vit_huge_patch14_224", img=224, batch=64, search_start=64, search_limit=8192,
                 search_cap_s=20, warmup=2, steps=5, init_B=256, init_batch=32, data_images=512, data_batch=64,
                 data_threads=8, data_epochs=3, fewshot_model="vit_small_patch14_dinov2", fewshot_img=112,
-                fewshot_batch=10, fewshot_warmup=5, fewshot_steps=30, compile=True)
+                fewshot_batch=10, fewshot_warmup=5, fewshot_steps=30, compile=True, packed_procs=14,
+                packed_ks=[4, 8, 16, 32, 64])
 
 
 # TINY correctness runs: the test suite's tiny ViT on the digits, 4 steps, then the val split.

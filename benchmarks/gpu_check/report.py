@@ -60,6 +60,7 @@ def results_section(doc: dict) -> str:
                          f"{fmt(vs, '.2f')} | {r.get('largest_batch', '–')} ({r.get('stopped_by', '')}) | "
                          f"{fmt(r.get('images_per_s_at_largest'), '.1f')} |")
     lines += _targets(secs)
+    lines += _packed((secs.get("packed") or {}).get("result") or {})
     ini = (secs.get("init_size") or {}).get("result") or {}
     if ini.get("capture_s") is not None:
         lines += ["", f"Initializer at size: {ini.get('model')}, B = {ini.get('B')} on {ini.get('device')}: capture "
@@ -107,3 +108,23 @@ def _targets(secs: dict) -> list[str]:
             "ddp; fewshot: demo shape, 112 px, batch 10, >= 3x today's steps/s):", "",
             "| section | variant | images/s (fewshot: steps/s) | ratio | MFU | peak mem GiB |", "|---|---|---|---|---|---|",
             *rows]
+
+
+def _packed(res: dict) -> list[str]:
+    """Issue 22's packed trials: one row per layout (the solo processes, then each K)."""
+    rows = []
+    for key in ("solo", *(f"k{k}" for k in res.get("ks") or [])):
+        r = res.get(key)
+        if not isinstance(r, dict):
+            continue
+        if "runs_per_hour" not in r:
+            rows.append(f"| {key} | failed: {str(r.get('error'))[:100]} | | | | | |")
+            continue
+        rows.append(f"| {key} | {r['processes']} x {r['runs'] // r['processes']} | {fmt(r['wall_s'], '.0f')} | "
+                    f"{fmt(r['runs_per_hour'], '.0f')} | {fmt(r.get('gain', 1.0 if key == 'solo' else None), '.2f')} | "
+                    f"{fmt(r.get('gpu_peak_mb_per_run'), '.0f')} | {fmt(r.get('max_acc_diff'), '.1e')} |")
+    if not rows:
+        return []
+    return ["", f"Packed trials (issue 22; {res.get('target')}): {res.get('workload')}.", "",
+            "| layout | processes x runs | wall s | runs/hour | gain | peak GPU MB / run | max acc diff vs solo |",
+            "|---|---|---|---|---|---|---|", *rows]

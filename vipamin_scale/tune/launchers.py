@@ -6,6 +6,9 @@ directory, config and records (vipamin_scale/runs.py), whoever starts it.
     local    each as a `vipamin-scale train` subprocess, `tune.workers` at once (`tune.command`
              replaces the command, e.g. "launch/torchrun.sh train")
     slurm    each as a Slurm job through submitit (`tune.slurm` holds submitit's parameters)
+    packed   all of a rung's trials in this process as packs over one backbone (`run_packed`, packs of at
+             most `tune.pack_size` runs; each trial equals its inline run); under torchrun each pack is
+             a distributed run of all ranks, as inline's trials are
 
 The contract of a launcher: `run(trials)` gets trials that have not ended, all of one rung (so they may
 run side by side), and returns when each has ended with a result.json, finished or failed (a trial
@@ -13,8 +16,7 @@ that could not record itself is recorded as failed here); an exception of one tr
 others. `from_config(cfg, base_overrides, train_fn)` makes it from the tune's config. A new launcher
 is a subclass registered under its `tune.launcher` name (`@register`) plus the name in
 config.TuneConfig.launcher's choices; one that trains in this process gets each trial's whole config
-from `InlineLauncher.config` (e.g. a launcher that trains a rung's trials as packs:
-`run_packed([self.config(t) for t in trials], pack_size)`).
+from `InlineLauncher.config` (as `packed` does).
 """
 from __future__ import annotations
 
@@ -185,6 +187,37 @@ class SlurmLauncher(LocalLauncher):
             except Exception as exc:  # the job failed; its result.json (if any) says why
                 if not runs.has_ended(trial.dir):
                     runs.record_failure(trial.dir, f"slurm job {job.job_id}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
+
+
+@register
+class PackedLauncher(InlineLauncher):
+    """A rung's trials (every draw of every candidate) trained as packs in this process
+    (vipamin_scale/packs.py): a run that fails alone is recorded by its pack; a pack that fails as a whole
+    records the exception for each of its runs, and the other packs go on."""
+
+    name = "packed"
+
+    def __init__(self, base: DictConfig, pack_size: Optional[int] = None):
+        super().__init__(base, train_fn=lambda cfg: None)  # trains through run_packed, never train_fn
+        self.pack_size = pack_size
+
+    @classmethod
+    def from_config(cls, cfg, base_overrides, train_fn):
+        return cls(cfg, cfg.tune.pack_size)
+
+    def run(self, trials: Sequence[Trial]) -> None:
+        import vipamin_scale.distributed as D
+        from vipamin_scale.packs import run_packed
+
+        for trial in trials:
+            log.info("tune: %s %s", trial.name, fmt_params(trial.params))
+        # under torchrun run_tune joined the process group: every pack is trained by all ranks together
+        run_packed([self.config(t) for t in trials], self.pack_size, keep_going=True)
+        D.barrier()
+        for trial in trials:  # a run that could not record itself (e.g. its directory was held)
+            if D.rank() == 0 and not runs.has_ended(trial.dir):
+                runs.record_failure(trial.dir, "the packed run ended without result.json (see the tune's log)")
+        D.barrier()
 
 
 def make_launcher(cfg: DictConfig, base_overrides: Sequence[str] = (), train_fn: Optional[TrainFn] = None) -> Launcher:

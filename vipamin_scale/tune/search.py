@@ -349,7 +349,7 @@ def check_splits(cfg: DictConfig) -> None:
 def main_task(cfg: DictConfig) -> TuneResult:
     """The `vipamin-scale tune` task (under Hydra)."""
     check_splits(cfg)
-    base = tune_overrides_from_hydra() if cfg.tune.launcher != "inline" else []
+    base = tune_overrides_from_hydra() if cfg.tune.launcher not in ("inline", "packed") else []  # subprocess trials
     result = run_tune(cfg, base_overrides=base)
     final = result.final
     if final and final["test_mean"] is not None:
