@@ -23,13 +23,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError
+from vipamin_scale.pool import environ
 from vipamin_scale.train import pack_key, train_pack
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,6 @@ def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> l
         groups.setdefault(pack_key(cfg), []).append(i)
     size = pack_size or max(len(cfgs), 1)
     return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
-
-
-@contextlib.contextmanager
-def _alone() -> Iterator[None]:
-    """This rank trains by itself: the torchrun environment hidden (the device, LOCAL_RANK, is kept)."""
-    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
-    os.environ.update(WORLD_SIZE="1", RANK="0")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
@@ -77,7 +63,8 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
     log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
              f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else "")
     for pack in mine:
-        with _alone() if world > 1 else contextlib.nullcontext():
+        # this rank trains alone: the torchrun environment hidden (the device, LOCAL_RANK, is kept)
+        with environ(WORLD_SIZE="1", RANK="0") if world > 1 else contextlib.nullcontext():
             try:
                 done = train_pack([cfgs[i] for i in pack])
             except Exception as exc:

@@ -11,14 +11,30 @@ progress line, so no minutes pass in silence.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """These environment variables set for the block; each restored (or removed) after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _safely(report: Callable[[int, Any], None], i: int, result: Any) -> None:
@@ -44,9 +60,7 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
         return results
     import multiprocessing as mp
 
-    old = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: "1" for k in THREAD_VARS})
-    try:
+    with environ(**{k: "1" for k in THREAD_VARS}):
         pool = mp.get_context("spawn").Pool(workers, initializer=initializer)
         try:
             pending = [pool.apply_async(fn, args, callback=functools.partial(_safely, report, i))
@@ -58,9 +72,3 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
         pool.close()
         pool.join()
         return results
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
