@@ -67,6 +67,11 @@ def test_bf16_backbone_halves_its_bytes_keeps_trainables_fp32_and_follows_fp32(p
         assert torch.is_autocast_enabled("cpu")
     with torch.no_grad():
         assert eng.forward(_batch()[0]).dtype == torch.float32
+        # the training loop calls the model as a pack (of one): the same logits, in fp32 (cls pooling
+        # once reached the fp32 head in bf16 there)
+        from vipamin_scale.models.packed import PromptedPack
+
+        assert torch.equal(PromptedPack([model])(_batch()[0]), model(_batch()[0]))
     losses, ref_losses = _train(eng, 4), _train(ref, 4)
     for n, p in model.named_parameters():
         if p.requires_grad:

@@ -67,6 +67,5 @@ class PromptedPack(nn.Module):
             prompts = torch.stack([self.runs[k].prompt() for k in runs])  # (R, L_p, P, d)
             prompts = prompts.repeat_interleave(b, dim=0)  # (R * b, L_p, P, d), one set per sample
         tokens = first.forward_tokens(x, prompts=prompts)  # (R * b, 1 + P + N_p, d)
-        logits = [self.runs[k].head(self.runs[k].pool_tokens(seg))  # (b, C)
-                  for k, seg in zip(runs, tokens.split(b))]
+        logits = [self.runs[k].classify(seg) for k, seg in zip(runs, tokens.split(b))]  # (b, C) each
         return logits[0] if len(logits) == 1 else torch.cat(logits)  # (R * b, C)

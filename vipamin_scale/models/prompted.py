@@ -149,10 +149,14 @@ class PromptedViT(nn.Module):
             return x[:, 1 + P:].mean(dim=1)
         return x[:, 1:1 + P].mean(dim=1)  # prompt_mean
 
+    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits `(B, classes)` from the last block's tokens. The pooled features go to the head in its
+        weights' dtype: fp32 as stored (a bf16 backbone's features are cast back), bf16 where an engine
+        presents the whole model so."""
+        return self.head(self.pool_tokens(tokens).to(self.head.weight.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits `(B, classes)`. The pooled features go to the head in its weights' dtype: fp32 as stored
-        (a bf16 backbone's features are cast back), bf16 where an engine presents the whole model so."""
-        return self.head(self.pool_tokens(self.forward_tokens(x)).to(self.head.weight.dtype))
+        return self.classify(self.forward_tokens(x))
 
 
 def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
