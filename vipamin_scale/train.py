@@ -286,6 +286,7 @@ class PackTrainer:
         self.pack, self.restarted, self.alone = pack, restarted, alone
         self.cfg = pack[0].cfg  # what the runs share (check_pack)
         self.rank, self.world = D.rank(), D.world_size()
+        self._live_index: dict[tuple[int, ...], torch.Tensor] = {}  # live runs' k -> that index on the device
 
     # -- restore ----------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -422,8 +423,13 @@ class PackTrainer:
         self.window: dict[int, list[float]] = {}  # step -> every run's lr in that step (host values)
 
     def _accumulate(self, losses: torch.Tensor, live: list[Run], step: int) -> None:
-        full = torch.zeros_like(self.loss_sum).index_copy_(
-            0, torch.tensor([run.k for run in live], device=losses.device), losses)  # (K,)
+        ks = tuple(run.k for run in live)
+        if len(ks) == len(self.pack):
+            full = losses  # (K,): every run live, in pack order
+        else:  # made once per live set: a host list copied to the device every step would wait on it
+            if ks not in self._live_index:
+                self._live_index[ks] = torch.tensor(ks, device=losses.device)
+            full = torch.zeros_like(self.loss_sum).index_copy_(0, self._live_index[ks], losses)  # (K,)
         bad = ~torch.isfinite(full) & (self.first_bad == 0)
         self.first_bad = torch.where(bad, float(step), self.first_bad)
         self.bad_value = torch.where(bad, full, self.bad_value)
