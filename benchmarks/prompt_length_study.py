@@ -12,6 +12,8 @@ are benchmarks/accuracy.py's, by its own code):
 * methods: VPT random, VIPAMIN (the project's default), SPT rand, BPT (the `prompt=bpt` preset).
 * regimes: 4 shots per class, `--draws` (10) paired draws d (same images, train.seed = init.seed = d for
   every method); and the full 1000 training images, one draw, `--seeds` (3) seeds s (train.seed = init.seed = s).
+  The full-data regime covers every (P, method) unless `--full-lengths` / `--full-methods` name fewer (a
+  cut: the gate's cell, VPT random at `--gate-length`, is always among them; the tables say "not run").
   Val (297) and test (500) whole.
 * selection: per (regime, P, method) the lr by `vipamin-scale tune` (grid over `--lr-grid`, every point at
   the full budget) on val, by the mean over draws 0..`--select-draws`-1 (3) at 4 shots (one draw on the
@@ -59,12 +61,17 @@ FEW, FULL = "few-shot", "full"  # the two regimes (--shots images per class; the
 BEGIN, END = "<!-- prompt-length:begin -->", "<!-- prompt-length:end -->"
 PROTOCOL_KEYS = ("model", "checkpoint", "img_size", "pool", "lengths", "methods", "shots", "draws", "seeds", "full",
                  "batch", "epochs", "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges",
-                 "weight_decay", "calib", "gate_length")
+                 "weight_decay", "calib", "gate_length", "full_lengths", "full_methods")
 
 
 def at_length(a: argparse.Namespace, length: int) -> argparse.Namespace:
     """The protocol at prompt length `length` (what accuracy.py's run_cfg reads as --prompt-length)."""
     return argparse.Namespace(**{**vars(a), "prompt_length": length})
+
+
+def full_cells(a: argparse.Namespace) -> list[tuple[int, str]]:
+    """The (P, method) cells of the full-data regime (--full-lengths x --full-methods; the gate's among them)."""
+    return [(length, m) for length in sorted(a.full_lengths, reverse=True) for m in a.methods if m in a.full_methods]
 
 
 def run_dir(work: Path, regime: str, length: int, method: str, *parts: Any) -> str:
@@ -131,12 +138,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # 1. selection on val: per (regime, P, method), and the probe's C on the full data
     jobs = [(bench.job_tune, a, None, LINEAR, True, "")]
     keys: list = [("probe",)]
-    for regime in (FULL, FEW):  # the full-data selections (the heaviest jobs) first
-        for length in order:
-            for m in a.methods:
-                jobs.append((bench.job_tune, at_length(a, length), None if regime == FULL else few_roots[:a.select_draws],
-                             m, regime == FULL, run_dir(work, "tune", length, m, regime)))
-                keys.append((regime, length, m))
+    cells = [(FULL, length, m) for length, m in full_cells(a)] + [(FEW, length, m) for length in order
+                                                                  for m in a.methods]
+    for regime, length, m in cells:  # the full-data selections (the heaviest jobs) first
+        jobs.append((bench.job_tune, at_length(a, length), None if regime == FULL else few_roots[:a.select_draws],
+                     m, regime == FULL, run_dir(work, "tune", length, m, regime)))
+        keys.append((regime, length, m))
     log.info("selection: %d jobs over %d workers", len(jobs), a.workers)
     selected = dict(zip(keys, bench.run_jobs(a, jobs)))
     log.info("selection done (%.1f min)", (time.perf_counter() - t0) / 60)
@@ -146,6 +153,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for length in order:
         for m in a.methods:
             for regime, n in ((FEW, a.draws), (FULL, a.seeds)):
+                if (regime, length, m) not in selected:  # a full-data cell the run leaves out
+                    continue
                 lr = selected[(regime, length, m)]["value"]
                 specs = [(few_roots[d] if regime == FEW else None, m, regime == FULL, lr, d,
                           run_dir(work, "final", length, m, regime, lr, f"{'draw' if regime == FEW else 'seed'}{d}"))
@@ -200,7 +209,7 @@ def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc
         "regimes": {FEW: {"n": a.draws, "what": f"{a.shots} images per class, {a.draws} paired draws",
                           "schedule": few_s},
                     FULL: {"n": a.seeds, "what": f"the full {a.full} training images, one draw, {a.seeds} seeds",
-                           "schedule": full_s}},
+                           "schedule": full_s, "cells": [[length, m] for length, m in sorted(full_cells(a))]}},
         "cells": {}, "cost": {},
     }
     for regime, n in ((FEW, a.draws), (FULL, a.seeds)):
@@ -208,10 +217,12 @@ def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc
         for length in sorted(a.lengths):
             row = cells[str(length)] = {}
             for m in a.methods:
+                if (regime, length, m) not in selected:  # left out (--full-lengths, --full-methods)
+                    continue
                 row[m] = {"selected": selected[(regime, length, m)],
                           "results": summary([acc.get((regime, length, m, d)) for d in range(n)])}
             for m in a.methods:
-                if m != RANDOM and RANDOM in row:
+                if m != RANDOM and m in row and RANDOM in row:
                     row[m]["paired"] = paired(row[m]["results"]["runs"], row[RANDOM]["results"]["runs"])
     for (length, m), c in costs.items():
         doc["cost"].setdefault(str(length), {})[m] = c
@@ -240,6 +251,9 @@ def accuracy_markdown(doc: dict[str, Any], regime: str) -> str:
     for length, row in doc["cells"][regime].items():
         cells = []
         for m in methods:
+            if m not in row:
+                cells.append("not run")
+                continue
             c = row[m]["results"]
             lo, hi = interval(c)
             cells.append("failed" if c["mean"] is None else
@@ -255,7 +269,7 @@ def paired_markdown(doc: dict[str, Any], regime: str) -> str:
     for length, row in doc["cells"][regime].items():
         cells = []
         for m in methods:
-            p = row[m].get("paired")
+            p = row.get(m, {}).get("paired")
             if p is None or p["mean"] is None:
                 cells.append("–")
                 continue
@@ -272,7 +286,8 @@ def selected_markdown(doc: dict[str, Any]) -> str:
     lines = ["| P | " + " | ".join(f"{m}, {r}" for m, r in cols) + " |", "|---|" + "---|" * len(cols)]
     for length in map(str, doc["lengths"]):
         lines.append(f"| {length} | " + " | ".join(bench.selected_text(doc["cells"][r][length][m]["selected"])
-                                                  for m, r in cols) + " |")
+                                                  if m in doc["cells"][r][length] else "not run" for m, r in cols)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -354,8 +369,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         for i, m in enumerate(doc["methods"]):
             xs, ys, err = [], [], []
             for length, row in doc["cells"][regime].items():
-                c = row[m]["results"]
-                if c["mean"] is None:
+                c = row.get(m, {}).get("results")
+                if c is None or c["mean"] is None:
                     continue
                 lo, hi = interval(c)
                 xs.append(int(length) * (1 + 0.03 * (i - 1.5)))
@@ -398,6 +413,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--draws", type=int, default=10, help="paired few-shot draws per cell")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the full-data runs per cell")
     ap.add_argument("--gate-length", type=int, default=10, help="P of the gate's VPT random (one of --lengths)")
+    ap.add_argument("--full-lengths", type=int, nargs="+", default=None,
+                    help="the P of the full-data regime (default: --lengths; must hold --gate-length)")
+    ap.add_argument("--full-methods", nargs="+", default=None, metavar="METHOD",
+                    help=f"the methods of the full-data regime (default: --methods; must hold {RANDOM!r})")
     ap.add_argument("--work", default=None, help="run directory (default .cache/prompt_length[_quick])")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prompt_length[_quick].json)")
     if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
@@ -414,6 +433,14 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error(f"--gate-length: must be one of --lengths {args.lengths}; got {args.gate_length}")
     if args.seeds < 1 or min(args.lengths) < 1:
         ap.error(f"--seeds and --lengths: at least 1; got {args.seeds} and {args.lengths}")
+    args.full_lengths = sorted(args.lengths if args.full_lengths is None else args.full_lengths)
+    args.full_methods = list(args.methods if args.full_methods is None else args.full_methods)
+    if args.gate_length not in args.full_lengths or not set(args.full_lengths) <= set(args.lengths):
+        ap.error(f"--full-lengths: a subset of --lengths {args.lengths} holding --gate-length {args.gate_length}; "
+                 f"got {args.full_lengths}")
+    if RANDOM not in args.full_methods or not set(args.full_methods) <= set(args.methods):
+        ap.error(f"--full-methods: a subset of --methods {args.methods} holding {RANDOM!r} (the gate's); "
+                 f"got {args.full_methods}")
     args.prompt_length = args.gate_length  # what accuracy.py's run_cfg reads for the linear probe (no prompts)
     suffix = "_quick" if args.quick else ""
     args.work = args.work or str(REPO / ".cache" / f"prompt_length{suffix}")

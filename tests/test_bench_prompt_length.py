@@ -65,3 +65,34 @@ def test_study_arguments_are_checked_before_any_run(capsys):
     cfg = study.bench.run_cfg(study.at_length(a, 50), None, "BPT", full=True)
     assert (cfg.prompt.kind, cfg.prompt.length, cfg.prompt.bpt, cfg.data.max_train_samples) == ("bpt", 50, "whiten_fixed",
                                                                                                 1000)
+
+
+def test_a_full_regime_cut_to_the_gate_is_named_and_its_left_out_cells_say_not_run(capsys):
+    """--full-lengths/--full-methods: the full-data regime trains only the cells named (the gate's among
+    them); the JSON holds just those, the tables say "not run" for the rest, the cut is named."""
+    study = load_study_module()
+    R, V = study.RANDOM, study.bench.DEFAULT
+    for argv, what in ((["--full-lengths", "5"], "--full-lengths"), (["--full-lengths", "10", "7"], "--full-lengths"),
+                       (["--full-methods", "VIPAMIN"], "--full-methods")):
+        with pytest.raises(SystemExit) as exc:
+            study.parse(argv)
+        assert exc.value.code == 2 and what in capsys.readouterr().err
+    a = study.parse(["--lengths", "1", "10", "--methods", R, V, "--draws", "3", "--seeds", "1",
+                     "--full-lengths", "10", "--full-methods", R])
+    assert study.full_cells(a) == [(10, R)]
+    assert study.cut_from_full(a)["full_lengths"] == [[1, 5, 10, 20, 50, 100], [10]]
+    sel = {"value": 0.16, "trials": [], "at_edge": []}
+    selected = {(study.FEW, p, m): sel for p in (1, 10) for m in (R, V)}
+    selected[(study.FULL, 10, R)] = sel
+    acc = {(study.FEW, p, m, d): 0.5 + 0.1 * d + (0.05 if m == V else 0.0) for p in (1, 10) for m in (R, V)
+           for d in range(3)}
+    acc[(study.FULL, 10, R, 0)] = 0.9
+    gate = {"passed": True}
+    doc = study.record(a, [], selected, acc, {}, gate, 0.0)
+    assert set(doc["cells"][study.FULL]["10"]) == {R} and doc["cells"][study.FULL]["1"] == {}
+    assert doc["regimes"][study.FULL]["cells"] == [[10, R]]
+    assert doc["cells"][study.FEW]["1"][V]["paired"]["mean"] == pytest.approx(0.05)
+    full_table = study.accuracy_markdown(doc, study.FULL)
+    assert "| 10 | 90.0 ± – (n=1) | not run |" in full_table and "| 1 | not run | not run |" in full_table
+    assert "| 1 | – |" in study.paired_markdown(doc, study.FULL)
+    assert "| 10 | 0.16 | 0.16 | 0.16 | not run |" in study.selected_markdown(doc)
