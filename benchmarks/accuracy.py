@@ -19,6 +19,11 @@ Protocol (the defaults; every number is a flag):
   random on the same 1000 images (`--full-epochs` epochs of batch 32, lr chosen on val). VPT
   random must reach the probe's test accuracy, else the schedule is called undertrained and no
   table is written (exit 1).
+  `--gate-from JSON` reuses the gate another study measured (this benchmark's JSON or
+  prompt_length_study.py's) when its gate ran the same backbone, full-data schedule, lr grid and P, and
+  the table says so; anything else is refused with one line naming what differs.
+* a run whose settings differ from these defaults is a cut: its JSON lists every such flag (full →
+  this run) and its RESULTS.md section is headed CUT VERSION.
 * selection: every method picks its lr per k on val with `vipamin-scale tune` (grid mode, every
   point of `--lr-grid`, a 4-point log grid from 0.05 to 1.6, at the full budget) by its mean val
   accuracy over draws 0..`--select-draws`-1 (3; `tune.select_draws`, a draw that fails fails the
@@ -167,6 +172,42 @@ def protocol_record(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "shots", "draws", "batch", "epochs",
             "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges", "weight_decay", "calib")
     return {k: getattr(a, k) for k in keys}
+
+
+def cut_from(full: argparse.Namespace, a: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, list]:
+    """{flag: [the full protocol's value (`full`: the script's defaults), this run's]} for every protocol
+    setting in `keys` that differs: empty for the full protocol."""
+    return {k: [getattr(full, k), getattr(a, k)] for k in keys if getattr(full, k) != getattr(a, k)}
+
+
+CUT_KEYS = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "shots", "draws", "methods", "batch",
+            "epochs", "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges", "weight_decay", "calib")
+GATE_KEYS = ("model", "checkpoint", "img_size", "pool", "full", "full_epochs", "lr_grid", "extend_edges",
+             "weight_decay", "calib")  # with the gate's P, what fixes the gate's result
+
+
+def gate_from(path: str, a: argparse.Namespace) -> dict[str, Any]:
+    """The gate another study measured (its JSON: this benchmark's or prompt_length_study.py's), reused
+    only when its gate ran this run's protocol (GATE_KEYS and P); else one error line naming what differs.
+    The record says where it came from."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        args, gate = doc["args"], dict(doc["gate"])
+        theirs = {**{k: args[k] for k in GATE_KEYS}, "P": args.get("gate_length", args.get("prompt_length"))}
+        needed = ("n", "epochs", "steps", "probe_C", "probe_test", "random_lr", "random_test", "passed")
+        missing = [k for k in needed if k not in gate]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"error: --gate-from {path}: not a study's JSON with its gate and arguments "
+                         f"({type(exc).__name__}: {exc})") from None
+    if missing:
+        raise SystemExit(f"error: --gate-from {path}: its gate record lacks {missing}")
+    ours = {**{k: getattr(a, k) for k in GATE_KEYS}, "P": a.prompt_length}
+    diff = {k: (theirs[k], v) for k, v in ours.items() if theirs[k] != v}
+    if diff:
+        raise SystemExit(f"error: --gate-from {path}: its gate ran another protocol ("
+                         + "; ".join(f"{k}: {o} -> {n}" for k, (o, n) in diff.items()) + ")")
+    gate["from"] = portable(str(Path(path).resolve()), {"": REPO})
+    return gate
 
 
 def check_protocol(a: argparse.Namespace, want: Optional[dict[str, Any]] = None) -> None:
@@ -522,16 +563,23 @@ def gate_text(g: dict[str, Any]) -> str:
 
     return (f"Gate ({verdict}): on the full {g['n']} training images the converged linear probe (C = {num(g['probe_C'])}, "
             f"selected on val) reaches {pct(g['probe_test'])} % test; VPT random ({g['epochs']} epochs, "
-            f"{g['steps']} steps, lr {num(g['random_lr'])} selected on val) reaches {pct(g['random_test'])} %.")
+            f"{g['steps']} steps, lr {num(g['random_lr'])} selected on val) reaches {pct(g['random_test'])} %."
+            + (f" Measured by {g['from']} (`--gate-from`: the same backbone, full-data schedule, lr grid and P)."
+               if g.get("from") else ""))
 
 
 def results_section(doc: dict[str, Any], png: str) -> str:
     heading = "## Accuracy: paired draws, every method at its own selected lr (`benchmarks/accuracy.py`)"
+    if doc.get("cut"):
+        heading += " — CUT VERSION (not the full protocol)"
     if doc["verdict"] != "ok":
         heading += " — UNDERTRAINED (the gate failed; written with --no-gate)"
     lines = [BEGIN, heading, "",
-             f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", "",
-             doc["protocol"] + (f" {doc['note']}" if doc.get("note") else ""), "", gate_text(doc["gate"]), "",
+             f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", ""]
+    if doc.get("cut"):
+        lines += ["Cut from the full protocol (flag: full → this run): "
+                  + "; ".join(f"{k}: {full} → {this}" for k, (full, this) in doc["cut"].items()) + ".", ""]
+    lines += [doc["protocol"] + (f" {doc['note']}" if doc.get("note") else ""), "", gate_text(doc["gate"]), "",
              f"Test accuracy (%), mean ± sample sd over the paired draws (n per k: "
              + ", ".join(f"{k}-shot {n}" for k, n in zip(doc["shots"], doc["draws"])) + "); best per column in bold; "
              "the last column is the value each method selected on val, per k (\"high edge\": it stayed at the "
@@ -599,6 +647,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="a subset (default: all)")
     ap.add_argument("--work", default=None, help="run directory (default .cache/bench_accuracy[_quick])")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[_quick].json)")
+    ap.add_argument("--gate-from", default=None, metavar="JSON",
+                    help="reuse the gate of another study's JSON (this benchmark's or prompt_length_study.py's) whose "
+                         "gate ran the same backbone, full-data schedule, lr grid and P; else refused")
     ap.add_argument("--preset-out", default=None, help="demo preset JSON (default benchmarks/results/demo_preset.json; "
                                                         "--quick: beside --out)")
     if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
@@ -639,13 +690,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.getLogger("vipamin_scale.pool").setLevel(logging.INFO)  # "k / n jobs done"
     t0 = time.perf_counter()
     check_protocol(a)
+    reused = gate_from(a.gate_from, a) if a.gate_from else None  # checked before any run
     work = Path(a.work)
     roots = fewshot_roots(work / "data", a.shots, max(a.draws))
     sched = {k: schedule(10 * k, a.batch, a.epochs, a.min_steps) for k in a.shots}
 
     # 1. selection on val (the mean over draws 0..select_draws-1 of each k) and the gate's selections, all at once
-    tune_jobs = [(job_tune, a, None, LINEAR, True, ""), (job_tune, a, None, RANDOM, True, str(work / "gate" / "tune"))]
-    keys = [("gate", LINEAR), ("gate", RANDOM)]
+    tune_jobs = [] if reused else [(job_tune, a, None, LINEAR, True, ""),
+                                   (job_tune, a, None, RANDOM, True, str(work / "gate" / "tune"))]
+    keys: list = [] if reused else [("gate", LINEAR), ("gate", RANDOM)]
     for k in a.shots:
         for m in a.methods:
             tune_jobs.append((job_tune, a, [str(roots[(k, d)]) for d in range(a.select_draws)], m, False,
@@ -656,10 +709,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     log.info("selection done (%.1f min)", (time.perf_counter() - t0) / 60)
 
     # 2. the gate's test runs and every final run
-    final_jobs = [(job_final, a, None, LINEAR, True, selected[("gate", LINEAR)]["value"], 0, ""),
-                  (job_final, a, None, RANDOM, True, selected[("gate", RANDOM)]["value"], 0,
-                   str(work / "gate" / "final"))]
-    fkeys: list = [("gate", LINEAR, 0), ("gate", RANDOM, 0)]
+    final_jobs = [] if reused else [(job_final, a, None, LINEAR, True, selected[("gate", LINEAR)]["value"], 0, ""),
+                                    (job_final, a, None, RANDOM, True, selected[("gate", RANDOM)]["value"], 0,
+                                     str(work / "gate" / "final"))]
+    fkeys: list = [] if reused else [("gate", LINEAR, 0), ("gate", RANDOM, 0)]
     groups = []
     for k in a.shots:  # the training runs as packs: one group per (shots, method), split to fill the workers
         for m in a.methods:
@@ -680,8 +733,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for key, got in zip(fkeys, run_jobs(a, final_jobs)):
         acc.update(zip(key, got) if isinstance(key, list) else [(key, got)])
 
-    gate = gate_record(a, selected[("gate", LINEAR)], acc[("gate", LINEAR, 0)], selected[("gate", RANDOM)],
-                       acc[("gate", RANDOM, 0)])
+    gate = reused or gate_record(a, selected[("gate", LINEAR)], acc[("gate", LINEAR, 0)], selected[("gate", RANDOM)],
+                                 acc[("gate", RANDOM, 0)])
     title = (f"{a.model} @ {a.img_size}px, VPT-Deep P={a.prompt_length}, digits, {draws_text(a)} paired draws")
     doc: dict[str, Any] = {
         "title": title, "machine": machine(), "note": a.note, "shots": a.shots, "draws": a.draws,
@@ -697,7 +750,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      f"0..{a.select_draws - 1}, a winner at an end of the grid extending it one step and re-selecting "
                      f"at most {a.extend_edges} times; the linear probe's C over {list(LINEAR_CS)} the same way; each "
                      "final run tested once."),
-        "args": vars(a), "schedules": {str(k): s for k, s in sched.items()}, "gate": gate, "methods": {},
+        "cut": cut_from(parse([]), a, CUT_KEYS), "args": vars(a), "schedules": {str(k): s for k, s in sched.items()}, "gate": gate, "methods": {},
     }
     for m in a.methods:
         entry = {"overrides": method_overrides(m), "selected": {}, "results": {},

@@ -233,8 +233,7 @@ def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc
 def cut_from_full(a: argparse.Namespace) -> dict[str, list]:
     """{flag: [the full protocol's value, this run's]} for every protocol setting that differs (empty: the
     full protocol)."""
-    full = parse([])
-    return {k: [getattr(full, k), getattr(a, k)] for k in PROTOCOL_KEYS if getattr(full, k) != getattr(a, k)}
+    return bench.cut_from(parse([]), a, PROTOCOL_KEYS)
 
 
 # ----------------------------------------------------------------------------- output

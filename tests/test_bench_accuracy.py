@@ -72,9 +72,15 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     section = bench.results_section(doc, "accuracy.png")
     assert section.startswith(bench.BEGIN) and section.endswith(bench.END)
     assert ("UNDERTRAINED" in section) == (not g["passed"]) and "| VIPAMIN paper |" in section
-    # a second run reuses every finished run, and refuses a changed protocol
-    again = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and json.loads(out.read_text())["methods"] == doc["methods"]
+    assert "CUT VERSION" in section and doc["cut"]["shots"] == [[1, 2, 4, 8], [1, 2]]  # --quick is a cut
+    # a second run reuses every finished run (here with the first run's gate: --gate-from), and refuses a
+    # changed protocol
+    again = subprocess.run(cmd + ["--gate-from", str(out)], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    redo = json.loads(out.read_text())
+    assert redo["methods"] == doc["methods"] and redo["gate"]["from"].endswith("accuracy.json")
+    assert {k: v for k, v in redo["gate"].items() if k != "from"} == g
     changed = subprocess.run(cmd + ["--epochs", "3"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                              timeout=120)
     assert changed.returncode == 1 and "holds runs of another protocol (epochs: 2 -> 3)" in changed.stderr
@@ -131,3 +137,34 @@ def test_committed_results_name_no_directory_of_their_machine():
     found = {f.name for f in files if f.suffix in (".json", ".csv", ".md")
              and re.search(r"(/tmp/|/root/|/work/|/home/)[A-Za-z0-9_.-]", f.read_text())}
     assert not found, found
+
+
+def test_a_gate_is_reused_only_from_a_study_that_ran_the_same_gate(tmp_path):
+    """--gate-from: another study's gate (prompt_length_study.py's JSON, its P = --gate-length) is reused
+    when the backbone, full-data schedule, lr grid and P agree; anything else is one error line naming
+    what differs, before any run."""
+    bench = load_accuracy_module()
+    a = bench.parse(["--shots", "4", "--draws", "20"])
+    gate = {"n": 1000, "epochs": 5, "steps": 155, "probe_C": 1.0, "probe_trials": [], "probe_test": 0.938,
+            "random_lr": 0.05, "random_trials": [], "random_test": 0.95, "passed": True}
+    args = {**{k: getattr(a, k) for k in bench.GATE_KEYS}, "gate_length": 10, "prompt_length": 10}
+    study = tmp_path / "prompt_length.json"
+    study.write_text(json.dumps({"args": args, "gate": gate}))
+    got = bench.gate_from(str(study), a)
+    assert {k: v for k, v in got.items() if k != "from"} == gate and got["from"].endswith("prompt_length.json")
+    assert "Measured by" in bench.gate_text(got)
+    for change, what in (({"full_epochs": 5}, "full_epochs: 5 -> 10"), ({"gate_length": 50}, "P: 50 -> 10"),
+                         ({"lr_grid": [0.05, 0.5, 3]}, "lr_grid: [0.05, 0.5, 3] -> [0.05, 1.6, 4]")):
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({"args": {**args, **change}, "gate": gate}))
+        with pytest.raises(SystemExit) as exc:
+            bench.gate_from(str(other), a)
+        assert str(exc.value).startswith(f"error: --gate-from {other}: its gate ran another protocol") and what in str(
+            exc.value)
+    (tmp_path / "bad.json").write_text(json.dumps({"args": args, "gate": {"passed": True}}))
+    with pytest.raises(SystemExit, match="lacks"):
+        bench.gate_from(str(tmp_path / "bad.json"), a)
+    with pytest.raises(SystemExit, match="not a study's JSON"):
+        bench.gate_from(str(tmp_path / "missing.json"), a)
+    cut = bench.cut_from(bench.parse([]), a, bench.CUT_KEYS)
+    assert cut == {"shots": [[1, 2, 4, 8], [4]], "draws": [[5, 5, 20, 20], [20]]}
