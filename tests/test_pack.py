@@ -131,6 +131,29 @@ def test_packed_runs_equal_solo_at_world_2_and_a_killed_pack_resumes_exactly(tmp
         _same_run(tmp_path / "killed" / name, tmp_path / "whole" / name, exact=True)
 
 
+def test_a_pack_killed_between_two_runs_checkpoint_writes_resumes_exactly(tmp_path, digits_root):
+    """keep_last=1, SIGKILL right after the first run of a pack of two wrote its step-4 checkpoint and before
+    the second wrote its own (faults.py): every run still holds step 2 (no run prunes before all have
+    written), so the same command resumes the pack there and equals it uninterrupted, bit for bit."""
+    two = {n: [*VPT[n], "train.keep_last=1", "train.resume=true"] for n in ("random", "vipamin")}
+    spec_file = tmp_path / "spec.json"
+    for kind, env in (("whole", cli_env()), ("killed", cli_env(VIPAMIN_SCALE_KILL_AFTER_CHECKPOINT="3"))):
+        spec_file.write_text(json.dumps([[[str(tmp_path / kind / n), *SHORT, *o] for n, o in two.items()]]))
+        proc = subprocess.run([sys.executable, str(WORKER), str(spec_file)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == (-9 if kind == "killed" else 0), proc.stderr[-3000:]
+    names = {n: [p.name for p in ckpt.list_checkpoints(tmp_path / "killed" / n / "checkpoints")] for n in two}
+    assert names == {"random": ["ckpt-00000002.safetensors", "ckpt-00000004.safetensors"],
+                     "vipamin": ["ckpt-00000002.safetensors"]}, names
+    proc = subprocess.run([sys.executable, str(WORKER), str(spec_file)], env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in two:
+        _same_run(tmp_path / "killed" / name, tmp_path / "whole" / name, exact=True)
+        assert [p.name for p in ckpt.list_checkpoints(tmp_path / "killed" / name / "checkpoints")] == [
+            "ckpt-00000004.safetensors"]  # keep_last=1 holds once every run has written
+
+
 def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
     """A run of 4 steps with train.log_every=4: no host sync called by the package inside a step, and at
     most 2 (the fused collective and its read) per check, over the whole epoch loop but evaluation.

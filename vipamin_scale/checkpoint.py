@@ -124,14 +124,21 @@ def checkpoint_path(directory: Path, global_step: int) -> Path:
     return Path(directory) / f"ckpt-{global_step:08d}{SUFFIX}"
 
 
-def save(directory: Path, payload: dict[str, Any], global_step: int, keep_last: int) -> Path:
-    """Write `payload` atomically as the checkpoint of `global_step`, then keep the newest `keep_last`."""
+def save(directory: Path, payload: dict[str, Any], global_step: int, keep_last: Optional[int]) -> Path:
+    """Write `payload` atomically as the checkpoint of `global_step`, then keep the newest `keep_last`
+    (None: keep every one; `prune` later)."""
     directory = Path(directory)
     path = checkpoint_path(directory, global_step)
     atomic_write_bytes(path, to_bytes(payload))
+    if keep_last is not None:
+        prune(directory, keep_last)
+    return path
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints in `directory`."""
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
-    return path
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -554,7 +554,9 @@ class PackTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
         """Every live run's checkpoint (solo parameter names); every rank's RNG state is gathered, rank 0
-        writes (the trainable state is replicated)."""
+        writes (the trainable state is replicated). Every run's new checkpoint is written before any run's
+        old ones are pruned: a pack killed between two runs' writes still finds, in every run, the step
+        it resumes from (the pack's earliest), whatever train.keep_last."""
         rngs = D.all_gather_object(ckpt.rng_state())
         state = self.engine.trainable_state()
         if self.rank == 0:
@@ -565,7 +567,12 @@ class PackTrainer:
                            "step_in_epoch": step_in_epoch, "global_step": global_step, "best": run.best,
                            "world_size": self.world, "engine": self.engine.name,
                            "config": OmegaConf.to_container(run.cfg, resolve=True)}
-                ckpt.save(run.out_dir / "checkpoints", payload, global_step, run.cfg.train.keep_last)
+                ckpt.save(run.out_dir / "checkpoints", payload, global_step, keep_last=None)
+                self.checkpoints_written += 1
+                self.kill.after_checkpoint(self.checkpoints_written, self.rank)
+            for run in self.pack:
+                if run.live:
+                    ckpt.prune(run.out_dir / "checkpoints", run.cfg.train.keep_last)
         D.barrier()
 
     def _close_metrics(self) -> None:
@@ -584,6 +591,7 @@ class PackTrainer:
                 if run.resume_from is None:
                     run.metrics.start(OmegaConf.to_container(run.cfg, resolve=True), self.diagnostics.get(run.k))
         self.kill = kill_switch(self.restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
+        self.checkpoints_written = 0  # checkpoint files this process wrote (the kill switch counts them)
         self.progress = progress_bar(self.total_steps, "train", "step", initial=step,
                                      enabled=cfg.train.progress and self.rank == 0)
         self.preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next check, requeue, exit
