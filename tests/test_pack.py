@@ -278,3 +278,31 @@ def test_a_pack_that_fails_as_a_whole_is_recorded_per_run_and_the_next_pack_goes
     assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: model.checkpoint: no such file")
     assert json.loads((tmp_path / "bad" / "result.json").read_text())["error"] == failed["error"]
     assert "status" not in ok and ok["steps"] == 2
+
+
+def test_a_pack_failing_with_a_bug_is_told_apart_from_a_user_error(tmp_path, monkeypatch, caplog):
+    """keep_going: a pack whose training raises a bug (not a user error) records its runs failed with
+    "bug", logs the traceback, and the next pack trains; the sweep's exit code is 1 for a bug, 2 for a
+    user error only, 0 for none (Hydra's basic launcher: a traceback and 1; one line and 2)."""
+    import logging
+
+    import vipamin_scale.packs as packs
+
+    real = packs.train_pack
+
+    def buggy(cfgs):
+        if "buggy" in str(cfgs[0].train.out_dir):
+            raise ZeroDivisionError("an internal mistake")
+        return real(cfgs)
+
+    monkeypatch.setattr(packs, "train_pack", buggy)
+    bad = _cfg(tmp_path / "buggy", "train.epochs=1", "train.test_at_end=false")
+    good = _cfg(tmp_path / "good", "train.epochs=1", "train.test_at_end=false")
+    with caplog.at_level(logging.ERROR, logger="vipamin_scale.packs"):
+        failed, ok = packs.run_packed([bad, good], pack_size=1, keep_going=True)
+    assert failed["status"] == "failed" and failed["bug"] is True and failed["error"].startswith("ZeroDivisionError")
+    assert "bug" not in json.loads((tmp_path / "buggy" / "result.json").read_text())  # the record is the solo run's
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+    assert "status" not in ok and ok["steps"] == 2
+    user = {"status": "failed", "error": "TrainingDiverged: train: the loss is nan"}
+    assert [packs.sweep_code(r) for r in ([ok], [ok, user], [user, failed], [None, ok])] == [0, 2, 1, 0]

@@ -365,8 +365,9 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     finally:
         sys.argv = saved
     packs = sys.modules.get("vipamin_scale.packs")  # hydra/launcher=packed: its jobs never reach `app`
-    if packs is not None and packs.take_failed():
-        status["code"] = status["code"] or 2
+    code = packs.take_failed() if packs is not None else 0  # 2: a run failed (a user error); 1: a bug
+    if code:
+        status["code"] = status["code"] or code
     return status["code"]
 
 

@@ -51,8 +51,9 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
                keep_going: bool = False) -> list[Optional[dict[str, Any]]]:
     """Train `cfgs` as packs (module docstring); results in the order of `cfgs`. A run that fails alone is
     recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
-    is raised, or with `keep_going` recorded for each of its runs (their result: the failure record) while
-    the next packs go on."""
+    is raised, or with `keep_going` recorded for each of its runs (their result: the failure record, with
+    "bug": True when the exception is not a user error, whose traceback is then logged) while the next
+    packs go on."""
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -70,11 +71,16 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
             except Exception as exc:
                 if not keep_going:
                     raise
-                log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc)
+                from vipamin_scale.cli import user_error_line  # (cli imports this module lazily)
+
+                bug = user_error_line(exc) is None  # a bug: its traceback, as Hydra's basic launcher prints it
+                log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc,
+                          exc_info=exc if bug else None)
                 for i in pack:
                     runs.record_exception(cfgs[i], exc)
-                done = [runs.read_result(Path(cfgs[i].train.out_dir)) or
-                        {"status": "failed", "error": f"{type(exc).__name__}: {exc}"} for i in pack]
+                done = [{**(runs.read_result(Path(cfgs[i].train.out_dir)) or
+                            {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}), **({"bug": True} if bug else {})}
+                        for i in pack]
             for i, result in zip(pack, done):
                 results[i] = result
     return results
@@ -124,24 +130,32 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         ret.return_value = result
         returns.append(ret)
     failed = [r for r in results if r is not None and r.get("status") == "failed"]
-    for record in failed:  # the line each failed job prints under Hydra's basic launcher (cli: exit 2 at the end)
-        print(f"error: {_message(record.get('error') or '')}", file=sys.stderr, flush=True)
+    for record in failed:  # the line each failed job prints under Hydra's basic launcher (a bug: its traceback, logged)
+        if not record.get("bug"):
+            print(f"error: {_message(record.get('error') or '')}", file=sys.stderr, flush=True)
     if failed:
         log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(failed),
                   len(results))
-    _FAILED.append(len(failed))
+    _CODES.append(sweep_code(results))
     return returns
 
 
-_FAILED: list[int] = []  # failed runs per launch_sweep call of this process, until `take_failed` reads them
+_CODES: list[int] = []  # the exit code of each launch_sweep call of this process, until `take_failed` reads them
+
+
+def sweep_code(results: Sequence[Optional[dict[str, Any]]]) -> int:
+    """A packed sweep's exit code from its runs' results: 0 when none failed, 1 when a pack failed with a
+    bug (not a user error), else 2 when a run failed (a user error), as Hydra's basic launcher exits."""
+    failed = [r for r in results if r is not None and r.get("status") == "failed"]
+    return 1 if any(r.get("bug") for r in failed) else 2 if failed else 0
 
 
 def take_failed() -> int:
-    """How many packed runs of this process's sweep failed (and forget it): the CLI then exits 2, as a
-    sweep under Hydra's basic launcher does when a job failed with a user error."""
-    n = sum(_FAILED)
-    _FAILED.clear()
-    return n
+    """The exit code of this process's packed sweeps (`sweep_code`; the worst of them) and forget them;
+    0 when no run failed."""
+    code = 1 if 1 in _CODES else 2 if 2 in _CODES else 0
+    _CODES.clear()
+    return code
 
 
 def _message(error: str) -> str:
