@@ -650,8 +650,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--gate-from", default=None, metavar="JSON",
                     help="reuse the gate of another study's JSON (this benchmark's or prompt_length_study.py's) whose "
                          "gate ran the same backbone, full-data schedule, lr grid and P; else refused")
-    ap.add_argument("--preset-out", default=None, help="demo preset JSON (default benchmarks/results/demo_preset.json; "
-                                                        "--quick: beside --out)")
+    ap.add_argument("--preset-out", default=None, help="demo preset JSON (default benchmarks/results/demo_preset.json, "
+                                                        "not written by a cut run; --quick: beside --out)")
     if ap.parse_known_args(argv)[0].quick:  # --quick changes the defaults; a flag given still wins
         ap.set_defaults(model="vit_test_d64", checkpoint=None, img_size=32, pool="mean", shots=[1, 2],
                         epochs=2, min_steps=4, full=200, full_epochs=2, lr_grid=[0.5, 5.0, 2],
@@ -672,9 +672,17 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     suffix = "_quick" if args.quick else ""
     args.work = args.work or str(REPO / ".cache" / f"bench_accuracy{suffix}")
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"accuracy{suffix}.json")
-    args.preset_out = args.preset_out or (str(Path(args.out).with_name("demo_preset.json")) if args.quick else
-                                          str(REPO / "benchmarks" / "results" / "demo_preset.json"))
+    if args.preset_out is None and args.quick:
+        args.preset_out = str(Path(args.out).with_name("demo_preset.json"))
     return args
+
+
+def preset_path(a: argparse.Namespace) -> Optional[Path]:
+    """Where this run writes the demo's preset: --preset-out; else benchmarks/results/demo_preset.json for
+    the full protocol, and nowhere (None) for a cut, which never replaces the demo's preset unasked."""
+    if a.preset_out:
+        return Path(a.preset_out)
+    return None if cut_from(parse([]), a, CUT_KEYS) else REPO / "benchmarks" / "results" / "demo_preset.json"
 
 
 def machine() -> str:
@@ -777,7 +785,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     png = out.with_suffix(".png")
     plot(doc, png)
     runs.write_json(out, portable(doc, places(a)), nan_as_null=True)
-    write_demo_preset(a, doc, sched, Path(a.preset_out))
+    preset = preset_path(a)
+    if preset is not None:
+        write_demo_preset(a, doc, sched, preset)
+    else:
+        print("the demo's preset (benchmarks/results/demo_preset.json) is kept: a cut run does not replace it "
+              "(--preset-out PATH writes this run's)")
     if not gate["passed"]:
         print("UNDERTRAINED (--no-gate): the tables below come from a schedule that failed the gate")
     print(table_markdown(doc))
@@ -788,7 +801,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not a.quick:
         write_marked_section(Path(a.results_md), BEGIN, END,
                              results_section(doc, os.path.relpath(png, Path(a.results_md).parent)))
-    print(f"wrote {out}, {png}, {a.preset_out}" + ("" if a.quick else f", {a.results_md}")
+    print(f"wrote {out}, {png}" + (f", {preset}" if preset is not None else "") + ("" if a.quick else f", {a.results_md}")
           + f" in {doc['minutes']:.1f} min")
     return doc
 

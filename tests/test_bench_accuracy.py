@@ -168,3 +168,7 @@ def test_a_gate_is_reused_only_from_a_study_that_ran_the_same_gate(tmp_path):
         bench.gate_from(str(tmp_path / "missing.json"), a)
     cut = bench.cut_from(bench.parse([]), a, bench.CUT_KEYS)
     assert cut == {"shots": [[1, 2, 4, 8], [4]], "draws": [[5, 5, 20, 20], [20]]}
+    # a cut run never replaces the demo's preset unless told where to write one; the full protocol does
+    assert bench.preset_path(a) is None
+    assert bench.preset_path(bench.parse([])) == bench.REPO / "benchmarks" / "results" / "demo_preset.json"
+    assert bench.preset_path(bench.parse(["--shots", "4", "--preset-out", str(tmp_path / "p.json")])) == tmp_path / "p.json"
