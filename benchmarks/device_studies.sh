@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 23's two studies at their full protocols on a GPU machine that has python3 + torch but no package
 # registry and takes at most 64 MiB from here (an H200 without network access), in one call:
-# benchmarks/prompt_length_study.py then benchmarks/accuracy.py (per-shot draws 5 5 20 20), each with
+# benchmarks/prompt_length_study.py then benchmarks/accuracy.py (per-shot draws 5 5 20 20; the study's gate
+# reused by --gate-from when it passed), each with
 # --workers 14 (one torch thread each, packs per worker) unless ARGS say otherwise. Here, first:
 #   bash benchmarks/gpu_wheels.sh                       # .whl/ (~8 MB)
 #   python benchmarks/device_accuracy.py pack           # .gpu/: the demo backbone's weights in fp16 (42 MB)
@@ -35,7 +36,10 @@ run() {  # run NAME TIMEOUT_S SCRIPT ARGS...: one study under its timeout, its l
 }
 run prompt_length "${STUDY_TIMEOUT_S:-380}" benchmarks/prompt_length_study.py --work "$work/prompt_length" \
     --out "$out/prompt_length.json"
+gate=()  # the accuracy benchmark reuses the study's gate (the same backbone, schedule, grid and P) when it has one
+[[ -f $out/prompt_length.json ]] && python3 -c "import json,sys; sys.exit(not json.load(open('$out/prompt_length.json'))['gate'].get('passed'))" \
+    && gate=(--gate-from "$out/prompt_length.json")
 run accuracy "${ACCURACY_TIMEOUT_S:-170}" benchmarks/accuracy.py --work "$work/accuracy" --out "$out/accuracy.json" \
-    --preset-out "$out/demo_preset.json" "$@"
+    --preset-out "$out/demo_preset.json" "${gate[@]}" "$@"
 (cd "$work" && find . -name result.json -o -name tune.json -o -name protocol.json | tar czf "$out/runs.tgz" -T -) || true
 exit $status
