@@ -55,6 +55,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -685,6 +686,11 @@ def preset_path(a: argparse.Namespace) -> Optional[Path]:
     return None if cut_from(parse([]), a, CUT_KEYS) else REPO / "benchmarks" / "results" / "demo_preset.json"
 
 
+def command_line(script: str, argv: Optional[list[str]]) -> str:
+    """The command that ran `benchmarks/<script>` with `argv` (None: this process's), quoted for a shell."""
+    return shlex.join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
@@ -746,8 +752,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     title = (f"{a.model} @ {a.img_size}px, VPT-Deep P={a.prompt_length}, digits, {draws_text(a)} paired draws")
     doc: dict[str, Any] = {
         "title": title, "machine": machine(), "note": a.note, "shots": a.shots, "draws": a.draws,
-        "command": "python benchmarks/accuracy.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                      " " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "command": command_line("accuracy.py", argv),
         "protocol": (f"{a.model} at {a.img_size} px, frozen, {a.pool} pooling, VPT-Deep P={a.prompt_length}; digits: "
                      f"k ∈ {a.shots} training images per class, {draws_text(a)} draws (0, 1, ...) shared by every method "
                      f"(same images, same train.seed and init.seed = draw); val 297, test 500. AdamW, batch "

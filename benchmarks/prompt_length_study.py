@@ -29,6 +29,7 @@ are benchmarks/accuracy.py's, by its own code):
 * the cost of P: after the final runs, one worker alone trains one solo 4-shot run per (P, method)
   (draw 0, its selected lr) and records its init time, training time per step (`result.json`) and, on
   a GPU, the peak memory allocated; each against P with its ratio to the smallest P.
+`--render` rewrites the plot and the section from --out's JSON without training anything.
 Everything is written under --work and a finished run is reused (a re-run resumes); a --work of another
 protocol is refused (--fresh starts over). Writes benchmarks/results/prompt_length[_quick].json and .png
 and, not with --quick, the marked prompt-length section of benchmarks/RESULTS.md.
@@ -128,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.getLogger("vipamin_scale").setLevel(logging.WARNING)
     logging.getLogger("vipamin_scale.pool").setLevel(logging.INFO)
     t0 = time.perf_counter()
+    if a.render:
+        return render(a)
     bench.check_protocol(a, {k: getattr(a, k) for k in PROTOCOL_KEYS})
     work = Path(a.work)
     k = a.shots
@@ -196,6 +199,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return doc
 
 
+def render(a: argparse.Namespace) -> dict[str, Any]:
+    """--render: the plot and the RESULTS.md section (not with --quick) rewritten from --out's JSON, as the
+    run that wrote it would write them now; nothing is trained."""
+    out = Path(a.out)
+    try:
+        doc = json.loads(out.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: --render: {out}: {type(exc).__name__}: {exc}") from None
+    png = out.with_suffix(".png")
+    plot(doc, png)
+    section = results_section(doc, os.path.relpath(png, Path(a.results_md).parent))
+    print(section)
+    if not a.quick:
+        write_marked_section(Path(a.results_md), BEGIN, END, section)
+    print(f"rewrote {png}" + ("" if a.quick else f", {a.results_md}") + f" from {out}")
+    return doc
+
+
 def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc: dict, costs: dict,
            gate: dict[str, Any], t0: float) -> dict[str, Any]:
     """The study's JSON: per regime, P and method the selection, the summary and the pairing with VPT random."""
@@ -203,12 +224,12 @@ def record(a: argparse.Namespace, argv: Optional[list[str]], selected: dict, acc
     full_s = bench.schedule(a.full, 32, a.full_epochs, 0)
     doc: dict[str, Any] = {
         "machine": bench.machine(), "note": a.note, "lengths": sorted(a.lengths), "methods": list(a.methods),
-        "command": "python benchmarks/prompt_length_study.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                                 " " + " ".join(argv if argv is not None else sys.argv[1:])),
+        "command": bench.command_line("prompt_length_study.py", argv),
         "cut": cut_from_full(a), "args": vars(a), "gate": gate,
         "regimes": {FEW: {"n": a.draws, "what": f"{a.shots} images per class, {a.draws} paired draws",
                           "schedule": few_s},
-                    FULL: {"n": a.seeds, "what": f"the full {a.full} training images, one draw, {a.seeds} seeds",
+                    FULL: {"n": a.seeds, "what": f"the full {a.full} training images, one draw, {a.seeds} "
+                                                 f"seed{'s' if a.seeds != 1 else ''}",
                            "schedule": full_s, "cells": [[length, m] for length, m in sorted(full_cells(a))]}},
         "cells": {}, "cost": {},
     }
@@ -302,7 +323,8 @@ def cost_markdown(doc: dict[str, Any]) -> str:
         if v is None:
             return "–"
         b = (base.get(m) or {}).get(key)
-        return f"{v * scale:.{1 if unit != 'MiB' else 0}f} {unit}" + (f" (×{v / b:.2f})" if b else "")
+        shown = f"{v * scale:.{1 if unit != 'MiB' else 0}f} {unit}"
+        return shown + (f" (×{v / b:.2f})" if b and b * scale >= 0.05 else "")  # no ratio of values below the display
 
     head = [f"{m}: {what}" for m in methods for what in ("step", "init", "peak")]
     lines = ["| P | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
@@ -315,6 +337,11 @@ def cost_markdown(doc: dict[str, Any]) -> str:
                       cell(c, "peak_mib", 1, "MiB", m)]
         lines.append(f"| {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gate_only(doc: dict[str, Any]) -> bool:
+    """Whether the full-data regime ran only the gate's cell (VPT random at the gate's P)."""
+    return [[int(p), m] for p, m in doc["regimes"][FULL].get("cells", [])] == [[doc["args"]["gate_length"], RANDOM]]
 
 
 def results_section(doc: dict[str, Any], png: str) -> str:
@@ -338,10 +365,17 @@ def results_section(doc: dict[str, Any], png: str) -> str:
               f"{a['extend_edges']} times." + (f" {doc['note']}" if doc.get("note") else ""), "",
               bench.gate_text(doc["gate"]).replace("VPT random (", f"VPT random at P = {a['gate_length']} ("), ""]
     for regime in (FEW, FULL):
-        lines += [f"Test accuracy (%), {regime}: mean ± 95 % half-width (t, over the {doc['regimes'][regime]['n']} "
-                  f"{'draws' if regime == FEW else 'seeds'}), n per cell.", "", accuracy_markdown(doc, regime), "",
-                  f"Paired difference against {RANDOM}, {regime} (points; mean ± 95 % half-width [interval]; "
-                  "**bold**: the interval excludes 0).", "", paired_markdown(doc, regime), ""]
+        if regime == FULL and gate_only(doc):
+            lines += [f"{FULL}: only the gate's cell was run (`--full-lengths`, `--full-methods`): VPT random at P = "
+                      f"{a['gate_length']}, its figure in the gate's line above.", ""]
+            continue
+        n = doc['regimes'][regime]['n']
+        lines += [f"Test accuracy (%), {regime}: mean ± 95 % half-width (t, over the {n} "
+                  f"{'draws' if regime == FEW else 'seeds' if n != 1 else 'seed'}), n per cell.", "",
+                  accuracy_markdown(doc, regime), ""]
+        if any(m != RANDOM and m in row for row in doc["cells"][regime].values() for m in doc["methods"]):
+            lines += [f"Paired difference against {RANDOM}, {regime} (points; mean ± 95 % half-width [interval]; "
+                      "**bold**: the interval excludes 0).", "", paired_markdown(doc, regime), ""]
     lines += ["Selected lr (base, × batch/256) per P; \"high/low edge\": it stayed at the end of the lrs tried "
               "after the edge rounds.", "", selected_markdown(doc), "",
               "The cost of P (solo few-shot runs, draw 0, one worker alone): training time per optimizer step, init "
@@ -353,40 +387,55 @@ def results_section(doc: dict[str, Any], png: str) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    """Test accuracy against P (log axis) per method with 95 % intervals, one panel per regime, and the
-    training time per step against P."""
+    """Test accuracy against P (log axis) per method with 95 % intervals (one panel per regime; the full-data
+    one only when it ran more than the gate's cell), the paired differences against VPT random with theirs,
+    and the training time per step against P."""
     import io
 
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(14, 4.5))
+    regimes = [FEW] + ([] if gate_only(doc) else [FULL])
+    fig = Figure(figsize=(4.7 * (len(regimes) + 2), 4.5))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax, regime in zip(axes, (FEW, FULL)):
+    axes = list(fig.subplots(1, len(regimes) + 2))
+    color = {m: colormaps["tab10"](i) for i, m in enumerate(doc["methods"])}
+
+    def bars(ax, points, i, label):  # points: [(P, mean, lo, hi)] in fractions
+        if points:
+            xs = [p * (1 + 0.03 * (i - 1.5)) for p, *_ in points]
+            ys = [100 * y for _, y, _, _ in points]
+            err = [[0.0 if lo is None else 100 * (y - lo) for _, y, lo, _ in points],
+                   [0.0 if hi is None else 100 * (hi - y) for _, y, _, hi in points]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=2, lw=1.2, label=label, color=color[label])
+
+    for ax, regime in zip(axes, regimes):
         for i, m in enumerate(doc["methods"]):
-            xs, ys, err = [], [], []
+            pts = []
             for length, row in doc["cells"][regime].items():
                 c = row.get(m, {}).get("results")
-                if c is None or c["mean"] is None:
-                    continue
-                lo, hi = interval(c)
-                xs.append(int(length) * (1 + 0.03 * (i - 1.5)))
-                ys.append(100 * c["mean"])
-                err.append(0.0 if lo is None else 100 * (hi - lo) / 2)
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=2, lw=1.2, label=m, color=colormaps["tab10"](i))
+                if c is not None and c["mean"] is not None:
+                    pts.append((int(length), c["mean"], *interval(c)))
+            bars(ax, pts, i, m)
         ax.set_ylabel("test accuracy, % (mean, 95 % interval)")
-        ax.set_title(f"{doc['regimes'][regime]['what']}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.set_title(doc["regimes"][regime]["what"], fontsize=9)
+    ax = axes[len(regimes)]
+    for i, m in enumerate(doc["methods"]):
+        pts = [(int(length), p["mean"], p["lo"], p["hi"]) for length, row in doc["cells"][FEW].items()
+               if (p := row.get(m, {}).get("paired")) and p["mean"] is not None]
+        bars(ax, pts, i, m)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_ylabel(f"method − {RANDOM}, points (paired mean, 95 % interval)")
+    ax.set_title(f"paired difference, {doc['regimes'][FEW]['what']}", fontsize=9)
     for i, m in enumerate(doc["methods"]):
         pts = [(int(p), 1000 * c[m]["step_s"]) for p, c in doc["cost"].items() if (c.get(m) or {}).get("step_s")]
         if pts:
-            axes[2].plot(*zip(*sorted(pts)), marker="o", ms=3.5, label=m, color=colormaps["tab10"](i))
-    axes[2].set_ylabel("training time per step, ms (solo, few-shot)")
-    axes[2].grid(alpha=0.3)
+            axes[-1].plot(*zip(*sorted(pts)), marker="o", ms=3.5, label=m, color=color[m])
+    axes[-1].set_ylabel("training time per step, ms (solo, few-shot)")
+    axes[0].legend(fontsize=8)
     for ax in axes:
+        ax.grid(alpha=0.3)
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(doc["lengths"])
@@ -394,6 +443,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("prompt length P (per layer)")
     fig.suptitle(f"{doc['args']['model']} @ {doc['args']['img_size']} px, VPT-Deep" + (" (cut)" if doc["cut"] else ""),
                  fontsize=10)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())
@@ -405,6 +455,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny random ViT, 2 lengths, 2 draws: a smoke run")
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite the plot and the RESULTS.md section from --out's JSON (after a change of the "
+                         "tables' code); trains nothing")
     bench.add_protocol_args(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 5, 10, 20, 50, 100])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD")

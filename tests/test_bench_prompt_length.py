@@ -67,7 +67,7 @@ def test_study_arguments_are_checked_before_any_run(capsys):
                                                                                                 1000)
 
 
-def test_a_full_regime_cut_to_the_gate_is_named_and_its_left_out_cells_say_not_run(capsys):
+def test_a_full_regime_cut_to_the_gate_is_named_and_its_left_out_cells_say_not_run(capsys, tmp_path):
     """--full-lengths/--full-methods: the full-data regime trains only the cells named (the gate's among
     them); the JSON holds just those, the tables say "not run" for the rest, the cut is named."""
     study = load_study_module()
@@ -87,7 +87,8 @@ def test_a_full_regime_cut_to_the_gate_is_named_and_its_left_out_cells_say_not_r
     acc = {(study.FEW, p, m, d): 0.5 + 0.1 * d + (0.05 if m == V else 0.0) for p in (1, 10) for m in (R, V)
            for d in range(3)}
     acc[(study.FULL, 10, R, 0)] = 0.9
-    gate = {"passed": True}
+    gate = {"n": 1000, "epochs": 10, "steps": 310, "probe_C": 1.0, "probe_test": 0.938, "random_lr": 0.16,
+            "random_test": 0.9, "passed": True}
     doc = study.record(a, [], selected, acc, {}, gate, 0.0)
     assert set(doc["cells"][study.FULL]["10"]) == {R} and doc["cells"][study.FULL]["1"] == {}
     assert doc["regimes"][study.FULL]["cells"] == [[10, R]]
@@ -96,3 +97,17 @@ def test_a_full_regime_cut_to_the_gate_is_named_and_its_left_out_cells_say_not_r
     assert "| 10 | 90.0 ± – (n=1) | not run |" in full_table and "| 1 | not run | not run |" in full_table
     assert "| 1 | – |" in study.paired_markdown(doc, study.FULL)
     assert "| 10 | 0.16 | 0.16 | 0.16 | not run |" in study.selected_markdown(doc)
+
+    # the full regime held only the gate's cell: the section names it instead of tables of "not run";
+    # --render rewrites the plot and the marked section from the JSON, training nothing
+    assert study.gate_only(doc) and doc["command"] == "python benchmarks/prompt_length_study.py"
+    section = study.results_section(doc, "pl.png")
+    assert "only the gate's cell was run" in section and "Test accuracy (%), full" not in section
+    assert "| 10 | **+5.0 ± 0.0 [+5.0, +5.0] (n=3)** |" in section  # VIPAMIN − random: +0.05 in every draw
+    out, md = tmp_path / "pl.json", tmp_path / "RESULTS.md"
+    out.write_text(json.dumps(doc))
+    md.write_text(f"before\n{study.BEGIN}\nold\n{study.END}\nafter\n")
+    study.main(["--render", "--out", str(out), "--results-md", str(md)])
+    text = md.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "\nold\n" not in text and section in text
+    assert out.with_suffix(".png").stat().st_size > 10_000 and not (tmp_path / "work").exists()
