@@ -41,30 +41,12 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from vipamin_scale.config import CONFIG_DIR, ConfigError, UserError, register
-from vipamin_scale.runs import WRITE_ERRNOS
+from vipamin_scale.config import CONFIG_DIR, ConfigError, register
+from vipamin_scale.runs import RankFailed, user_error_line
 
 log = logging.getLogger("vipamin_scale")
 
 DEBUG_ENV = "VIPAMIN_SCALE_DEBUG"  # 1: a user error prints its full traceback too
-
-
-class RankFailed(Exception):
-    """Another rank of the job failed first, and this rank stopped because of it (see `root_cause`)."""
-
-    def __init__(self, rank: int, message: str, code: int):
-        super().__init__(f"stopped because rank {rank} failed: {message}")
-        self.rank, self.code = rank, code
-
-
-def user_error_line(exc: BaseException) -> Optional[str]:
-    """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
-    if isinstance(exc, (UserError, RankFailed)):
-        return f"error: {exc}"
-    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-        where = exc.filename if exc.filename is not None else "a run file"
-        return f"error: {where}: {exc.strerror or os.strerror(exc.errno)}"
-    return None
 
 
 def _report(exc: BaseException) -> int:

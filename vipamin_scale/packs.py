@@ -71,9 +71,7 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
             except Exception as exc:
                 if not keep_going:
                     raise
-                from vipamin_scale.cli import user_error_line  # (cli imports this module lazily)
-
-                bug = user_error_line(exc) is None  # a bug: its traceback, as Hydra's basic launcher prints it
+                bug = runs.user_error_line(exc) is None  # a bug: its traceback, as Hydra's basic launcher prints it
                 log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc,
                           exc_info=exc if bug else None)
                 for i in pack:

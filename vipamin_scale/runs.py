@@ -64,6 +64,24 @@ HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
+
+class RankFailed(Exception):
+    """Another rank of the job failed first, and this rank stopped because of it (`cli.root_cause`)."""
+
+    def __init__(self, rank: int, message: str, code: int):
+        super().__init__(f"stopped because rank {rank} failed: {message}")
+        self.rank, self.code = rank, code
+
+
+def user_error_line(exc: BaseException) -> Optional[str]:
+    """The one line a user error prints (`error: ...`), or None for an error that is a bug (a traceback)."""
+    if isinstance(exc, (UserError, RankFailed)):
+        return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        where = exc.filename if exc.filename is not None else "a run file"
+        return f"error: {where}: {exc.strerror or os.strerror(exc.errno)}"
+    return None
+
 # Fields that cannot change a run's result (prefixes of dotted names): declared at the field in the
 # schema (`identity=False`, config.NOT_IDENTITY); every other field counts.
 IGNORED = NOT_IDENTITY
