@@ -188,15 +188,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"undertrained: VPT random at P = {a.gate_length} does not reach the converged linear probe on the full "
               f"training set; no table is written (the figures are in {out})")
         raise SystemExit(1)
+    png = publish(a, doc, out, write_json=True)
+    print(f"wrote {out}, {png}" + ("" if a.quick else f", {a.results_md}") + f" in {doc['minutes']:.1f} min")
+    return doc
+
+
+def publish(a: argparse.Namespace, doc: dict[str, Any], out: Path, write_json: bool) -> Path:
+    """The plot beside `out`, the JSON (write_json), the section printed and, not with --quick, written
+    into RESULTS.md; returns the plot's path."""
     png = out.with_suffix(".png")
     plot(doc, png)
-    runs.write_json(out, portable(doc, bench.places(a)), nan_as_null=True)
+    if write_json:
+        runs.write_json(out, portable(doc, bench.places(a)), nan_as_null=True)
     section = results_section(doc, os.path.relpath(png, Path(a.results_md).parent))
     print(section)
     if not a.quick:
         write_marked_section(Path(a.results_md), BEGIN, END, section)
-    print(f"wrote {out}, {png}" + ("" if a.quick else f", {a.results_md}") + f" in {doc['minutes']:.1f} min")
-    return doc
+    return png
 
 
 def render(a: argparse.Namespace) -> dict[str, Any]:
@@ -207,12 +215,7 @@ def render(a: argparse.Namespace) -> dict[str, Any]:
         doc = json.loads(out.read_text())
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: --render: {out}: {type(exc).__name__}: {exc}") from None
-    png = out.with_suffix(".png")
-    plot(doc, png)
-    section = results_section(doc, os.path.relpath(png, Path(a.results_md).parent))
-    print(section)
-    if not a.quick:
-        write_marked_section(Path(a.results_md), BEGIN, END, section)
+    png = publish(a, doc, out, write_json=False)
     print(f"rewrote {png}" + ("" if a.quick else f", {a.results_md}") + f" from {out}")
     return doc
 
