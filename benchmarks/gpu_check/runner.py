@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,11 @@ from vipamin_scale.paths import portable, write_marked_section
 from gpu_check.common import (BEGIN, BUDGET_S, CORRECTNESS, END, ENTRY, REPO, RESULTS_JSON, RESULTS_MD, SECTIONS,
                               Record, child_env, cuda, failure, kill_tree, last_line, one_line, sizes, write_json)
 from gpu_check.report import results_section
+
+
+# Fault injection for the tests (a declared option, like vipamin_scale/faults.py): GPU_CHECK_HANG=<section> makes
+# that section's process hang before it starts, so the time cap's kill is tested without racing the clock.
+HANG_ENV = "GPU_CHECK_HANG"
 
 
 def section_function(name: str):
@@ -74,6 +80,10 @@ def child(args: argparse.Namespace) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     ctx = {"smoke": args.smoke, "work": scratch, "cap": args.cap, "sizes": sizes(args.smoke)}
+    if os.environ.get(HANG_ENV) == args.child:  # the tests' stand-in for a stuck collective: the cap must kill it
+        print(f"gpu_check: {args.child} hangs ({HANG_ENV})", flush=True)
+        while True:
+            time.sleep(60)
     try:
         section_function(args.child)(rec, ctx)
     except Exception as exc:
