@@ -4,10 +4,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -509,3 +512,27 @@ def test_digits_lost_race_uses_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(digits_mod, "build_digits", build_and_lose)
     assert digits_mod.digits_root(tmp_path) == tmp_path / "digits_shards_v1"
     assert [p.name for p in tmp_path.iterdir()] == ["digits_shards_v1"]  # our temp copy is gone
+
+
+def test_digits_fewshot_writers_wait_for_the_lock_holder(tmp_path):
+    """Two processes asking for the same few-shot draws at once must not write over each other:
+    while one holds <root>/.lock the other writes nothing, then finds the draws it needs."""
+    import fcntl
+
+    root = tmp_path / digits_mod.FEWSHOT_DIR
+    root.mkdir()
+    code = ("import sys; from vipamin_scale.data.digits import digits_fewshot; "
+            "out = digits_fewshot([1, 2], 2, cache_dir=sys.argv[1]); print(sorted(str(p) for p in out.values()))")
+    with open(root / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                                env=cli_env())
+        time.sleep(3)
+        assert proc.poll() is None and sorted(p.name for p in root.iterdir()) == [".lock"]  # waiting, wrote nothing
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    made = digits_mod.digits_fewshot([1, 2], 2, cache_dir=tmp_path)  # this process finds them done
+    assert out.strip() == str(sorted(str(p) for p in made.values()))
+    for (k, d), path in made.items():
+        info = dataset_info(path)
+        assert info["splits"]["train"]["count"] == 10 * k and info["splits"]["test"]["count"] == 500

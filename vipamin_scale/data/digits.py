@@ -90,22 +90,30 @@ def digits_fewshot(shots: list[int], draws: int, cache_dir: str | Path | None = 
 
     Draw d takes k training images per class (`protocols.fewshot_shards`, seed d; the k-shot
     draws of one seed are nested) and keeps val and test whole. The same (k, d) is the same images
-    wherever it is written. Call from one process (the benchmark's and the demo's parent)."""
+    wherever it is written. Safe when several processes of one machine call it at once: the writing
+    holds an exclusive lock on `<root>/.lock` (released by the kernel if the holder dies), so one
+    writes and the others wait, then find the draws done."""
+    import fcntl
+
     from vipamin_scale.data.protocols import fewshot_shards
 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEWSHOT_DIR
     tree = root / "tree"
-    if not (tree / ".done").is_file():
-        images, labels = digits_images()
-        for split, idx in _split_indices(labels).items():
-            for i in idx:
-                path = tree / split / str(int(labels[i])) / f"{i:04d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i]).save(path)
-        (tree / ".done").write_text("ok\n")
-    out = {}
-    for d in range(draws):
-        if not all((root / f"{k}shot_seed{d}" / MANIFEST).is_file() for k in shots):
-            fewshot_shards(tree, root, shots=shots, seed=d, overwrite=True)
-        out.update({(k, d): root / f"{k}shot_seed{d}" for k in shots})
-    return out
+    names = {(k, d): root / f"{k}shot_seed{d}" for d in range(draws) for k in shots}
+    if (tree / ".done").is_file() and all((p / MANIFEST).is_file() for p in names.values()):
+        return names
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (tree / ".done").is_file():
+            images, labels = digits_images()
+            for split, idx in _split_indices(labels).items():
+                for i in idx:
+                    path = tree / split / str(int(labels[i])) / f"{i:04d}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(images[i]).save(path)
+            (tree / ".done").write_text("ok\n")
+        for d in range(draws):
+            if not all((names[k, d] / MANIFEST).is_file() for k in shots):
+                fewshot_shards(tree, root, shots=shots, seed=d, overwrite=True)
+    return names
