@@ -161,6 +161,7 @@ def run_cfg(a: argparse.Namespace, root: Optional[Path], method: str, *, full: b
         prompt__length=a.prompt_length, prompt__deep=True, data__batch_size=s["batch"], data__eval_batch_size=250,
         data__num_workers=0, train__epochs=s["epochs"], train__warmup_epochs=s["warmup_epochs"],
         train__weight_decay=a.weight_decay, train__progress=False, train__log_every=10_000, train__keep_last=1,
+        train__resume=True,  # a re-run continues a cut run from its checkpoint (same identity only)
         train__loggers=["jsonl"], train__eval_every=s["epochs"], train__test_at_end=False,
         init__num_images=min(n, a.calib), init__batch_size=64, **data)
     for key, value in (method_overrides(method) or {}).items():

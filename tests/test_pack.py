@@ -3,6 +3,7 @@ a killed pack resumes bit-identically; the loop's step does not sync the host (i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,28 @@ def test_plan_packs_groups_compatible_runs_in_sweep_order(tmp_path):
     assert plan_packs(cfgs, pack_size=2) == [[0, 2], [3], [1, 4]]
     with pytest.raises(ConfigError, match=r"^hydra\.launcher\.pack_size: must be >= 1"):
         plan_packs(cfgs, pack_size=0)
+
+
+def test_runs_resuming_from_other_steps_never_share_a_pack(tmp_path, digits_root):
+    """A pack trains in lockstep from one step: plan_packs keeps resuming runs apart by the checkpoint they
+    resume from, and a pack given such runs directly refuses before any training, naming them (it used to
+    start every run at step 0 beside the other run's newer checkpoint, which then outranked the new ones)."""
+    from vipamin_scale.packs import plan_packs
+
+    train_pack([_cfg(tmp_path / "done", *VPT["random"], "train.keep_last=1")])
+    cut = tmp_path / "cut"  # a run cut after a checkpoint (its files as a killed run leaves them)
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.latest(tmp_path / "done" / "checkpoints"), cut / "checkpoints")
+    cfgs = [_cfg(cut, *VPT["random"], "train.resume=true"),
+            _cfg(tmp_path / "new", *VPT["random"], "train.resume=true", "train.seed=5"),
+            _cfg(tmp_path / "other", *VPT["random"], "train.seed=6")]
+    assert plan_packs(cfgs) == [[0], [1, 2]]
+    with pytest.raises(ConfigError, match=rf"^train\.resume: a pack resumes its runs at one step, but {tmp_path / 'new'} "
+                                          rf"has no checkpoint while {cut} has; train them in separate packs"):
+        train_pack(cfgs[:2])
+    assert [p.name for p in ckpt.list_checkpoints(cut / "checkpoints")] == [
+        ckpt.latest(tmp_path / "done" / "checkpoints").name]
+    assert not ckpt.list_checkpoints(tmp_path / "new" / "checkpoints")
 
 
 @pytest.mark.slow

@@ -54,6 +54,17 @@ def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ckpts
     assert not (run / "result.json").exists() and not (run / "prompts.safetensors").exists()
 
+    # the same config without train.resume: refused, never trained over the cut run's checkpoints
+    metrics = _snapshot(run / "metrics.jsonl")
+    fresh = _train(run)
+    assert fresh.returncode == 2 and _last_line(fresh) == (
+        f"error: train.out_dir: {run} holds a run (unfinished: checkpoint {ckpts[-1]}); continue it with "
+        "train.resume=true, start it over with train.overwrite=true, or use another directory"), fresh.stderr[-2000:]
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ckpts
+    assert _snapshot(run / "metrics.jsonl") == metrics
+    both = _train(run, "train.resume=true", "train.overwrite=true")
+    assert both.returncode == 2 and _last_line(both).startswith("error: train.overwrite: starts the run over")
+
     # the same config resumes and finishes
     done = _train(run, "train.resume=true")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -75,6 +86,19 @@ def test_resume_checks_identity_and_a_finished_run_is_kept(tmp_path, digits_root
     typo = _train(run, "train.lr=-1")
     assert typo.returncode == 2 and _last_line(typo) == "error: train.lr: must be >= 0; got -1.0"
     assert _snapshot(run / "result.json") == before
+    fresh = _train(run, "init=vipamin")
+    assert fresh.returncode == 2 and "holds a run (finished: checkpoint" in _last_line(fresh)
+    assert _snapshot(run / "result.json") == before
+
+    # train.overwrite=true starts it over, under another config: the earlier run's files are gone, not mixed in
+    over = _train(run, "train.overwrite=true", "init=vipamin")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert f"train.overwrite: {run} held a run (finished: checkpoint" in over.stdout + over.stderr
+    assert _strict((run / "result.json").read_text())["method"] == "vipamin"
+    assert _strict((run / "run.json").read_text())["identity"]["init.method"] == "vipamin"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # one run's log, not two appended
 
 
 @pytest.mark.slow
@@ -251,8 +275,8 @@ def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
         listed = any(k == name or k.startswith(name + ".") for k in ident)
         assert listed == config.in_identity(name), name
         assert listed or f.metadata.get("identity") is False or not config.in_identity(name.split(".")[0]), name
-    assert set(IGNORED) == {"train.out_dir", "train.resume", "train.progress", "train.log_every", "train.keep_last",
-                            "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
+    assert set(IGNORED) == {"train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
+                            "train.keep_last", "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
                             "tune", "train.compile"}
     assert {k for k, r in config.RANGES.items() if r == "positive"} == {
         "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",

@@ -180,6 +180,9 @@ class TrainConfig:
     seed: int = 0  # seed of the training order, dropout and head init
     out_dir: str = bookkeeping("runs/default")  # the run directory (the CLI: hydra.run.dir)
     resume: bool = bookkeeping(False)  # continue from the run directory's newest checkpoint
+    # start over in a run directory that holds a run (its checkpoints, records and logs are deleted first);
+    # false: a run that does not resume refuses such a directory
+    overwrite: bool = bookkeeping(False)
     keep_last: int = positive(2, identity=False)  # checkpoints kept
     log_every: int = positive(10, identity=False)  # log the train loss every N steps
     progress: bool = bookkeeping(True)  # progress bars on stderr (training steps, calibration batches), rank 0
@@ -325,6 +328,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.std: every value must be > 0; got {list(cfg.data.std)!r}")
     if cfg.model.depth is not None and cfg.model.depth <= 0:
         raise ConfigError(f"model.depth: must be > 0; got {cfg.model.depth!r}")
+    if cfg.train.resume and cfg.train.overwrite:
+        raise ConfigError("train.overwrite: starts the run over, train.resume=true continues it; set one")
     if cfg.data.name == "shards" and not cfg.data.root:
         raise ConfigError("data.root: required when data.name=shards (a directory written by `vipamin-scale shards`)")
     if cfg.data.max_train_samples is not None and cfg.data.max_train_samples <= 0:

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError
@@ -37,14 +38,24 @@ log = logging.getLogger(__name__)
 
 
 def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[list[int]]:
-    """Indices of `cfgs` grouped by compatibility (first appearance order), each group cut into packs."""
+    """Indices of `cfgs` grouped by compatibility and, for runs that resume, by the step they resume
+    from (a pack trains in lockstep; first appearance order), each group cut into packs."""
     if pack_size is not None and pack_size < 1:
         raise ConfigError(f"hydra.launcher.pack_size: must be >= 1 (or null: every compatible run); got {pack_size}")
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        groups.setdefault(pack_key(cfg), []).append(i)
+        groups.setdefault((pack_key(cfg), resume_point(cfg)), []).append(i)
     size = pack_size or max(len(cfgs), 1)
     return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+
+
+def resume_point(cfg: DictConfig) -> Optional[str]:
+    """The newest checkpoint's name a resuming run would start from (None: it starts at step 0); read
+    from the file names only (the resume itself validates the files)."""
+    if not cfg.train.resume:
+        return None
+    newest = ckpt.latest(Path(cfg.train.out_dir) / runs.CHECKPOINTS)
+    return newest.name if newest is not None else None
 
 
 def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,

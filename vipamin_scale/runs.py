@@ -60,6 +60,9 @@ LOCK = "run.lock"
 CONFIG = "config.resolved.yaml"
 CHECKPOINTS = "checkpoints"  # the run's checkpoints (vipamin_scale/checkpoint.py), each holding its config
 HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); read, never written here
+# What a run writes besides the records above (train.overwrite deletes them with the records; Hydra's
+# .hydra/ and its job log stay): tracking.py's logs and tracker ids, train.py's initial prompts
+OUTPUTS = ("metrics.jsonl", "tensorboard", "tracking.json", "prompts.safetensors")
 
 # OSErrors of a place the run cannot write (full, read-only, not permitted): a user error, never a record
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
@@ -97,6 +100,10 @@ class RunLocked(RunDirError):
 
 class RunMismatch(RunDirError):
     """The run directory holds a run made under a different config."""
+
+
+class RunExists(RunDirError):
+    """A fresh run (train.resume=false) was pointed at a directory that holds a run."""
 
 
 # ----------------------------------------------------------------------------- strict JSON
@@ -220,6 +227,59 @@ def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -
         if diff:
             raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
                               f"use the same config or a new directory")
+
+
+def earlier_run(out_dir: Path) -> Optional[tuple[str, bool]]:
+    """What `out_dir` holds of a run: (in words, e.g. "unfinished: checkpoint ckpt-00000056.safetensors",
+    whether it is worth keeping: a checkpoint or a finished result), or None when it holds none
+    (absent, empty, or only Hydra's records and a lock)."""
+    import vipamin_scale.checkpoint as ckpt
+
+    out_dir = Path(out_dir)
+    newest = ckpt.latest(out_dir / CHECKPOINTS)
+    found = [name for name in (RUN, RESULT, "metrics.jsonl") if (out_dir / name).is_file()]
+    found += sorted(p.name for p in out_dir.glob("result.rank*.json"))
+    if newest is None and not found:
+        return None
+    finished = is_finished(out_dir)
+    state = "finished" if finished else "failed" if read_result(out_dir) is not None else "unfinished"
+    where = f"checkpoint {newest.name}" if newest is not None else ", ".join(found)
+    return f"{state}: {where}", finished or newest is not None
+
+
+def start_fresh(out_dir: Path, overwrite: bool) -> None:
+    """A run that does not resume starts in a directory that holds no run. A directory holding one worth
+    keeping (a checkpoint, a finished result) is refused (RunExists, one line naming what it holds and
+    the ways on) unless `overwrite`; a run that ended or stopped before its first checkpoint is replaced.
+    Either way rank 0 deletes the earlier run's records and outputs first, with one warning naming them
+    (no metrics, checkpoint or result of two attempts mixed in one directory). Rank 0 looks; every rank
+    learns the outcome (a node that does not see rank 0's files must not go on alone)."""
+    import shutil
+
+    import vipamin_scale.distributed as D
+
+    out_dir = Path(out_dir)
+    held = D.broadcast_object(earlier_run(out_dir) if D.rank() == 0 else None)
+    if held is None:
+        return
+    what, worth_keeping = held
+    if worth_keeping and not overwrite:
+        raise RunExists(f"train.out_dir: {out_dir} holds a run ({what}); continue it with train.resume=true, "
+                        f"start it over with train.overwrite=true, or use another directory")
+    if D.rank() == 0:
+        gone = []
+        for name in (CHECKPOINTS, RUN, RESULT, CONFIG, *OUTPUTS, *(p.name for p in out_dir.glob("result.rank*.json"))):
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            gone.append(name)
+        log.warning("%s: %s held a run (%s); deleted %s", "train.overwrite" if worth_keeping else "a fresh run",
+                    out_dir, what, ", ".join(gone))
+    D.barrier()
 
 
 def checkpoint_identity(out_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:

@@ -53,7 +53,9 @@ their dropout draws.
 
 The run directories' records go through `vipamin_scale.runs`: rank 0 holds each run's lock for the
 whole pack; a resume continues only a run of the same identity (else one line naming the differing
-fields, before any compute); a resume of a finished run returns its result.json untouched. A data
+fields, before any compute); a resume of a finished run returns its result.json untouched; a run that
+does not resume refuses a directory holding another run's checkpoint or result (`runs.start_fresh`;
+train.overwrite=true deletes it first), and a pack's runs must all resume from one step or all start. A data
 error in a pack of K > 1 at world 1 fails the runs reading that data alone; under torchrun it ends the
 pack (a rank's data error is not seen by the others, as for a solo run).
 """
@@ -252,6 +254,8 @@ def _train_pack(cfgs: Sequence[DictConfig], alone: bool = False) -> list[Run]:
                         if D.rank() == 0:
                             log.info("%s holds a finished run; nothing to do (result.json kept)", run.out_dir)
                         run.result = runs.read_result(run.out_dir)
+                else:  # never into another attempt's checkpoints, metrics and result
+                    runs.start_fresh(run.out_dir, run.cfg.train.overwrite)
         live = [run for run in pack if run.live]
         if live:
             D.barrier()  # every rank has read the records before rank 0 rewrites them
@@ -295,8 +299,14 @@ class PackTrainer:
         if not (self.cfg.train.resume or self.restarted):
             return
         found = [ckpt.load_latest(run.out_dir / "checkpoints") for run in self.pack]
-        if any(f is None for f in found):
+        if all(f is None for f in found):
             return
+        if any(f is None for f in found):  # a pack trains in lockstep: one start for all (plan_packs groups so)
+            have = [str(run.out_dir) for run, f in zip(self.pack, found) if f is not None]
+            lack = [str(run.out_dir) for run, f in zip(self.pack, found) if f is None]
+            raise ConfigError(f"train.resume: a pack resumes its runs at one step, but {', '.join(lack[:3])}"
+                              f"{' ...' if len(lack) > 3 else ''} has no checkpoint while {', '.join(have[:3])}"
+                              f"{' ...' if len(have) > 3 else ''} has; train them in separate packs")
         step = min(state["global_step"] for _, state in found)
         for run, (path, state) in zip(self.pack, found):
             if state["global_step"] != step:
