@@ -153,6 +153,9 @@ def test_a_pack_killed_between_two_runs_checkpoint_writes_resumes_exactly(tmp_pa
         _same_run(tmp_path / "killed" / name, tmp_path / "whole" / name, exact=True)
         assert [p.name for p in ckpt.list_checkpoints(tmp_path / "killed" / name / "checkpoints")] == [
             "ckpt-00000004.safetensors"]  # keep_last=1 holds once every run has written
+        # the log too: what the cut attempt logged past step 2 was dropped, not left beside its redo
+        log = (tmp_path / "killed" / name / "metrics.jsonl").read_text()
+        assert log == (tmp_path / "whole" / name / "metrics.jsonl").read_text() and '"step": 4' in log
 
 
 def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):

@@ -17,7 +17,9 @@ Contracts:
   per prompt set, TensorBoard/mlflow scalars `diagnostics/<metric>` with the layer as the step,
   wandb summary keys `diagnostics/<metric>/layer_<l>`.
 - A resumed run (same out_dir) continues the same wandb run and mlflow run: their ids are kept in
-  `<out_dir>/tracking.json`.
+  `<out_dir>/tracking.json`. `rewind=S` (train: the step it resumes from, -1 when it starts over)
+  drops what the interrupted attempt logged after step S and its final test from metrics.jsonl, and
+  TensorBoard purges from S + 1, so the log reads as the uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -58,8 +60,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 class _Jsonl:
-    def __init__(self, out_dir: Path, **_):
+    def __init__(self, out_dir: Path, rewind: Optional[int] = None, **_):
         self.path = out_dir / "metrics.jsonl"
+        if rewind is not None and self.path.is_file():  # what the interrupted attempt logged past its checkpoint
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if _before_checkpoint(line, rewind)]
+            atomic_write_bytes(self.path, "".join(kept).encode())
 
     def start(self, config: dict, diagnostics: Optional[dict]) -> None:
         for name, per in (diagnostics or {}).get("methods", {}).items():
@@ -73,11 +79,22 @@ class _Jsonl:
         pass
 
 
+def _before_checkpoint(line: str, step: int) -> bool:
+    """A metrics.jsonl line a run resumed at `step` keeps: a complete record logged at a step <= `step`,
+    but the final test (the resumed run's finish logs it)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut by the kill
+        return False
+    return isinstance(record, dict) and record.get("event") != "test" and record.get("step", 0) <= step
+
+
 class _TensorBoard:
-    def __init__(self, out_dir: Path, **_):
+    def __init__(self, out_dir: Path, rewind: Optional[int] = None, **_):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        # purge_step: TensorBoard hides what an interrupted attempt logged at or after it
+        self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=None if rewind is None else rewind + 1)
 
     def start(self, config: dict, diagnostics: Optional[dict]) -> None:
         self.tb.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
@@ -174,7 +191,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, enabled: bool, loggers: tuple[str, ...] = ("jsonl", "tensorboard"),
                  project: str = "vipamin-scale", run_name: Optional[str] = None, mlflow_uri: Optional[str] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, rewind: Optional[int] = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.sinks = []
@@ -185,17 +202,17 @@ class MetricsLog:
         for name in loggers:
             self.sinks.append(_LOGGERS[name](out_dir=self.out_dir, project=project,
                                              run_name=run_name or self.out_dir.name, config=config or {},
-                                             ids=ids, uri=mlflow_uri))
+                                             ids=ids, uri=mlflow_uri, rewind=rewind))
         if ids:
             atomic_write_bytes(ids_path, json.dumps(ids).encode())
 
     @classmethod
-    def from_config(cls, cfg, out_dir: Path, enabled: bool) -> "MetricsLog":
+    def from_config(cls, cfg, out_dir: Path, enabled: bool, rewind: Optional[int] = None) -> "MetricsLog":
         from omegaconf import OmegaConf
 
         t = cfg.train
         config = OmegaConf.to_container(cfg, resolve=True) if enabled else None
-        return cls(out_dir, enabled, tuple(t.loggers), t.project, t.run_name, t.mlflow_uri, config)
+        return cls(out_dir, enabled, tuple(t.loggers), t.project, t.run_name, t.mlflow_uri, config, rewind)
 
     def start(self, config: dict, diagnostics: Optional[dict] = None) -> None:
         for sink in self.sinks:

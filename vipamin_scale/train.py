@@ -318,7 +318,10 @@ class PackTrainer:
         cfg, pack = self.cfg, self.pack
         for run in pack:
             run.root = resolve_root(run.cfg.data)
-            run.metrics = MetricsLog.from_config(run.cfg, run.out_dir, enabled=self.rank == 0)
+            # a resume's log reads as the uninterrupted run's: nothing the cut attempt logged past its checkpoint
+            rewind = (run.state["global_step"] if run.resume_from is not None
+                      else -1 if cfg.train.resume or self.restarted else None)
+            run.metrics = MetricsLog.from_config(run.cfg, run.out_dir, enabled=self.rank == 0, rewind=rewind)
         counts = {int(dataset_info(run.root)["num_classes"]) for run in pack}
         if len(counts) > 1:
             raise ConfigError(f"data.root: the runs of a pack must have as many classes; got {sorted(counts)}")
