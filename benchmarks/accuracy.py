@@ -284,14 +284,24 @@ class LinearProbe:
         X, y = self.features(cfg, split)
         return float((clf.predict(X) == y).mean())
 
-    def select(self, cfgs: list[DictConfig]) -> tuple[float, list[dict[str, float]]]:
-        """C chosen by its mean val accuracy over the draws' configs (ties: the stronger regularization)."""
-        trials = []
-        for C in LINEAR_CS:
+    def select(self, cfgs: list[DictConfig], extend_edges: int) -> tuple[float, list[dict[str, Any]], list[str]]:
+        """C chosen by its mean val accuracy over the draws' configs (ties: the stronger regularization), as
+        the lr is: a winner at an end of the Cs tried adds the next C (x10 or /10) that way and re-selects,
+        at most `extend_edges` times. Returns (C, trials in the order tried, ["low"|"high"] where it stayed
+        at an end)."""
+        def trial(C: float) -> dict[str, Any]:
             by_draw = [self.score(cfg, self.fit(cfg, C), cfg.data.val_split) for cfg in cfgs]
-            trials.append({"C": C, "val_acc": stats.mean(by_draw), "val_by_draw": by_draw})
-        best = max(trials, key=lambda t: (t["val_acc"], -t["C"]))
-        return best["C"], trials
+            return {"C": C, "val_acc": stats.mean(by_draw), "val_by_draw": by_draw}
+
+        trials = [trial(C) for C in LINEAR_CS]
+        for round_ in range(extend_edges + 1):
+            best = max(trials, key=lambda t: (t["val_acc"], -t["C"]))
+            tried = sorted(t["C"] for t in trials)
+            side = "high" if best["C"] == tried[-1] else "low" if best["C"] == tried[0] else None
+            if side is None or round_ == extend_edges:
+                break
+            trials.append(trial(tried[-1] * 10 if side == "high" else tried[0] / 10))
+        return best["C"], trials, [side] if side else []
 
 
 def _device() -> torch.device:
@@ -317,8 +327,8 @@ def job_tune(a: argparse.Namespace, roots: Optional[list[str]], method: str, ful
     cfgs = [run_cfg(a, Path(r) if r else None, method, full=full) for r in (roots or [None])]
     if method == LINEAR:
         _PROBE = _PROBE or LinearProbe(a)
-        C, trials = _PROBE.select(cfgs)
-        return {"value": C, "trials": trials, "at_edge": []}
+        C, trials, at_edge = _PROBE.select(cfgs, a.extend_edges)
+        return {"value": C, "trials": trials, "at_edge": at_edge}
     from vipamin_scale.tune import run_tune
 
     cfg = cfgs[0]
@@ -570,6 +580,13 @@ def gate_text(g: dict[str, Any]) -> str:
                if g.get("from") else ""))
 
 
+def reused_text(doc: dict[str, Any]) -> str:
+    """", reusing N of M prompt runs ..." when this invocation found finished runs in --work (its minutes
+    then do not count their training)."""
+    done, total = doc.get("reused_runs") or (0, 0)
+    return f", reusing {done} of {total} finished prompt runs from an earlier invocation in --work" if done else ""
+
+
 def results_section(doc: dict[str, Any], png: str) -> str:
     heading = "## Accuracy: paired draws, every method at its own selected lr (`benchmarks/accuracy.py`)"
     if doc.get("cut"):
@@ -577,7 +594,7 @@ def results_section(doc: dict[str, Any], png: str) -> str:
     if doc["verdict"] != "ok":
         heading += " — UNDERTRAINED (the gate failed; written with --no-gate)"
     lines = [BEGIN, heading, "",
-             f"Command: `{doc['command']}` ({doc['minutes']:.0f} min, {doc['machine']}).", ""]
+             f"Command: `{doc['command']}` ({doc['minutes']:.0f} min{reused_text(doc)}, {doc['machine']}).", ""]
     if doc.get("cut"):
         lines += ["Cut from the full protocol (flag: full → this run): "
                   + "; ".join(f"{k}: {full} → {this}" for k, (full, this) in doc["cut"].items()) + ".", ""]
@@ -585,7 +602,7 @@ def results_section(doc: dict[str, Any], png: str) -> str:
              f"Test accuracy (%), mean ± sample sd over the paired draws (n per k: "
              + ", ".join(f"{k}-shot {n}" for k, n in zip(doc["shots"], doc["draws"])) + "); best per column in bold; "
              "the last column is the value each method selected on val, per k (\"high edge\": it stayed at the "
-             "largest lr tried after the edge rounds, so the optimum may lie beyond).", "",
+             "largest lr (or C) tried after the edge rounds, so the optimum may lie beyond).", "",
              table_markdown(doc), "", f"![accuracy against shots]({png})", ""]
     for ref in (RANDOM, DEFAULT):
         if ref in doc["methods"]:
@@ -740,6 +757,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 fkeys += keys
             else:
                 groups.append((a, keys, specs))
+    trained = [Path(spec[5]) for _, _, specs in groups for spec in specs]
+    reused_runs = sum(runs.is_finished(path) for path in trained)  # finished by an earlier invocation
     jobs, keys = pack_jobs(groups, a.workers)
     final_jobs += jobs
     fkeys += keys
@@ -780,6 +799,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                                        doc["methods"][ref]["results"][str(k)]["runs"])
                                         for k in a.shots}
     doc["minutes"] = (time.perf_counter() - t0) / 60
+    doc["reused_runs"] = [reused_runs, len(trained)]
     out = Path(a.out)
     print(gate_text(gate))
     doc["verdict"] = "ok" if gate["passed"] else "undertrained"

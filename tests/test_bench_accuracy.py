@@ -27,8 +27,14 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
         for k in ("1", "2"):
             sel = m["selected"][k]
             tried = [t.get("lr", t.get("C")) for t in sel["trials"]]
-            if name == bench.LINEAR:
-                assert tried == list(bench.LINEAR_CS)
+            if name == bench.LINEAR:  # the grid, then one more C past the end its winner sat at (if it did)
+                grid = sel["trials"][:len(bench.LINEAR_CS)]
+                assert tried[:len(grid)] == list(bench.LINEAR_CS)
+                first = max(grid, key=lambda t: (t["val_acc"], -t["C"]))["C"]
+                assert tried[len(grid):] == ([first * 10] if first == max(bench.LINEAR_CS) else
+                                             [first / 10] if first == min(bench.LINEAR_CS) else [])
+                edge = ["high"] if sel["value"] == max(tried) else ["low"] if sel["value"] == min(tried) else []
+                assert sel["at_edge"] == edge
             else:  # every grid point tried on val, then the one edge round (a 2-point grid: the winner is at an end)
                 assert tried[:2] == lrs and len(tried) == 3 and tried[2] in (lr_lo / 10, lr_hi * 10), tried
                 edge = ["high"] if sel["value"] == max(tried) else ["low"] if sel["value"] == min(tried) else []
@@ -84,6 +90,29 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     changed = subprocess.run(cmd + ["--epochs", "3"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                              timeout=120)
     assert changed.returncode == 1 and "holds runs of another protocol (epochs: 2 -> 3)" in changed.stderr
+
+
+@pytest.mark.parametrize("curve, extend, tried, value, at_edge", [
+    ({0.01: .5, 0.1: .6, 1.0: .7, 10.0: .6}, 2, [0.01, 0.1, 1.0, 10.0], 1.0, []),  # inside the grid: no round
+    ({10.0: .7, 100.0: .8, 1000.0: .75}, 2, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], 100.0, []),  # found past it
+    ({10.0: .7, 100.0: .8, 1000.0: .9}, 2, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], 1000.0, ["high"]),  # still rising
+    ({10.0: .7, 100.0: .8}, 0, [0.01, 0.1, 1.0, 10.0], 10.0, ["high"]),  # no rounds asked for
+    ({0.01: .8, 0.001: .7}, 1, [0.01, 0.1, 1.0, 10.0, 0.001], 0.01, []),  # the low end, beaten below
+    ({0.01: .8, 0.1: .8}, 0, [0.01, 0.1, 1.0, 10.0], 0.01, ["low"]),  # a tie: the stronger regularization
+])
+def test_the_probes_C_is_selected_as_the_lr_is_edge_rounds_included(curve, extend, tried, value, at_edge):
+    """The linear probe's C: mean val accuracy over the draws, a winner at an end of the Cs tried extends
+    them x10 that way and re-selects, at most `extend` times; where it stayed at an end is said."""
+    from types import SimpleNamespace
+
+    bench = load_accuracy_module()
+    probe = object.__new__(bench.LinearProbe)
+    probe.fit = lambda cfg, C: C
+    probe.score = lambda cfg, C, split: curve.get(C, 0.5) + cfg.offset  # two draws, the mean is the curve
+    cfgs = [SimpleNamespace(data=SimpleNamespace(val_split="val"), offset=o) for o in (-0.1, 0.1)]
+    C, trials, edge = probe.select(cfgs, extend)
+    assert [t["C"] for t in trials] == pytest.approx(tried) and C == pytest.approx(value) and edge == at_edge
+    assert all(t["val_acc"] == pytest.approx(curve.get(t["C"], 0.5)) for t in trials)
 
 
 def test_draws_are_shared_and_nested(tmp_path):
