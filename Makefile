@@ -31,12 +31,13 @@ clean:
 
 # A small prompt-length study on CPU: the tiny random ViT (model=vit_test_d64, 32 px) on 256
 # digits images, shallow and deep prompts of length 1, 4, 8, random vs VIPAMIN init (12 runs,
-# a Hydra multirun), then `vipamin-scale report`: $(SWEEP_DIR)/report.md, report.csv, *.png.
+# a Hydra multirun), then `vipamin-scale report`: $(SWEEP_DIR)/report.md, report.csv, *.png. A re-run
+# continues or reuses the runs already in $(SWEEP_DIR) (train.resume=true).
 SWEEP_DIR ?= multirun/sweep-demo
 sweep-demo: $(STAMP)
 	$(PY) -m vipamin_scale.cli train -m model=vit_test_d64 model.pool=mean data.max_train_samples=256 \
 	  data.batch_size=32 train.epochs=3 train.lr=0.5 train.warmup_epochs=0.5 train.progress=false \
-	  init.num_images=64 init.k=2 prompt=shallow,deep prompt.length=1,4,8 init=random,vipamin \
+	  init.num_images=64 init.k=2 prompt=shallow,deep prompt.length=1,4,8 init=random,vipamin train.resume=true \
 	  hydra.sweep.dir=$(SWEEP_DIR)
 	$(PY) -m vipamin_scale.cli report $(SWEEP_DIR)
 
