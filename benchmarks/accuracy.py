@@ -170,8 +170,10 @@ def run_cfg(a: argparse.Namespace, root: Optional[Path], method: str, *, full: b
 
 
 def protocol_record(a: argparse.Namespace) -> dict[str, Any]:
-    """What fixes every run's result: a --work holding runs of another protocol is refused."""
-    keys = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "shots", "draws", "batch", "epochs",
+    """What fixes every run's result: a --work holding runs of another protocol is refused. Not the shots or
+    the number of draws: draw d of k shots is the same images and seeds whatever else runs, so more draws (or
+    another k) in the same --work reuse the runs already there (each run's own identity is checked too)."""
+    keys = ("model", "checkpoint", "img_size", "pool", "prompt_length", "full", "batch", "epochs",
             "min_steps", "full_epochs", "lr_grid", "select_draws", "extend_edges", "weight_decay", "calib")
     return {k: getattr(a, k) for k in keys}
 

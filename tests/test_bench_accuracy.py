@@ -90,6 +90,14 @@ def test_quick_accuracy_benchmark_end_to_end(tmp_path):
     changed = subprocess.run(cmd + ["--epochs", "3"], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                              timeout=120)
     assert changed.returncode == 1 and "holds runs of another protocol (epochs: 2 -> 3)" in changed.stderr
+    # more draws in the same --work: the first three of each method are reused as they were, one is added
+    more = subprocess.run(cmd + ["--gate-from", str(out), "--shots", "2", "--draws", "4", "--methods", bench.RANDOM,
+                                 bench.DEFAULT], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "reusing 6 of 8 finished prompt runs" in bench.results_section(json.loads(out.read_text()), "x")
+    for m in (bench.RANDOM, bench.DEFAULT):
+        runs4 = json.loads(out.read_text())["methods"][m]["results"]["2"]
+        assert runs4["n"] == 4 and runs4["runs"][:3] == doc["methods"][m]["results"]["2"]["runs"]
 
 
 @pytest.mark.parametrize("curve, extend, tried, value, at_edge", [
