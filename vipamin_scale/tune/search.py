@@ -42,8 +42,8 @@ from vipamin_scale.config import ConfigError, validate
 from vipamin_scale.tune.halving import draw_score, promote, rung_budgets
 from vipamin_scale.tune.launchers import Launcher, Trial, make_launcher, trial_config
 from vipamin_scale.tune.report import tune_document, write_summary
-from vipamin_scale.tune.space import (candidates, check_point, check_space, edges, fmt_params, grid_leaves,
-                                      parse_space, step_beyond)
+from vipamin_scale.tune.select import Selection
+from vipamin_scale.tune.space import candidates, check_point, check_space, fmt_params
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class TuneResult:
     winner: Optional[dict[str, Any]] = None
     final: Optional[dict[str, Any]] = None
     extensions: list[dict[str, Any]] = field(default_factory=list)  # the edge rounds (tune.extend_edges)
+    winner_at_edge: list[dict[str, Any]] = field(default_factory=list)  # where the winner stayed at an edge
 
     def to_json(self) -> dict[str, Any]:
         return {"rungs": self.rungs, "winner": self.winner, "final": self.final, "extensions": self.extensions}
@@ -142,8 +143,7 @@ def _search(cfg: DictConfig, points: list[dict[str, Any]], launcher: Optional[La
     for rung in result.rungs[len(plan) - 1:]:  # at the full budget, "promoted" marks the one winner
         for t in rung["trials"]:
             t["promoted"] = t["candidate"] == best
-    result.winner = {"candidate": best, "params": points[best], "val_acc": score,
-                     "at_edge": _at_edge(cfg, points, best, result.extensions)}
+    result.winner = {"candidate": best, "params": points[best], "val_acc": score, "at_edge": result.winner_at_edge}
     log.info("tune: winner %s (val acc %.4f) after %.0f s", fmt_params(points[best]), result.winner["val_acc"],
              time.perf_counter() - t0)
     if tcfg.final_seeds > 0:
@@ -188,69 +188,28 @@ def _train_candidates(launcher: Launcher, cfg: DictConfig, root: Path, tag: str,
 
 def _extend_edges(launcher: Launcher, cfg: DictConfig, root: Path, points: list[dict[str, Any]],
                   result: TuneResult, epochs: int, summarize: Callable[[], None]) -> tuple[int, float]:
-    """The edge rounds (module docstring): returns the winner and its score among the candidates scored
-    at the full budget (the last rung's and the rounds'); ties go to the earlier candidate. Appends the new
-    candidates to `points`, their rungs to result.rungs and each round's steps to result.extensions."""
-    pool = {t["candidate"]: t["val_acc"] for t in result.rungs[-1]["trials"]}
-
-    def best() -> int:
-        order = sorted(pool)
-        return order[promote([pool[c] for c in order], 1)[0]]
-
-    leaves = grid_leaves(cfg.tune.space)
-    times = {(key, side): 0 for key in leaves for side in ("low", "high")}
-    winner = best()
-    for e in range(1, cfg.tune.extend_edges + 1):
-        new = []
-        for key, side in edges(points[winner], _values(cfg, points)):
-            if key not in leaves:
-                continue
-            value = step_beyond(leaves[key], side, times[(key, side)] + 1)
-            point = {**points[winner], key: value}
-            step = {"round": e, "field": key, "side": side, "value": value}
-            try:
-                check_point(cfg, point)
-            except ConfigError as exc:  # e.g. init.lam beyond 1: the edge is the field's bound
-                result.extensions.append({**step, "candidate": None, "refused": str(exc)})
-                continue
-            times[(key, side)] += 1
-            points.append(point)
-            new.append(len(points) - 1)
-            result.extensions.append({**step, "candidate": new[-1]})
-        if not new:
-            break
-        entries = _train_candidates(launcher, cfg, root, f"edge{e}", len(result.rungs), new, points, epochs)
-        pool.update({t["candidate"]: t["val_acc"] for t in entries})
-        result.rungs.append({"rung": len(result.rungs), "epochs": epochs, "extension": e, "trials": entries})
-        winner = best()
-        log.info("tune: edge round %d: %s; winner %s", e, ", ".join(f"{fmt_params(points[c])}" for c in new),
-                 fmt_params(points[winner]))
+    """The edge rounds (module docstring, `tune.select.Selection`): returns the winner and its score among
+    the candidates scored at the full budget (the last rung's and the rounds'). Appends the new candidates to
+    `points`, their rungs to result.rungs and each round's steps to result.extensions."""
+    last = result.rungs[-1]["trials"]
+    sel = Selection(cfg.tune.space, cfg.tune.extend_edges, points=points, pool=[t["candidate"] for t in last],
+                    check=lambda point: check_point(cfg, point))
+    for t in last:
+        sel.record(t["candidate"], t["val_acc"])
+    while new := sel.advance():
+        points[:] = sel.points
+        result.extensions[:] = sel.extensions
+        entries = _train_candidates(launcher, cfg, root, f"edge{sel.rounds}", len(result.rungs), new, points, epochs)
+        for t in entries:
+            sel.record(t["candidate"], t["val_acc"])
+        result.rungs.append({"rung": len(result.rungs), "epochs": epochs, "extension": sel.rounds, "trials": entries})
+        log.info("tune: edge round %d: %s; winner %s", sel.rounds, ", ".join(fmt_params(points[c]) for c in new),
+                 fmt_params(points[sel.winner()]))
         summarize()
-    return winner, pool[winner]
-
-
-def _values(cfg: DictConfig, points: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Every leaf's values: the grid's, and the values edge rounds added."""
-    values = {key: list(vals) for key, vals in parse_space(cfg.tune.space)}
-    for p in points:
-        for key, v in p.items():
-            if v not in values[key]:
-                values[key].append(v)
-    return values
-
-
-def _at_edge(cfg: DictConfig, points: list[dict[str, Any]], winner: int,
-             extensions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Where the winner still sits at an edge, and why it was not extended further."""
-    leaves = grid_leaves(cfg.tune.space)
-    out = []
-    for key, side in edges(points[winner], _values(cfg, points)):
-        refused = next((x["refused"] for x in reversed(extensions)
-                        if x["field"] == key and x["side"] == side and x.get("refused")), None)
-        why = ("a list leaf has no grid step" if key not in leaves else refused or
-               f"tune.extend_edges={cfg.tune.extend_edges} rounds")
-        out.append({"field": key, "side": side, "value": points[winner][key], "why": why})
-    return out
+    result.extensions[:] = sel.extensions
+    result.winner_at_edge = sel.at_edge()
+    winner = sel.winner()
+    return winner, sel.scores[winner]
 
 
 def _final_runs(launcher: Launcher, cfg: DictConfig, root: Path, params: dict[str, Any], max_epochs: int,
