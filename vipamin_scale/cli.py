@@ -6,7 +6,10 @@ Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `v
              train+val over tune.final_seeds seeds and tested (`tune=lr`, `tune=vipamin`, `tune=vtab`)
   init       compute prompts (init.method=vipamin|spt|random) and write out=FILE.safetensors
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
-  demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
+  study      methods x prompt lengths x shots on your backbone and data: selection over draws, paired
+             final draws, a gate, tables that say what is resolved (`study=prompt_length`, `study=accuracy`);
+             `study --status DIR` reads a running or stopped study's progress
+  demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table (a cut of study=accuracy)
 `vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
@@ -57,7 +60,7 @@ def _report(exc: BaseException) -> int:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(line, file=sys.stderr)
-    return exc.code if isinstance(exc, RankFailed) else 2
+    return exc.code if isinstance(exc, RankFailed) else getattr(exc, "exit_code", 2)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -224,6 +227,12 @@ def _task_diagnose(cfg) -> None:
     run_diagnose(cfg)
 
 
+def _task_study(cfg) -> None:
+    from vipamin_scale.study import run_study
+
+    run_study(cfg)
+
+
 def _task_demo(cfg) -> None:
     from vipamin_scale.demo import run_demo
 
@@ -231,7 +240,7 @@ def _task_demo(cfg) -> None:
 
 
 HYDRA_TASKS: dict[str, Callable] = {"train": _task_train, "tune": _task_tune, "init": _task_init, "diagnose": _task_diagnose,
-                                    "demo": _task_demo}
+                                    "study": _task_study, "demo": _task_demo}
 
 # What each Hydra command does and the config sections it reads (its `--help` lists their fields).
 _RUN = ("model", "data", "prompt", "init", "engine", "train")
@@ -243,7 +252,11 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
              ("model", "data", "prompt", "init", "out")),
     "diagnose": ("attention entropy / projection energy / scale of prompts vs random prompts (out=FILE.json)",
                  ("model", "data", "prompt", "init", "out")),
-    "demo": ("VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table", _RUN),
+    "study": ("methods x prompt lengths x shots: each method's settings selected on val over draws, paired final "
+              "draws, a gate, the cost of P; study.json, study.md and plots in hydra.run.dir (`vipamin-scale study "
+              "--status DIR`: its progress)", (*_RUN, "study")),
+    "demo": ("VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table (a cut of study=accuracy)",
+             (*_RUN, "study")),
 }
 
 
@@ -353,6 +366,22 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     return status["code"]
 
 
+def _study_status(args: list[str]) -> int:
+    """`vipamin-scale study --status DIR`: what a running or stopped study in DIR has done (its status.json)."""
+    from vipamin_scale.study import status_text
+
+    if len(args) != 1:
+        print("error: study --status: give the study's directory (its hydra.run.dir): study --status DIR",
+              file=sys.stderr)
+        return 2
+    try:
+        print(status_text(Path(args[0])))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -371,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         from vipamin_scale.studies import main as report_main
 
         return report_main(rest)
+    if name == "study" and rest[:1] == ["--status"]:
+        return _study_status(rest[1:])
     if name in HYDRA_TASKS:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name))

@@ -239,6 +239,62 @@ class TuneConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`vipamin-scale study`: methods x prompt lengths x shots, each method's settings selected on val over
+    draws, paired final draws, a convergence gate and the cost of P, as tables that say n, the interval and
+    what they resolve (vipamin_scale/study/). Every other field of the config is the run config every run
+    of the study starts from (model, data, prompt, init, engine, train)."""
+
+    # the preset this study is run as (set by study=<preset>): study.md names every protocol field that differs
+    # from it as a cut; None: a study of your own, nothing named
+    name: Optional[str] = None
+    # method name -> its changes to the run config: config groups and dotted fields, applied in that order over the
+    # run config, e.g. {VIPAMIN: {init: vipamin}, SPT rand: {init: spt, init.spt_mode: rand}, BPT: {prompt: bpt}};
+    # the value `probe` is a converged linear probe on frozen features (no prompts; the gate's reference)
+    methods: dict[str, Any] = field(default_factory=lambda: {"VPT random": {"init": "random"},
+                                                             "VIPAMIN": {"init": "vipamin"}})
+    # the paired differences are taken against these methods (each method at its own selected settings, paired by
+    # draw); the first is the baseline the gate trains
+    baselines: list[str] = field(default_factory=lambda: ["VPT random"])
+    lengths: list[int] = field(default_factory=lambda: [10])  # prompt lengths P (prompt.length of every run)
+    # the few-shot regimes: images per class drawn from data.train_split (draw d: seeded by d, the same images for
+    # every method and P, nested across shots); [] for none
+    shots: list[int] = field(default_factory=lambda: [4])
+    draws: list[int] = field(default_factory=lambda: [10])  # paired draws per entry of study.shots (one number: all)
+    select_draws: int = positive(3)  # a candidate's score: its mean val accuracy over draws 0..n-1
+    # the selection grid, tune.space's grammar ({train: {lr: {log: [lo, hi], num: n}}}; weight decay may join);
+    # {}: no selection, each method at its own settings (or study.selected_from's)
+    space: dict[str, Any] = field(default_factory=lambda: {"train": {"lr": {"log": [0.05, 1.6], "num": 4}}})
+    extend_edges: int = 2  # 0..2: rounds that extend the grid one step beyond a winner at its edge and re-select
+    # few-shot schedule: batch min(data.batch_size, n), at least train.epochs epochs and this many optimizer steps
+    min_steps: int = non_negative(60)
+    warmup_fraction: float = unit(0.1)  # warm-up epochs = this fraction of a run's epochs (then cosine)
+    # the full-data regime: seeds per (P, method) cell (train.seed = init.seed = s); 0: only the gate's cell
+    full_seeds: int = non_negative(0)
+    full_samples: Optional[int] = positive(1000)  # training images of the full-data regime; None: the whole split
+    full_epochs: int = positive(10)  # epochs of a full-data run
+    full_batch: int = positive(32)  # the global batch of a full-data run
+    full_lengths: Optional[list[int]] = None  # the P of the full-data regime; None: study.lengths
+    full_methods: Optional[list[str]] = None  # the methods of the full-data regime; None: every prompt method
+    # the gate: the first baseline at gate_length on the full data must reach the converged linear probe's test
+    # accuracy, else the schedule is called undertrained and no table is written (exit 1)
+    gate: bool = True
+    gate_length: Optional[int] = None  # None: 10 when among study.lengths, else the first
+    require_gate: bool = True  # false: a failed gate still writes the tables, headed UNDERTRAINED
+    # reuse the gate of another study.json whose gate ran the same backbone, data, full-data schedule, grid and P
+    gate_from: Optional[str] = None
+    # take each cell's selected settings from another study.json (or the packaged demo_preset.json: `package:`)
+    # instead of selecting; refused when its backbone, data or schedule differ
+    selected_from: Optional[str] = None
+    probe_C: dict[str, Any] = field(default_factory=lambda: {"log": [0.01, 10.0], "num": 4})  # the probe's grid of C
+    cost: bool = True  # the cost of P: a solo few-shot run per (P, method) timing its step and init, peak memory
+    workers: int = positive(1)  # processes training packs at once (1 torch thread each on a CPU)
+    # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share
+    pack_size: Optional[int] = positive(None)
+    note: str = ""  # a sentence recorded with the results (e.g. how the weights came)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -248,11 +304,13 @@ class Config:
     engine: EngineConfig = bookkeeping(EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = bookkeeping(TuneConfig)  # the search's own settings; each trial is a run of its own
+    study: StudyConfig = bookkeeping(StudyConfig)  # the study's own settings; each of its runs is a run of its own
     out: Optional[str] = bookkeeping(None)  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "init": InitConfig,
-                              "engine": EngineConfig, "train": TrainConfig, "tune": TuneConfig}
+                              "engine": EngineConfig, "train": TrainConfig, "tune": TuneConfig,
+                              "study": StudyConfig}
 
 
 def schema_fields() -> Iterator[tuple[str, dataclasses.Field]]:

@@ -58,13 +58,26 @@ def resume_point(cfg: DictConfig) -> Optional[str]:
     return newest.name if newest is not None else None
 
 
-def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
-               keep_going: bool = False) -> list[Optional[dict[str, Any]]]:
+class PackEvents:
+    """What `run_packed` tells its caller as it goes (a study's progress lines): the plan once, then each pack
+    as it ends, in this process. The default hears nothing."""
+
+    def planned(self, plan: list[list[int]], workers: int) -> None:
+        """`plan`: the packs (run indices) in the order they are handed to the `workers` processes."""
+
+    def done(self, j: int, results: list[dict[str, Any]]) -> None:
+        """Pack j of the plan ended; its runs' results."""
+
+
+def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep_going: bool = False,
+               workers: int = 1, events: Optional[PackEvents] = None) -> list[Optional[dict[str, Any]]]:
     """Train `cfgs` as packs (module docstring); results in the order of `cfgs`. A run that fails alone is
     recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
     is raised, or with `keep_going` recorded for each of its runs (their result: the failure record, with
     "bug": True when the exception is not a user error, whose traceback is then logged) while the next
-    packs go on."""
+    packs go on. `workers` > 1 (and no torchrun): the packs are trained by that many spawned processes at
+    once (one torch thread each; on a machine with GPUs, worker w on GPU w mod the device count), in plan
+    order, each pack alone in its process."""
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -72,27 +85,58 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None,
         world, rank = 1, 0
     results: list[Optional[dict[str, Any]]] = [None] * len(cfgs)
     mine = plan[rank::world] if world > 1 else plan
+    workers = 1 if world > 1 or D.is_dist() else max(1, min(workers, len(mine)))
     log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
-             f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else "")
-    for pack in mine:
-        # this rank trains alone: the torchrun environment hidden (the device, LOCAL_RANK, is kept)
-        with environ(WORLD_SIZE="1", RANK="0") if world > 1 else contextlib.nullcontext():
-            try:
-                done = train_pack([cfgs[i] for i in pack])
-            except Exception as exc:
-                if not keep_going:
-                    raise
-                bug = runs.user_error_line(exc) is None  # a bug: its traceback, as Hydra's basic launcher prints it
-                log.error("a pack of %d runs failed: %s: %s", len(pack), type(exc).__name__, exc,
-                          exc_info=exc if bug else None)
-                for i in pack:
-                    runs.record_exception(cfgs[i], exc)
-                done = [{**(runs.read_result(Path(cfgs[i].train.out_dir)) or
-                            {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}), **({"bug": True} if bug else {})}
-                        for i in pack]
-            for i, result in zip(pack, done):
-                results[i] = result
+             f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else
+             f" over {workers} processes" if workers > 1 else "")
+    events = events or PackEvents()
+    events.planned(mine, workers)
+
+    def ended(j: int, done: list[dict[str, Any]]) -> None:
+        for i, result in zip(mine[j], done):
+            results[i] = result
+        events.done(j, done)
+
+    jobs = [([cfgs[i] for i in pack], keep_going) for pack in mine]
+    if workers > 1:
+        from vipamin_scale.pool import run_in_processes, worker_counter
+
+        run_in_processes(_train_recorded, jobs, workers, initializer=_worker_device, initargs=(worker_counter(),),
+                         on_done=ended)
+    else:
+        for j, job in enumerate(jobs):
+            # this rank trains alone: the torchrun environment hidden (the device, LOCAL_RANK, is kept)
+            with environ(WORLD_SIZE="1", RANK="0") if world > 1 else contextlib.nullcontext():
+                ended(j, _train_recorded(*job))
     return results
+
+
+def _train_recorded(cfgs: list[DictConfig], keep_going: bool) -> list[dict[str, Any]]:
+    """One pack trained (`train_pack`); with `keep_going`, an exception of the whole pack recorded for each
+    of its runs (the one place a failed pack is recorded) instead of raised."""
+    try:
+        return train_pack(cfgs)
+    except Exception as exc:
+        if not keep_going:
+            raise
+        bug = runs.user_error_line(exc) is None  # a bug: its traceback, as Hydra's basic launcher prints it
+        log.error("a pack of %d runs failed: %s: %s", len(cfgs), type(exc).__name__, exc, exc_info=exc if bug else None)
+        for cfg in cfgs:
+            runs.record_exception(cfg, exc)
+        return [{**(runs.read_result(Path(cfg.train.out_dir)) or {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}),
+                 **({"bug": True} if bug else {})} for cfg in cfgs]
+
+
+def _worker_device(counter) -> None:
+    """A pack worker's set-up: its number w from the pool's shared counter picks its GPU (LOCAL_RANK = w, so
+    `distributed.device()` is GPU w mod the device count); one torch thread."""
+    import torch
+
+    with counter.get_lock():
+        w = counter.value
+        counter.value += 1
+    os.environ["LOCAL_RANK"] = str(w)
+    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- the Hydra launcher

@@ -46,13 +46,14 @@ def _safely(report: Callable[[int, Any], None], i: int, result: Any) -> None:
 
 
 def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int,
-                     initializer: Optional[Callable[[], None]] = None,
+                     initializer: Optional[Callable[..., None]] = None, initargs: tuple = (),
                      on_done: Optional[Callable[[int, Any], None]] = None) -> list[Any]:
-    """`fn(*args)` for every `args` in `jobs`, over `workers` processes; the results in job order."""
+    """`fn(*args)` for every `args` in `jobs`, over `workers` processes; the results in job order.
+    `initializer(*initargs)` runs once in each worker (in this process when it runs the jobs itself)."""
     report = on_done or (lambda i, result: None)
     if workers <= 1 or len(jobs) <= 1:
         if initializer is not None:
-            initializer()
+            initializer(*initargs)
         results = []
         for i, args in enumerate(jobs):
             results.append(fn(*args))
@@ -61,7 +62,7 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
     import multiprocessing as mp
 
     with environ(**{k: "1" for k in THREAD_VARS}):
-        pool = mp.get_context("spawn").Pool(workers, initializer=initializer)
+        pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
         try:
             pending = [pool.apply_async(fn, args, callback=functools.partial(_safely, report, i))
                        for i, args in enumerate(jobs)]
@@ -72,3 +73,10 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
         pool.close()
         pool.join()
         return results
+
+
+def worker_counter():
+    """A counter the spawned workers of `run_in_processes` share (an initializer numbers them with it)."""
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Value("i", 0)

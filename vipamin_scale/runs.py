@@ -458,6 +458,14 @@ def _alive(holder: Mapping[str, Any]) -> bool:
     return start is None or _proc_start(pid) in (None, start)
 
 
+def is_held(out_dir: Path) -> bool:
+    """Whether a live process on this host holds the directory's lock (a holder on another host: assumed live)."""
+    holder = read_json(Path(out_dir) / LOCK)
+    if not holder or "pid" not in holder:
+        return False
+    return holder.get("host") != socket.gethostname() or _alive(holder)
+
+
 def _lock_record() -> dict[str, Any]:
     return {"pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -153,21 +153,22 @@ def apply_point(cfg: DictConfig, point: Mapping[str, Any]) -> DictConfig:
     return out
 
 
-def check_point(cfg: DictConfig, point: Mapping[str, Any]) -> None:
-    """The candidate's fields exist, take its values and validate; else one ConfigError naming the field."""
+def check_point(cfg: DictConfig, point: Mapping[str, Any], field: str = "tune.space") -> None:
+    """The candidate's fields exist, take its values and validate; else one ConfigError naming the field
+    (`field`: where the point comes from, tune.space or study.space)."""
     for key in point:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"tune.space.{key}: no such config field")
+            raise ConfigError(f"{field}.{key}: no such config field")
     trial_cfg = copy.deepcopy(cfg)
     for key, value in point.items():
         try:
             OmegaConf.update(trial_cfg, key, value, merge=False)
         except Exception as exc:
-            raise ConfigError(f"tune.space.{key}: {value!r}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{field}.{key}: {value!r}: {str(exc).splitlines()[0]}") from None
     try:
         validate(trial_cfg)
     except ConfigError as exc:
-        raise ConfigError(f"tune.space: candidate {fmt_params(point)}: {exc}") from None
+        raise ConfigError(f"{field}: candidate {fmt_params(point)}: {exc}") from None
 
 
 def check_space(cfg: DictConfig, points: list[dict[str, Any]]) -> None:
