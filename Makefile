@@ -41,9 +41,10 @@ sweep-demo: $(STAMP)
 	  hydra.sweep.dir=$(SWEEP_DIR)
 	$(PY) -m vipamin_scale.cli report $(SWEEP_DIR)
 
-# Every initializer at its own lr selected on val, demo backbone at 112 px, 1/2/4/8-shot, 5/5/20/20 paired
-# draws, a convergence gate; writes benchmarks/results/accuracy.{json,png}, demo_preset.json and RESULTS.md
-# (a GPU machine: benchmarks/device_studies.sh; hours on 2 CPU cores).
+# The accuracy study (`vipamin-scale study study=accuracy`): every initializer at its own lr selected on val,
+# the demo backbone at 112 px, 1/2/4/8-shot, 5/5/20/20 paired draws, a convergence gate; writes
+# benchmarks/results/accuracy.json and plots, demo_preset.json and its RESULTS.md section
+# (a GPU machine: benchmarks/device_studies.sh; days on 2 CPU cores).
 bench-accuracy: $(STAMP)
 	$(PY) benchmarks/accuracy.py
 

@@ -1,4 +1,5 @@
-"""`make demo`: the benchmark's preset, 3 paired draws, the paired difference with its interval."""
+"""`make demo`: a cut of study=accuracy at its recorded selection, 3 paired draws, the paired difference with its
+interval, a progress line at least every 30 s."""
 from __future__ import annotations
 
 import json
@@ -8,67 +9,70 @@ import pytest
 from conftest import REPO, cli, cli_env
 from omegaconf import OmegaConf
 
-from vipamin_scale import demo, runs
+from vipamin_scale import runs
+from vipamin_scale.demo import load_preset
 from vipamin_scale.stats import paired
+from vipamin_scale.study.execute import Progress
 
 
-def test_the_packaged_preset_is_the_benchmarks_record():
-    """The demo reads the preset the accuracy benchmark wrote (benchmarks/results/demo_preset.json)."""
-    recorded = json.loads((REPO / "benchmarks" / "results" / "demo_preset.json").read_text())
-    assert demo.load_preset() == recorded
-    assert set(recorded["lr"]) == set(recorded["overrides"]) >= set(demo.METHODS)
+def test_progress_lines_say_what_runs_and_when_it_ends(tmp_path, monkeypatch):
+    """No silent minutes: a line when a phase starts and as each pack ends, and at least every `every_s`
+    between (the heartbeat), each with runs done of total, the packs running and an ETA; status.json alike."""
+    lines = []
+    p = Progress(tmp_path, every_s=0.2, echo=lines.append)
 
+    class Cfg:  # what Progress reads of a run config
+        def __init__(self, length):
+            self.prompt = type("p", (), {"length": length})
+            self.data = type("d", (), {"max_train_samples": 10, "name": "shards", "root": None, "batch_size": 10,
+                                       "train_split": "train"})
+            self.train = type("t", (), {"epochs": 6})
 
-def test_a_line_as_each_run_ends(capsys):
-    """No silent minutes: the pool reports each job as it ends, and the demo prints one line per run."""
-    from vipamin_scale.pool import run_in_processes
+    import vipamin_scale.study.protocol as P
 
-    jobs = [("VIPAMIN", 0, None), ("VPT random", 0, None), ("VIPAMIN", 1, None)]
-    results = run_in_processes(lambda x: x, [(0.5,), (None,), (0.25,)], 1, on_done=demo._progress(jobs))
-    assert results == [0.5, None, 0.25]
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" (")[0] for line in lines] == [
-        "demo: VIPAMIN draw 0: test acc 50.0 %", "demo: VPT random draw 0: test acc –", "demo: VIPAMIN draw 1: test acc 25.0 %"]
-    assert [line.split("elapsed, ")[1] for line in lines] == ["2 runs left)", "1 runs left)", "0 runs left)"]
-    assert demo.progress_line("VIPAMIN", 2, 0.123, 125.4, 3) == \
-        "demo: VIPAMIN draw 2: test acc 12.3 % (2:05 elapsed, 3 runs left)"
+    monkeypatch.setattr(P, "train_count", lambda data: 10)  # the runs' data is not read here
+    p.begin("selection", [Cfg(10), Cfg(10), Cfg(50)], reused=1)
+    p.planned([[0, 1], [2]], workers=1)
+    assert lines[-1].startswith("study: selection: 1/4 runs done (1 reused); running: none")
+    p.start()
+    import time
+
+    time.sleep(0.5)
+    assert any("running: P10 x 2 runs (0:00)" in line for line in lines), lines
+    p.done(0, [{}, {}])
+    assert lines[-1].startswith("study: selection: 3/4 runs done (1 reused); running: P50 x 1 run (0:00)")
+    assert "ETA ~" in lines[-1]  # the steps per second of the pack that ended, over the steps left
+    p.close("finished", runs_total=4)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["phase"] == "finished" and status["runs_done"] == status["runs_total"] == 4
 
 
 @pytest.mark.slow
-def test_demo_runs_paired_draws_at_the_preset(tmp_path):
-    """On the tiny model (the preset's schedule and lrs, another backbone: said in a warning line)."""
+def test_demo_runs_paired_draws_at_the_recorded_selection(tmp_path):
+    """On the tiny model (the recorded lrs, another backbone: said in a warning line and in the table's text)."""
     out = tmp_path / "demo"
     proc = subprocess.run(cli("demo", "model=vit_test_d64", "model.pool=mean", f"hydra.run.dir={out}"), cwd=REPO,
                           env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "the preset's learning rates were selected for another backbone" in proc.stdout + proc.stderr
-    preset = demo.load_preset()
+    said = proc.stdout + proc.stderr
+    assert "selected on another backbone or data" in said and "its settings may not suit this one" in proc.stdout
+    doc = json.loads((out / "study.json").read_text())
+    lrs = {c["method"]: c["selected"]["params"]["train.lr"] for c in load_preset()["cells"]}
     accs = {}
-    for method in demo.METHODS:
-        for d in range(demo.DRAWS):
-            run = out / demo._slug(method) / f"draw{d}"
-            result = runs.read_result(run)
-            accs[(method, d)] = result["final_eval"]["acc"]
-            assert result["final_eval"]["count"] == 500  # the one evaluation is on test
-            assert f"demo: {method} draw {d}: test acc {100 * accs[(method, d)]:.1f} % (" in proc.stdout
-    assert proc.stdout.count(" runs left)") == len(demo.METHODS) * demo.DRAWS and "0 runs left)" in proc.stdout
-    for d in range(demo.DRAWS):  # a draw is the same images for every method, another draw other images
-        roots = {OmegaConf.load(out / demo._slug(m) / f"draw{d}" / "config.resolved.yaml").data.root
-                 for m in demo.METHODS}
-        assert len(roots) == 1 and f"{preset['shots']}shot_seed{d}" in roots.pop()
-    table = (out / "demo_results.md").read_text()
-    assert table.strip() in proc.stdout
-    for method in demo.METHODS:
-        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
-        assert f"| {preset['lr'][method]:g} |" in row
-        cells = [f"{100 * accs[(method, d)]:.1f}" for d in range(demo.DRAWS)]
-        assert all(c in row for c in cells), (row, cells)
-    for method in demo.METHODS:
-        if method == demo.VIPAMIN:
-            continue
-        p = paired([accs[(demo.VIPAMIN, d)] for d in range(3)], [accs[(method, d)] for d in range(3)])
-        line = next(ln for ln in table.splitlines() if ln.startswith(f"{demo.VIPAMIN} − {method}:"))
-        assert f"{100 * p['mean']:+.1f} pt" in line
-        if p["lo"] is not None:
-            assert f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]" in line
-            assert ("NOT resolved" in line) == (not p["resolved"])
+    for c in doc["cells"]:
+        assert c["n"] == 3 and c["selected"]["params"] == {"train.lr": lrs[c["method"]]}
+        for d, r in enumerate(c["runs"]):
+            result = runs.read_result(out / r["dir"])
+            accs[(c["method"], d)] = result["test"]["acc"]
+            assert result["test"]["count"] == 500 and r["test"] == result["test"]["acc"]
+    for d in range(3):  # a draw is the same images for every method, another draw other images
+        roots = {OmegaConf.load(out / c["runs"][d]["dir"] / "config.resolved.yaml").data.root for c in doc["cells"]}
+        assert len(roots) == 1 and f"4shot_seed{d}" in roots.pop()
+    for method in ("VIPAMIN", "VPT random"):
+        row = ", ".join(f"{100 * accs[(method, d)]:.1f}" for d in range(3))
+        assert f"(n=3: {row})" in proc.stdout
+    p = paired([accs[("VIPAMIN", d)] for d in range(3)], [accs[("VPT random", d)] for d in range(3)])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("- VIPAMIN − VPT random"))
+    assert f"{100 * p['mean']:+.1f} pt" in line and f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}]" in line
+    assert ("not resolved" in line) == (not p["resolved"])
+    assert "study: final runs: 0/6 runs done" in proc.stdout  # the progress lines

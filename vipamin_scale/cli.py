@@ -156,8 +156,8 @@ def check_overrides(args: list[str], command: str = "train") -> None:
             hint = f"did you mean {' or '.join(near)}?" if near else f"`vipamin-scale {command} --help` lists them"
             raise ConfigError(f"{key}: no such field; {hint}")
         value = o.value()
-        if o.is_sweep_override() or (isinstance(value, str) and "${" in value):
-            continue
+        if o.is_sweep_override() or (isinstance(value, str) and "${" in value) or key not in fields:
+            continue  # a key inside a dict field (study.methods.<name>...) takes what the dict holds
         try:
             OmegaConf.update(typed, key, value, merge=True)
         except ValidationError:
@@ -229,8 +229,10 @@ def _task_diagnose(cfg) -> None:
 
 def _task_study(cfg) -> None:
     from vipamin_scale.study import run_study
+    from vipamin_scale.study.tables import summary_text
 
-    run_study(cfg)
+    doc = run_study(cfg)
+    print(summary_text(doc, cfg.train.out_dir), flush=True)
 
 
 def _task_demo(cfg) -> None:
@@ -402,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(rest)
     if name == "study" and rest[:1] == ["--status"]:
         return _study_status(rest[1:])
+    if name == "demo" and not any(a in ("-h", "--help") for a in rest):
+        rest = ["study=demo", *rest]  # the demo is a cut of study=accuracy (vipamin_scale/configs/study/demo.yaml)
     if name in HYDRA_TASKS:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name))

@@ -250,9 +250,9 @@ class StudyConfig:
     name: Optional[str] = None
     # method name -> its changes to the run config: config groups and dotted fields, applied in that order over the
     # run config, e.g. {VIPAMIN: {init: vipamin}, SPT rand: {init: spt, init.spt_mode: rand}, BPT: {prompt: bpt}};
-    # the value `probe` is a converged linear probe on frozen features (no prompts; the gate's reference)
-    methods: dict[str, Any] = field(default_factory=lambda: {"VPT random": {"init": "random"},
-                                                             "VIPAMIN": {"init": "vipamin"}})
+    # the value `probe` is a converged linear probe on frozen features (no prompts; the gate's reference);
+    # None: {VPT random: {init: random}, VIPAMIN: {init: vipamin}}
+    methods: Optional[dict[str, Any]] = None
     # the paired differences are taken against these methods (each method at its own selected settings, paired by
     # draw); the first is the baseline the gate trains
     baselines: list[str] = field(default_factory=lambda: ["VPT random"])
@@ -263,8 +263,8 @@ class StudyConfig:
     draws: list[int] = field(default_factory=lambda: [10])  # paired draws per entry of study.shots (one number: all)
     select_draws: int = positive(3)  # a candidate's score: its mean val accuracy over draws 0..n-1
     # the selection grid, tune.space's grammar ({train: {lr: {log: [lo, hi], num: n}}}; weight decay may join);
-    # {}: no selection, each method at its own settings (or study.selected_from's)
-    space: dict[str, Any] = field(default_factory=lambda: {"train": {"lr": {"log": [0.05, 1.6], "num": 4}}})
+    # null: no selection, each method at its own settings (or study.selected_from's)
+    space: Optional[dict[str, Any]] = field(default_factory=lambda: {"train": {"lr": {"log": [0.05, 1.6], "num": 4}}})
     extend_edges: int = 2  # 0..2: rounds that extend the grid one step beyond a winner at its edge and re-select
     # few-shot schedule: batch min(data.batch_size, n), at least train.epochs epochs and this many optimizer steps
     min_steps: int = non_negative(60)

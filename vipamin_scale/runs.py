@@ -7,6 +7,7 @@ This module alone reads and writes them (train, tune, the report and the benchma
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
     <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
     <out_dir>/checkpoints/         the checkpoints (vipamin_scale/checkpoint.py); each records the config
+    <out_dir>/overrides.json       what set the run apart within its study (`write_overrides`), when not a Hydra job
 
 Reading runs back (`find_run_dirs`, `run_status`, `run_config`, `run_overrides`): a run directory is
 one that holds run.json or result.json. A Hydra job's directory also holds `.hydra/` (written by
@@ -60,6 +61,9 @@ LOCK = "run.lock"
 CONFIG = "config.resolved.yaml"
 CHECKPOINTS = "checkpoints"  # the run's checkpoints (vipamin_scale/checkpoint.py), each holding its config
 HYDRA = ".hydra"  # Hydra's own records of a job (overrides.yaml, config.yaml); read, never written here
+# what set a run apart from the config its launcher started from, as `field=value` strings, for a run launched
+# without Hydra (a study's: its regime, method, P, selected point and draw); a report reads it as a job's overrides
+OVERRIDES = "overrides.json"
 # What a run writes besides the records above (train.overwrite deletes them with the records; Hydra's
 # .hydra/ and its job log stay): tracking.py's logs and tracker ids, train.py's initial prompts
 OUTPUTS = ("metrics.jsonl", "tensorboard", "tracking.json", "prompts.safetensors")
@@ -421,13 +425,22 @@ def run_config(out_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def write_overrides(out_dir: Path, overrides: list[str]) -> None:
+    """Record what set this run apart (OVERRIDES), for a run its launcher composed without Hydra."""
+    write_json(Path(out_dir) / OVERRIDES, {"overrides": list(overrides)})
+
+
 def run_overrides(out_dir: Path) -> list[str]:
     """What set this run apart, as `field=value` strings: a Hydra job's overrides (`.hydra/overrides.yaml`),
-    else every field of its recorded identity (a report keeps those whose values differ between runs)."""
+    else its launcher's record (OVERRIDES), else every field of its recorded identity (a report keeps those
+    whose values differ between runs)."""
     out_dir = Path(out_dir)
     path = out_dir / HYDRA / "overrides.yaml"
     if path.is_file():
         return [str(o) for o in (_load_yaml(path) or [])]
+    given = read_json(out_dir / OVERRIDES)
+    if given is not None and isinstance(given.get("overrides"), list):
+        return [str(o) for o in given["overrides"]]
     run = read_run(out_dir) or {}
     return [f"{key}={_show(value)}" for key, value in (run.get("identity") or {}).items()]
 

@@ -24,6 +24,10 @@ and what follows them), in each group of the other swept fields, with mean, 95 %
 whether the interval excludes 0: a section of report.md, report_paired.csv (one row a group),
 paired_vs / paired_diff columns in report.csv (each run against its matched baseline run), and
 paired_diff_vs_prompt_length.png (the differences against prompt length, 95 % intervals as bars).
+A field that each value of KEY sets for itself (`own_settings`: a study's lr, selected per method) does not
+split the groups: each value is paired with the baseline at its own settings. A study's runs
+(`vipamin-scale study`) carry their regime, method, P, point and draw (`runs.OVERRIDES`), so
+`report STUDY_DIR --paired init=random` pairs its methods as study.md does.
 """
 from __future__ import annotations
 
@@ -91,16 +95,32 @@ class Run:
 
 def find_runs(sweep_dir: Path) -> list[Run]:
     """Every run directory under `sweep_dir` (itself included when it is a single run), read through
-    its records (`vipamin_scale.runs`): a Hydra job's, a tune's trials and final runs, a benchmark's."""
+    its records (`vipamin_scale.runs`): a Hydra job's, a tune's trials and final runs, a benchmark's. A study's
+    directory (study.json): its final runs, each method's at its own selected point (`study_runs`)."""
     sweep_dir = Path(sweep_dir)
-    dirs = [d for d in find_run_dirs(sweep_dir)
-            if not (d / "tune.json").is_file()]  # a tune's own directory is not a run; its trials are
-    found = []
+    dirs = study_runs(sweep_dir)
+    if dirs is None:
+        dirs = [d for d in find_run_dirs(sweep_dir)
+                if not ((d / "tune.json").is_file() or (d / "study.json").is_file())]  # a tune's or study's own
+    found = []                                                                         # directory is not a run
     for d in sorted(dirs, key=_natural_key(sweep_dir)):
         status, result = run_status(d)
         name = str(d.relative_to(sweep_dir)) if d != sweep_dir else "."
         found.append(Run(d, name, status, run_overrides(d), result, run_config(d)))
     return found
+
+
+def study_runs(root: Path) -> Optional[list[Path]]:
+    """The final runs a study's record lists (its cells' runs; the selection's other trials and the cost runs
+    left out), or None when `root` holds no study.json."""
+    path = Path(root) / "study.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return sorted({Path(root) / r["dir"] for c in doc["cells"] for r in c["runs"] if r.get("dir")})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PairingError(f"{path}: not a study's record ({type(exc).__name__}: {exc})") from None
 
 
 def _natural_key(root: Path):
@@ -320,13 +340,15 @@ def paired_differences(runs: list[Run], baseline: str) -> tuple[list[dict[str, A
         values = sorted({str(_given(r).get(key)) for r in runs})
         raise PairingError(f"--paired {baseline}: no run has {key}={value}; its values: {', '.join(values)}")
     draw_keys = seeds + follows
+    own = own_settings(runs, factors, key)
     cells: dict[tuple, dict[str, dict[tuple, Run]]] = {}
     for run in runs:
         acc = run.accuracy() if run.status == "ok" else None
         if acc is None or math.isnan(acc):
             continue
         given = _given(run)
-        cell = (tuple(f"{k}={given[k]}" for k in factors if k != key and k in given), run.deep, run.prompt_length)
+        cell = (tuple(f"{k}={given[k]}" for k in factors if k != key and k not in own and k in given), run.deep,
+                run.prompt_length)
         draw = tuple(given.get(k) for k in draw_keys)
         side = cells.setdefault(cell, {}).setdefault(str(given.get(key)), {})
         if draw in side:
@@ -353,6 +375,28 @@ def paired_differences(runs: list[Run], baseline: str) -> tuple[list[dict[str, A
     rows.sort(key=lambda r: (r["versus"], r["group"], r["deep"] is None, bool(r["deep"]), r["prompt_length"] is None,
                              r["prompt_length"] or 0))
     return rows, per_run
+
+
+def own_settings(runs: list[Run], factors: list[str], key: str) -> list[str]:
+    """The factors that are a value of KEY's own setting rather than a condition: in every group of runs with
+    the same KEY value and the same other factors, they take one value, and that value changes with KEY in some
+    group (a study's lr, selected per method and cell). They do not split the pairing's cells, so each value of
+    KEY is paired with the baseline at its own settings. A factor swept for every KEY value (an lr grid run for
+    both methods) takes several values in a group and stays a condition."""
+    out = []
+    given = [_given(r) for r in runs]
+    for f in factors:
+        if f == key:
+            continue
+        rest = [k for k in factors if k not in (f, key)]
+        by_group: dict[tuple, set] = {}
+        by_rest: dict[tuple, set] = {}
+        for g in given:
+            by_group.setdefault((g.get(key), *(g.get(k) for k in rest)), set()).add(g.get(f))
+            by_rest.setdefault(tuple(g.get(k) for k in rest), set()).add(g.get(f))
+        if all(len(v) == 1 for v in by_group.values()) and any(len(v) > 1 for v in by_rest.values()):
+            out.append(f)
+    return out
 
 
 def _draw_order(draw: tuple) -> tuple:

@@ -62,7 +62,7 @@ class Progress(PackEvents):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._last = 0.0
+        self._last = time.monotonic()
 
     # -- what the study tells it --------------------------------------------------------------------
     def begin(self, phase: str, cfgs: Sequence[DictConfig], reused: int) -> None:
@@ -133,7 +133,7 @@ class Progress(PackEvents):
 
     def start(self) -> "Progress":
         def beat() -> None:
-            while not self._stop.wait(1.0):
+            while not self._stop.wait(min(1.0, self.every_s / 2)):
                 self.tick()
 
         self._thread = threading.Thread(target=beat, name="study-progress", daemon=True)
@@ -168,23 +168,24 @@ def _describe(cfgs: Sequence[DictConfig]) -> str:
 
 
 def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Optional[int], progress: Progress,
-               phase: str) -> list[dict[str, Any]]:
-    """Every run's result (module docstring), in order; a run with no record after its pack is recorded failed."""
+               phase: str, overrides: Optional[Sequence[list[str]]] = None) -> list[dict[str, Any]]:
+    """Every run's result (module docstring), in order: its result.json, or the failure record its pack returned
+    (a run whose directory another process holds has none written there). `overrides`: what sets each run
+    apart, recorded in its directory (`runs.write_overrides`) before it trains."""
     cfgs = list(cfgs)
     for cfg in cfgs:  # before anything trains: only the very same run is reused or resumed
         runs.check_same_run(Path(cfg.train.out_dir), cfg, what="study")
     todo = [i for i, cfg in enumerate(cfgs) if not runs.has_ended(Path(cfg.train.out_dir))]
+    for i in todo if overrides is not None else ():
+        runs.write_overrides(Path(cfgs[i].train.out_dir), overrides[i])
     progress.begin(phase, [cfgs[i] for i in todo], len(cfgs) - len(todo))
+    out = [None if i in set(todo) else runs.read_result(Path(cfg.train.out_dir)) for i, cfg in enumerate(cfgs)]
     if todo:
         size = pack_size or math.ceil(len(todo) / max(1, workers))
-        run_packed([cfgs[i] for i in todo], size, keep_going=True, workers=workers, events=progress)
-    out = []
-    for cfg in cfgs:
-        d = Path(cfg.train.out_dir)
-        if not runs.has_ended(d):  # e.g. its directory was held by another process
-            runs.record_failure(d, "the study's pack ended without this run's result.json (see the study's log)")
-        out.append(runs.read_result(d) or {})
-    return out
+        got = run_packed([cfgs[i] for i in todo], size, keep_going=True, workers=workers, events=progress)
+        for i, result in zip(todo, got):
+            out[i] = result
+    return [r or {"status": "failed", "error": "no result (see the study's log)"} for r in out]
 
 
 def status_text(study_dir: Path) -> str:

@@ -2,7 +2,8 @@
 
     methods(cfg)                     -> {name: Method}            study.methods, parsed and checked
     cells(cfg)                       -> [Cell]                    every (regime, shots, P, method) the study measures
-    run_config(cfg, cell, params, draw, data) -> DictConfig       one run: the run config + the method + the cell
+    run_config(cfg, cell, params, draw, data, dir) -> (config, overrides)   one run: the run config + the method
+                                                                  + the cell, and what sets it apart
     protocol_record(cfg)             -> dict                      what fixes the runs' results (a re-run must match)
     cut(cfg)                         -> {field: [preset, this]}   the protocol fields that differ from study.name's preset
 
@@ -112,7 +113,7 @@ def _flatten(changes: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def methods(cfg: DictConfig) -> dict[str, Method]:
     """study.methods, each checked: a known group option or an existing field (one ConfigError naming it)."""
-    given = _plain(cfg.study.methods) or {}
+    given = DEFAULT_METHODS if cfg.study.methods is None else _plain(cfg.study.methods)
     if not given:
         raise ConfigError("study.methods: empty; name at least two methods, e.g. {VPT random: {init: random}, "
                           "VIPAMIN: {init: vipamin}}")
@@ -147,6 +148,7 @@ def methods(cfg: DictConfig) -> dict[str, Method]:
 
 
 GATE_PROBE = "linear probe"  # the gate's reference when study.methods names no probe
+DEFAULT_METHODS = {"VPT random": {"init": "random"}, "VIPAMIN": {"init": "vipamin"}}  # study.methods=null
 
 
 def group_file(group: str, option: Any, where: str) -> Path:
@@ -250,7 +252,7 @@ def check(cfg: DictConfig) -> None:
     if not s.shots and s.full_seeds == 0:
         raise ConfigError("study.shots: empty and study.full_seeds=0: the study would measure nothing")
     if s.selected_from and s.space:
-        raise ConfigError("study.selected_from: takes the selection from another study; set study.space={} too "
+        raise ConfigError("study.selected_from: takes the selection from another study; set study.space=null too "
                           "(else it would select again)")
 
 
@@ -280,24 +282,31 @@ def params_slug(params: Mapping[str, Any]) -> str:
 
 
 def run_config(cfg: DictConfig, cell: Cell, params: Mapping[str, Any], draw: int, data: Mapping[str, Any],
-               out_dir: Path) -> DictConfig:
+               out_dir: Path) -> tuple[DictConfig, list[str]]:
     """The config of one prompt run of `cell` at the point `params` (its selected or candidate settings), draw
-    (or seed) `draw`, on `data` ({name, root, max_train_samples, n}: the draw's or the full data)."""
+    (or seed) `draw`, on `data` ({name, root, train_split, max_train_samples, n}: the draw's or the full data),
+    and what sets it apart within the study as `field=value` strings (its regime, the method's changes, the
+    cell's fields, the point, the draw: what `vipamin-scale report` groups and pairs by)."""
     method = methods(cfg)[cell.method]
     run = apply_method(base_config(cfg), method)
     sched = cell_schedule(cfg, cell, int(data["n"]))
     changes = {
         "prompt.length": cell.length, "data.name": data["name"], "data.root": data["root"],
-        "data.max_train_samples": data["max_train_samples"], "data.batch_size": sched["batch"],
-        "train.epochs": sched["epochs"], "train.warmup_epochs": sched["warmup_epochs"],
-        "train.eval_every": sched["epochs"], "train.eval_split": "val", "train.test_at_end": True,
-        "train.seed": draw, "init.seed": draw, "init.num_images": min(int(data["n"]), int(run.init.num_images)),
-        "train.out_dir": str(out_dir), "train.resume": True, "train.overwrite": False, "train.progress": False,
-        **dict(params)}
-    for key, value in changes.items():
+        "data.train_split": data["train_split"], "data.max_train_samples": data["max_train_samples"],
+        "data.batch_size": sched["batch"], "train.epochs": sched["epochs"],
+        "train.warmup_epochs": sched["warmup_epochs"], "train.eval_every": sched["epochs"],
+        "train.eval_split": "val", "train.test_at_end": True, "train.seed": draw, "init.seed": draw,
+        "init.num_images": min(int(data["n"]), int(run.init.num_images)), **dict(params)}
+    for key, value in {**changes, "train.out_dir": str(out_dir), "train.resume": True, "train.overwrite": False,
+                       "train.progress": False}.items():
         OmegaConf.update(run, key, value, merge=False)
     validate(run)
-    return run
+    from vipamin_scale.tune.space import hydra_value
+
+    regime = f"{cell.shots}-shot" if cell.regime == FEW else FULL
+    said = [f"regime={regime}", *(f"{k}={hydra_value(v)}" for k, v in method.changes.items())]
+    said += [f"{k}={hydra_value(v)}" for k, v in changes.items() if k not in ("data.root", "data.name")]
+    return run, said
 
 
 @functools.lru_cache(maxsize=1024)
@@ -335,16 +344,24 @@ def base_config(cfg: DictConfig) -> DictConfig:
 # ----------------------------------------------------------------------------- what fixes the results
 
 
-def protocol_record(cfg: DictConfig) -> dict[str, Any]:
-    """What fixes the study's results: the run config's identity (less what the study sets per run and the
-    selected fields), the protocol fields of the study, and each method's changes. A re-run into the same
-    directory must agree on every field, methods compared by name (methods may be added)."""
+def method_identity(cfg: DictConfig, method: Method) -> dict[str, Any]:
+    """What the runs of `method` share, whatever their cell, point and draw: the identity (`runs.identity`) of the
+    run config with the method applied, less what the study sets per run and the selected fields. The probe's:
+    the backbone and data fields (what its features depend on)."""
     space = [k for k, _ in _space_leaves(cfg)]
-    ident = {k: v for k, v in runs.identity(base_config(cfg)).items()
-             if not (k.startswith(("study.", "tune.")) or k in SET_PER_RUN or k in space)}
-    return {"run": ident, "study": {k: _plain(cfg.study[k]) for k in PROTOCOL_FIELDS},
-            "methods": {name: (PROBE if m.probe else m.changes) for name, m in methods(cfg).items()
-                        if not m.implicit}}
+    base = base_config(cfg)
+    ident = runs.identity(base if method.probe else apply_method(base, method))
+    keep = {k: v for k, v in ident.items()
+            if not (k.startswith(("study.", "tune.")) or k in SET_PER_RUN or k in space)}
+    return {k: v for k, v in keep.items() if k.startswith(("model.", "data."))} if method.probe else keep
+
+
+def protocol_record(cfg: DictConfig) -> dict[str, Any]:
+    """What fixes the study's results: the protocol fields of the study and, per method, what its runs share
+    (`method_identity`). A re-run into the same directory must agree on every field, methods compared by name
+    (methods may be added)."""
+    return {"study": {k: _plain(cfg.study[k]) for k in PROTOCOL_FIELDS},
+            "methods": {name: method_identity(cfg, m) for name, m in methods(cfg).items() if not m.implicit}}
 
 
 def _space_leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
@@ -353,13 +370,24 @@ def _space_leaves(cfg: DictConfig) -> list[tuple[str, Any]]:
     return parse_space(cfg.study.space) if cfg.study.space else []
 
 
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`a.b: old -> new` for every leaf that differs between two nested records (`runs.differences`, flattened;
+    a dotted key such as a method's field stays one name)."""
+    def flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out.update(flat(value, name) if isinstance(value, Mapping) and value else {name: value})
+        return out
+
+    return runs.differences(flat(old), flat(new))
+
+
 def protocol_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`field: old -> new` for every protocol field that differs (methods: those of both records)."""
-    diff = [f"{k}" for k in runs.differences(old.get("run", {}), new.get("run", {}))]
-    diff += [f"study.{d}" for d in runs.differences(old.get("study", {}), new.get("study", {}))]
-    both = set(old.get("methods", {})) & set(new.get("methods", {}))
-    diff += [f"study.methods.{d}" for d in runs.differences({k: old["methods"][k] for k in both},
-                                                            {k: new["methods"][k] for k in both})]
+    diff = [f"study.{d}" for d in differences(old.get("study", {}), new.get("study", {}))]
+    for name in [m for m in new.get("methods", {}) if m in old.get("methods", {})]:
+        diff += [f"(method {name}) {d}" for d in differences(old["methods"][name], new["methods"][name])]
     return diff
 
 
@@ -391,6 +419,12 @@ def subject(cfg: DictConfig) -> dict[str, Any]:
     """What the study runs on (not its protocol): the backbone and the data."""
     m, d = cfg.model, cfg.data
     return {"model": m.name, "checkpoint": m.checkpoint, "pretrained": m.pretrained, "img_size": m.img_size,
-            "pool": m.pool, "deep": cfg.prompt.deep, "prompt_kind": cfg.prompt.kind, "data": d.name,
-            "data_root": d.root, "train_split": d.train_split, "val_split": d.val_split,
-            "test_split": d.test_split, "precision": cfg.train.precision, "dtype": m.dtype}
+            "pool": m.pool, "depth": m.depth, "checkpoint_format": m.checkpoint_format, "dtype": m.dtype,
+            "deep": cfg.prompt.deep, "prompt_kind": cfg.prompt.kind, "data": d.name, "data_root": d.root,
+            "train_split": d.train_split, "val_split": d.val_split, "test_split": d.test_split,
+            "precision": cfg.train.precision}
+
+
+def in_subject(dotted: str) -> bool:
+    """Whether a run field says what a study runs on (the backbone, the data's splits) rather than how."""
+    return dotted.startswith("model.") or dotted in ("data.train_split", "data.val_split", "data.test_split")

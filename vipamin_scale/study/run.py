@@ -55,7 +55,7 @@ class CellState:
     """A cell's selection and final runs as the study goes."""
 
     cell: P.Cell
-    sel: Optional[Selection] = None  # None: no selection (study.space empty, or study.selected_from)
+    sel: Optional[Selection] = None  # None: no selection (study.space null, or study.selected_from)
     fixed: Optional[dict[str, Any]] = None  # the point when there is no selection
     trials: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # (candidate, draw) -> result
     dirs: dict[tuple[int, int], str] = field(default_factory=dict)
@@ -123,14 +123,16 @@ class Study:
         name = f"draw{draw}" if cell.regime == P.FEW else f"seed{draw}"
         return self.root / "runs" / cell.key / P.params_slug(point) / name
 
-    def run_config(self, cell: P.Cell, point: dict[str, Any], draw: int) -> DictConfig:
+    def run_config(self, cell: P.Cell, point: dict[str, Any], draw: int) -> tuple[DictConfig, list[str]]:
         return P.run_config(self.cfg, cell, point, draw, self.data(cell, draw), self.run_dir(cell, point, draw))
 
     def selection_draws(self, cell: P.Cell) -> list[int]:
         return list(range(self.s.select_draws)) if cell.regime == P.FEW else [0]
 
-    def train(self, phase: str, cfgs: list[DictConfig]) -> list[dict[str, Any]]:
-        return train_runs(cfgs, self.s.workers, self.s.pack_size, self.progress, phase)
+    def train(self, phase: str, made: list[tuple[DictConfig, list[str]]]) -> list[dict[str, Any]]:
+        """Train (or reuse) the runs `made` ((config, what sets it apart)); their results, in order."""
+        return train_runs([c for c, _ in made], self.s.workers, self.s.pack_size, self.progress, phase,
+                          overrides=[o for _, o in made])
 
     # -- 2. selection -----------------------------------------------------------------------------
     def start_selection(self, chosen: Optional[dict[str, dict[str, Any]]]) -> None:
@@ -149,7 +151,7 @@ class Study:
             if not self.s.space:
                 st.fixed = {}
                 continue
-            sample = self.run_config(c, {}, 0)
+            sample, _ = self.run_config(c, {}, 0)
 
             def check(point: dict[str, Any], sample: DictConfig = sample) -> None:
                 check_point(sample, point, field="study.space")
@@ -176,9 +178,9 @@ class Study:
                     return
                 rnd += 1
                 continue
-            cfgs = [self.run_config(st.cell, st.sel.points[c], d) for st, c, d in todo]
+            made = [self.run_config(st.cell, st.sel.points[c], d) for st, c, d in todo]
             phase = "selection" if rnd == 0 else f"selection, edge round {rnd}"
-            for (st, c, d), cfg, result in zip(todo, cfgs, self.train(phase, cfgs)):
+            for (st, c, d), (cfg, _), result in zip(todo, made, self.train(phase, made)):
                 st.trials[(c, d)] = result
                 st.dirs[(c, d)] = str(Path(cfg.train.out_dir).relative_to(self.root))
             for st in {id(st): st for st, _, _ in todo}.values():
@@ -218,11 +220,11 @@ class Study:
                 self.results[cell] = [self._probe_final(cell, point, d) for d in range(cell.n)]
                 continue
             todo += [(cell, d) for d in range(cell.n)]
-        cfgs = [self.run_config(cell, self.state[cell].point(), d) for cell, d in todo]
-        got = self.train("final runs", cfgs)
+        made = [self.run_config(cell, self.state[cell].point(), d) for cell, d in todo]
+        got = self.train("final runs", made)
         for cell in {cell for cell, _ in todo}:
             self.results[cell] = [None] * cell.n
-        for (cell, d), cfg, result in zip(todo, cfgs, got):
+        for (cell, d), (cfg, _), result in zip(todo, made, got):
             self.results[cell][d] = {**result, "dir": str(Path(cfg.train.out_dir).relative_to(self.root)),
                                      "fingerprint": runs.fingerprint(runs.identity(cfg))}
 
@@ -255,7 +257,8 @@ class Study:
                 self.cost[(cell.length, cell.method)] = json.loads(record.read_text())
                 continue
             shutil.rmtree(where, ignore_errors=True)
-            cfg = P.run_config(self.cfg, cell, point, 0, self.data(cell, 0), where)
+            cfg, said = P.run_config(self.cfg, cell, point, 0, self.data(cell, 0), where)
+            runs.write_overrides(where, ["regime=cost of P (solo)", *said[1:]])  # never paired with the finals
             cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.empty_cache()
@@ -340,23 +343,34 @@ def read_json_arg(value: str, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what}: {value}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def selected_from(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """{cell key: selected point} of another study's record (study.selected_from), reused only where it selected
-    under this study's selection protocol and with the same method: else one ConfigError naming the fields."""
+def selected_from(cfg: DictConfig) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """({cell key: selected point}, what to record of it) from another study's record (study.selected_from).
+    Reused only where it selected under this study's schedules and the same methods (what their runs share but the
+    selected fields: else one ConfigError naming the fields); on another backbone or data it is reused with a
+    warning, recorded and said in study.md."""
     doc = read_json_arg(cfg.study.selected_from, "study.selected_from")
     theirs = doc.get("selection_protocol")
     if theirs is None or "cells" not in doc:
         raise ConfigError(f"study.selected_from: {cfg.study.selected_from}: not a study's record (no "
                           f"selection_protocol and cells)")
     ours = selection_protocol(cfg)
-    mine, other = ours.pop("methods"), dict(theirs).pop("methods", {})
-    diff = runs.differences({k: v for k, v in theirs.items() if k != "methods"}, ours)
-    diff += [f"study.methods.{d}" for d in runs.differences({k: other[k] for k in mine if k in other},
-                                                            {k: mine[k] for k in mine if k in other})]
+    diff = [f"study.{d}" for d in P.differences(theirs.get("schedule", {}), ours["schedule"])]
+    other = theirs.get("methods", {})
+    for name in [m for m in ours["methods"] if m in other]:
+        diff += [f"(method {name}) {d}" for d in P.differences(other[name], ours["methods"][name])]
+    missing = [m for m in ours["methods"] if m not in other]
+    if missing:
+        raise ConfigError(f"study.selected_from: {cfg.study.selected_from} selected no settings for "
+                          f"{', '.join(missing)}")
     if diff:
         raise ConfigError(f"study.selected_from: {cfg.study.selected_from} selected under another protocol "
                           f"({'; '.join(diff)})")
-    return {c["key"]: c["selected"]["params"] for c in doc["cells"] if c["selected"].get("params") is not None}
+    subject = P.differences(theirs.get("subject", {}), ours["subject"])
+    if subject:
+        log.warning("study.selected_from: %s selected on another backbone or data (%s)", cfg.study.selected_from,
+                    "; ".join(subject))
+    chosen = {c["key"]: c["selected"]["params"] for c in doc["cells"] if c["selected"].get("params") is not None}
+    return chosen, {"path": str(cfg.study.selected_from), "source": doc.get("source"), "subject_differs": subject}
 
 
 SELECTABLE = ("train.lr", "train.weight_decay")  # what a selection chooses: never part of what it must agree on
@@ -364,12 +378,13 @@ SCHEDULE = ("min_steps", "warmup_fraction", "full_samples", "full_epochs", "full
 
 
 def selection_protocol(cfg: DictConfig) -> dict[str, Any]:
-    """What a cell's selected point depends on besides the selection's own settings: the run config (less what a
-    selection chooses), the schedules, the backbone and data, each method's changes. A selection made by
-    another study is reused only under all of these."""
+    """What a cell's selected point depends on besides the selection's own settings: each method's runs (less
+    what a selection chooses), the schedules, the backbone and data. A selection made by another study is
+    reused only under the first two (`selected_from`)."""
     rec = P.protocol_record(cfg)
-    return {"run": {k: v for k, v in rec["run"].items() if k not in SELECTABLE},
-            "schedule": {k: rec["study"][k] for k in SCHEDULE}, "subject": P.subject(cfg), "methods": rec["methods"]}
+    return {"methods": {name: {k: v for k, v in ident.items() if k not in SELECTABLE and not P.in_subject(k)}
+                        for name, ident in rec["methods"].items()},
+            "schedule": {k: rec["study"][k] for k in SCHEDULE}, "subject": P.subject(cfg)}
 
 
 def gate_from(cfg: DictConfig) -> dict[str, Any]:
@@ -377,20 +392,22 @@ def gate_from(cfg: DictConfig) -> dict[str, Any]:
     doc = read_json_arg(cfg.study.gate_from, "study.gate_from")
     if not doc.get("gate") or "gate_protocol" not in doc:
         raise ConfigError(f"study.gate_from: {cfg.study.gate_from}: not a study's record with a gate")
-    diff = runs.differences(doc["gate_protocol"], gate_protocol(cfg))
+    diff = P.differences(doc["gate_protocol"], gate_protocol(cfg))
     if diff:
         raise ConfigError(f"study.gate_from: {cfg.study.gate_from}: its gate ran another protocol ({'; '.join(diff)})")
     return {**doc["gate"], "from": str(cfg.study.gate_from)}
 
 
 def gate_protocol(cfg: DictConfig) -> dict[str, Any]:
-    """What fixes the gate: the selection protocol less the methods, the selection's own settings, the gate's P
-    and its prompt method's changes."""
-    sel = selection_protocol(cfg)
-    sel.pop("methods")
-    baseline = P.methods(cfg)[cfg.study.baselines[0]]
-    return {**sel, "selection": {k: P._plain(cfg.study[k]) for k in ("space", "extend_edges", "probe_C")},
-            "length": P.gate_length(cfg), "method": baseline.changes}
+    """What fixes the gate: its prompt method's runs, the probe's backbone and data, the full-data schedule, the
+    selection's settings and the gate's P."""
+    ms = P.methods(cfg)
+    baseline = ms[cfg.study.baselines[0]]
+    probe = next((m for m in ms.values() if m.probe), P.Method(P.GATE_PROBE, {}, probe=True))
+    return {"method": P.method_identity(cfg, baseline), "probe": P.method_identity(cfg, probe),
+            "schedule": {k: P._plain(cfg.study[k]) for k in SCHEDULE}, "subject": P.subject(cfg),
+            "selection": {k: P._plain(cfg.study[k]) for k in ("space", "extend_edges", "probe_C")},
+            "length": P.gate_length(cfg)}
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -405,7 +422,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     P.check(cfg)
     study = Study(cfg)
-    chosen = selected_from(cfg) if cfg.study.selected_from else None
+    chosen, given = selected_from(cfg) if cfg.study.selected_from else (None, None)
     reused_gate = gate_from(cfg) if cfg.study.gate_from else None
     with runs.hold(study.root), quiet_runs():
         check_directory(study.root, P.protocol_record(cfg))
@@ -421,6 +438,7 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
             raise
         study.progress.close("finished", runs_total=len(find_runs(study.root)))
         doc = record(study, reused_gate, time.perf_counter() - t0)
+        doc["selected_from"] = given
         publish(doc, study.root)
     if doc["gate"] is not None and not doc["gate"]["passed"] and cfg.study.require_gate:
         raise GateFailed(doc)
@@ -456,7 +474,7 @@ def record(study: Study, reused_gate: Optional[dict[str, Any]], seconds: float) 
            "gate_protocol": gate_protocol(cfg), "study": P._plain(cfg.study),
            "schedules": schedules(study), "cells": cells, "baselines": list(cfg.study.baselines),
            "methods": list(study.methods), "lengths": list(cfg.study.lengths),
-           "shots": P.draws_per_shot(cfg), "seconds": seconds,
+           "shots": {str(k): n for k, n in P.draws_per_shot(cfg).items()}, "seconds": seconds,
            "cost": [{"length": p, "method": m, **c} for (p, m), c in sorted(study.cost.items())]}
     doc["paired"] = paired_records(doc)
     doc["gate"] = (reused_gate or gate_record(doc, cfg)) if cfg.study.gate else None

@@ -69,6 +69,8 @@ def paired_records(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 if (m["method"] == base or m["regime"] != b["regime"] or m["shots"] != b["shots"]
                         or m["length"] not in (b["length"], None)):
                     continue
+                if min(m["n"], b["n"]) < 2:  # one seed (the gate's cell): no pairing to speak of
+                    continue
                 p = stats.paired(m["results"]["runs"], b["results"]["runs"])
                 out.append({"baseline": base, "method": m["method"], "regime": b["regime"], "shots": b["shots"],
                             "length": b["length"], **p})
@@ -139,24 +141,26 @@ def _rows(doc: dict[str, Any], regime: str) -> list[tuple[Optional[int], int]]:
     return seen
 
 
-def _cell_text(c: Optional[dict[str, Any]]) -> str:
+def _cell_text(c: Optional[dict[str, Any]], per_draw: bool = False) -> str:
+    """mean ± half-width (n); with `per_draw`, every draw's value too (a failed one: –)."""
     if c is None:
         return "not run"
     r = c["results"]
     if r["mean"] is None:
         return "failed"
-    return f"{pct(r['mean'])} ± {pct(half(r))} (n={r['n']})"
+    draws = f": {', '.join(pct(x) for x in r['runs'])}" if per_draw else ""
+    return f"{pct(r['mean'])} ± {pct(half(r))} (n={r['n']}{draws})"
 
 
-def accuracy_markdown(doc: dict[str, Any], regime: str) -> str:
-    """Rows (k, P), a column per method: test accuracy mean ± 95 % half-width (n)."""
+def accuracy_markdown(doc: dict[str, Any], regime: str, per_draw: bool = False) -> str:
+    """Rows (k, P), a column per method: test accuracy mean ± 95 % half-width (n; with `per_draw`, each draw's)."""
     methods = [m for m in doc["methods"] if _cells(doc, regime=regime, method=m)]
     lines = [f"| {_row_head(doc, regime)} | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for shots, length in _rows(doc, regime):
         cells = []
         for m in methods:
             found = [c for c in _cells(doc, regime=regime, shots=shots, method=m) if c["length"] in (length, None)]
-            cells.append(_cell_text(found[0] if found else None))
+            cells.append(_cell_text(found[0] if found else None, per_draw))
         lines.append(f"| {_where(doc, regime, shots, length)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,11 +189,14 @@ def paired_markdown(doc: dict[str, Any], regime: str, base: str) -> str:
     return "\n".join(lines)
 
 
-def reading(doc: dict[str, Any]) -> list[str]:
-    """What the paired differences resolve, one line each: resolved (the interval excludes 0: which method is
-    higher), or not (the differences the interval still allows), or too few draws."""
+def reading(doc: dict[str, Any], baselines: Optional[list[str]] = None) -> list[str]:
+    """What the paired differences resolve (against `baselines`, default all), one line each: resolved (the
+    interval excludes 0: which method is higher), or not (the differences the interval still allows), or too
+    few draws."""
     out = []
     for p in doc["paired"]:
+        if baselines is not None and p["baseline"] not in baselines:
+            continue
         where = _where(doc, p["regime"], p["shots"], p["length"], with_regime=True)
         what = f"{p['method']} − {p['baseline']}, {where}"
         if p["lo"] is None:
@@ -266,7 +273,7 @@ def protocol_text(doc: dict[str, Any]) -> str:
     data = "the embedded digits" if sub["data"] == "digits" else f"the shards in {sub['data_root']}"
     regimes = []
     for name, sched in doc["schedules"].items():
-        n = (doc["shots"].get(int(name.split("-")[0])) if name != "full" else s["full_seeds"] or 1)
+        n = (doc["shots"].get(name.split("-")[0]) if name != "full" else s["full_seeds"] or 1)
         what = "paired draws" if name != "full" else "seeds"
         regimes.append(f"{name}: {sched['n']} training images, {sched['steps']} optimizer steps of batch "
                        f"{sched['batch']} ({sched['epochs']} epochs), {n} {what}")
@@ -306,7 +313,10 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["cut"]:
         lines += ["Cut from the preset (field: preset → this study): "
                   + "; ".join(f"{k}: {a} → {b}" for k, (a, b) in doc["cut"].items()) + ".", ""]
-    lines += [gate_text(gate), ""]
+    if doc.get("selected_from"):
+        lines += [selected_from_text(doc["selected_from"]), ""]
+    if gate is not None or doc["study"]["gate"]:
+        lines += [gate_text(gate), ""]
     for regime in (FEW, FULL):
         if not _rows(doc, regime):
             continue
@@ -331,6 +341,33 @@ def markdown(doc: dict[str, Any]) -> str:
                   "in brackets the ratio to the smallest P.", "", cost, ""]
     lines += ["![accuracy against P](study_accuracy.png)", "", "![paired differences](study_paired.png)", ""]
     return "\n".join(lines)
+
+
+def summary_text(doc: dict[str, Any], root: Path) -> str:
+    """What `vipamin-scale study` (and the demo) prints at its end: the gate, each regime's accuracy table (each
+    draw's value where there are at most 5), what the paired differences resolve, and where the rest is."""
+    lines = [protocol_text(doc), ""]
+    if doc.get("selected_from"):
+        lines += [selected_from_text(doc["selected_from"]), ""]
+    if doc.get("gate") is not None or doc["study"]["gate"]:
+        lines += [gate_text(doc.get("gate")), ""]
+    for regime in (FEW, FULL):
+        if _rows(doc, regime):
+            few = max((c["n"] for c in doc["cells"] if c["regime"] == regime), default=0) <= 5
+            lines += [f"Test accuracy (%), {regime}: mean ± 95 % half-width (n" + ("; each draw" if few else "") + ")",
+                      "", accuracy_markdown(doc, regime, per_draw=few), ""]
+    lines += reading(doc, doc["baselines"][:1]) + ["", f"Tables, plots, the other baselines and every run: "
+                                                        f"{Path(root) / 'study.md'}"]
+    return "\n".join(lines)
+
+
+def selected_from_text(given: dict[str, Any]) -> str:
+    """The line saying where a study's settings were selected, and on what other backbone or data."""
+    text = f"Settings selected by {given['path']} (study.selected_from), not selected again here."
+    if given.get("subject_differs"):
+        text += (" That selection ran on another backbone or data (" + "; ".join(given["subject_differs"])
+                 + "): its settings may not suit this one.")
+    return text
 
 
 # ----------------------------------------------------------------------------- plots
