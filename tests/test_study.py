@@ -258,3 +258,13 @@ def test_two_worker_processes_give_the_same_tables(quick_study, tmp_path):
     two = json.loads((tmp_path / "w2" / "study.json").read_text())
     assert _tables(two) == _tables(doc)
     assert any("running: P1 x" in ln and "; P4 x" in ln for ln in proc.stdout.splitlines())  # two packs at once
+
+
+def test_a_study_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """Every rank would run the whole study and train only its share of each round: refused, nothing written."""
+    from vipamin_scale.study import run_study
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="under torchrun every rank would run the whole study"):
+        run_study(compose([*QUICK, f"hydra.run.dir={tmp_path / 's'}"]))
+    assert not (tmp_path / "s").exists()

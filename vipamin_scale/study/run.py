@@ -418,7 +418,12 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     Exit status: a failed gate (study.require_gate) raises GateFailed after writing study.json."""
     from vipamin_scale.study.tables import GateFailed, publish
 
+    import os
+
     t0 = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("study: runs as one process that launches its own workers (study.workers=N local "
+                          "processes); under torchrun every rank would run the whole study: start it without torchrun")
     validate(cfg)
     P.check(cfg)
     study = Study(cfg)
