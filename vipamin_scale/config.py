@@ -292,6 +292,62 @@ def subspace_energy(init_cfg) -> float:
     return 0.99 if init_cfg.subspace == "tokens" else 1.0
 
 
+# The schema's dict fields (tune.space, tune.slurm, ...): an override sets the whole dict (`dict_field_overrides`)
+DICT_FIELDS: tuple[str, ...] = tuple(name for name, f in schema_fields() if "dict" in str(f.type))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# Hydra's command-line flags that take a value (`--cfg job`, `--config-dir DIR`, ...): neither is an override
+HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
+
+
+def override_positions(args: list[str]) -> list[int]:
+    """The positions in `args` of Hydra overrides (what is neither one of Hydra's flags nor a flag's value)."""
+    out, flag_value = [], False
+    for i, arg in enumerate(args):
+        if not flag_value and not arg.startswith("-"):
+            out.append(i)
+        flag_value = arg in HYDRA_VALUE_FLAGS
+    return out
+
+
+def dict_field_overrides(args: list[str]) -> list[str]:
+    """`args` with the overrides of a dict field (DICT_FIELDS) made to say what they mean to Hydra, which
+    alone merges a dict into the field and refuses (in eight lines) a key the field does not hold yet:
+
+    * `tune.space={train: {lr: [0.1, 0.3]}}` sets the field to that dict, in place of a preset's or the
+      default (`tune.slurm={...}` drops the other defaults): Hydra gets `tune.space=???` (the value
+      missing) then `++tune.space={...}` (merged into a missing value, a dict is the value);
+    * `tune.space.train.lr=[0.1, 0.3]` sets that key, added when absent: Hydra gets `++tune.space.train.lr=...`.
+    `+`, `++` and `~` overrides, package overrides and everything else pass as they are. The rewritten
+    forms are what Hydra records among the job's overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parser = OverridesParser.create()
+    out = list(args)
+    for i in reversed(override_positions(args)):
+        try:
+            (o,) = parser.parse_overrides([args[i]])
+        except Exception:  # a syntax error: Hydra says where
+            continue
+        if o.type != OverrideType.CHANGE or o.package is not None:
+            continue
+        if o.key_or_group in DICT_FIELDS:
+            out[i:i + 1] = [f"{o.key_or_group}=???", f"++{args[i]}"]
+        elif any(o.key_or_group.startswith(f"{name}.") for name in DICT_FIELDS):
+            out[i] = f"++{args[i]}"
+    return out
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The command line (or compose's overrides) as Hydra gets it: the dict fields' overrides rewritten
+    (`dict_field_overrides`)."""
+    return dict_field_overrides(args)
+
+
 def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
