@@ -24,8 +24,10 @@ from vipamin_scale.cli import main
     ("prompt.deep=maybe", "error: prompt.deep: 'maybe' is not a boolean"),
     ("engine=zero4", "error: engine=zero4: no such option; the options are ddp, deepspeed, fairscale, fsdp2, "
                      "zero1, zero2, zero3"),
+    ("experiment=vith_vipamn", "error: experiment=vith_vipamn: no such option; the options are vith_vipamin, "
+                               "vitl_vipamin"),  # the top-level configs/ of this clone
     ("tune.space=[1,2]", "error: tune.space: [1, 2] is not a dict"),
-], ids=["field", "added_field", "section", "float", "bool", "group_option", "dict_field"])
+], ids=["field", "added_field", "section", "float", "bool", "group_option", "experiment", "dict_field"])
 def test_bad_override_is_one_line_before_anything_is_written(override, says, tmp_path, capfd):
     run = tmp_path / "run"
     code = main(["train", "model=vit_test_d64", override, f"hydra.run.dir={run}"])

