@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from vipamin_scale.config import CONFIG_DIR, ConfigError, hydra_args, register
-from vipamin_scale.runs import RankFailed, user_error_line
+from vipamin_scale.runs import RankFailed, SweepFailed, user_error_line
 
 log = logging.getLogger("vipamin_scale")
 
@@ -351,12 +351,10 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     sys.argv = [f"vipamin-scale {name}", *args]
     try:
         app()
+    except SweepFailed as exc:  # hydra/launcher=packed (its jobs never reach `app`): 2 a user error, 1 a bug
+        status["code"] = status["code"] or exc.code
     finally:
         sys.argv = saved
-    packs = sys.modules.get("vipamin_scale.packs")  # hydra/launcher=packed: its jobs never reach `app`
-    code = packs.take_failed() if packs is not None else 0  # 2: a run failed (a user error); 1: a bug
-    if code:
-        status["code"] = status["code"] or code
     return status["code"]
 
 
