@@ -139,6 +139,27 @@ def test_the_other_splits_are_the_sources_own_through_both_loaders(source, tmp_p
     assert {s: v["count"] for s, v in info["splits"].items()} == {"train": 6, "val": 6, "test": 9}
 
 
+def _bytes_read() -> int:
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+def test_drawing_reads_the_labels_not_every_image(tmp_path):
+    """Of a train split of 12 incompressible 192 KB images, a 1-shot draw reads the 3 it copies (and the tar
+    headers and labels): well under half of the split's bytes (/proc/self/io's rchar counts every read)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = [(f"s{i}", Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), i % 3) for i in range(12)]
+    write_dataset({"train": noise}, ["a", "b", "c"], tmp_path / "big")
+    train = sum(p.stat().st_size for p in (tmp_path / "big").glob("train-*.tar"))
+    assert train > 12 * 190_000
+    start = _bytes_read()
+    root = fewshot_root(tmp_path / "big", 1, 0, tmp_path / "draws")
+    read = _bytes_read() - start
+    copied = sum(len(s["png"]) for s in _members(root, "train").values())
+    assert copied > 3 * 190_000 and read < train / 2, (read, copied, train)  # reading it all: > train
+
+
 def test_a_draw_is_written_once_and_reused(source, tmp_path):
     root = fewshot_root(source, 2, 1, tmp_path)
     files = _files(root)
