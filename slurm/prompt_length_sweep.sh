@@ -1,6 +1,7 @@
 #!/bin/bash
 # Prompt-length study: one array task per (prompt length, init, seed), each a full init + tuning run
-# (slurm/vith_vipamin.sh's body; ViT-L/14 on one node by default), all under one sweep
+# (slurm/vith_vipamin.sh's body with EXPERIMENT=vitl_vipamin by default: configs/experiment/vitl_vipamin.yaml,
+# ViT-L/14 on one node), all under one sweep
 # directory that `vipamin-scale report` turns into a table and plots (mean ± sd over the seeds):
 #
 #   DATA_ROOT=/data/vtab/cifar100 sbatch slurm/prompt_length_sweep.sh [hydra overrides...]
@@ -20,7 +21,8 @@
 # PACK=1: one task per (length, seed), LENGTHS x SEEDS entries (--array=0-5 above), the seed fastest;
 # the task trains every init of INITS as one pack in one process (`vipamin-scale train -m
 # hydra/launcher=packed`: each run equal to its solo run, in the same run directories; the
-# initializer runs in-process, no prompts file), on one GPU; MODEL, DATA, PROMPT, BATCH, MODEL_CKPT
+# initializer runs in-process, no prompts file), on one GPU, under engine=ddp (a pack of several runs
+# needs it; ENGINE=... otherwise); EXPERIMENT, MODEL, DATA, PROMPT, PRECISION, DTYPE, BATCH, MODEL_CKPT
 # as in vith_vipamin.sh, VIPAMIN_SCALE the command (default: python -m vipamin_scale.cli).
 #
 #SBATCH --job-name=prompt-length
@@ -54,14 +56,22 @@ if (( TASK >= TOTAL )); then
     fi
     exit 2
 fi
-export MODEL=${MODEL:-vit_l14}
-export ENGINE=${ENGINE:-zero2}
+export EXPERIMENT=${EXPERIMENT:-vitl_vipamin}
 export PROMPT_LENGTH=${LENGTHS[$(( TASK / (NINITS * NSEEDS) ))]}
 export INIT=${INITS[$(( TASK / NSEEDS % NINITS ))]}
 SWEEP=${SWEEP:-$REPO/runs/prompt-length-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}}
 if (( PACK == 1 )); then
-    ARGS=("model=${MODEL:-vit_l14}" "data=${DATA:-shards}" "prompt=${PROMPT:-deep}" "prompt.length=$PROMPT_LENGTH"
-          "init=$(IFS=,; echo "${INITS[*]}")" "train.resume=true")
+    ARGS=("experiment=$EXPERIMENT")
+    [[ -n ${MODEL:-} ]] && ARGS+=("model=$MODEL")
+    [[ -n ${DATA:-} ]] && ARGS+=("data=$DATA")
+    [[ -n ${PROMPT:-} ]] && ARGS+=("prompt=$PROMPT")
+    ARGS+=("prompt.length=$PROMPT_LENGTH" "init=$(IFS=,; echo "${INITS[*]}")" "engine=${ENGINE:-ddp}")
+    if [[ -n ${PRECISION:-} ]]; then  # model.dtype follows it unless DTYPE says otherwise, as in vith_vipamin.sh
+        ARGS+=("train.precision=$PRECISION" "model.dtype=${DTYPE:-$([[ $PRECISION == bf16 ]] && echo bf16 || echo fp32)}")
+    elif [[ -n ${DTYPE:-} ]]; then
+        ARGS+=("model.dtype=$DTYPE")
+    fi
+    ARGS+=("train.resume=true")
     SUBDIR="\${hydra:runtime.choices.init}-${PROMPT:-deep}-len$PROMPT_LENGTH"
     if (( ${#SEEDS[@]} > 0 )); then
         SEED=${SEEDS[$(( TASK % NSEEDS ))]}

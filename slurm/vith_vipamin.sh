@@ -9,7 +9,9 @@
 # 1. `vipamin-scale init` (sharded across all ranks) writes $RUN/prompts.safetensors (skipped when
 #    it exists, e.g. after a requeue);  2. `vipamin-scale train prompt.init_file=...` tunes them.
 #
-# Every setting below is an environment variable (default after `:-`); arguments are Hydra
+# What the job trains is an experiment, `experiment=$EXPERIMENT`: configs/experiment/vith_vipamin.yaml
+# (model, data, prompt, init, engine, precision) by default. Every setting below is an environment
+# variable (default after `:-`); one left empty keeps the experiment's value; arguments are Hydra
 # overrides given to both commands (INIT_ARGS / TRAIN_ARGS: overrides for one of them only).
 # Preemption: Slurm sends SIGUSR1 120 s before the time limit (or `scancel --signal=USR1 JOBID`
 # at any time); the trainer checkpoints at the next step boundary, runs `scontrol requeue`, and
@@ -33,18 +35,22 @@ VENV=${VENV:-$REPO/.venv}
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
-MODEL=${MODEL:-vit_h14}              # vipamin_scale/configs/model/*
+EXPERIMENT=${EXPERIMENT:-vith_vipamin}  # configs/experiment/*: vith_vipamin (ViT-H/14, ddp) | vitl_vipamin ...
+MODEL=${MODEL:-}                     # vipamin_scale/configs/model/* (the experiment's: vit_h14)
 MODEL_CKPT=${MODEL_CKPT:-}           # model.checkpoint (MAE / MoCo-v3 / timm file); empty: none
-DATA=${DATA:-shards}                 # vipamin_scale/configs/data/*
+DATA=${DATA:-}                       # vipamin_scale/configs/data/* (the experiment's: shards)
 DATA_ROOT=${DATA_ROOT:-}             # data.root (shards written by `vipamin-scale shards`)
-PROMPT=${PROMPT:-deep}               # vipamin_scale/configs/prompt/*: deep | shallow | bpt ...
-PROMPT_LENGTH=${PROMPT_LENGTH:-10}
-INIT=${INIT:-vipamin}                # vipamin_scale/configs/init/*: vipamin | vipamin_paper | spt | random ...
-# vipamin_scale/configs/engine/*: ddp (the fastest while the frozen backbone fits on one GPU: ViT-H in bf16 is
-# 1.3 GB) | fsdp2 or zero3 (a backbone too big for one GPU: blocks sharded over the ranks) | zero1 | zero2 | fairscale
-ENGINE=${ENGINE:-ddp}
-PRECISION=${PRECISION:-bf16}         # train.precision: bf16 | fp32 | fp16
-DTYPE=${DTYPE:-$([[ $PRECISION == bf16 ]] && echo bf16 || echo fp32)}  # model.dtype: the frozen backbone stored in bf16 | fp32
+PROMPT=${PROMPT:-}                   # vipamin_scale/configs/prompt/*: deep | shallow | bpt ... (the experiment's: deep)
+PROMPT_LENGTH=${PROMPT_LENGTH:-}     # prompt.length (the experiment's: 10)
+INIT=${INIT:-}                       # vipamin_scale/configs/init/*: vipamin | vipamin_paper | spt | random ...
+# train only, vipamin_scale/configs/engine/*: ddp (the fastest while the frozen backbone fits on one GPU: ViT-H in
+# bf16 is 1.3 GB) | fsdp2 or zero3 (a backbone too big for one GPU: blocks sharded over the ranks) | zero1 | zero2
+ENGINE=${ENGINE:-}
+PRECISION=${PRECISION:-}             # train only, train.precision: bf16 | fp32 | fp16 (the experiment's: bf16)
+DTYPE=${DTYPE:-}                     # train only, model.dtype: the frozen backbone stored in bf16 | fp32
+if [[ -z $DTYPE && -n $PRECISION ]]; then  # by default it follows PRECISION (bf16 storage needs bf16 compute)
+    DTYPE=$([[ $PRECISION == bf16 ]] && echo bf16 || echo fp32)
+fi
 RUN=${RUN:-$REPO/runs/${SLURM_JOB_NAME:-vipamin}-${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID}}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
 PROMPTS=${PROMPTS:-$RUN/prompts.safetensors}
 INIT_ARGS=${INIT_ARGS:-}             # extra overrides for `init` only (space separated)
@@ -66,9 +72,19 @@ BATCH=${BATCH:-$(( 32 * NNODES * NPROC_PER_NODE ))}
 THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
 
-COMMON=("model=$MODEL" "data=$DATA" "prompt=$PROMPT" "prompt.length=$PROMPT_LENGTH" "init=$INIT")
+# The experiment, then each setting given (an override on the command line wins over the experiment)
+COMMON=("experiment=$EXPERIMENT")
+[[ -n $MODEL ]] && COMMON+=("model=$MODEL")
+[[ -n $DATA ]] && COMMON+=("data=$DATA")
+[[ -n $PROMPT ]] && COMMON+=("prompt=$PROMPT")
+[[ -n $PROMPT_LENGTH ]] && COMMON+=("prompt.length=$PROMPT_LENGTH")
+[[ -n $INIT ]] && COMMON+=("init=$INIT")
 [[ -n $MODEL_CKPT ]] && COMMON+=("model.checkpoint=$MODEL_CKPT")
 [[ -n $DATA_ROOT ]] && COMMON+=("data.root=$DATA_ROOT")
+TRAIN_ONLY=()
+[[ -n $ENGINE ]] && TRAIN_ONLY+=("engine=$ENGINE")
+[[ -n $PRECISION ]] && TRAIN_ONLY+=("train.precision=$PRECISION")
+[[ -n $DTYPE ]] && TRAIN_ONLY+=("model.dtype=$DTYPE")
 
 # One torchrun per node (vipamin_scale.launch: torchrun that exits with the first failing rank's code,
 # 2 for a user error). The task ignores SIGUSR1 (inherited through exec), so the launcher
@@ -84,14 +100,13 @@ launch() {  # launch PORT COMMAND [overrides...]
 
 mkdir -p "$RUN"
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} nodes x ${NPROC_PER_NODE}," \
-     "master ${MASTER_ADDR}:${MASTER_PORT}, run ${RUN}"
+     "master ${MASTER_ADDR}:${MASTER_PORT}, experiment ${EXPERIMENT}, run ${RUN}"
 
 if [[ ! -f $PROMPTS ]]; then
     # shellcheck disable=SC2086
     launch "$MASTER_PORT" init "${COMMON[@]}" "out=$PROMPTS" "hydra.run.dir=$RUN/init" "hydra.output_subdir=null" $INIT_ARGS "$@"
 fi
 # shellcheck disable=SC2086
-launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "engine=$ENGINE" "train.precision=$PRECISION" "model.dtype=$DTYPE" \
-    "prompt.init_file=$PROMPTS" \
+launch "$(( MASTER_PORT + 1 ))" train "${COMMON[@]}" "${TRAIN_ONLY[@]}" "prompt.init_file=$PROMPTS" \
     "data.batch_size=$BATCH" "train.resume=true" "hydra.run.dir=$RUN" $TRAIN_ARGS "$@"
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID} done: $RUN/result.json"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # VIPAMIN-Deep init + prompt tuning of a frozen ViT-L/14 on 2 nodes: the ViT-H job's body
-# (slurm/vith_vipamin.sh: every setting and override described there) with ViT-L defaults.
+# (slurm/vith_vipamin.sh: every setting and override described there) with the experiment
+# configs/experiment/vitl_vipamin.yaml (ViT-L/14, DeepSpeed ZeRO-2, bf16).
 #
 #   DATA_ROOT=/data/vtab/cifar100 sbatch slurm/vitl_vipamin.sh [hydra overrides...]
 #
@@ -15,6 +16,5 @@
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 set -euo pipefail
-export MODEL=${MODEL:-vit_l14}
-export ENGINE=${ENGINE:-zero2}
+export EXPERIMENT=${EXPERIMENT:-vitl_vipamin}
 exec bash "${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/vith_vipamin.sh" "$@"

@@ -1,11 +1,16 @@
 """The command line as a user meets it: a misspelt or mistyped override, or a run directory another process
-holds, is one `error:` line (exit 2) before anything is written; init and diagnose hold their run directory."""
+holds, is one `error:` line (exit 2) before anything is written; init and diagnose hold their run directory;
+a dict field set on the command line takes the value written."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY
+import yaml
+from conftest import TINY, cli_env
+from omegaconf import OmegaConf
 
 from vipamin_scale import runs
 from vipamin_scale.cli import main
@@ -19,7 +24,10 @@ from vipamin_scale.cli import main
     ("prompt.deep=maybe", "error: prompt.deep: 'maybe' is not a boolean"),
     ("engine=zero4", "error: engine=zero4: no such option; the options are ddp, deepspeed, fairscale, fsdp2, "
                      "zero1, zero2, zero3"),
-], ids=["field", "added_field", "section", "float", "bool", "group_option"])
+    ("experiment=vith_vipamn", "error: experiment=vith_vipamn: no such option; the options are vith_vipamin, "
+                               "vitl_vipamin"),  # the top-level configs/ of this clone
+    ("tune.space=[1,2]", "error: tune.space: [1, 2] is not a dict"),
+], ids=["field", "added_field", "section", "float", "bool", "group_option", "experiment", "dict_field"])
 def test_bad_override_is_one_line_before_anything_is_written(override, says, tmp_path, capfd):
     run = tmp_path / "run"
     code = main(["train", "model=vit_test_d64", override, f"hydra.run.dir={run}"])
@@ -63,3 +71,29 @@ def test_init_and_diagnose_hold_the_run_directory(command, tmp_path):
     finally:
         runs.release(run)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+SPACE = "{train: {lr: {log: [0.05, 0.5], num: 3}}}"
+
+
+@pytest.mark.slow
+def test_a_dict_field_set_on_the_command_line_takes_that_value(tmp_path):
+    """`tune.space={...}` (issue 32's command, which Hydra alone refuses in eight lines) replaces the preset's
+    space; `tune.slurm={...}` replaces the defaults; a key of a dict field is set or added (`+` not needed).
+    Through the real CLI: exit 0, nothing on stderr, the values in the composed config (`--cfg job`), and
+    the same config from `vipamin_scale.compose`."""
+    import vipamin_scale
+
+    overrides = ["tune=lr", f"tune.space={SPACE}", "tune.space.init.lam=[0.1,0.5]", "tune.slurm={slurm_partition: gpu}",
+                 "tune.slurm.mem_gb=64", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "vipamin_scale.cli", "tune", "--cfg", "job", *overrides],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    tune = yaml.safe_load(proc.stdout)["tune"]
+    assert tune["space"] == {"train": {"lr": {"log": [0.05, 0.5], "num": 3}}, "init": {"lam": [0.1, 0.5]}}
+    assert tune["slurm"] == {"slurm_partition": "gpu", "mem_gb": 64}
+    cfg = vipamin_scale.compose(overrides)
+    assert OmegaConf.to_container(cfg.tune.space) == tune["space"] and cfg.tune.slurm.mem_gb == 64
+    bad = subprocess.run([sys.executable, "-m", "vipamin_scale.cli", "tune", "tune.space=[1,2]"], env=cli_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == ["error: tune.space: [1, 2] is not a dict"]

@@ -253,6 +253,35 @@ def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digit
     assert "rank 1 of 2 trains 1 of them" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_a_packed_sweep_whose_runs_are_refused_exits_2_with_each_runs_line(tmp_path, digits_root):
+    """A finished sweep run again without train.resume: one `error:` line per run, the solo run's line, exit 2
+    (as `vipamin-scale train` alone); under another config with train.resume=true: each run's mismatch line;
+    the runs' directories (Hydra's records included) as they were; with train.resume=true: exit 0."""
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "vipamin_scale.cli", "train", "-m", "hydra/launcher=packed", *TINY, *SHORT,
+            "train.epochs=1", "train.test_at_end=false", "init=random,vipamin", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    solo = subprocess.run([sys.executable, "-m", "vipamin_scale.cli", "train", *TINY, *SHORT, "train.epochs=1",
+                           "train.test_at_end=false", "init=random", f"hydra.run.dir={sweep / '0'}"], env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert solo.returncode == 2 and len(solo.stderr.splitlines()) == 1, solo.stderr
+    before = [_tree(sweep / job) for job in "01"]  # (the solo run's Hydra wrote its .hydra/ into job 0 first)
+    again = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2, again.stderr[-4000:]
+    line = solo.stderr.strip()
+    assert again.stderr.splitlines() == [line, line.replace(str(sweep / "0"), str(sweep / "1"))]
+    other = subprocess.run([*args, "train.lr=0.3", "train.resume=true"], env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2 and [line.split(" holds a run made under another config ")[1] for line in
+                                      other.stderr.splitlines()] == ["(train.lr: 0.5 -> 0.3); use the same config "
+                                                                     "or a new directory"] * 2
+    assert [_tree(sweep / job) for job in "01"] == before  # records, checkpoints and Hydra's own
+    resumed = subprocess.run([*args, "train.resume=true"], env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr[-4000:]
+
+
 def test_a_run_with_bad_data_fails_alone(tmp_path):
     """Two draws of a task in one pack, one with an undecodable image: that run fails with its solo
     run's record (the same one line); the other ends as it would alone."""
@@ -289,6 +318,36 @@ def test_hydra_packed_sweep_with_a_failed_run_exits_as_the_basic_launcher(tmp_pa
     assert [r.get("status", "ok") for r in results] == ["ok", "failed", "ok"]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert lines == ["error: " + results[1]["error"].split(": ", 1)[1]] and "the loss is nan" in lines[0]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_run_its_directory_refuses_is_left_out_before_any_compute(tmp_path, monkeypatch):
+    """run_packed asks each run's directory first (runs.refusal): a fresh run over a finished one, or a resume
+    under another config, gets the solo run's refusal as its record, its directory untouched, and no pack
+    trains it; the other runs train."""
+    import vipamin_scale.packs as packs
+
+    done = _cfg(tmp_path / "done", "train.epochs=1", "train.test_at_end=false")
+    train_pack([done])
+    before = _tree(tmp_path / "done")
+    packed = []
+    real = packs.train_pack
+    monkeypatch.setattr(packs, "train_pack", lambda cfgs: packed.append([c.train.out_dir for c in cfgs]) or real(cfgs))
+    again = _cfg(tmp_path / "done", "train.epochs=1", "train.test_at_end=false")
+    other = _cfg(tmp_path / "done", "train.epochs=1", "train.test_at_end=false", "train.lr=0.3", "train.resume=true")
+    new = _cfg(tmp_path / "new", "train.epochs=1", "train.test_at_end=false")
+    refused, mismatch, ok = packs.run_packed([again, other, new], keep_going=True)
+    assert refused == {"status": "failed", "refused": True, "error": (
+        f"RunExists: train.out_dir: {tmp_path / 'done'} holds a run (finished: checkpoint ckpt-00000002.safetensors); "
+        "continue it with train.resume=true, start it over with train.overwrite=true, or use another directory")}
+    assert mismatch["refused"] and mismatch["error"].startswith(
+        f"RunMismatch: train.resume: {tmp_path / 'done'} holds a run made under another config (train.lr: 0.5 -> 0.3)")
+    assert "status" not in ok and ok["steps"] == 2
+    assert packed == [[str(tmp_path / "new")]] and _tree(tmp_path / "done") == before
+    assert packs.sweep_code([refused, ok]) == 2
 
 
 def test_a_pack_that_fails_as_a_whole_is_recorded_per_run_and_the_next_pack_goes_on(tmp_path):

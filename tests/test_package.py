@@ -84,6 +84,59 @@ def test_eval_split_names_its_field():
     assert eval_split(default_config(train__eval_split="test", data__test_split="t2")) == ("data.test_split", "t2")
 
 
+# ------------------------------------------------------------------------------------------- the config trees
+
+
+def test_experiments_set_what_the_slurm_jobs_set_and_the_command_line_wins():
+    vith = vipamin_scale.compose(["experiment=vith_vipamin", "data.root=/shards"])
+    vitl = vipamin_scale.compose(["experiment=vitl_vipamin", "data.root=/shards"])
+    for cfg in (vith, vitl):
+        validate(cfg)
+        assert (cfg.data.name, cfg.data.max_train_samples, cfg.prompt.deep, cfg.prompt.length, cfg.init.method,
+                cfg.train.precision, cfg.model.dtype) == ("shards", None, True, 10, "vipamin", "bf16", "bf16")
+    assert (vith.model.name, vith.model.img_size, vith.engine.name) == ("vit_huge_patch14_224", 224, "ddp")
+    assert (vitl.model.name, vitl.engine.name, vitl.engine.zero_stage) == ("vit_large_patch14_clip_224", "deepspeed", 2)
+    mine = vipamin_scale.compose(["experiment=vith_vipamin", "model=vit_test_d64", "data=digits", "prompt.length=3",
+                                  "train.precision=fp32", "model.dtype=fp32"])
+    assert (mine.model.name, mine.data.name, mine.prompt.length, mine.train.precision, mine.engine.name) == \
+        ("vit_test_d64", "digits", 3, "fp32", "ddp")
+
+
+def test_the_top_level_tree_is_found_named_or_absent(tmp_path, monkeypatch, capsys):
+    """$VIPAMIN_SCALE_CONFIGS, else ./configs, else the clone's configs/: its groups and options join the
+    package's (whose own files win), in compose, check_overrides and --help; a `study` group is added alike."""
+    from vipamin_scale.cli import check_overrides, command_help, main
+    from vipamin_scale.config import CONFIGS_ENV, config_groups, group_options, user_config_dir
+
+    monkeypatch.delenv(CONFIGS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert user_config_dir() == REPO / "configs"  # the package runs from this clone
+    mine = tmp_path / "mine"
+    for path, text in {"experiment/tiny.yaml": "# @package _global_\nprompt:\n  length: 7\n",
+                       "study/tiny_study.yaml": "{}\n", "model/vit_h14.yaml": "name: not_the_package_one\n"}.items():
+        (mine / path).parent.mkdir(parents=True, exist_ok=True)
+        (mine / path).write_text(text)
+    monkeypatch.setenv(CONFIGS_ENV, str(mine))
+    assert user_config_dir() == mine and group_options("experiment") == ["tiny"]
+    assert "study" in config_groups() and group_options("study") == ["tiny_study"]
+    cfg = vipamin_scale.compose(["experiment=tiny", "model=vit_h14"])
+    assert cfg.prompt.length == 7 and cfg.model.name == "vit_huge_patch14_224"  # the package's preset wins
+    check_overrides(["+study=tiny_study"])
+    with pytest.raises(ConfigError, match=r"^study=big: no such option; the options are tiny_study$"):
+        check_overrides(["+study=big"])
+    lines = command_help("train").splitlines()
+    assert "  experiment      tiny" in lines and "  study           tiny_study" in lines
+    monkeypatch.delenv(CONFIGS_ENV)
+    (tmp_path / "configs" / "experiment").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment" / "here.yaml").write_text("# @package _global_\ntrain:\n  epochs: 2\n")
+    assert user_config_dir() == tmp_path / "configs"  # the current directory's, before the clone's
+    assert vipamin_scale.compose(["experiment=here"]).train.epochs == 2
+    monkeypatch.setenv(CONFIGS_ENV, str(tmp_path / "nowhere"))
+    assert main(["train", "experiment=here"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {CONFIGS_ENV}: {tmp_path / 'nowhere'}: no such directory "
+                                                    f"(the top-level config tree: experiment/*.yaml, ...)"]
+
+
 # ----------------------------------------------------------------------------------------- the API
 
 
@@ -175,3 +228,13 @@ def test_wheel_installs_in_a_fresh_venv_and_trains(tmp_path, digits_root):
     assert trained.returncode == 0, trained.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["steps"] == 64 // 32 and result["test"]["count"] == 500
+
+    # the user's own top-level configs/ (here: ./configs) joins the installed tree; elsewhere there is none
+    (work / "configs" / "experiment").mkdir(parents=True)
+    (work / "configs" / "experiment" / "tiny.yaml").write_text("# @package _global_\nprompt:\n  length: 7\n")
+    job = run(str(venv / "bin" / "vipamin-scale"), "train", "--cfg", "job", "experiment=tiny", cwd=work, env=env)
+    assert job.returncode == 0 and yaml.safe_load(job.stdout)["prompt"]["length"] == 7, job.stderr[-3000:]
+    elsewhere = run(str(venv / "bin" / "vipamin-scale"), "train", "experiment=tiny", cwd=tmp_path / "wheels", env=env)
+    assert elsewhere.returncode == 2 and elsewhere.stderr.splitlines() == [
+        "error: experiment=tiny: no such option; the group has none here (no top-level configs/ found: "
+        "`vipamin-scale --help` says where it is looked for)"], elsewhere.stderr[-3000:]

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, TINY, cli, cli_env
 from safetensors.torch import load_file
 
@@ -83,7 +84,8 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
     slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}."""
     (tmp_path / "slurm").mkdir()
     shutil.copy(REPO / "slurm" / "prompt_length_sweep.sh", tmp_path / "slurm")
-    (tmp_path / "slurm" / "vith_vipamin.sh").write_text('echo "$INIT $PROMPT_LENGTH $RUN $DATA_ROOT $*"\n')
+    (tmp_path / "slurm" / "vith_vipamin.sh").write_text('echo "$INIT $PROMPT_LENGTH $RUN $DATA_ROOT $*"; '
+                                                        'echo "experiment=$EXPERIMENT" >&2\n')
     env = {"PATH": "/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7", "LENGTHS": "1 10 50",
            "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
 
@@ -92,8 +94,10 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
                               text=True, env={**env, "SLURM_ARRAY_TASK_ID": str(i), **extra})
 
     sweep = tmp_path / "runs" / "prompt-length-7"
-    assert task(0).stdout.split() == ["vipamin", "1", f"{sweep}/vipamin-deep-len1-seed0", "/d/4shot_seed0",
-                                      "init.seed=0", "train.seed=0", "x=1"]
+    first = task(0)
+    assert first.stdout.split() == ["vipamin", "1", f"{sweep}/vipamin-deep-len1-seed0", "/d/4shot_seed0",
+                                    "init.seed=0", "train.seed=0", "x=1"]
+    assert first.stderr == "experiment=vitl_vipamin\n"  # the ViT-L job's experiment unless EXPERIMENT says otherwise
     assert task(5).stdout.split()[:4] == ["random", "1", f"{sweep}/random-deep-len1-seed2", "/d/4shot_seed2"]
     assert task(17).stdout.split()[:2] == ["random", "50"]
     bad = task(18)
@@ -103,19 +107,65 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
     # PACK=1: a task per (length, seed), its inits one pack (the command replaced by an echo)
     packed = task(4, PACK="1", VIPAMIN_SCALE="echo")
     assert packed.stdout.split() == [
-        "train", "-m", "hydra/launcher=packed", "model=vit_l14", "data=shards", "prompt=deep", "prompt.length=10",
-        "init=vipamin,random", "train.resume=true", "init.seed=1", "train.seed=1", "data.root=/d/4shot_seed1",
+        "train", "-m", "hydra/launcher=packed", "experiment=vitl_vipamin", "prompt.length=10", "init=vipamin,random",
+        "engine=ddp", "train.resume=true", "init.seed=1", "train.seed=1", "data.root=/d/4shot_seed1",
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra:runtime.choices.init}-deep-len10-seed1", "x=1"]
+    mine = task(4, PACK="1", VIPAMIN_SCALE="echo", EXPERIMENT="vith_vipamin", MODEL="vit_l16", PRECISION="fp32")
+    assert mine.stdout.split()[3:10] == ["experiment=vith_vipamin", "model=vit_l16", "prompt.length=10",
+                                         "init=vipamin,random", "engine=ddp", "train.precision=fp32", "model.dtype=fp32"]
     bad = task(9, PACK="1", VIPAMIN_SCALE="echo")
     assert bad.returncode == 2 and "LENGTHS x SEEDS (PACK=1) has 9 entries" in bad.stderr and "--array=0-8" in bad.stderr
+
+
+def test_the_jobs_name_their_experiment_and_pass_only_the_settings_given(tmp_path):
+    """slurm/vith_vipamin.sh and vitl_vipamin.sh with srun and scontrol replaced by echoes: both commands get
+    `experiment=<the job's>` first, then only the settings given in the environment (ENGINE, PRECISION and
+    DTYPE to `train` alone; model.dtype follows PRECISION), then the script's own and the user's overrides."""
+    (tmp_path / "slurm").mkdir()
+    for name in ("vith_vipamin.sh", "vitl_vipamin.sh"):
+        shutil.copy(REPO / "slurm" / name, tmp_path / "slurm")
+    bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("")
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" ---\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho n1\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "REPO": str(tmp_path), "VENV": str(venv), "SLURM_JOB_ID": "5",
+           "SLURM_JOB_NODELIST": "n1", "RUN": str(tmp_path / "run")}
+
+    def commands(script, **extra):
+        proc = subprocess.run(["bash", str(tmp_path / "slurm" / script), "x=1"], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out = {}
+        for call in proc.stdout.split("---\n")[:-1]:  # srun's arguments: ... bash -c SCRIPT PYTHON PORT COMMAND ARGS
+            args = call.splitlines()
+            command = args[args.index(str(venv / "bin" / "python")) + 2:]
+            out[command[0]] = command[1:]
+        return out
+
+    run = tmp_path / "run"
+    plain = commands("vith_vipamin.sh")
+    assert plain["init"] == ["experiment=vith_vipamin", f"out={run}/prompts.safetensors", f"hydra.run.dir={run}/init",
+                             "hydra.output_subdir=null", "x=1"]
+    assert plain["train"] == ["experiment=vith_vipamin", f"prompt.init_file={run}/prompts.safetensors",
+                              "data.batch_size=32", "train.resume=true", f"hydra.run.dir={run}", "x=1"]
+    given = commands("vitl_vipamin.sh", MODEL="vit_l16", DATA_ROOT="/d", PROMPT_LENGTH="50", ENGINE="zero3",
+                     PRECISION="fp32")
+    assert given["init"][:4] == ["experiment=vitl_vipamin", "model=vit_l16", "prompt.length=50", "data.root=/d"]
+    assert given["train"][:7] == ["experiment=vitl_vipamin", "model=vit_l16", "prompt.length=50", "data.root=/d",
+                                  "engine=zero3", "train.precision=fp32", "model.dtype=fp32"]
+    assert commands("vith_vipamin.sh", EXPERIMENT="mine")["train"][0] == "experiment=mine"
 
 
 def test_prompt_length_sweep_pack_task_trains_its_inits_as_one_pack(tmp_path):
     """PACK=1 for real (without Slurm): the task's two inits train as one pack into the run directories
     the unpacked array writes, with the seed's init.seed, train.seed and draw."""
     env = cli_env(REPO=str(REPO), SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3",
-                  INITS="random vipamin", SEEDS="0 5", MODEL="vit_test_d64", DATA="digits", SWEEP=str(tmp_path),
-                  VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
+                  INITS="random vipamin", SEEDS="0 5", MODEL="vit_test_d64", DATA="digits", PRECISION="fp32",
+                  SWEEP=str(tmp_path), VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
     proc = subprocess.run(["bash", str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean",
                            "data.max_train_samples=64", "data.batch_size=32", "train.epochs=1", "train.progress=false",
                            "init.num_images=32"], env=env, capture_output=True, text=True, timeout=300)
@@ -124,8 +174,10 @@ def test_prompt_length_sweep_pack_task_trains_its_inits_as_one_pack(tmp_path):
         run = tmp_path / f"{init}-deep-len2-seed5"
         result = json.loads((run / "result.json").read_text())
         assert result["pack_size"] == 2 and result["prompt_length"] == 2 and result["method"] == init
-        config = (run / ".hydra" / "config.yaml").read_text()
-        assert "seed: 5" in config
+        config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        assert config["init"]["seed"] == config["train"]["seed"] == 5
+        assert (config["prompt"]["deep"], config["init"]["method"], config["engine"]["name"]) == (True, init, "ddp")
+        assert (config["train"]["precision"], config["model"]["dtype"]) == ("fp32", "fp32")
 
 
 # ----------------------------------------------------------------------------- on Slurm
@@ -190,6 +242,7 @@ def test_two_nodes_init_matches_one_process_and_trains(two_node_run):
     result = json.loads((run / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 6 * 16 and result["method"] == "file"
     assert result["test"]["count"] == 500
+    assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())[0] == "experiment=vith_vipamin"
     log = _job_log(two_node_run["dir"])
     assert "2 nodes x 1" in log and "done:" in log
 

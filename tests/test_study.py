@@ -268,3 +268,15 @@ def test_a_study_under_torchrun_is_refused_before_anything_runs(tmp_path, monkey
     with pytest.raises(ConfigError, match="under torchrun every rank would run the whole study"):
         run_study(compose([*QUICK, f"hydra.run.dir={tmp_path / 's'}"]))
     assert not (tmp_path / "s").exists()
+
+
+def test_the_top_level_study_presets_are_the_protocols_on_vit_l_and_h(tmp_path):
+    """configs/study/ (the top-level tree, on Hydra's search path): a preset's protocol on a big backbone in bf16,
+    no cut of it; a method's group found over both trees."""
+    cfg = compose(["study=vith_prompt_length", f"data.root={tmp_path}", "hydra.run.dir=/tmp/unused"])
+    assert (cfg.model.name, cfg.model.dtype, cfg.train.precision, cfg.data.name) == (
+        "vit_huge_patch14_224", "bf16", "bf16", "shards")
+    assert cfg.study.name == "prompt_length" and P.cut(cfg) == {} and cfg.study.workers == 8
+    assert len(P.cells(cfg)) == len(compose(["study=prompt_length", "hydra.run.dir=/tmp/unused"]).study.lengths) * 4 * 2 + 1
+    acc = compose(["study=vith_accuracy", f"data.root={tmp_path}", "hydra.run.dir=/tmp/unused"])
+    assert acc.study.name == "accuracy" and P.cut(acc) == {} and acc.model.name == "vit_huge_patch14_224"

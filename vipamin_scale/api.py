@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vipamin_scale.config import CONFIG_DIR, ConfigError, register
+from vipamin_scale.config import CONFIG_DIR, ConfigError, hydra_args, register
 
 _OUT_DIR_FROM_HYDRA = "${hydra:runtime.output_dir}"
 
@@ -22,6 +22,7 @@ def compose(overrides: Optional[list[str]] = None) -> DictConfig:
 
     register()
     overrides = list(overrides or [])
+    overrides = hydra_args(overrides)
     outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
     if outer is not None:  # called inside a Hydra app (or another compose): leave its state as it was
         GlobalHydra.instance().clear()

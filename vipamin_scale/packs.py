@@ -9,7 +9,8 @@
                                         (their result.json is in their run directories). When this process
                                         already joined a process group, every pack is trained by all ranks
                                         together instead (a distributed run each), and every rank returns
-                                        every result
+                                        every result. A run its directory refuses (`runs.refusal`: it holds
+                                        another run) is left out before any compute, as its solo run stops
 
 The three ways in call `run_packed`: Python (`vipamin_scale.train_pack` for one pack), the Hydra launcher
 (`vipamin-scale train -m hydra/launcher=packed ...`, `launch_sweep` below, the plugin class in
@@ -75,9 +76,10 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep
     recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
     is raised, or with `keep_going` recorded for each of its runs (their result: the failure record, with
     "bug": True when the exception is not a user error, whose traceback is then logged) while the next
-    packs go on. `workers` > 1 (and no torchrun): the packs are trained by that many spawned processes at
-    once (one torch thread each; on a machine with GPUs, worker w on GPU w mod the device count), in plan
-    order, each pack alone in its process."""
+    packs go on. A run its directory refuses (`runs.refusal`) is not trained and nothing is written there;
+    its result is {"status": "failed", "error": ..., "refused": True}. `workers` > 1 (and no torchrun): the
+    packs are trained by that many spawned processes at once (one torch thread each; on a machine with GPUs,
+    worker w on GPU w mod the device count), in plan order, each pack alone in its process."""
     cfgs = list(cfgs)
     plan = plan_packs(cfgs, pack_size)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -85,6 +87,12 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep
         world, rank = 1, 0
     results: list[Optional[dict[str, Any]]] = [None] * len(cfgs)
     mine = plan[rank::world] if world > 1 else plan
+    refused = _refused(cfgs, [i for pack in mine for i in pack])
+    for i, exc in refused.items():  # as its solo run: one line (the caller prints it), its directory untouched
+        results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "refused": True}
+    if refused:
+        log.info("%d runs refused before any compute (their directories hold other runs)", len(refused))
+    mine = [kept for kept in ([i for i in pack if i not in refused] for pack in mine) if kept]
     workers = 1 if world > 1 or D.is_dist() else max(1, min(workers, len(mine)))
     log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
              f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else
@@ -139,13 +147,28 @@ def _worker_device(counter) -> None:
     torch.set_num_threads(1)
 
 
+def _refused(cfgs: Sequence[DictConfig], which: Sequence[int]) -> dict[int, Exception]:
+    """{index: the RunDirError its directory refuses the run for} among `which` (`runs.refusal`). When a
+    process group is up, every rank trains every pack: rank 0 looks and every rank learns the outcome."""
+    if D.is_dist():
+        return D.broadcast_object(_refused_here(cfgs, which) if D.rank() == 0 else None)
+    return _refused_here(cfgs, which)
+
+
+def _refused_here(cfgs: Sequence[DictConfig], which: Sequence[int]) -> dict[int, Exception]:
+    found = {i: runs.refusal(cfgs[i]) for i in which}
+    return {i: exc for i, exc in found.items() if exc is not None}
+
+
 # ----------------------------------------------------------------------------- the Hydra launcher
 
 
 def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
     """`hydra/launcher=packed`'s launch: every job's config composed and recorded in its job directory as
     Hydra's basic launcher would (`.hydra/`: config, hydra config, overrides; train.out_dir = the job's
-    directory), then all trained by `run_packed` with `hydra.launcher.pack_size`. Returns Hydra's JobReturns."""
+    directory), then all trained by `run_packed` with `hydra.launcher.pack_size`. Returns Hydra's JobReturns
+    when every run ended well; else, once each failed or refused run's `error:` line is printed (a bug's
+    traceback logged), raises `runs.SweepFailed` with `sweep_code`'s exit code (the CLI returns it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, setup_globals
 
@@ -166,7 +189,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             task_cfg = OmegaConf.create({k: sweep[k] for k in sweep if k != "hydra"})
         task_cfg = OmegaConf.create(OmegaConf.to_container(task_cfg, resolve=True))
         task_cfg.train.out_dir = str(out_dir)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 and runs.refusal(task_cfg) is None:  # a refused run's records stay
             record = out_dir / str(hydra_cfg.output_subdir or ".hydra")
             record.mkdir(parents=True, exist_ok=True)
             _save_config(task_cfg, "config.yaml", record)
@@ -186,14 +209,14 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     for record in failed:  # the line each failed job prints under Hydra's basic launcher (a bug: its traceback, logged)
         if not record.get("bug"):
             print(f"error: {_message(record.get('error') or '')}", file=sys.stderr, flush=True)
-    if failed:
-        log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(failed),
+    trained = [r for r in failed if not r.get("refused")]
+    if trained:
+        log.error("%d of %d packed runs failed; their result.json say why (`vipamin-scale report`)", len(trained),
                   len(results))
-    _CODES.append(sweep_code(results))
+    code = sweep_code(results)
+    if code:
+        raise runs.SweepFailed(code)
     return returns
-
-
-_CODES: list[int] = []  # the exit code of each launch_sweep call of this process, until `take_failed` reads them
 
 
 def sweep_code(results: Sequence[Optional[dict[str, Any]]]) -> int:
@@ -203,18 +226,10 @@ def sweep_code(results: Sequence[Optional[dict[str, Any]]]) -> int:
     return 1 if any(r.get("bug") for r in failed) else 2 if failed else 0
 
 
-def take_failed() -> int:
-    """The exit code of this process's packed sweeps (`sweep_code`; the worst of them) and forget them;
-    0 when no run failed."""
-    code = 1 if 1 in _CODES else 2 if 2 in _CODES else 0
-    _CODES.clear()
-    return code
-
-
 def _message(error: str) -> str:
     """A failure record's error without its exception class ("TrainingDiverged: train: ..." -> "train: ...")."""
     head, sep, rest = error.partition(": ")
     return rest if sep and head.isidentifier() else error
 
 
-__all__ = ["plan_packs", "run_packed", "launch_sweep", "take_failed"]
+__all__ = ["plan_packs", "run_packed", "launch_sweep", "sweep_code"]

@@ -1,10 +1,11 @@
 """Where the project keeps things it makes once and reuses (converted weights, demo shards)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 def cache_dir() -> Path:
@@ -12,6 +13,20 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("VIPAMIN_SCALE_CACHE", Path.home() / ".cache" / "vipamin_scale"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created when absent; `fcntl.flock`, which the kernel
+    releases if the holder dies): the writers of one cache wait for each other instead of writing over
+    each other."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

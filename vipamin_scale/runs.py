@@ -110,6 +110,13 @@ class RunExists(RunDirError):
     """A fresh run (train.resume=false) was pointed at a directory that holds a run."""
 
 
+class SweepFailed(SystemExit):
+    """A packed sweep ended with runs that failed or were refused (`packs.launch_sweep`, once every run was
+    tried and each one's line printed): `code` is the exit code Hydra's basic launcher would give, 2 for user
+    errors only, 1 for a bug. A SystemExit, so Hydra's reporter (which turns an Exception into a traceback
+    and exit 1) lets it through to `vipamin-scale`, which returns the code; uncaught, the process exits with it."""
+
+
 # ----------------------------------------------------------------------------- strict JSON
 
 
@@ -225,12 +232,21 @@ def check_same_run(out_dir: Path, cfg: DictConfig, what: str = "train.resume") -
     run = read_run(out_dir)
     if recorded is not None and (not run or "identity" not in run):
         _restore_record(out_dir, recorded, source, run)
+    mismatch = _mismatch(out_dir, cfg, what, recorded, run)
+    if mismatch is not None:
+        raise mismatch
+
+
+def _mismatch(out_dir: Path, cfg: DictConfig, what: str, recorded: Optional[Mapping[str, Any]],
+              run: Optional[Mapping[str, Any]]) -> Optional[RunMismatch]:
+    """RunMismatch when the checkpoint's recorded identity or run.json's differs from `cfg`'s, else None."""
     new = identity(cfg)
     for old in (recorded, (run or {}).get("identity")):
         diff = differences(old, new) if isinstance(old, Mapping) else []
         if diff:
-            raise RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
-                              f"use the same config or a new directory")
+            return RunMismatch(f"{what}: {out_dir} holds a run made under another config ({'; '.join(diff)}); "
+                               f"use the same config or a new directory")
+    return None
 
 
 def earlier_run(out_dir: Path) -> Optional[tuple[str, bool]]:
@@ -266,10 +282,10 @@ def start_fresh(out_dir: Path, overwrite: bool) -> None:
     held = D.broadcast_object(earlier_run(out_dir) if D.rank() == 0 else None)
     if held is None:
         return
+    exists = _exists(out_dir, held, overwrite)
+    if exists is not None:
+        raise exists
     what, worth_keeping = held
-    if worth_keeping and not overwrite:
-        raise RunExists(f"train.out_dir: {out_dir} holds a run ({what}); continue it with train.resume=true, "
-                        f"start it over with train.overwrite=true, or use another directory")
     if D.rank() == 0:
         gone = []
         for name in (CHECKPOINTS, RUN, RESULT, CONFIG, *OUTPUTS, *(p.name for p in out_dir.glob("result.rank*.json"))):
@@ -284,6 +300,27 @@ def start_fresh(out_dir: Path, overwrite: bool) -> None:
         log.warning("%s: %s held a run (%s); deleted %s", "train.overwrite" if worth_keeping else "a fresh run",
                     out_dir, what, ", ".join(gone))
     D.barrier()
+
+
+def _exists(out_dir: Path, held: Optional[tuple[str, bool]], overwrite: bool) -> Optional[RunExists]:
+    """RunExists when a run that starts fresh without `overwrite` meets `held` (`earlier_run`) worth keeping."""
+    if held is None or not held[1] or overwrite:
+        return None
+    return RunExists(f"train.out_dir: {out_dir} holds a run ({held[0]}); continue it with train.resume=true, "
+                     f"start it over with train.overwrite=true, or use another directory")
+
+
+def refusal(cfg: DictConfig) -> Optional[RunDirError]:
+    """What `train` would refuse the run of `cfg` for because of its directory, before any compute, found
+    without changing anything there: a run that continues (train.resume, or a torchrun restart) under
+    another config than the directory's run (RunMismatch, as `check_same_run`); a run that starts fresh,
+    without train.overwrite, in a directory holding a run worth keeping (RunExists, as `start_fresh`). None
+    when it would go on. A launcher of many runs in one process asks first (`packs.run_packed`), so that a
+    refused run is reported as its solo run's refusal is: one error line, and its directory as it was."""
+    out_dir = Path(cfg.train.out_dir)
+    if cfg.train.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return _mismatch(out_dir, cfg, "train.resume", checkpoint_identity(out_dir)[1], read_run(out_dir))
+    return _exists(out_dir, earlier_run(out_dir), cfg.train.overwrite)
 
 
 def checkpoint_identity(out_dir: Path) -> tuple[Optional[Path], Optional[dict[str, Any]]]:

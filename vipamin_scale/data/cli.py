@@ -1,12 +1,14 @@
 """`vipamin-scale shards SOURCE OUT_DIR`: WebDataset shards from an image folder or a CSV, plain or by a
-benchmark protocol (`--protocol vtab|fewshot`, see data/protocols.py)."""
+benchmark protocol (`--protocol vtab|fewshot`, see data/protocols.py); few-shot draws from a shard
+directory too (data/fewshot.py)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from vipamin_scale.data.shards import DataError, ShardsExist, make_shards
+from vipamin_scale.data.fewshot import is_shard_dir
+from vipamin_scale.data.shards import DataError, ShardsExist, dataset_info, make_shards
 
 EPILOG = """protocols:
   plain    (default) the source's own train/val/test, or a seeded split by --fractions.
@@ -18,10 +20,16 @@ EPILOG = """protocols:
            Select hyper-parameters with data=vtab_select, run the final fit with data=vtab_final.
   fewshot  OUT_DIR/<k>shot_seed<seed>/ for each k of --shots: k training images per class drawn with
            --seed (nested in k), val and test kept; the manifest records the draw.
+           SOURCE may be a shard directory (manifest.json + classes.json, e.g. your data.root): the k
+           images per class are drawn from its --split split (default train) by the same rule, their
+           bytes copied as stored; its other splits are symlinks to its own files (never copied or
+           rewritten). Such a draw is written once: asked again it is reused, and refused (one line)
+           when the source changed since; remove the draw's directory to draw again.
 
 examples:
   vipamin-scale shards /data/vtab-1k/dtd shards/dtd --protocol vtab --task dtd
   vipamin-scale shards /data/cub/images shards/cub --protocol fewshot --shots 1 2 4 8 16 --seed 0
+  vipamin-scale shards /data/cub_shards draws/cub --protocol fewshot --shots 4 --seed 2   # from shards
 """
 
 
@@ -30,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="vipamin-scale shards", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Write WebDataset shards (png/jpg + cls, with DALI index files), classes.json and manifest.json. "
                     "SOURCE is an ImageFolder tree (root/<split>/<class>/img or root/<class>/img) "
-                    "or a CSV with columns path,label[,split].")
+                    "or a CSV with columns path,label[,split]; with --protocol fewshot also a shard directory.")
     ap.add_argument("source")
     ap.add_argument("out_dir")
     ap.add_argument("--protocol", choices=("plain", "vtab", "fewshot"), default="plain",
@@ -43,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default 1 2 4 8 16)")
     ap.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                     help="plain: seeded split when the source has no splits of its own")
+    ap.add_argument("--split", help="fewshot from a shard directory: the split drawn from (default train)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--maxcount", type=int, help="samples per shard at most")
     ap.add_argument("--maxsize", type=float, help="bytes per shard at most")
@@ -51,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     write = {k: v for k, v in dict(maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite).items()
              if v is not None}
     try:
+        if is_shard_dir(args.source):
+            return _draw_from_shards(args)
+        if args.split is not None:
+            raise DataError("--split: names the split of a shard directory SOURCE to draw from (--protocol fewshot)")
         if args.protocol == "vtab":
             from vipamin_scale.data.protocols import vtab_shards
 
@@ -70,7 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _print(manifests)
+    return 0
+
+
+def _print(manifests: dict) -> None:
     for out_dir, manifest in manifests.items():
         counts = {split: info["count"] for split, info in manifest["splits"].items()}
         print(json.dumps({"out_dir": out_dir, "num_classes": manifest["num_classes"], "counts": counts}))
+
+
+def _draw_from_shards(args: argparse.Namespace) -> int:
+    """`--protocol fewshot` from a shard directory: `data.fewshot.fewshot_root` for each k of --shots."""
+    from vipamin_scale.data.fewshot import fewshot_root
+    from vipamin_scale.data.protocols import FEWSHOT_SHOTS
+
+    if args.protocol != "fewshot":
+        raise DataError(f"{args.source}: a shard directory; --protocol fewshot draws from one, --protocol "
+                        f"{args.protocol} reads an image tree or a CSV")
+    unused = [flag for flag, value in (("--overwrite", args.overwrite), ("--maxcount", args.maxcount),
+                                       ("--maxsize", args.maxsize), ("--fractions", args.fractions)) if value]
+    if unused:
+        raise DataError(f"{unused[0]}: not used when SOURCE is a shard directory (a draw is written once and "
+                        f"reused; remove its directory to draw again)")
+    roots = [fewshot_root(args.source, k, args.seed, args.out_dir, split=args.split or "train")
+             for k in sorted(set(args.shots or FEWSHOT_SHOTS))]
+    _print({str(root): dataset_info(root)["manifest"] for root in roots})
     return 0

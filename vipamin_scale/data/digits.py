@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from vipamin_scale.data.shards import MANIFEST, dataset_info, write_dataset
-from vipamin_scale.paths import cache_dir as default_cache_dir
+from vipamin_scale.paths import cache_dir as default_cache_dir, exclusive_lock
 
 DIGITS_DIR = "digits_shards_v1"
 FEWSHOT_DIR = "digits_fewshot_v1"  # <cache>/digits_fewshot_v1/{tree, <k>shot_seed<draw>}
@@ -93,8 +93,6 @@ def digits_fewshot(shots: list[int], draws: int, cache_dir: str | Path | None = 
     wherever it is written. Safe when several processes of one machine call it at once: the writing
     holds an exclusive lock on `<root>/.lock` (released by the kernel if the holder dies), so one
     writes and the others wait, then find the draws done."""
-    import fcntl
-
     from vipamin_scale.data.protocols import fewshot_shards
 
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / FEWSHOT_DIR
@@ -102,9 +100,7 @@ def digits_fewshot(shots: list[int], draws: int, cache_dir: str | Path | None = 
     names = {(k, d): root / f"{k}shot_seed{d}" for d in range(draws) for k in shots}
     if (tree / ".done").is_file() and all((p / MANIFEST).is_file() for p in names.values()):
         return names
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(root / ".lock"):
         if not (tree / ".done").is_file():
             images, labels = digits_images()
             for split, idx in _split_indices(labels).items():

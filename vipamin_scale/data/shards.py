@@ -36,7 +36,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import webdataset as wds
@@ -56,9 +56,18 @@ DEFAULT_MAXSIZE = 500_000_000  # bytes of payload per shard (a shard may exceed 
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test for a tree or CSV without splits
 DALI_INDEX_VERSION = "v1.2"
 
+
+class StoredImage(NamedTuple):
+    """An image as a shard stores it (read from another shard): written again byte for byte, unchecked."""
+
+    data: bytes
+    ext: str  # jpg | png
+
+
 # An image given to the writer: a PIL image (stored as PNG), already encoded bytes + extension,
-# or the Path of an image file (read only when the writer reaches it, so memory stays at one image).
-ImageInput = Union[Image.Image, tuple[bytes, str], Path]
+# the Path of an image file (read only when the writer reaches it, so memory stays at one image), or
+# a StoredImage (a copy from a shard).
+ImageInput = Union[Image.Image, tuple[bytes, str], Path, StoredImage]
 # One sample given to the writer: (source, image, label). `source` names where it came from
 # (a file path, a CSV row) and is used only in error messages; the shard key is assigned by the writer.
 Sample = tuple[str, ImageInput, int]
@@ -230,8 +239,13 @@ def encode_image(image: ImageInput, source: str, verify: bool = True) -> tuple[b
       (CMYK, YCbCr, I, ...) becomes an RGB PNG of `to_rgb`'s pixels; a mode `to_rgb` refuses (F), or an
       I image outside [0, 65535], is a DataError naming `source`;
     * encoded bytes are kept as given (after an optional full decode check, so a corrupt file fails here,
-      naming `source`), except a CMYK JPEG, stored as the RGB PNG of `to_rgb` (see there).
+      naming `source`), except a CMYK JPEG, stored as the RGB PNG of `to_rgb` (see there);
+    * a StoredImage (bytes another shard holds, which the readers already read) is kept exactly.
     """
+    if isinstance(image, StoredImage):
+        if image.ext not in IMAGE_EXTS:
+            raise DataError(f"{source}: image extension {image.ext!r} not supported in shards (use jpg or png)")
+        return bytes(image.data), image.ext
     if isinstance(image, Path):
         image = _read_image_file(image, source)
     if isinstance(image, Image.Image):

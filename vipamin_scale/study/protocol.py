@@ -152,11 +152,15 @@ DEFAULT_METHODS = {"VPT random": {"init": "random"}, "VIPAMIN": {"init": "vipami
 
 
 def group_file(group: str, option: Any, where: str) -> Path:
-    """The packaged preset file of `group=option` (CONFIG_DIR/<group>/<option>.yaml); else a ConfigError."""
-    path = CONFIG_DIR / group / f"{option}.yaml"
-    if not isinstance(option, str) or not path.is_file():
-        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        raise ConfigError(f"{where}.{group}: no such option {option!r}; the options are {', '.join(options)}")
+    """The preset file of `group=option`, the first on Hydra's search path (`config.config_dirs`: the package's
+    tree, then the top-level one), as `group=option` on the command line finds it; else a ConfigError."""
+    from vipamin_scale.config import config_dirs, group_options
+
+    found = [d / group / f"{option}.yaml" for d in config_dirs()] if isinstance(option, str) else []
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"{where}.{group}: no such option {option!r}; the options are "
+                          f"{', '.join(group_options(group))}")
     return path
 
 
@@ -392,7 +396,11 @@ def protocol_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
 
 
 def preset_file(name: str) -> Path:
-    return CONFIG_DIR / "study" / f"{name}.yaml"
+    """The study preset `name` (study.name: the protocol a study is a cut of), on Hydra's search path."""
+    try:
+        return group_file("study", name, "study.name")
+    except ConfigError:
+        return CONFIG_DIR / "study" / f"{name}.yaml"  # absent: `cut` names nothing
 
 
 def cut(cfg: DictConfig) -> dict[str, list[Any]]:
