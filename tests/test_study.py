@@ -280,3 +280,36 @@ def test_the_top_level_study_presets_are_the_protocols_on_vit_l_and_h(tmp_path):
     assert len(P.cells(cfg)) == len(compose(["study=prompt_length", "hydra.run.dir=/tmp/unused"]).study.lengths) * 4 * 2 + 1
     acc = compose(["study=vith_accuracy", f"data.root={tmp_path}", "hydra.run.dir=/tmp/unused"])
     assert acc.study.name == "accuracy" and P.cut(acc) == {} and acc.model.name == "vit_huge_patch14_224"
+
+
+@pytest.mark.slow
+def test_a_study_on_shards_draws_the_same_images_for_every_method_and_rerun(tmp_path, digits_root):
+    """data=shards: draw d of k shots is k images per class of the user's train split (data/fewshot.py), written
+    once under the study, read by every method; a re-run reads the same draws; the user's shards untouched."""
+    import hashlib
+
+    def digest(root):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+    before = digest(digits_root)
+    args = ["data=shards", f"data.root={digits_root}", "study.lengths=[1]", "study.full_seeds=0", "study.gate=false",
+            "study.cost=false"]
+    out = tmp_path / "s"
+    proc = _study(out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "study.json").read_text())
+    drawn = {}
+    for d in range(2):
+        roots = {OmegaConf.load(out / c["runs"][d]["dir"] / "config.resolved.yaml").data.root for c in doc["cells"]}
+        assert len(roots) == 1  # every method reads draw d's directory
+        root = roots.pop()
+        assert root == str(out / "data" / f"1shot_seed{d}")
+        manifest = json.loads((out / "data" / f"1shot_seed{d}" / "manifest.json").read_text())
+        assert manifest["splits"]["train"]["count"] == 10 and len(manifest["drawn"]) == 10
+        drawn[d] = manifest["drawn"]
+    assert drawn[0] != drawn[1]
+    again = _study(out, *args)
+    assert again.returncode == 0 and " reused)" in again.stdout, again.stderr[-2000:]
+    assert {d: json.loads((out / "data" / f"1shot_seed{d}" / "manifest.json").read_text())["drawn"]
+            for d in range(2)} == drawn
+    assert digest(digits_root) == before

@@ -115,8 +115,7 @@ class Study:
         source = resolve_root(self.cfg.data)
         for k in per:
             for d in range(most):
-                self.roots[(k, d)] = fewshot_root(source, k, d, self.root / "data" / f"{k}shot_draw{d}",
-                                                  split=self.cfg.data.train_split)
+                self.roots[(k, d)] = fewshot_root(source, k, d, self.root / "data", split=self.cfg.data.train_split)
 
     # -- runs -------------------------------------------------------------------------------------
     def run_dir(self, cell: P.Cell, point: dict[str, Any], draw: int) -> Path:
