@@ -27,7 +27,7 @@ from vipamin_scale.paths import portable, write_marked_section  # noqa: E402
 
 def parse(script: str, preset: str, argv: Optional[list[str]], doc: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--work", default=None, help=f"the study's directory (default .cache/<preset>)")
+    ap.add_argument("--work", default=None, help="the study's directory (default .cache/<preset>)")
     ap.add_argument("--out", default=None, help="the record's copy (default benchmarks/results/<preset>.json)")
     ap.add_argument("--results-md", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--render", action="store_true", help="rewrite the copies and the section from --work's study.json")

@@ -17,7 +17,6 @@ per second, applied to the steps the phase has left (later phases are not known 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import os
