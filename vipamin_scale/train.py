@@ -12,8 +12,8 @@ one AdamW with two param groups per run (each run's lr and weight decay; AdamW i
 group steps exactly as the run's own optimizer would, and its state by parameter name is the solo
 checkpoint's), one LambdaLR whose factor every run shares (the schedule length must agree). Runs of
 the same data (data.root, train.seed: the same batches) share one loader, others have their own.
-`check_pack` says what may differ (`PACK_MAY_DIFFER`); anything else is one ConfigError naming the
-field, before any compute. Per-run randomness: the head, the Xavier prompts and the initializers draw
+`config.check_pack` says what may differ (the fields declared `packable`); anything else is one
+ConfigError naming the field, before any compute. Per-run randomness: the head, the Xavier prompts and the initializers draw
 from generators seeded by the run's own config (each run's initializer runs after seeding the global
 RNG with its own train.seed, as its solo run does), so they are drawn as in the solo run. Prompt
 dropout draws from the global RNG, which a pack cannot split per run: `prompt.dropout > 0` is refused
@@ -78,7 +78,8 @@ from omegaconf import DictConfig, OmegaConf
 import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
-from vipamin_scale.config import ConfigError, UserError, check_global_batch, eval_split, validate
+from vipamin_scale.config import (ConfigError, UserError, check_global_batch, check_pack, eval_split, pack_key,  # noqa: F401
+                                  validate)
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
 from vipamin_scale.faults import kill_switch
@@ -91,13 +92,6 @@ from vipamin_scale.progress import progress_bar
 from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
-
-# Fields (dotted prefixes) in which the runs of a pack may differ: neither shapes nor step counts
-# depend on them. Everything else must be equal (`check_pack`).
-PACK_MAY_DIFFER = ("train.lr", "train.weight_decay", "train.seed", "init", "data.root", "prompt.init_file",
-                   "train.out_dir", "train.resume", "train.keep_last", "train.loggers", "train.project",
-                   "train.run_name", "train.mlflow_uri", "train.log_diagnostics", "train.progress", "tune", "out")
-
 
 class TrainingDiverged(UserError):
     """The loss became NaN/Inf: the run stops (exit 2); the checkpoints written before it stay."""
@@ -126,58 +120,6 @@ def splits_read(cfg: DictConfig) -> dict[str, str]:
     eval_field, eval_name = eval_split(cfg)
     reads = {"data.train_split": cfg.data.train_split, eval_field: eval_name}
     return {**reads, "data.test_split": cfg.data.test_split} if cfg.train.test_at_end else reads
-
-
-# ----------------------------------------------------------------------------- pack compatibility
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted name, value) of every leaf of a resolved config tree."""
-    if isinstance(node, dict) and node:
-        for key, child in node.items():
-            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
-    else:
-        yield prefix, node
-
-
-def config_fields(cfg: DictConfig) -> dict[str, Any]:
-    return dict(_leaves(OmegaConf.to_container(cfg, resolve=True)))
-
-
-def may_differ(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in PACK_MAY_DIFFER)
-
-
-def pack_key(cfg: DictConfig) -> tuple:
-    """What runs must share to train in one pack (equal keys: they can)."""
-    return tuple(sorted((k, repr(v)) for k, v in config_fields(cfg).items() if not may_differ(k)))
-
-
-def check_pack(cfgs: Sequence[DictConfig]) -> None:
-    """One ConfigError naming the first field that keeps a run out of the pack; nothing else is done."""
-    if not cfgs:
-        raise ConfigError("train_pack: no runs given")
-    first = config_fields(cfgs[0])
-    dirs: dict[str, int] = {}
-    for i, cfg in enumerate(cfgs):
-        flat = config_fields(cfg)
-        for name in sorted(set(first) | set(flat)):
-            if not may_differ(name) and repr(first.get(name)) != repr(flat.get(name)):
-                raise ConfigError(f"{name}: the runs of a pack must share it ({first.get(name)!r} in run 0, "
-                                  f"{flat.get(name)!r} in run {i}, {cfg.train.out_dir}); only "
-                                  f"{', '.join(p + ('.*' if p in ('init', 'tune') else '') for p in PACK_MAY_DIFFER[:6])} "
-                                  f"(and bookkeeping) may differ")
-        out_dir = str(Path(cfg.train.out_dir).resolve())
-        if out_dir in dirs:
-            raise ConfigError(f"train.out_dir: runs {dirs[out_dir]} and {i} of the pack both write into {cfg.train.out_dir}")
-        dirs[out_dir] = i
-    if len(cfgs) > 1:
-        if cfgs[0].prompt.dropout > 0:
-            raise ConfigError(f"prompt.dropout: {cfgs[0].prompt.dropout} draws its masks from the global RNG, which the "
-                              f"runs of a pack would share; pack only runs with prompt.dropout=0, or train them alone")
-        if cfgs[0].engine.name != "ddp":
-            raise ConfigError(f"engine.name: packs of several runs train with engine.name=ddp (one AdamW with a group "
-                              f"per run); got {cfgs[0].engine.name}")
 
 
 # ----------------------------------------------------------------------------- the runs of a pack
