@@ -186,7 +186,7 @@ class TrainConfig:
     epochs: int = non_negative(5)  # epochs trained
     lr: float = non_negative(0.05, packable=True)  # base lr, scaled by global batch / 256 (as VPT)
     weight_decay: float = non_negative(1e-4, packable=True)  # AdamW weight decay
-    warmup_epochs: float = non_negative(1.0)  # linear warmup, then cosine decay
+    warmup_epochs: float = non_negative(1.0, packable=True)  # linear warmup, then cosine decay
     eval_every: int = positive(1)  # evaluate every N epochs (and after the last)
     precision: str = choice("fp32", "bf16", "fp16")  # training precision (bf16 / fp16: mixed precision)
     seed: int = packable(0)  # seed of the training order, dropout and head init
