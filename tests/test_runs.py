@@ -277,7 +277,7 @@ def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
         assert listed or f.metadata.get("identity") is False or not config.in_identity(name.split(".")[0]), name
     assert set(IGNORED) == {"train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                             "train.keep_last", "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
-                            "tune", "train.compile"}
+                            "tune", "train.compile", "train.init_cache"}
     assert {k for k, r in config.RANGES.items() if r == "positive"} == {
         "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",
         "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every", "train.keep_last",

@@ -5,8 +5,9 @@ above it: `field_docs`, shown by `vipamin-scale <command> --help`) and what it d
 for a field that takes one of a few values, its options (`choice`); for a number, its range
 (`positive`, `non_negative`, `unit`); for a field that cannot change a run's result, that it is not
 part of the run's identity (`bookkeeping`, or `identity=False`); for a field in which the runs of one
-pack may differ, that it is `packable`. The checks, lists and keys (`CHOICES`, `RANGES`, `NOT_IDENTITY`,
-`PACKABLE`, `pack_key`/`check_pack`) are derived from the schema, never kept by hand. OmegaConf checks types
+pack may differ, that it is `packable`; for a field the prompt initializer never reads, `init_reads=False`.
+The checks, lists and keys (`CHOICES`, `RANGES`, `NOT_IDENTITY`, `PACKABLE`, `pack_key`/`check_pack`,
+`init_key`) are derived from the schema, never kept by hand. OmegaConf checks types
 when Hydra merges the YAML tree onto these dataclasses; `validate` checks values and cross-field
 rules. Either way a bad value becomes one `ConfigError` line naming the field.
 
@@ -44,17 +45,21 @@ class ConfigError(UserError, ValueError):
 #              Every field counts in a run's identity unless it says so: a new field is in it by default.
 #   packable   True: the runs of one pack may differ in it (`PACKABLE`; `pack_key`, `check_pack`): neither the
 #              shapes nor the step count depend on it. A new field must be equal in a pack unless it says so.
+#   init_reads False: the prompt initializer (init/run.py) never reads it, so runs that differ only in such
+#              fields share one computed init (`init_key`). A new field is read unless it says so.
 _RANGE_RULES = {"positive": ("> 0", lambda v: v > 0, "must be > 0"),
                 "non_negative": (">= 0", lambda v: v >= 0, "must be >= 0"),
                 "unit": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]")}
 
 
 def _declared(default: Any = dataclasses.MISSING, *, identity: bool = True, packable: bool = False,
-              **metadata: Any) -> Any:
+              init_reads: bool = True, **metadata: Any) -> Any:
     if not identity:
         metadata["identity"] = False
     if packable:
         metadata["packable"] = True
+    if not init_reads:
+        metadata["init_reads"] = False
     if callable(default):  # a section or a mutable default: made per instance
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -92,6 +97,12 @@ def packable(default: Any, **declared: Any) -> Any:
     """A field in which the runs of one pack may differ (train.train_pack): each run of the pack has its own
     value; shapes and step counts never depend on it. `default` may be a factory (a section's dataclass)."""
     return _declared(default, packable=True, **declared)
+
+
+def not_init(default: Any, **declared: Any) -> Any:
+    """A field the prompt initializer never reads (`init_key`): what trains after the init (the batches,
+    the eval, the schedule). `default` may be a factory."""
+    return _declared(default, init_reads=False, **declared)
 
 
 @dataclass
@@ -152,16 +163,16 @@ class DataConfig:
     name: str = choice("digits", "shards")  # digits (embedded demo, built on first use) | shards (data.root)
     root: Optional[str] = bookkeeping(None, packable=True)  # directory of shards + classes.json + manifest.json
     train_split: str = "train"  # split trained on (and calibrated on by the initializers)
-    val_split: str = "val"  # split of the per-epoch eval when train.eval_split=val
-    test_split: str = "test"  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
+    val_split: str = not_init("val")  # split of the per-epoch eval when train.eval_split=val
+    test_split: str = not_init("test")  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
     max_train_samples: Optional[int] = 320  # keep the first N training samples (demo speed); None: all
     # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
     # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
-    batch_size: int = positive(32)
-    eval_batch_size: int = positive(128)  # per rank (eval results do not depend on it)
+    batch_size: int = positive(32, init_reads=False)
+    eval_batch_size: int = positive(128, init_reads=False)  # per rank (eval results do not depend on it)
     num_workers: int = non_negative(0, identity=False)  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
     # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
-    shuffle_buffer: int = non_negative(1000)
+    shuffle_buffer: int = non_negative(1000, init_reads=False)
     mean: Optional[list[float]] = None  # override the model's normalization (3 channel values)
     std: Optional[list[float]] = None  # override the model's normalization (3 channel values, > 0)
     augment: bool = False  # random resized crop + flip when training (VTAB protocol: none)
@@ -212,6 +223,10 @@ class TrainConfig:
     # torch.compile each frozen ViT block (one graph for all; the engine applies it); changes float round-off
     # only, as the engine does, so not part of the run's identity
     compile: bool = bookkeeping(False)
+    # a directory of computed initial prompts, one `<init_key>.safetensors` per distinct init (written once under a
+    # file lock, its digest checked on read): runs that differ only in what the initializer does not read (lr,
+    # weight decay, schedule, epochs, ...) share one capture and math, across processes. None: no cache
+    init_cache: Optional[str] = bookkeeping(None, packable=True)
 
 
 @dataclass
@@ -258,7 +273,9 @@ class Config:
     init: InitConfig = packable(InitConfig)
     # checkpoints are engine-neutral: a run resumed under another engine continues the same run
     engine: EngineConfig = bookkeeping(EngineConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # the prompt initializer reads nothing of train.* (train.seed included: tests/test_init.py shows its output
+    # does not depend on the global RNG that train.seed seeds)
+    train: TrainConfig = not_init(TrainConfig)
     tune: TuneConfig = bookkeeping(TuneConfig, packable=True)  # the search's own settings; each trial is a run of its own
     out: Optional[str] = bookkeeping(None, packable=True)  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
 
@@ -303,13 +320,16 @@ NOT_IDENTITY: tuple[str, ...] = _declaring("identity", False)
 # The fields in which the runs of one pack may differ (`packable`): `pack_key` and `check_pack` compare the rest.
 PACKABLE: tuple[str, ...] = _declaring("packable", True)
 
+# The fields the prompt initializer never reads (`init_reads=False`): `init_key` leaves them out.
+NOT_INIT: tuple[str, ...] = _declaring("init_reads", False)
+
 
 def in_identity(dotted: str) -> bool:
     """Whether the field (or a key inside a dict field) `dotted` counts in a run's identity."""
     return not _covered(dotted, NOT_IDENTITY)
 
 
-# ----------------------------------------------------------------------------- packs
+# ----------------------------------------------------------------------------- packs and shared inits
 
 
 def config_fields(cfg: DictConfig) -> dict[str, Any]:
@@ -359,6 +379,31 @@ def check_pack(cfgs: Sequence[DictConfig]) -> None:
         if cfgs[0].engine.name != "ddp":
             raise ConfigError(f"engine.name: packs of several runs train with engine.name=ddp (one AdamW step over the "
                               f"runs' stacked parameters); got {cfgs[0].engine.name}")
+
+
+def _file_stamp(path: Optional[str]) -> Optional[list[Any]]:
+    """(size, mtime in ns) of a local file, so a file replaced at the same path is another input; None else."""
+    if not path or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def init_key(cfg: DictConfig, data_root: str | Path) -> str:
+    """The SHA-256 of what the prompt initializer reads of a run (its output is a function of it): every field
+    of the run's identity but those declared `init_reads=False`, plus the data it calibrates on (`data_root`,
+    resolved, and the SHA-256 of its manifest) and the size and mtime of the local files it reads
+    (model.checkpoint, prompt.init_file). Runs with equal keys compute the same prompts (train.train_pack
+    computes them once; train.init_cache shares them across processes)."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in config_fields(cfg).items() if in_identity(k) and not _covered(k, NOT_INIT)}
+    manifest = Path(data_root) / "manifest.json"
+    inputs = {"fields": fields, "data_root": str(Path(data_root).resolve()),
+              "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+              "checkpoint": _file_stamp(cfg.model.checkpoint), "init_file": _file_stamp(cfg.prompt.init_file)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def subspace_energy(init_cfg) -> float:

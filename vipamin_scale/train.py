@@ -23,6 +23,10 @@ their own. Each step copies the batch of every loader that live runs read ONCE t
 loader's pinned memory, non_blocking; a DALI batch already there is used as it is) and repeats it on the
 device for the runs that share it.
 
+Initial prompts are computed once per distinct init (`init/cache.py`): runs of the pack whose initializer
+reads the same fields (`config.init_key`) share one computation, and with `train.init_cache` so do
+processes; every run still writes its own prompts.safetensors and records where it came from (run.json).
+
 Pieces (torchtitan's trainer): `PackTrainer.restore` (the position to resume from), `build` = `build_data`
 (backbone, loaders), `build_runs` (initializers, models, the pack), `build_engine` (lr, schedule, engine);
 `train_step` (one step, no host sync), `train_epoch`, `check` (the fused collective), `evaluate`, `save`,
@@ -88,7 +92,7 @@ from vipamin_scale.config import (ConfigError, UserError, check_global_batch, ch
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
 from vipamin_scale.faults import kill_switch
-from vipamin_scale.init.bpt_stats import bpt_whitening
+from vipamin_scale.init.cache import SharedInits
 from vipamin_scale.models import build_model, load_backbone, normalization
 from vipamin_scale.models.packed import PromptedPack, run_losses
 from vipamin_scale.preempt import Preemption
@@ -109,18 +113,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def initial_prompts(cfg: DictConfig, backbone, out_dir: Path) -> Optional[torch.Tensor]:
-    """Run the configured initializer on `backbone` (the one that is trained) when prompts are not
-    given by a file; None means random."""
-    if cfg.prompt.init_file or cfg.init.method == "random":
-        return None
-    from vipamin_scale.init.run import run_init
-
-    path = out_dir / "prompts.safetensors"
-    result = run_init(cfg, path, backbone=backbone)
-    return result["prompts"]
 
 
 def splits_read(cfg: DictConfig) -> dict[str, str]:
@@ -147,6 +139,7 @@ class Run:
     best: dict[str, Any] = field(default_factory=lambda: {"acc": -1.0, "epoch": -1})
     last_eval: dict[str, Any] = field(default_factory=dict)
     init_time: float = 0.0
+    init: Optional[dict[str, Any]] = None  # where its initial prompts came from (init/cache.py)
     num_trainable: int = 0
     prompt_params: int = 0
     vpt_prompt_params: int = 0
@@ -338,16 +331,21 @@ class PackTrainer:
         return backbone
 
     def build_runs(self, backbone) -> None:
-        """Each run's model around the shared backbone, from its initial prompts and BPT's statistics; then the
-        pack of them (`models/packed.py`)."""
+        """Each run's model around the shared backbone, from its initial prompts (computed once per distinct
+        init, `init/cache.py`) and BPT's statistics; then the pack of them (`models/packed.py`)."""
         models, self.diagnostics = [], {}
+        shared = SharedInits()
         for k, run in enumerate(self.pack):
             run.k = k
-            seed_everything(run.cfg.train.seed)  # as the solo run: its initializer sees its own RNG state
+            seed_everything(run.cfg.train.seed)  # as the solo run (the initializers do not read the global RNG)
             t0 = time.perf_counter()
-            prompts = None if run.resume_from is not None else initial_prompts(run.cfg, backbone, run.out_dir)
+            prompts = None
+            if run.resume_from is None:
+                prompts, run.init = shared.prompts(run.cfg, backbone, run.root, run.out_dir)
+                if run.init is not None and self.rank == 0:
+                    runs.record_init(run.out_dir, run.init)
             run.init_time = time.perf_counter() - t0
-            whitening = bpt_whitening(run.cfg, backbone)  # deterministic: a resumed run recomputes the same
+            whitening = shared.whitening(run.cfg, backbone, run.root)  # deterministic: a resume recomputes the same
             model = build_model(run.cfg, self.num_classes, prompts=prompts, whitening=whitening, backbone=backbone)
             if run.resume_from is not None:  # before ZeRO-3 partitions the parameters
                 ckpt.check_trainable(run.resume_from, run.state["trainable"],
