@@ -2,7 +2,7 @@
 a killed pack resumes bit-identically; the loop's step does not sync the host (issue 24). The pack step
 (issue 33): each batch copied once, the K runs' prompts never copied per sample, heads, losses and the
 optimizer as single ops equal to each solo run and to torch's AdamW; an oracle written in plain PyTorch
-for the trainer itself."""
+for the trainer itself. Shared inits (issue 32, item 7): one capture per distinct init."""
 from __future__ import annotations
 
 import json
@@ -609,3 +609,102 @@ def test_training_equals_an_oracle_written_in_plain_pytorch(tmp_path, digits_roo
         for mine, theirs in ((trained["prompt.prompts"], prompts), (trained["head.weight"], weight), (trained["head.bias"], bias)):
             assert (mine - theirs).abs().max() <= TOL, name
         assert not torch.equal(trained["prompt.prompts"], _oracle(run_cfg, backbone, [[]], 10)[0])  # it trained
+
+
+# ----------------------------------------------------------------------------- each init computed once (issue 32, item 7)
+
+
+def _count_captures(monkeypatch) -> list[int]:
+    import vipamin_scale.init.run as init_run
+
+    calls = []
+    real = init_run.capture_layer_stats
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(init_run, "capture_layer_stats", counting)
+    return calls
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_each_init_is_computed_once_and_each_run_equals_its_unshared_run(tmp_path, digits_root, monkeypatch):
+    """A pack of four VIPAMIN runs, two lrs x two init seeds: two captures, not four; each run's prompts.safetensors
+    holds its unshared solo run's tensors bit for bit and the run trains to its solo run; run.json says which file
+    it came from (its digest) and whether this run computed it. With train.init_cache, a second pack of other lrs
+    computes nothing (its runs read the cache's files, digest checked) and a damaged cache file is computed again."""
+    grid = {f"lr{lr}_s{s}": ["init=vipamin", "init.num_images=64", "init.k=2", f"train.lr={lr}", f"init.seed={s}"]
+            for s in (0, 1) for lr in (0.1, 0.3)}
+    captures = _count_captures(monkeypatch)
+    train_pack([_cfg(tmp_path / "pack" / n, *o) for n, o in grid.items()])
+    assert len(captures) == 2
+    records = {n: json.loads((tmp_path / "pack" / n / "run.json").read_text())["init"] for n in grid}
+    assert [records[n]["computed"] for n in grid] == [True, False, True, False]
+    assert records["lr0.3_s0"]["file"] == str(tmp_path / "pack" / "lr0.1_s0" / "prompts.safetensors")
+    assert records["lr0.3_s0"]["key"] == records["lr0.1_s0"]["key"] != records["lr0.1_s1"]["key"]
+    for n, o in grid.items():
+        train_pack([_cfg(tmp_path / "solo" / n, *o)])
+        mine, theirs = (_tensors(tmp_path / kind / n / "prompts.safetensors") for kind in ("pack", "solo"))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), n
+        _same_run(tmp_path / "pack" / n, tmp_path / "solo" / n)
+    assert len(captures) == 2 + 4  # the solo runs compute their own
+
+    cache = tmp_path / "inits"
+    first = {n: [*o, f"train.init_cache={cache}"] for n, o in grid.items() if n.endswith("s0")}
+    train_pack([_cfg(tmp_path / "cached" / n, *o) for n, o in first.items()])
+    assert len(captures) == 7 and len(list(cache.glob("*.safetensors"))) == 1
+    again = {n.replace("lr", "again"): [*o, "train.lr=0.2"] for n, o in first.items()}
+    train_pack([_cfg(tmp_path / "cached" / n, *o) for n, o in again.items()])
+    assert len(captures) == 7  # read from the cache
+    (cached,) = cache.glob("*.safetensors")
+    for n in [*first, *again]:
+        record = json.loads((tmp_path / "cached" / n / "run.json").read_text())["init"]
+        assert record["file"] == str(cached) and record["computed"] == (n == "lr0.1_s0")
+        assert record["sha256"] == json.loads(json.dumps(record))["sha256"] and len(record["sha256"]) == 64
+        assert torch.equal(_tensors(tmp_path / "cached" / n / "prompts.safetensors")["prompts"],
+                           _tensors(tmp_path / "solo" / "lr0.1_s0" / "prompts.safetensors")["prompts"])
+    raw = bytearray(cached.read_bytes())
+    raw[-3] ^= 0xFF  # a flipped bit in a tensor
+    cached.write_bytes(bytes(raw))
+    train_pack([_cfg(tmp_path / "cached" / "damaged", *first["lr0.1_s0"])])
+    assert len(captures) == 8 and torch.equal(_tensors(cached)["prompts"],
+                                              _tensors(tmp_path / "solo" / "lr0.1_s0" / "prompts.safetensors")["prompts"])
+
+
+def test_processes_asking_for_one_init_at_once_compute_it_once(tmp_path):
+    """Two workers (threads here: fcntl locks exclude each other's open files as they exclude processes') ask
+    train.init_cache for the same key at once: one computes (the other waits on the lock), both get its prompts."""
+    import threading
+    import time
+
+    from vipamin_scale.init.cache import SharedInits
+    from vipamin_scale.init.run import write_prompts_file
+
+    computed = []
+
+    def compute(cfg, out, backbone=None):
+        computed.append(out)
+        time.sleep(0.5)  # long enough for the other worker to reach the lock
+        prompts = torch.full((2, 4, 64), float(len(computed)))
+        write_prompts_file(Path(out), {"prompts": prompts}, {"method": "test"})
+        return {"prompts": prompts}
+
+    cfg = _cfg(tmp_path / "run", "init=vipamin", f"train.init_cache={tmp_path / 'cache'}")
+    got = {}
+
+    def worker(i: int) -> None:
+        got[i] = SharedInits(compute).prompts(cfg, None, tmp_path / "data", tmp_path / f"run{i}")[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(computed) == 1 and torch.equal(got[0], got[1])
