@@ -19,11 +19,11 @@ so on the CPU each run's parameters and moments equal torch's AdamW on its solo 
 tests/test_engines.py: DDP against ZeRO and fairscale's torch AdamW), and a step launches the same kernels at
 K = 1 and K = 64. The step count t is the pack's (its runs step in lockstep); nothing is read back to the host.
 
-The schedule: every run's lr at every step is computed once, on the host, exactly as torch's LambdaLR would
-(`base_lr * factor(step)` in Python floats; each run may have its own base lr and warmup, the length is the
-pack's), and held on the device as a table; a step reads its row (a view). Its state is LambdaLR's, two groups
-per run (decay, no decay, as `engine.base.param_groups` makes them), so a run's checkpoint is the solo run's
-whichever engine trains it. The optimizer's state is torch's format too (moments by index in `names` order).
+The schedule: run k's lr at step s is `base_lr_k * factor_k(s)` as torch's LambdaLR computes it (each run may have
+its own base lr and warmup, the length is the pack's): the factors of every step are computed once on the host,
+one column per distinct schedule, and kept on the device; a step takes its row there. Its state is LambdaLR's, two
+groups per run (decay, no decay, as `engine.base.param_groups` makes them), so a run's checkpoint is the solo
+run's whichever engine trains it. The optimizer's state is torch's format too (moments by index in `names` order).
 """
 from __future__ import annotations
 
@@ -114,40 +114,48 @@ class PackAdamW:
 
 
 class PackSchedule:
-    """Every run's lr at every step, `base_lrs[k] * factors[k](step)` for step 0..total_steps computed once on the
-    host (LambdaLR's arithmetic) and held on the optimizer's device; LambdaLR's interface and state (two groups per
-    run), so the loop and the checkpoints see what a torch scheduler gives them."""
+    """Every run's lr at every step, `base_lrs[k] * factors[k](step)` in LambdaLR's arithmetic, with LambdaLR's
+    interface and state (two groups per run), so the loop and the checkpoints see what a torch scheduler gives
+    them. The factors are computed once on the host for every step, one column per distinct schedule (runs given
+    the same callable share it), and kept on the optimizer's device (steps + 1, S); a step's lrs are that row's
+    factors times the runs' base lrs, float64 on the device (a double product, as Python's), read by no one on
+    the host: `run_lr` recomputes the same product in Python."""
 
     def __init__(self, optimizer: PackAdamW, base_lrs: Sequence[float], factors: Sequence[Callable[[int], float]],
                  total_steps: int):
         self.optimizer, self.factors, self.total_steps = optimizer, list(factors), total_steps
+        distinct = list({id(f): f for f in self.factors}.values())
+        device = optimizer.lr.device
+        self.columns = torch.stack([torch.tensor([f(s) for s in range(total_steps + 1)], dtype=torch.float64)
+                                    for f in distinct], dim=1).to(device)  # (steps + 1, S)
+        self.column_of_run = torch.tensor([[id(g) for g in distinct].index(id(f)) for f in self.factors],
+                                          dtype=torch.long, device=device)  # (K,)
         self.last_epoch = 0
-        self._build(list(base_lrs))
+        self._set_bases(list(base_lrs))
 
-    def _build(self, base_lrs: list[float]) -> None:
+    def _set_bases(self, base_lrs: list[float]) -> None:
         self.base_lrs = base_lrs
-        self.table = [[lr * f(s) for lr, f in zip(base_lrs, self.factors)]
-                      for s in range(self.total_steps + 1)]  # host floats: `run_lr` reads them, never the device
-        self.rows = torch.tensor(self.table, dtype=torch.float64, device=self.optimizer.lr.device)  # (steps + 1, K)
+        self.bases = torch.tensor(base_lrs, dtype=torch.float64, device=self.columns.device)  # (K,)
         self._set()
 
     def _row(self) -> int:
         return min(self.last_epoch, self.total_steps)
 
     def _set(self) -> None:
-        self.optimizer.lr = self.rows[self._row()]  # (K,): a view of the table, no copy, no host sync
+        factors = self.columns[self._row()].index_select(0, self.column_of_run)  # (K,): no copy to or from the host
+        self.optimizer.lr = self.bases * factors  # (K,) float64, each LambdaLR's base_lr * factor(step)
 
     def step(self) -> None:
         self.last_epoch += 1
         self._set()
 
     def run_lr(self, k: int) -> float:
-        """Run k's lr of the next step (a host float)."""
-        return self.table[self._row()][k]
+        """Run k's lr of the next step (a host float, computed as the device's)."""
+        return self.base_lrs[k] * self.factors[k](self._row())
 
     def get_last_lr(self) -> list[float]:
         """LambdaLR's: the lr of every group (two per run)."""
-        return [lr for lr in self.table[self._row()] for _ in range(2)]
+        return [self.run_lr(k) for k in range(len(self.base_lrs)) for _ in range(2)]
 
     def state_dict(self) -> dict[str, Any]:
         """LambdaLR's state_dict over two groups per run (tests/test_pack.py holds it equal to torch's)."""
@@ -160,4 +168,4 @@ class PackSchedule:
         if len(bases) != len(self.base_lrs):
             raise ValueError(f"PackSchedule: a state of {len(bases)} runs for a pack of {len(self.base_lrs)}")
         self.last_epoch = int(state["last_epoch"])
-        self._build(bases)  # LambdaLR restores the saved base lrs, and so does this
+        self._set_bases(bases)  # LambdaLR restores the saved base lrs, and so does this

@@ -26,8 +26,9 @@ class DDPEngine(Engine):
         return PackAdamW([(n, named[n], decays(model, named[n])) for n in self.names], [wd for _, wd, _ in self.runs])
 
     def _build_scheduler(self, total_steps: int, warmup_steps: int) -> PackSchedule:
-        return PackSchedule(self.optimizer, [lr for lr, _, _ in self.runs],
-                            [cosine_with_warmup(total_steps, w) for _, _, w in self.runs], total_steps)
+        schedules = {w: cosine_with_warmup(total_steps, w) for _, _, w in self.runs}  # runs of one warmup share it
+        return PackSchedule(self.optimizer, [lr for lr, _, _ in self.runs], [schedules[w] for _, _, w in self.runs],
+                            total_steps)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if D.world_size() > 1:
