@@ -42,7 +42,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own start/stop lines (--memory), before torch loads
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -68,7 +67,8 @@ def grid(n: int) -> list[list[str]]:
 
 
 def count_ops(fn: Callable[[], Any], record: list | None = None) -> tuple[int, Any]:
-    """(number of aten ops `fn` dispatches, its result); `record` (a list) receives each op's name and output shapes."""
+    """(number of aten ops `fn` dispatches, its result); `record` (a list) receives each op's name, output shapes and
+    whether it is a view (no kernel: metadata only)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -80,7 +80,7 @@ def count_ops(fn: Callable[[], Any], record: list | None = None) -> tuple[int, A
             self.n += 1
             if record is not None:
                 outs = out if isinstance(out, (tuple, list)) else [out]
-                record.append((str(func), [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)]))
+                record.append((str(func), [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)], func.is_view))
             return out
 
     with Counter() as counter:
@@ -159,9 +159,11 @@ def ops_table(ks: list[int], out: Path) -> list[dict[str, Any]]:
         base = [*TINY, *STEPS, "data.batch_size=2", f"data.max_train_samples={2 * (MEASURED_STEP + 1)}"]
         row: dict[str, Any] = {"K": k}
         for name, blocks in (("ops", True), ("ops_outside_backbone", False)):
-            with measured_step(lambda fn: count_ops(fn), blocks=blocks) as figures:
+            ops: list = []
+            with measured_step(lambda fn: count_ops(fn, record=ops), blocks=blocks) as figures:
                 train_pack(pack_cfgs(out / f"k{k}-{name}", k, base))
             row[name] = figures[0]
+            row[name.replace("ops", "kernels")] = sum(1 for *_, view in ops if not view)  # ops that are not views
         rows.append(row)
     return rows
 
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="where the JSON goes (default: benchmarks/results/bench_pack*.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.memory and os.environ.get("KINETO_LOG_LEVEL") is None:  # the profiler's start/stop lines: read at process start
+        args = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, __file__, *args], {**os.environ, "KINETO_LOG_LEVEL": "5"})
     sys.path.insert(0, a.package_root)  # before vipamin_scale is imported
     if a.child:
         train_one_pack(a.child)
@@ -332,15 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
     import vipamin_scale
 
-    where = {"package": str(Path(vipamin_scale.__file__).parent), "label": a.label, "cpus": os.cpu_count(),
-             "load_average_at_start": os.getloadavg()}
+    from vipamin_scale.paths import portable
+
+    where = {"package": portable(str(Path(vipamin_scale.__file__).parent), {"": REPO}), "label": a.label,
+             "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     if a.ops:
         rows = ops_table([int(k) for k in a.ops_ks.split(",")], out)
         record, name = {**where, "workload": [*TINY, *STEPS, "data.batch_size=2"], "rows": rows}, "bench_pack_ops.json"
         print(f"aten ops per training step ({a.label}; tiny backbone, b = 2 per run, P = 4 deep)\n")
-        print("| K | ops per step | outside the backbone |\n|---|---|---|")
+        print("| K | aten ops per step | of which kernels (not views) | ops outside the backbone | kernels outside |\n"
+              "|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['K']} | {r['ops']} | {r['ops_outside_backbone']} |")
+            print(f"| {r['K']} | {r['ops']} | {r['kernels']} | {r['ops_outside_backbone']} | {r['kernels_outside_backbone']} |")
     elif a.memory:
         rows = memory_table([int(x) for x in a.lengths.split(",")], a.memory_k, out)
         record, name = {**where, "rows": rows}, "bench_pack_memory.json"

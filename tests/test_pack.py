@@ -481,7 +481,7 @@ def test_a_pack_never_holds_its_prompts_per_sample():
     L_p, d = 2, 64
     made: list = []
     bench.count_ops(step(pack, K), record=made)
-    for op, shapes in made:
+    for op, shapes, _ in made:
         for shape in shapes:
             assert shape != (K * b, L_p, P, d) and not (shape[:1] == (K * b,) and shape[-2:] == (P, d)), (op, shape)
     step(pack, K)()  # gradients allocated, as in every step after the first
