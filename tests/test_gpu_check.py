@@ -71,6 +71,7 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     packed = s["packed"]  # issue 22: a pack of 2 in one process against the solo run, equal accuracies
     assert packed["k2"]["runs"] == 2 and packed["k2"]["gain"] > 0 and packed["k2"]["max_acc_diff"] <= 1e-5
     assert packed["solo"]["processes"] == 1 and "gpu_peak_mb_per_run" not in packed["solo"]
+    assert packed["k2"]["step_s"] > 0 and packed["k2"]["images_per_s_per_process"] > 0  # the real loop's step
     dev = s["init_size"]["math_on_device"]
     assert dev["passed"] and dev["max_abs_diff_vs_cpu"] == 0.0 and dev["device"] == "cpu"
     md = (tmp_path / "RESULTS.md").read_text()

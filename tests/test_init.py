@@ -214,3 +214,31 @@ def test_no_room_for_orthogonal_is_a_config_error_before_compute(tmp_path, digit
     meta_out = tmp_path / "ok.safetensors"
     run_init(_cfg(tmp_path, init__subspace="tokens", init__num_images=16), meta_out)  # default energy 0.99
     assert read_prompts_metadata(meta_out)["energy"] == 0.99
+
+
+@pytest.mark.parametrize("method", ["vipamin", "spt"])
+def test_the_initializer_reads_no_global_rng_nor_train_fields(tmp_path, digits_root, method):
+    """Runs that differ only in train.* (train.seed seeds the global RNG before a run's initializer) share one
+    computed init (`config.init_key`, `init/cache.py`): so the initializer's prompts must not depend on the global
+    RNG. Seeded differently and with the RNG drawn from in between, they are the same bits; the key leaves train.*
+    (and the batch and eval settings) out and keeps what the initializer reads, the data it calibrates on included."""
+    from vipamin_scale.config import init_key
+    from vipamin_scale.train import seed_everything
+
+    extra = {"init__method": method, **({"init__spt_mode": "kmeans", "init__kmeans_iters": 5} if method == "spt" else {})}
+    out = []
+    for seed in (0, 7):
+        seed_everything(seed)
+        torch.rand(seed + 3)
+        out.append(run_init(_cfg(tmp_path, **extra), tmp_path / f"{seed}.safetensors")["tensors"])
+    assert out[0].keys() == out[1].keys() and all(torch.equal(out[0][k], out[1][k]) for k in out[0])
+
+    root = tmp_path / "data"
+    key = init_key(_cfg(tmp_path, **extra), root)
+    same = dict(train__seed=3, train__lr=0.5, train__epochs=9, train__warmup_epochs=0.1, train__weight_decay=0.1,
+                data__batch_size=7, data__eval_batch_size=5, data__val_split="x", init__batch_size=3)
+    assert init_key(_cfg(tmp_path, **extra, **same), root) == key
+    for other in (dict(init__seed=1), dict(prompt__length=5), dict(model__img_size=48), dict(data__train_split="x"),
+                  dict(init__num_images=32), dict(data__max_train_samples=10)):
+        assert init_key(_cfg(tmp_path, **extra, **other), root) != key, other
+    assert init_key(_cfg(tmp_path, **extra), tmp_path / "other") != key

@@ -1,5 +1,8 @@
 """Packs (issue 22): K runs in one process over one backbone, each equal to its solo run; runs fail alone;
-a killed pack resumes bit-identically; the loop's step does not sync the host (issue 24)."""
+a killed pack resumes bit-identically; the loop's step does not sync the host (issue 24). The pack step
+(issue 33): each batch copied once, the K runs' prompts never copied per sample, heads, losses and the
+optimizer as single ops equal to each solo run and to torch's AdamW; an oracle written in plain PyTorch
+for the trainer itself. Shared inits (issue 32, item 7): one capture per distinct init."""
 from __future__ import annotations
 
 import json
@@ -184,6 +187,15 @@ def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
 
     for attr in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, attr, counting(getattr(torch.Tensor, attr)))
+    copies = {"blocking": 0, "non_blocking": 0}  # the batch's copies to the device happen inside the step
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if where and where[-1] == "step" and any(isinstance(a, (torch.device, str)) for a in [*args, kwargs.get("device")]):
+            copies["non_blocking" if kwargs.get("non_blocking") else "blocking"] += 1
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
     for attr in ("all_reduce_sum", "all_reduce_max", "all_gather", "all_gather_object", "broadcast", "barrier"):
         monkeypatch.setattr(D, attr, counting(getattr(D, attr)))
     monkeypatch.setattr(PackTrainer, "train_step", inside("step", PackTrainer.train_step))
@@ -196,6 +208,7 @@ def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
     assert result["steps"] == 4
     assert counts["step"] == 0, counts
     assert counts["epoch"] <= 2, counts
+    assert copies == {"blocking": 0, "non_blocking": 4 * 2}, copies  # images and labels, once a step, not waited on
 
 
 def test_plan_packs_groups_compatible_runs_in_sweep_order(tmp_path):
@@ -391,3 +404,366 @@ def test_a_pack_failing_with_a_bug_is_told_apart_from_a_user_error(tmp_path, mon
     assert "status" not in ok and ok["steps"] == 2
     user = {"status": "failed", "error": "TrainingDiverged: train: the loss is nan"}
     assert [packs.sweep_code(r) for r in ([ok], [ok, user], [user, failed], [None, ok])] == [0, 2, 1, 0]
+
+
+# ----------------------------------------------------------------------------- the pack step (issue 33)
+
+
+def _bench():
+    import vipamin_scale.profiling
+
+    return vipamin_scale.profiling  # the instruments of bench_pack.py: count_ops, allocator_peak
+
+
+def _runs(K: int, P: int = 4, **overrides):
+    """K tiny runs' models around one backbone (run k: init.seed = k), and their pack."""
+    from vipamin_scale.config import default_config
+    from vipamin_scale.models import build_model, load_backbone
+    from vipamin_scale.models.packed import PromptedPack
+
+    cfgs = [default_config(model__name="vit_test_d64", model__img_size=32, model__checkpoint=None, prompt__length=P,
+                           init__seed=k, **overrides) for k in range(K)]
+    backbone = load_backbone(cfgs[0])
+    models = [build_model(c, num_classes=10, backbone=backbone) for c in cfgs]
+    return models, PromptedPack(models).train()
+
+
+@pytest.mark.parametrize("overrides", [dict(model__pool="mean"), dict(model__pool="cls", prompt__kind="bpt",
+                                                                       prompt__bpt="lowrank", prompt__bpt_rank=8)])
+def test_the_packs_heads_and_losses_are_each_runs_own(overrides):
+    """One forward of a pack of 3 (VPT with each run's fc_norm; BPT low rank), the K heads as one batched matmul and
+    the K losses as one cross-entropy: each run's logits, loss and gradient (its rows of the stacked parameters)
+    equal its solo model's within 1e-6; a subset of live runs leaves the others' rows with zero gradient. The ops of
+    forward + losses + backward do not grow with K."""
+    from vipamin_scale.models.packed import run_losses
+
+    models, pack = _runs(3, **overrides)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3 * 5, 3, 32, 32, generator=g), torch.randint(0, 10, (15,), generator=g)
+    logits = pack(x)
+    losses = run_losses(logits, y, 3)
+    losses.sum().backward()
+    stacked = dict(pack.runs.named_parameters())
+    for k, model in enumerate(models):
+        model.train()
+        z = model(x[5 * k:5 * k + 5])
+        loss = torch.nn.functional.cross_entropy(z, y[5 * k:5 * k + 5])
+        loss.backward()
+        assert (z - logits[5 * k:5 * k + 5]).abs().max() <= 1e-6 and abs(loss.item() - losses[k].item()) <= 1e-6
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert (stacked[name].grad[k] - p.grad).abs().max() <= 1e-6, (k, name)
+    for p in stacked.values():
+        p.grad = None
+    run_losses(pack(x[:10], [0, 2]), y[:10], 2).sum().backward()
+    assert all(torch.equal(p.grad[1], torch.zeros_like(p.grad[1])) for p in stacked.values())
+    assert (pack(x[:10], [0, 2])[5:] - models[2](x[5:10])).abs().max() <= 1e-6
+
+    bench = _bench()
+
+    def ops(K: int) -> int:
+        _, pack = _runs(K, **overrides)
+        xs, ys = torch.randn(2 * K, 3, 32, 32, generator=g), torch.randint(0, 10, (2 * K,), generator=g)
+        return bench.count_ops(lambda: run_losses(pack(xs), ys, K).sum().backward())[0]
+
+    assert ops(2) == ops(8)
+
+
+def test_the_packs_adamw_is_torch_adamw_for_every_run():
+    """50 steps of 3 runs with their own lr, weight decay and warmup: each run's parameters (its rows of the stacked
+    tensors) and moments equal torch's AdamW + LambdaLR on its solo run bit for bit; the schedule's state is each
+    solo LambdaLR's; a step is the same ops at K = 1 and K = 64."""
+    from vipamin_scale.engine.adamw import PackAdamW, PackSchedule
+    from vipamin_scale.engine.base import cosine_with_warmup
+
+    torch.manual_seed(0)
+    K, T, lrs, wds, warmups = 3, 50, [0.1, 0.02, 0.5], [1e-4, 0.0, 0.3], [0, 3, 7]
+    shapes = {"prompts": (2, 4, 8), "weight": (10, 8), "bias": (10,)}
+    solo = [{n: torch.nn.Parameter(torch.randn(s)) for n, s in shapes.items()} for _ in range(K)]
+    stacked = {n: torch.nn.Parameter(torch.stack([solo[k][n].detach() for k in range(K)])) for n in shapes}
+    opt = PackAdamW([(n, stacked[n], len(shapes[n]) > 1) for n in shapes], wds)
+    sched = PackSchedule(opt, lrs, [cosine_with_warmup(T, w) for w in warmups], T)
+    refs = []
+    for k in range(K):
+        o = torch.optim.AdamW([dict(params=[solo[k]["prompts"], solo[k]["weight"]], weight_decay=wds[k]),
+                               dict(params=[solo[k]["bias"]], weight_decay=0.0)], lr=lrs[k], betas=(0.9, 0.999))
+        refs.append((o, torch.optim.lr_scheduler.LambdaLR(o, cosine_with_warmup(T, warmups[k]))))
+    for _ in range(T):
+        grads = {n: torch.randn(K, *s) for n, s in shapes.items()}
+        for n in shapes:
+            stacked[n].grad = grads[n].clone()
+        assert [sched.run_lr(k) for k in range(K)] == [o.param_groups[0]["lr"] for o, _ in refs]
+        opt.step(), opt.zero_grad(), sched.step()
+        for k, (o, s) in enumerate(refs):
+            for n in shapes:
+                solo[k][n].grad = grads[n][k].clone()
+            o.step(), o.zero_grad(), s.step()
+    for k, (o, s) in enumerate(refs):
+        for n in shapes:
+            assert torch.equal(stacked[n][k], solo[k][n]), (k, n)
+            state = o.state[solo[k][n]]
+            mine = opt.state[stacked[n]]
+            assert torch.equal(mine["exp_avg"][k], state["exp_avg"]) and torch.equal(mine["exp_avg_sq"][k], state["exp_avg_sq"])
+            assert float(mine["step"]) == float(state["step"]) == T
+        theirs = s.state_dict()
+        assert {key: v[2 * k:2 * k + 2] if isinstance(v, list) else v for key, v in sched.state_dict().items()} == theirs
+
+    bench = _bench()
+
+    def step_ops(K: int) -> int:
+        p = torch.nn.Parameter(torch.randn(K, 4, 8))
+        q = torch.nn.Parameter(torch.randn(K, 8))
+        o = PackAdamW([("p", p, True), ("q", q, False)], [0.1] * K)
+        PackSchedule(o, [0.1] * K, [cosine_with_warmup(10, 2)] * K, 10)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        o.step()
+        return bench.count_ops(o.step)[0]
+
+    assert step_ops(1) == step_ops(64)
+
+
+def test_a_pack_never_holds_its_prompts_per_sample():
+    """Deep prompts (L_p = 2, P = 64) of K = 4 runs reach each layer as (K, P, d), broadcast inside the concatenation:
+    no op of the forward, losses and backward makes a (K·b, L_p, P, d) or (K·b, P, d) tensor (what
+    `repeat_interleave` made), and the step's peak memory per run (the CPU allocator's) is the solo run's."""
+    from vipamin_scale.models.packed import run_losses
+
+    K, b, P = 4, 4, 64
+    bench = _bench()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(K * b, 3, 32, 32, generator=g), torch.randint(0, 10, (K * b,), generator=g)
+
+    def step(pack, runs: int):
+        return lambda: run_losses(pack(x[:runs * b]), y[:runs * b], runs).sum().backward()
+
+    models, pack = _runs(K, P=P, model__pool="cls")
+    L_p, d = 2, 64
+    made: list = []
+    bench.count_ops(step(pack, K), record=made)
+    for op, shapes, _ in made:
+        for shape in shapes:
+            assert shape != (K * b, L_p, P, d) and not (shape[:1] == (K * b,) and shape[-2:] == (P, d)), (op, shape)
+    step(pack, K)()  # gradients allocated, as in every step after the first
+    solo, solo_pack = _runs(1, P=P, model__pool="cls")
+    step(solo_pack, 1)()
+    per_run = bench.allocator_peak(step(pack, K))[0] / K
+    assert per_run <= 1.01 * bench.allocator_peak(step(solo_pack, 1))[0], per_run
+
+
+@pytest.mark.slow
+def test_each_batch_goes_to_the_device_once_and_is_shared_there(tmp_path, digits_root, monkeypatch):
+    """Three runs, two of which read the same batches (train.seed 0): each step copies 2 batches (images and
+    labels) to the device, not 3, every copy non_blocking; the runs equal their solo runs."""
+    calls: list[bool] = []
+    real_step, real_to = PackTrainer.train_step, torch.Tensor.to
+    inside = []
+
+    def step(self, batches, live):
+        inside.append(True)
+        try:
+            return real_step(self, batches, live)
+        finally:
+            inside.pop()
+
+    def to(self, *args, **kwargs):
+        if inside and any(isinstance(a, (torch.device, str)) for a in [*args, kwargs.get("device")]):
+            calls.append(bool(kwargs.get("non_blocking")))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(PackTrainer, "train_step", step)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    runs = {"a": ["train.lr=0.1"], "b": ["train.lr=0.3"], "c": ["train.seed=1"]}
+    results = train_pack([_cfg(tmp_path / "pack" / n, "init=random", "train.test_at_end=false", *o) for n, o in runs.items()])
+    steps = results[0]["steps"]
+    assert steps == 4 and calls == [True] * (2 * 2 * steps), calls
+    monkeypatch.undo()
+    for n, o in runs.items():
+        train_pack([_cfg(tmp_path / "solo" / n, "init=random", "train.test_at_end=false", *o)])
+        _same_run(tmp_path / "pack" / n, tmp_path / "solo" / n)
+
+
+# ----------------------------------------------------------------------------- an oracle for the trainer
+
+
+def _oracle(cfg, backbone, epochs_of_batches, num_classes: int):
+    """The run of `cfg` written in plain PyTorch from the spec and the documented schedule, sharing nothing with
+    the trainer but the backbone's weights and the batches: timm's modules, VPT-Deep prompts concatenated per layer
+    ([CLS, prompts, patches]; block l >= 1 gets layer l's prompts in place of l - 1's), Xavier-uniform prompts
+    U(-v, v), v = sqrt(6 / (3 ph pw + d)) drawn in float64 from init.seed, a linear head N(0, 0.02²) from
+    init.seed + 1 (bias 0) on the final norm's CLS, cross-entropy, torch AdamW (weight decay on the prompts and the
+    head's weight), lr = train.lr x batch / 256, linear warmup ((s + 1) / w) then cosine to 0.
+    Returns (prompts, head weight, head bias, the loss of every step)."""
+    import copy
+    import math
+
+    bb = copy.deepcopy(backbone).eval().requires_grad_(False)
+    L, P, d = len(bb.blocks), cfg.prompt.length, bb.embed_dim
+    ph, pw = bb.patch_embed.patch_size
+    v = math.sqrt(6 / (3 * ph * pw + d))
+    g = torch.Generator().manual_seed(cfg.init.seed)
+    prompts = torch.nn.Parameter((torch.rand((L, P, d), generator=g, dtype=torch.float64) * (2 * v) - v).float())
+    g = torch.Generator().manual_seed(cfg.init.seed + 1)
+    weight = torch.nn.Parameter(torch.randn((num_classes, d), generator=g) * 0.02)
+    bias = torch.nn.Parameter(torch.zeros(num_classes))
+    opt = torch.optim.AdamW([{"params": [prompts, weight], "weight_decay": cfg.train.weight_decay},
+                             {"params": [bias], "weight_decay": 0.0}],
+                            lr=cfg.train.lr * cfg.data.batch_size / 256, betas=(0.9, 0.999))
+    per_epoch = len(epochs_of_batches[0])
+    total, warmup = per_epoch * cfg.train.epochs, round(cfg.train.warmup_epochs * per_epoch)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses = []
+    for batches in epochs_of_batches:
+        for images, labels in batches:
+            x = bb._pos_embed(bb.patch_embed(images))  # (B, 1 + N_p, d)
+            B = x.shape[0]
+            x = torch.cat([x[:, :1], prompts[0].expand(B, P, d), x[:, 1:]], dim=1)
+            for layer, block in enumerate(bb.blocks):
+                if layer > 0:
+                    x = torch.cat([x[:, :1], prompts[layer].expand(B, P, d), x[:, 1 + P:]], dim=1)
+                x = block(x)
+            loss = torch.nn.functional.cross_entropy(bb.norm(x)[:, 0] @ weight.T + bias, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            losses.append(loss.item())
+    return prompts.detach(), weight.detach(), bias.detach(), losses
+
+
+@pytest.mark.slow
+def test_training_equals_an_oracle_written_in_plain_pytorch(tmp_path, digits_root):
+    """`vipamin-scale train` (a solo run) and a pack of two runs with their own lr, weight decay and warmup, each
+    against `_oracle` on the same batches in the loader's order: every step's loss, the final prompts and the head
+    within 1e-5. (The pack = solo tests compare the trainer with itself; this does not.)"""
+    import vipamin_scale as api
+    from vipamin_scale.data import build_loader, resolve_root
+    from vipamin_scale.models import load_backbone, normalization
+
+    base = [*TINY, "model.pool=cls", "train.epochs=2", "data.max_train_samples=128", "train.test_at_end=false"]
+    runs = {"solo": ["train.lr=0.5"], "a": ["train.lr=0.5", "train.weight_decay=0.01", "train.warmup_epochs=1"],
+            "b": ["train.lr=0.2", "train.seed=0", "train.warmup_epochs=0.5"]}
+    cfgs = {n: vipamin_scale.compose([*base, *o, f"train.out_dir={tmp_path / n}"]) for n, o in runs.items()}
+    api.train(cfgs["solo"])
+    train_pack([cfgs["a"], cfgs["b"]])
+    cfg = cfgs["solo"]
+    backbone = load_backbone(cfg)
+    mean, std = normalization(cfg, backbone)
+    loader = build_loader(cfg.data, cfg.data.train_split, train=True, seed=cfg.train.seed, limit=cfg.data.max_train_samples,
+                          img_size=cfg.model.img_size, mean=mean, std=std, rank=0, world_size=1)
+    epochs = []
+    for epoch in range(cfg.train.epochs):
+        loader.set_epoch(epoch)
+        epochs.append([(images, labels) for images, labels, _ in loader])
+    for name, run_cfg in cfgs.items():
+        prompts, weight, bias, losses = _oracle(run_cfg, backbone, epochs, num_classes=10)
+        trained = ckpt.load(ckpt.latest(tmp_path / name / "checkpoints"))["trainable"]["params"]
+        logged = [loss for _, loss in _losses(tmp_path / name)]
+        assert len(logged) == len(losses) == 8 and max(abs(a - b) for a, b in zip(logged, losses)) <= TOL, (name, logged, losses)
+        for mine, theirs in ((trained["prompt.prompts"], prompts), (trained["head.weight"], weight), (trained["head.bias"], bias)):
+            assert (mine - theirs).abs().max() <= TOL, name
+        assert not torch.equal(trained["prompt.prompts"], _oracle(run_cfg, backbone, [[]], 10)[0])  # it trained
+
+
+# ----------------------------------------------------------------------------- each init computed once (issue 32, item 7)
+
+
+def _count_captures(monkeypatch) -> list[int]:
+    import vipamin_scale.init.run as init_run
+
+    calls = []
+    real = init_run.capture_layer_stats
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(init_run, "capture_layer_stats", counting)
+    return calls
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_each_init_is_computed_once_and_each_run_equals_its_unshared_run(tmp_path, digits_root, monkeypatch):
+    """A pack of four VIPAMIN runs, two lrs x two init seeds: two captures, not four; each run's prompts.safetensors
+    holds its unshared solo run's tensors bit for bit and the run trains to its solo run; run.json says which file
+    it came from (its digest) and whether this run computed it. With train.init_cache, a second pack of other lrs
+    computes nothing (its runs read the cache's files, digest checked) and a damaged cache file is computed again."""
+    grid = {f"lr{lr}_s{s}": ["init=vipamin", "init.num_images=64", "init.k=2", f"train.lr={lr}", f"init.seed={s}"]
+            for s in (0, 1) for lr in (0.1, 0.3)}
+    captures = _count_captures(monkeypatch)
+    train_pack([_cfg(tmp_path / "pack" / n, *o) for n, o in grid.items()])
+    assert len(captures) == 2
+    records = {n: json.loads((tmp_path / "pack" / n / "run.json").read_text())["init"] for n in grid}
+    assert [records[n]["computed"] for n in grid] == [True, False, True, False]
+    assert records["lr0.3_s0"]["file"] == str(tmp_path / "pack" / "lr0.1_s0" / "prompts.safetensors")
+    assert records["lr0.3_s0"]["key"] == records["lr0.1_s0"]["key"] != records["lr0.1_s1"]["key"]
+    for n, o in grid.items():
+        train_pack([_cfg(tmp_path / "solo" / n, *o)])
+        mine, theirs = (_tensors(tmp_path / kind / n / "prompts.safetensors") for kind in ("pack", "solo"))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), n
+        _same_run(tmp_path / "pack" / n, tmp_path / "solo" / n)
+    assert len(captures) == 2 + 4  # the solo runs compute their own
+
+    cache = tmp_path / "inits"
+    first = {n: [*o, f"train.init_cache={cache}"] for n, o in grid.items() if n.endswith("s0")}
+    train_pack([_cfg(tmp_path / "cached" / n, *o) for n, o in first.items()])
+    assert len(captures) == 7 and len(list(cache.glob("*.safetensors"))) == 1
+    again = {n.replace("lr", "again"): [*o, "train.lr=0.2"] for n, o in first.items()}
+    train_pack([_cfg(tmp_path / "cached" / n, *o) for n, o in again.items()])
+    assert len(captures) == 7  # read from the cache
+    (cached,) = cache.glob("*.safetensors")
+    for n in [*first, *again]:
+        record = json.loads((tmp_path / "cached" / n / "run.json").read_text())["init"]
+        assert record["file"] == str(cached) and record["computed"] == (n == "lr0.1_s0")
+        assert record["sha256"] == json.loads(json.dumps(record))["sha256"] and len(record["sha256"]) == 64
+        assert torch.equal(_tensors(tmp_path / "cached" / n / "prompts.safetensors")["prompts"],
+                           _tensors(tmp_path / "solo" / "lr0.1_s0" / "prompts.safetensors")["prompts"])
+    raw = bytearray(cached.read_bytes())
+    raw[-3] ^= 0xFF  # a flipped bit in a tensor
+    cached.write_bytes(bytes(raw))
+    train_pack([_cfg(tmp_path / "cached" / "damaged", *first["lr0.1_s0"])])
+    assert len(captures) == 8 and torch.equal(_tensors(cached)["prompts"],
+                                              _tensors(tmp_path / "solo" / "lr0.1_s0" / "prompts.safetensors")["prompts"])
+
+
+def test_processes_asking_for_one_init_at_once_compute_it_once(tmp_path):
+    """Two workers (threads here: fcntl locks exclude each other's open files as they exclude processes') ask
+    train.init_cache for the same key at once: one computes (the other waits on the lock), both get its prompts."""
+    import threading
+    import time
+
+    from vipamin_scale.init.cache import SharedInits
+    from vipamin_scale.init.run import write_prompts_file
+
+    computed = []
+
+    def compute(cfg, out, backbone=None):
+        computed.append(out)
+        time.sleep(0.5)  # long enough for the other worker to reach the lock
+        prompts = torch.full((2, 4, 64), float(len(computed)))
+        write_prompts_file(Path(out), {"prompts": prompts}, {"method": "test"})
+        return {"prompts": prompts}
+
+    cfg = _cfg(tmp_path / "run", "init=vipamin", f"train.init_cache={tmp_path / 'cache'}")
+    got = {}
+
+    def worker(i: int) -> None:
+        got[i] = SharedInits(compute).prompts(cfg, None, tmp_path / "data", tmp_path / f"run{i}")[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(computed) == 1 and torch.equal(got[0], got[1])

@@ -277,15 +277,17 @@ def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
         assert listed or f.metadata.get("identity") is False or not config.in_identity(name.split(".")[0]), name
     assert set(IGNORED) == {"train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                             "train.keep_last", "data.root", "data.num_workers", "data.pin_memory", "init.batch_size", "out", "engine",
-                            "tune", "train.compile"}
+                            "tune", "study", "train.compile", "train.init_cache"}
     assert {k for k, r in config.RANGES.items() if r == "positive"} == {
         "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",
         "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every", "train.keep_last",
-        "train.log_every", "tune.min_epochs", "tune.workers", "tune.select_draws", "tune.pack_size"}
+        "train.log_every", "tune.min_epochs", "tune.workers", "tune.select_draws", "tune.pack_size",
+        "study.select_draws", "study.full_samples", "study.full_epochs", "study.full_batch", "study.workers",
+        "study.pack_size"}
     assert {k for k, r in config.RANGES.items() if r == "non_negative"} == {
         "data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay", "train.warmup_epochs",
-        "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds"}
-    assert {k for k, r in config.RANGES.items() if r == "unit"} == {"init.lam", "prompt.dropout"}
+        "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds", "study.min_steps", "study.full_seeds"}
+    assert {k for k, r in config.RANGES.items() if r == "unit"} == {"init.lam", "prompt.dropout", "study.warmup_fraction"}
     says = {"positive": (0, "must be > 0"), "non_negative": (-1, "must be >= 0"), "unit": (1.5, "must lie in [0, 1]")}
     for key, kind in config.RANGES.items():  # each declared range is checked, with the same message as before
         bad, message = says[kind]

@@ -371,6 +371,7 @@ def test_tune_cli_local_launcher_runs_trials_as_processes(tmp_path):
         trial = out / t["dir"]
         saved = OmegaConf.load(trial / ".hydra" / "config.yaml")  # an ordinary Hydra job of `train`
         assert saved.model.name == "vit_test_d64" and saved.train.lr == t["params"]["train.lr"]
+        assert saved.train.init_cache == str(out.resolve() / "inits")  # the trials share their inits
         assert (trial / "trial.log").is_file() and t["val_acc"] is not None
     final = OmegaConf.load(out / "final" / "seed0" / ".hydra" / "config.yaml")
     assert final.data.train_split == "train+val" and final.train.epochs == 1
@@ -424,3 +425,26 @@ def test_packed_launcher_gives_the_inline_winner_and_scores(tmp_path):
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "packed").glob("trials/rung0/c*/draw*/result.json"))]
     assert [r.get("pack_size") for r in results[:4]] == [6] * 4 and len(results) == 6
     assert done["packed"].winner["params"] == done["inline"].winner["params"]
+
+
+@pytest.mark.slow
+def test_a_tunes_trials_compute_each_init_once(tmp_path, monkeypatch):
+    """VIPAMIN over 3 lrs x 2 draws (tune.launcher=packed): 2 captures, one a draw (train.seed = init.seed = d), not
+    6; the final runs (another split: other inits) compute theirs; every trial's run.json names the file of its init
+    in <tune dir>/inits, the tune's train.init_cache."""
+    import vipamin_scale
+    import vipamin_scale.init.run as init_run
+
+    calls = []
+    real = init_run.capture_layer_stats
+    monkeypatch.setattr(init_run, "capture_layer_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "tune"
+    cfg = vipamin_scale.compose([*TINY, "data.max_train_samples=64", "init=vipamin", "init.num_images=32", "init.k=2",
+                                 "+tune.space.train.lr=[0.05,0.2,0.5]", "tune.mode=grid", "tune.max_epochs=1",
+                                 "tune.select_draws=2", "tune.final_seeds=1", "tune.launcher=packed",
+                                 f"train.out_dir={out}"])
+    run_tune(cfg)
+    assert len(calls) == 2 + 1
+    files = {json.loads(p.read_text())["init"]["file"] for p in out.glob("trials/rung0/c*/draw*/run.json")}
+    assert len(files) == 2 and all(Path(f).parent == out.resolve() / "inits" for f in files)
+    assert len(list((out / "inits").glob("*.safetensors"))) == 3

@@ -4,8 +4,10 @@ Every knob of the project is a field here, with its default, its one-line doc (t
 above it: `field_docs`, shown by `vipamin-scale <command> --help`) and what it declares about itself:
 for a field that takes one of a few values, its options (`choice`); for a number, its range
 (`positive`, `non_negative`, `unit`); for a field that cannot change a run's result, that it is not
-part of the run's identity (`bookkeeping`, or `identity=False`). The checks and lists (`CHOICES`,
-`RANGES`, `NOT_IDENTITY`) are derived from the schema, never kept by hand. OmegaConf checks types
+part of the run's identity (`bookkeeping`, or `identity=False`); for a field in which the runs of one
+pack may differ, that it is `packable`; for a field the prompt initializer never reads, `init_reads=False`.
+The checks, lists and keys (`CHOICES`, `RANGES`, `NOT_IDENTITY`, `PACKABLE`, `pack_key`/`check_pack`,
+`init_key`) are derived from the schema, never kept by hand. OmegaConf checks types
 when Hydra merges the YAML tree onto these dataclasses; `validate` checks values and cross-field
 rules. Either way a bad value becomes one `ConfigError` line naming the field.
 
@@ -25,7 +27,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,45 +50,66 @@ class ConfigError(UserError, ValueError):
 #   range      positive | non_negative | unit: the values `validate` accepts (`RANGES`)
 #   identity   False: the field cannot change a run's result (`NOT_IDENTITY`; runs.identity leaves it out).
 #              Every field counts in a run's identity unless it says so: a new field is in it by default.
+#   packable   True: the runs of one pack may differ in it (`PACKABLE`; `pack_key`, `check_pack`): neither the
+#              shapes nor the step count depend on it. A new field must be equal in a pack unless it says so.
+#   init_reads False: the prompt initializer (init/run.py) never reads it, so runs that differ only in such
+#              fields share one computed init (`init_key`). A new field is read unless it says so.
 _RANGE_RULES = {"positive": ("> 0", lambda v: v > 0, "must be > 0"),
                 "non_negative": (">= 0", lambda v: v >= 0, "must be >= 0"),
                 "unit": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]")}
 
 
-def _declared(default: Any = dataclasses.MISSING, *, identity: bool = True, **metadata: Any) -> Any:
+def _declared(default: Any = dataclasses.MISSING, *, identity: bool = True, packable: bool = False,
+              init_reads: bool = True, **metadata: Any) -> Any:
     if not identity:
         metadata["identity"] = False
+    if packable:
+        metadata["packable"] = True
+    if not init_reads:
+        metadata["init_reads"] = False
     if callable(default):  # a section or a mutable default: made per instance
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def choice(*options: Any, identity: bool = True) -> Any:
+def choice(*options: Any, **declared: Any) -> Any:
     """A field that takes one of `options`, the first being its default. `validate` checks every such
     field against its options (the one place choices are checked); `vipamin-scale <command> --help` lists them."""
-    return _declared(options[0], identity=identity, choices=options)
+    return _declared(options[0], choices=options, **declared)
 
 
-def positive(default: Any, *, identity: bool = True) -> Any:
+def positive(default: Any, **declared: Any) -> Any:
     """A number field that must be > 0 (checked by `validate`)."""
-    return _declared(default, identity=identity, range="positive")
+    return _declared(default, range="positive", **declared)
 
 
-def non_negative(default: Any, *, identity: bool = True) -> Any:
+def non_negative(default: Any, **declared: Any) -> Any:
     """A number field that must be >= 0 (checked by `validate`)."""
-    return _declared(default, identity=identity, range="non_negative")
+    return _declared(default, range="non_negative", **declared)
 
 
-def unit(default: Any, *, identity: bool = True) -> Any:
+def unit(default: Any, **declared: Any) -> Any:
     """A number field that must lie in [0, 1] (checked by `validate`)."""
-    return _declared(default, identity=identity, range="unit")
+    return _declared(default, range="unit", **declared)
 
 
-def bookkeeping(default: Any) -> Any:
+def bookkeeping(default: Any, **declared: Any) -> Any:
     """A field that cannot change a run's result (where outputs go, progress, logging, ...): not part of
     the run's identity, so a resume under another value continues the same run. `default` may be a
     factory (a section's dataclass)."""
-    return _declared(default, identity=False)
+    return _declared(default, identity=False, **declared)
+
+
+def packable(default: Any, **declared: Any) -> Any:
+    """A field in which the runs of one pack may differ (train.train_pack): each run of the pack has its own
+    value; shapes and step counts never depend on it. `default` may be a factory (a section's dataclass)."""
+    return _declared(default, packable=True, **declared)
+
+
+def not_init(default: Any, **declared: Any) -> Any:
+    """A field the prompt initializer never reads (`init_key`): what trains after the init (the batches,
+    the eval, the schedule). `default` may be a factory."""
+    return _declared(default, init_reads=False, **declared)
 
 
 @dataclass
@@ -114,7 +137,7 @@ class PromptConfig:
     length: int = positive(10)  # P, prompt tokens per layer
     deep: bool = True  # prompts at every layer (deep) or before the first block only (shallow)
     dropout: float = unit(0.0)  # dropout on the prompt tokens
-    init_file: Optional[str] = None  # safetensors file with a `prompts` tensor (L_p, P, d)
+    init_file: Optional[str] = packable(None)  # safetensors file with a `prompts` tensor (L_p, P, d)
     bpt: str = choice("whiten_fixed", "whiten_trainable", "lowrank")  # BPT variant (prompt.kind=bpt)
     bpt_rank: int = positive(32)  # c, the low rank of prompt.bpt=lowrank
     bpt_init: str = choice("xavier", "whiten")  # how W starts (whiten: prompt.bpt=lowrank only)
@@ -145,18 +168,18 @@ class InitConfig:
 @dataclass
 class DataConfig:
     name: str = choice("digits", "shards")  # digits (embedded demo, built on first use) | shards (data.root)
-    root: Optional[str] = bookkeeping(None)  # directory of shards + classes.json + manifest.json
+    root: Optional[str] = bookkeeping(None, packable=True)  # directory of shards + classes.json + manifest.json
     train_split: str = "train"  # split trained on (and calibrated on by the initializers)
-    val_split: str = "val"  # split of the per-epoch eval when train.eval_split=val
-    test_split: str = "test"  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
+    val_split: str = not_init("val")  # split of the per-epoch eval when train.eval_split=val
+    test_split: str = not_init("test")  # split of the final test (train.test_at_end), and of the eval with train.eval_split=test
     max_train_samples: Optional[int] = 320  # keep the first N training samples (demo speed); None: all
     # the GLOBAL training batch, the same at every world size: each rank takes a contiguous slice of
     # batch_size / world size (a multiple of the world size); lr scales with it (train.lr)
-    batch_size: int = positive(32)
-    eval_batch_size: int = positive(128)  # per rank (eval results do not depend on it)
+    batch_size: int = positive(32, init_reads=False)
+    eval_batch_size: int = positive(128, init_reads=False)  # per rank (eval results do not depend on it)
     num_workers: int = non_negative(0, identity=False)  # wds: DataLoader worker processes; dali: CPU threads (>= 1)
     # train: shuffle within windows of max(1, shuffle_buffer // batch_size) global batches
-    shuffle_buffer: int = non_negative(1000)
+    shuffle_buffer: int = non_negative(1000, init_reads=False)
     mean: Optional[list[float]] = None  # override the model's normalization (3 channel values)
     std: Optional[list[float]] = None  # override the model's normalization (3 channel values, > 0)
     augment: bool = False  # random resized crop + flip when training (VTAB protocol: none)
@@ -179,34 +202,38 @@ class EngineConfig:
 @dataclass
 class TrainConfig:
     epochs: int = non_negative(5)  # epochs trained
-    lr: float = non_negative(0.05)  # base lr, scaled by global batch / 256 (as VPT)
-    weight_decay: float = non_negative(1e-4)  # AdamW weight decay
-    warmup_epochs: float = non_negative(1.0)  # linear warmup, then cosine decay
+    lr: float = non_negative(0.05, packable=True)  # base lr, scaled by global batch / 256 (as VPT)
+    weight_decay: float = non_negative(1e-4, packable=True)  # AdamW weight decay
+    warmup_epochs: float = non_negative(1.0, packable=True)  # linear warmup, then cosine decay
     eval_every: int = positive(1)  # evaluate every N epochs (and after the last)
     precision: str = choice("fp32", "bf16", "fp16")  # training precision (bf16 / fp16: mixed precision)
-    seed: int = 0  # seed of the training order, dropout and head init
-    out_dir: str = bookkeeping("runs/default")  # the run directory (the CLI: hydra.run.dir)
-    resume: bool = bookkeeping(False)  # continue from the run directory's newest checkpoint
+    seed: int = packable(0)  # seed of the training order, dropout and head init
+    out_dir: str = bookkeeping("runs/default", packable=True)  # the run directory (the CLI: hydra.run.dir)
+    resume: bool = bookkeeping(False, packable=True)  # continue from the run directory's newest checkpoint
     # start over in a run directory that holds a run (its checkpoints, records and logs are deleted first);
     # false: a run that does not resume refuses such a directory
     overwrite: bool = bookkeeping(False)
-    keep_last: int = positive(2, identity=False)  # checkpoints kept
+    keep_last: int = positive(2, identity=False, packable=True)  # checkpoints kept
     log_every: int = positive(10, identity=False)  # log the train loss every N steps
-    progress: bool = bookkeeping(True)  # progress bars on stderr (training steps, calibration batches), rank 0
+    progress: bool = bookkeeping(True, packable=True)  # progress bars on stderr (training steps, calibration batches), rank 0
     eval_split: str = choice("val", "test")  # which split the per-epoch eval reads (data.val_split | data.test_split)
     test_at_end: bool = True  # evaluate data.test_split after the last epoch
     # where metrics go, rank 0 only: jsonl (metrics.jsonl) | tensorboard | wandb | mlflow (the last two:
     # pip install 'vipamin-scale[track]'; wandb reads WANDB_MODE, e.g. offline, and writes under out_dir)
-    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
-    project: str = "vipamin-scale"  # wandb project / mlflow experiment name
-    run_name: Optional[str] = None  # wandb / mlflow run name; None: out_dir's name
-    mlflow_uri: Optional[str] = None  # mlflow tracking URI (e.g. file:/path/mlruns); None: MLFLOW_TRACKING_URI or mlflow's default
+    loggers: list[str] = packable(lambda: ["jsonl", "tensorboard"])
+    project: str = packable("vipamin-scale")  # wandb project / mlflow experiment name
+    run_name: Optional[str] = packable(None)  # wandb / mlflow run name; None: out_dir's name
+    mlflow_uri: Optional[str] = packable(None)  # mlflow tracking URI (e.g. file:/path/mlruns); None: MLFLOW_TRACKING_URI or mlflow's default
     # the prompts' diagnostics (attention entropy, projection energy per layer) logged at start: one extra
     # calibration pass (init.num_images). None: on when wandb or mlflow is among train.loggers
-    log_diagnostics: Optional[bool] = None
+    log_diagnostics: Optional[bool] = packable(None)
     # torch.compile each frozen ViT block (one graph for all; the engine applies it); changes float round-off
     # only, as the engine does, so not part of the run's identity
     compile: bool = bookkeeping(False)
+    # a directory of computed initial prompts, one `<init_key>.safetensors` per distinct init (written once under a
+    # file lock, its digest checked on read): runs that differ only in what the initializer does not read (lr,
+    # weight decay, schedule, epochs, ...) share one capture and math, across processes. None: no cache
+    init_cache: Optional[str] = bookkeeping(None, packable=True)
 
 
 @dataclass
@@ -306,13 +333,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    init: InitConfig = field(default_factory=InitConfig)
+    init: InitConfig = packable(InitConfig)
     # checkpoints are engine-neutral: a run resumed under another engine continues the same run
     engine: EngineConfig = bookkeeping(EngineConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tune: TuneConfig = bookkeeping(TuneConfig)  # the search's own settings; each trial is a run of its own
-    study: StudyConfig = bookkeeping(StudyConfig)  # the study's own settings; each of its runs is a run of its own
-    out: Optional[str] = bookkeeping(None)  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
+    # the prompt initializer reads nothing of train.* (train.seed included: tests/test_init.py shows its output
+    # does not depend on the global RNG that train.seed seeds)
+    train: TrainConfig = not_init(TrainConfig)
+    tune: TuneConfig = bookkeeping(TuneConfig, packable=True)  # the search's own settings; each trial is a run of its own
+    # the study's own settings; each of its runs is a run of its own
+    study: StudyConfig = bookkeeping(StudyConfig, packable=True)
+    out: Optional[str] = bookkeeping(None, packable=True)  # output file of `init` (prompts .safetensors) / `diagnose` (.json)
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "init": InitConfig,
@@ -336,18 +366,110 @@ CHOICES: dict[str, tuple[Any, ...]] = {name: f.metadata["choices"] for name, f i
 # field -> its range (positive | non_negative | unit), from the schema's `positive(...)`, ... fields
 RANGES: dict[str, str] = {name: f.metadata["range"] for name, f in schema_fields() if "range" in f.metadata}
 
+def _declaring(key: str, value: Any) -> tuple[str, ...]:
+    """Dotted names (a section's name covers all its fields) of every field whose metadata sets `key` to `value`."""
+    return tuple(dict.fromkeys(
+        [top.name for top in dataclasses.fields(Config) if top.metadata.get(key) is value]
+        + [name for name, f in schema_fields() if f.metadata.get(key) is value]))
+
+
+def _covered(dotted: str, names: tuple[str, ...]) -> bool:
+    return any(dotted == p or dotted.startswith(p + ".") for p in names)
+
+
 # The fields that cannot change a run's result, as dotted names (a section's name covers all its
 # fields), from the schema's `identity=False` fields: `runs.identity` leaves them out. The world size is
 # not a field at all: data.batch_size is the global batch and the training batches are a function of
 # (seed, epoch) only, so a run resumed at another world size is the same run.
-NOT_IDENTITY: tuple[str, ...] = tuple(dict.fromkeys(
-    [top.name for top in dataclasses.fields(Config) if top.metadata.get("identity") is False]
-    + [name for name, f in schema_fields() if f.metadata.get("identity") is False]))
+NOT_IDENTITY: tuple[str, ...] = _declaring("identity", False)
+
+# The fields in which the runs of one pack may differ (`packable`): `pack_key` and `check_pack` compare the rest.
+PACKABLE: tuple[str, ...] = _declaring("packable", True)
+
+# The fields the prompt initializer never reads (`init_reads=False`): `init_key` leaves them out.
+NOT_INIT: tuple[str, ...] = _declaring("init_reads", False)
 
 
 def in_identity(dotted: str) -> bool:
     """Whether the field (or a key inside a dict field) `dotted` counts in a run's identity."""
-    return not any(dotted == p or dotted.startswith(p + ".") for p in NOT_IDENTITY)
+    return not _covered(dotted, NOT_IDENTITY)
+
+
+# ----------------------------------------------------------------------------- packs and shared inits
+
+
+def config_fields(cfg: DictConfig) -> dict[str, Any]:
+    """{dotted name: value} of every leaf of the resolved config (a dict field's keys are leaves too)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, child in node.items():
+                walk(child, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def pack_key(cfg: DictConfig) -> tuple:
+    """What runs must share to train in one pack (equal keys: they can): every field not declared `packable`."""
+    return tuple(sorted((k, repr(v)) for k, v in config_fields(cfg).items() if not _covered(k, PACKABLE)))
+
+
+def check_pack(cfgs: Sequence[DictConfig]) -> None:
+    """One ConfigError naming the first field that keeps a run out of the pack (`packable` fields may differ,
+    no two runs may write into one directory, packs of K > 1 need prompt.dropout=0 and engine.name=ddp);
+    nothing else is done."""
+    if not cfgs:
+        raise ConfigError("train_pack: no runs given")
+    first = config_fields(cfgs[0])
+    dirs: dict[str, int] = {}
+    for i, cfg in enumerate(cfgs):
+        flat = config_fields(cfg)
+        for name in sorted(set(first) | set(flat)):
+            if not _covered(name, PACKABLE) and repr(first.get(name)) != repr(flat.get(name)):
+                shown = [p + (".*" if p in _SECTIONS or p == "tune" else "") for p in PACKABLE if in_identity(p)]
+                raise ConfigError(f"{name}: the runs of a pack must share it ({first.get(name)!r} in run 0, "
+                                  f"{flat.get(name)!r} in run {i}, {cfg.train.out_dir}); only {', '.join(shown)} "
+                                  f"(and where a run's data lives and its outputs go) may differ")
+        out_dir = str(Path(cfg.train.out_dir).resolve())
+        if out_dir in dirs:
+            raise ConfigError(f"train.out_dir: runs {dirs[out_dir]} and {i} of the pack both write into {cfg.train.out_dir}")
+        dirs[out_dir] = i
+    if len(cfgs) > 1:
+        if cfgs[0].prompt.dropout > 0:
+            raise ConfigError(f"prompt.dropout: {cfgs[0].prompt.dropout} draws its masks from the global RNG, which the "
+                              f"runs of a pack would share; pack only runs with prompt.dropout=0, or train them alone")
+        if cfgs[0].engine.name != "ddp":
+            raise ConfigError(f"engine.name: packs of several runs train with engine.name=ddp (one AdamW step over the "
+                              f"runs' stacked parameters); got {cfgs[0].engine.name}")
+
+
+def _file_stamp(path: Optional[str]) -> Optional[list[Any]]:
+    """(size, mtime in ns) of a local file, so a file replaced at the same path is another input; None else."""
+    if not path or not Path(path).is_file():
+        return None
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def init_key(cfg: DictConfig, data_root: str | Path) -> str:
+    """The SHA-256 of what the prompt initializer reads of a run (its output is a function of it): every field
+    of the run's identity but those declared `init_reads=False`, plus the data it calibrates on (`data_root`,
+    resolved, and the SHA-256 of its manifest) and the size and mtime of the local files it reads
+    (model.checkpoint, prompt.init_file). Runs with equal keys compute the same prompts (train.train_pack
+    computes them once; train.init_cache shares them across processes)."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in config_fields(cfg).items() if in_identity(k) and not _covered(k, NOT_INIT)}
+    manifest = Path(data_root) / "manifest.json"
+    inputs = {"fields": fields, "data_root": str(Path(data_root).resolve()),
+              "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+              "checkpoint": _file_stamp(cfg.model.checkpoint), "init_file": _file_stamp(cfg.prompt.init_file)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def subspace_energy(init_cfg) -> float:
@@ -628,6 +750,8 @@ def field_docs() -> dict[str, str]:
             notes = [_RANGE_RULES[RANGES[dotted]][0]] if dotted in RANGES else []
             if not in_identity(dotted):
                 notes.append("not part of the run's identity")
+            if _covered(dotted, PACKABLE):
+                notes.append("may differ between the runs of a pack")
             if doc:
                 docs[dotted] = f"{doc} ({'; '.join(notes)})" if notes else doc
     return docs

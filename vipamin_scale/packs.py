@@ -31,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
-from vipamin_scale.config import ConfigError
+from vipamin_scale.config import ConfigError, pack_key
 from vipamin_scale.pool import environ
-from vipamin_scale.train import pack_key, train_pack
+from vipamin_scale.train import train_pack
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 This module alone reads and writes them (train, tune, the report and the benchmarks come here).
 
     <out_dir>/run.lock             the writer's lock: {pid, host, started, slurm_job}; rank 0 holds it
-    <out_dir>/run.json             the run's identity: {fingerprint, identity, status}
+    <out_dir>/run.json             the run's identity: {fingerprint, identity, status}, and where its initial
+                                   prompts came from: init {key, file, sha256, computed} (`record_init`)
     <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
     <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
@@ -353,10 +354,13 @@ def _restore_record(out_dir: Path, ident: dict[str, Any], source: Path, run: Opt
 
 
 def begin(out_dir: Path, cfg: DictConfig) -> None:
-    """Record the run's identity (status running) and its resolved config. Rank 0 only."""
+    """Record the run's identity (status running; a resumed run keeps the record of its initial prompts) and its
+    resolved config. Rank 0 only."""
     out_dir = Path(out_dir)
     ident = identity(cfg)
-    write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident},
+    old = read_run(out_dir) or {}
+    kept = {"init": old["init"]} if old.get("fingerprint") == fingerprint(ident) and "init" in old else {}
+    write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident, **kept},
                nan_as_null=False)
     atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True).encode())
 
@@ -366,6 +370,15 @@ def _set_status(out_dir: Path, status: str) -> None:
     run = read_run(out_dir)
     if run and "identity" in run:
         write_json(Path(out_dir) / RUN, {**run, "status": status})
+
+
+def record_init(out_dir: Path, init: Mapping[str, Any]) -> None:
+    """Record in run.json where the run's initial prompts came from (`init/cache.py`): the init key, the file the
+    initializer wrote (this run's own, another run's of its pack, or train.init_cache's), its SHA-256, and whether
+    this run computed it. Rank 0, after `begin`."""
+    run = read_run(out_dir)
+    if run and "identity" in run:
+        write_json(Path(out_dir) / RUN, {**run, "init": dict(init)})
 
 
 def finish(out_dir: Path, result: Mapping[str, Any]) -> None:

@@ -25,9 +25,10 @@ outside still leaves what it measured. They run in common.SECTIONS' order: issue
               1-rank group, against ddp, model.dtype fp32 and bf16.
   fewshot     the few-shot step (the demo backbone's shape, 112 px, batch 10): steps/s as the loop runs it
               today (fp32, a host sync per step) and with bf16 storage, compile, no sync.
-  packed      issue 22's packed trials: the accuracy benchmark's 4-shot workload (demo shape, random weights,
-              112 px, batch 10, 80 steps, val + test) as runs/hour of 14 processes of one run each against
-              packs of K = 4..64 in one process; peak GPU memory per run; accuracies equal to the solo runs'.
+  packed      issues 22 and 33: the accuracy benchmark's 4-shot workload (demo shape, random weights, 112 px,
+              batch 10, 80 steps, val + test) as runs/hour of 14 processes of one run each against packs of
+              K = 1..64 in one process; per layout the real loop's step time (loader -> device -> step) and
+              images/s, peak GPU memory per run; accuracies equal to the solo runs'.
   init_size   (also) the per-layer math on the GPU in float64 against the CPU's, within 1e-10, and its time.
   train       `vipamin-scale train` (the CLI, tiny model, a few steps) under engine=ddp, zero2 and
               zero3 with activation checkpointing, each in fp32 and bf16, all at once; every loss

@@ -53,7 +53,7 @@ def sizes(smoke: bool) -> dict[str, Any]:
                 search_cap_s=20, warmup=2, steps=5, init_B=256, init_batch=32, data_images=512, data_batch=64,
                 data_threads=8, data_epochs=3, fewshot_model="vit_small_patch14_dinov2", fewshot_img=112,
                 fewshot_batch=10, fewshot_warmup=5, fewshot_steps=30, compile=True, packed_procs=14,
-                packed_ks=[4, 8, 16, 32, 64])
+                packed_ks=[1, 4, 8, 16, 32, 64])
 
 
 # TINY correctness runs: the test suite's tiny ViT on the digits, 4 steps, then the val split.

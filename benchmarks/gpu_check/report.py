@@ -118,13 +118,16 @@ def _packed(res: dict) -> list[str]:
         if not isinstance(r, dict):
             continue
         if "runs_per_hour" not in r:
-            rows.append(f"| {key} | failed: {str(r.get('error'))[:100]} | | | | | |")
+            rows.append(f"| {key} | failed: {str(r.get('error'))[:100]} | | | | | | | |")
             continue
-        rows.append(f"| {key} | {r['processes']} x {r['runs'] // r['processes']} | {fmt(r['wall_s'], '.0f')} | "
+        step_ms = r["step_s"] * 1000 if r.get("step_s") is not None else None
+        rows.append(f"| {key} | {r['processes']} x {r['runs'] // r['processes']} | {fmt(step_ms, '.1f')} | "
+                    f"{fmt(r.get('images_per_s_per_process'), '.0f')} | {fmt(r['wall_s'], '.0f')} | "
                     f"{fmt(r['runs_per_hour'], '.0f')} | {fmt(r.get('gain', 1.0 if key == 'solo' else None), '.2f')} | "
                     f"{fmt(r.get('gpu_peak_mb_per_run'), '.0f')} | {fmt(r.get('max_acc_diff'), '.1e')} |")
     if not rows:
         return []
-    return ["", f"Packed trials (issue 22; {res.get('target')}): {res.get('workload')}.", "",
-            "| layout | processes x runs | wall s | runs/hour | gain | peak GPU MB / run | max acc diff vs solo |",
-            "|---|---|---|---|---|---|---|", *rows]
+    return ["", f"Packed trials (issues 22, 33; {res.get('target')}): {res.get('workload')}. Step: the real loop's "
+            "(loader, one copy to the device, step), per process.", "",
+            "| layout | processes x runs | step ms | images/s / process | wall s | runs/hour | gain | peak GPU MB / run | "
+            "max acc diff vs solo |", "|---|---|---|---|---|---|---|---|---|", *rows]

@@ -8,8 +8,14 @@ optimizer moments by the same names), so a run saved under one engine and world 
 under another.
 
 This module imports no engine; the registry (`vipamin_scale.engine.ENGINES`) imports them all.
-It also holds what every engine shares: the optimizer (`adamw` over `param_groups`), the lr
-schedule (`cosine_with_warmup`) and the trainable-name order.
+It also holds what every engine shares: torch's optimizer (`adamw` over `param_groups`), the lr
+schedule (`cosine_with_warmup`) and the trainable-name order. The DDP engine steps with the pack's
+AdamW instead (`engine/adamw.py`: the same update, one set of ops for all the runs of a pack); the
+others train packs of one run with torch's.
+
+A pack of K > 1 runs (`models/packed.py`) holds its trainable tensors stacked, `(K, *solo shape)`:
+`model.run_dims` (1; 0 for any other model) says how many leading dimensions are runs, and weight decay
+applies where the SOLO tensor is a matrix (ndim > 1), never to biases and norm weights.
 """
 from __future__ import annotations
 
@@ -35,31 +41,33 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float, runs: Optional[list[tuple[str, float, float]]] = None) -> list[dict]:
-    """Trainable parameters in name order; biases and norm weights get no weight decay.
-
-    `runs`: [(name prefix, lr, weight decay)] of a pack's runs (`models/packed.py`): two groups per
-    run (decay, no decay), in run order, each with its run's lr and weight decay, so one AdamW steps
-    every run exactly as its own would (AdamW's update is per element, its state per parameter).
-    """
-    if runs is None:
-        runs = [("", None, weight_decay)]
-    groups = []
-    for prefix, lr, wd in runs:
-        decay, no_decay = [], []
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if not p.requires_grad or not name.startswith(prefix):
-                continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        extra = {} if lr is None else {"lr": lr}
-        groups += [dict(params=decay, weight_decay=wd, **extra), dict(params=no_decay, weight_decay=0.0, **extra)]
-    return groups
+def decays(model: nn.Module, p: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to `p`: a matrix or the prompts of a run, not a bias or a norm weight
+    (its ndim as the solo run holds it, `model.run_dims` leading run dimensions left out)."""
+    return p.ndim - getattr(model, "run_dims", 0) > 1
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float,
-          runs: Optional[list[tuple[str, float, float]]] = None) -> torch.optim.AdamW:
-    """The optimizer every engine uses (plain torch AdamW, so the numbers agree across engines)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay, runs), lr=lr, betas=(0.9, 0.999))
+def trainable_names(model: nn.Module) -> list[str]:
+    """The trainable parameters' names in the order `param_groups` puts them: those with weight decay first,
+    then the others, each in name order."""
+    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
+    return [n for n, p in named if decays(model, p)] + [n for n, p in named if not decays(model, p)]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """torch AdamW's two groups of a run: the trainable parameters with weight decay, and the rest (biases,
+    norm weights) without, each in name order (`trainable_names`)."""
+    named = dict(model.named_parameters())
+    names = trainable_names(model)
+    decay = [named[n] for n in names if decays(model, named[n])]
+    no_decay = [named[n] for n in names if not decays(model, named[n])]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW as every engine but DDP steps it (so the numbers agree across engines: `engine/adamw.py`
+    is the same update, bit for bit on the CPU)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
 
 
 def require_blocks(model: nn.Module, field: str = "engine.activation_checkpointing", verb: str = "checkpoint") -> None:
@@ -95,19 +103,10 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def set_lr_from_scheduler(optimizer, scheduler) -> None:
-    """A scheduler's state does not carry the optimizer's current lr; put it back after a load."""
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+    """A torch scheduler's state does not carry the optimizer's current lr; put it back after a load (the
+    pack's AdamW reads its lr from its schedule: nothing to do)."""
+    for group, lr in zip(getattr(optimizer, "param_groups", ()), scheduler.get_last_lr()):
         group["lr"] = lr
-
-
-def trainable_names(model: nn.Module, runs: Optional[list[tuple[str, float, float]]] = None) -> list[str]:
-    """Names in the order `param_groups` puts them (per run: decay group first, then no-decay)."""
-    names = []
-    for prefix, _, _ in runs or [("", None, None)]:
-        named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)),
-                       key=lambda kv: kv[0])
-        names += [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
-    return names
 
 
 class Engine(ABC):
@@ -124,13 +123,14 @@ class Engine(ABC):
     - `lr`: the (batch-scaled) peak learning rate; `total_steps`, `warmup_steps`: the schedule
       (`cosine_with_warmup`);
     - `device`: where the model lives; `None` is this rank's device (`distributed.device()`);
-    - `runs`: a pack's runs as [(parameter name prefix, peak lr, weight decay)] (`param_groups`); `None`:
-      one run, `lr` and `train.weight_decay`. The schedule's factor is the same for every run.
+    - `runs`: a pack's runs as [(peak lr, weight decay, warmup steps)], in the pack's run order (DDP only:
+      the others train one run); `None`: one run, `lr`, `train.weight_decay` and `warmup_steps`. Every run's
+      schedule is `cosine_with_warmup(total_steps, its warmup)` times its peak lr.
 
     Construction, in order: store the backbone in `model.dtype` (`store_backbone`), move the model, enable
     activation checkpointing (`_enable_activation_checkpointing`), compile the blocks (`train.compile`:
     `compile_blocks`), shard in place (`_shard`), build the optimizer
-    (`_build_optimizer`) and the schedule, wrap (`_wrap`, which may replace `self.optimizer` and
+    (`_build_optimizer`) and the schedule (`_build_scheduler`), wrap (`_wrap`, which may replace `self.optimizer` and
     `self.scheduler` with the library's wrappers). Subclasses set `name` (the `engine.name` that
     picks them), do their own set-up before calling `super().__init__`, and override these hooks
     and the state methods.
@@ -139,13 +139,16 @@ class Engine(ABC):
     name: str  # engine.name
 
     def __init__(self, model: nn.Module, cfg: DictConfig, *, lr: float, total_steps: int, warmup_steps: int,
-                 device: Optional[torch.device] = None, runs: Optional[list[tuple[str, float, float]]] = None):
+                 device: Optional[torch.device] = None, runs: Optional[list[tuple[float, float, int]]] = None):
         self.device = D.device() if device is None else device
+        self.runs = list(runs) if runs is not None else [(lr, cfg.train.weight_decay, warmup_steps)]
+        if len(self.runs) > 1 and not self.trains_packs:
+            raise ConfigError(f"engine.name: {self.name} trains one run at a time; packs of several runs train with "
+                              f"engine.name=ddp")
         self.backbone_dtype = store_backbone(model, cfg.model.dtype)
         self.model = model.to(self.device)
         self.precision = cfg.train.precision
-        self.runs = runs
-        self.names = trainable_names(model, runs)
+        self.names = trainable_names(model)
         if cfg.engine.activation_checkpointing:
             require_blocks(model)
             self._enable_activation_checkpointing(model)
@@ -154,8 +157,10 @@ class Engine(ABC):
             compile_blocks(model)
         self._shard(model)
         self.optimizer = self._build_optimizer(model, lr, cfg.train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
+        self.scheduler = self._build_scheduler(total_steps, warmup_steps)
         self.module = self._wrap(self.model)
+
+    trains_packs = False  # whether the engine steps a pack of several runs (DDP: the pack's AdamW)
 
     def _enable_activation_checkpointing(self, model: nn.Module) -> None:
         model.set_grad_checkpointing(True)  # torch.utils.checkpoint per block, non-reentrant
@@ -164,7 +169,10 @@ class Engine(ABC):
         """Engines that replace parameters in place (FSDP2) do it here, before the optimizer sees them."""
 
     def _build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return adamw(model, lr, weight_decay, self.runs)
+        return adamw(model, lr, weight_decay)
+
+    def _build_scheduler(self, total_steps: int, warmup_steps: int):
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(total_steps, warmup_steps))
 
     @abstractmethod
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -210,7 +218,7 @@ class Engine(ABC):
         return self.optimizer.param_groups[0]["lr"]
 
     def run_lr(self, k: int) -> float:
-        """Run k's current lr (a pack: its two groups start at 2k)."""
+        """Run k's current lr (a host value; engines other than DDP train one run, k = 0)."""
         return self.optimizer.param_groups[2 * k]["lr"]
 
     # -- engine-neutral state -------------------------------------------------------------------

@@ -7,6 +7,12 @@ after CLS before block 0. Deep: additionally, positions `1..P` of the input of e
 Prompts come from a provider module returning a `(L_p, P, d)` tensor: `VPTPrompts` (a plain
 parameter) here, BPT's bilinear prompts elsewhere. Only the provider and the head train; the
 backbone is frozen and stays in eval mode even when the module is put in train mode.
+
+A pack of R runs (`models/packed.py`) hands `forward_tokens` one prompt set per run, `(R, L_p, P, d)`,
+for R equal groups of consecutive samples: each layer's `(R, P, d)` prompts are broadcast to their
+run's samples inside the concatenation (`expand`, never copied per sample), so no `(R·b, L_p, P, d)`
+tensor exists. After the last block, `pool_features` (no per-run parameter) and the run's own
+`fc_norm` and `head` (`classify`) make the logits.
 """
 from __future__ import annotations
 
@@ -114,46 +120,64 @@ class PromptedViT(nn.Module):
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
 
-    def _prompt_tokens(self, prompts: torch.Tensor, layer: int, batch: int) -> torch.Tensor:
-        if prompts.ndim == 4:  # per sample (B, L_p, P, d): a pack's runs side by side (models/packed.py)
-            return self.prompt_dropout(prompts[:, layer])
-        return self.prompt_dropout(prompts[layer].unsqueeze(0).expand(batch, -1, -1))
+    def _insert(self, x: torch.Tensor, prompts: torch.Tensor, keep_from: int) -> torch.Tensor:
+        """`[CLS, prompts, x[:, keep_from:]]`: the layer's prompts (P, d), or one set per run (R, P, d) for R
+        equal groups of consecutive samples, broadcast to the samples (a view) inside the concatenation."""
+        B, P = x.shape[0], self.num_prompts
+        if prompts.ndim == 2:  # one run: the solo model's ops
+            return torch.cat([x[:, :1], self.prompt_dropout(prompts.unsqueeze(0).expand(B, -1, -1)), x[:, keep_from:]],
+                             dim=1)  # (B, 1 + P + N, d)
+        R = prompts.shape[0]
+        groups = x.view(R, B // R, *x.shape[1:])  # (R, b, N_e, d): run r's samples
+        per_sample = prompts.unsqueeze(1).expand(-1, B // R, -1, -1)  # (R, b, P, d): a view of (R, P, d)
+        out = torch.cat([groups[:, :, :1], per_sample, groups[:, :, keep_from:]], dim=2)  # (R, b, 1 + P + N, d)
+        return out.view(B, 1 + P + x.shape[1] - keep_from, x.shape[2])  # (B, 1 + P + N, d)
 
     def forward_tokens(self, x: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens after the last block (before the final norm), `(B, 1 + P + N_p, d)`.
 
         `prompts=None` uses the model's own; a tensor of the same shape may be passed instead
         (the initializer's pass A runs the backbone with random prompts this way), or one prompt set
-        per sample, `(B, L_p, P, d)` (a pack of runs, `models/packed.py`).
+        per run, `(R, L_p, P, d)` for R equal groups of consecutive samples (a pack, `models/packed.py`;
+        prompt dropout is not applied to them: packs refuse it).
         """
         prompts = self.prompt() if prompts is None else prompts
-        x = self.embed(x)
-        B, P = x.shape[0], self.num_prompts
-        prompts = prompts.to(x.dtype)
-        x = torch.cat([x[:, :1], self._prompt_tokens(prompts, 0, B), x[:, 1:]], dim=1)
+        x = self.embed(x)  # (B, N_e, d)
+        if prompts.ndim == 4 and x.shape[0] % prompts.shape[0]:
+            raise ValueError(f"forward_tokens: {x.shape[0]} samples do not split into {prompts.shape[0]} equal runs")
+        layers = prompts.to(x.dtype).unbind(-3)  # L_p x (P, d) or (R, P, d): one backward stack, no per-layer zeros
+        x = self._insert(x, layers[0], 1)
         wrapper = self._block_wrapper if torch.is_grad_enabled() else None
         for layer, block in enumerate(self.backbone.blocks):
             if self.deep and layer > 0:
-                x = torch.cat([x[:, :1], self._prompt_tokens(prompts, layer, B), x[:, 1 + P:]], dim=1)
+                x = self._insert(x, layers[layer], 1 + self.num_prompts)
             x = block(x) if wrapper is None else wrapper(block, x)
         return x
 
-    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        P = self.num_prompts
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the run's `fc_norm` and head read from the last block's tokens `(B, T, d)` -> `(B, d)`, in the
+        head's dtype; no per-run parameter is used here (a pack pools all its runs at once). `mean` (MAE's
+        setting) averages the tokens (its own LayerNorm, `fc_norm`, follows); the others take the
+        backbone's final norm, then CLS or a token mean."""
+        P, dtype = self.num_prompts, self.head.weight.dtype
         if self.pool == "mean":  # fc_norm trains with the head: in the head's dtype
-            return self.fc_norm(x[:, 1:].to(self.head.weight.dtype).mean(dim=1))
+            return x[:, 1:].to(dtype).mean(dim=1)
         x = self.backbone.norm(x)
         if self.pool == "cls":
-            return x[:, 0]
+            return x[:, 0].to(dtype)
         if self.pool == "img_mean":
-            return x[:, 1 + P:].mean(dim=1)
-        return x[:, 1:1 + P].mean(dim=1)  # prompt_mean
+            return x[:, 1 + P:].mean(dim=1).to(dtype)
+        return x[:, 1:1 + P].mean(dim=1).to(dtype)  # prompt_mean
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads: `fc_norm(pool_features(x))`."""
+        return self.fc_norm(self.pool_features(x))
 
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits `(B, classes)` from the last block's tokens. The pooled features go to the head in its
         weights' dtype: fp32 as stored (a bf16 backbone's features are cast back), bf16 where an engine
         presents the whole model so."""
-        return self.head(self.pool_tokens(tokens).to(self.head.weight.dtype))
+        return self.head(self.pool_tokens(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.forward_tokens(x))

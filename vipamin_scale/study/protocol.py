@@ -286,11 +286,12 @@ def params_slug(params: Mapping[str, Any]) -> str:
 
 
 def run_config(cfg: DictConfig, cell: Cell, params: Mapping[str, Any], draw: int, data: Mapping[str, Any],
-               out_dir: Path) -> tuple[DictConfig, list[str]]:
+               out_dir: Path, init_cache: Optional[Path] = None) -> tuple[DictConfig, list[str]]:
     """The config of one prompt run of `cell` at the point `params` (its selected or candidate settings), draw
     (or seed) `draw`, on `data` ({name, root, train_split, max_train_samples, n}: the draw's or the full data),
     and what sets it apart within the study as `field=value` strings (its regime, the method's changes, the
-    cell's fields, the point, the draw: what `vipamin-scale report` groups and pairs by)."""
+    cell's fields, the point, the draw: what `vipamin-scale report` groups and pairs by). `init_cache`: where
+    runs that differ only in what the initializer does not read share one computed init (train.init_cache)."""
     method = methods(cfg)[cell.method]
     run = apply_method(base_config(cfg), method)
     sched = cell_schedule(cfg, cell, int(data["n"]))
@@ -302,7 +303,8 @@ def run_config(cfg: DictConfig, cell: Cell, params: Mapping[str, Any], draw: int
         "train.eval_split": "val", "train.test_at_end": True, "train.seed": draw, "init.seed": draw,
         "init.num_images": min(int(data["n"]), int(run.init.num_images)), **dict(params)}
     for key, value in {**changes, "train.out_dir": str(out_dir), "train.resume": True, "train.overwrite": False,
-                       "train.progress": False}.items():
+                       "train.progress": False, "train.init_cache": None if init_cache is None else str(init_cache)
+                       }.items():
         OmegaConf.update(run, key, value, merge=False)
     validate(run)
     from vipamin_scale.tune.space import hydra_value

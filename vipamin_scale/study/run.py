@@ -12,7 +12,9 @@ Phases (each writes nothing a re-run must redo; every run is an ordinary run dir
      that point ARE the final runs of their draws (same config, same directory: reused, not retrained);
   4. the cost of P: one solo few-shot run per (P, method), draw 0, one at a time in this process;
   5. the gate, the tables (`tables.publish`: study.json, study.md, plots).
-Run directories: <dir>/runs/<cell>/<point>/draw<d> (few-shot) or seed<s> (full), <dir>/cost/<cell>/<point>.
+Run directories: <dir>/runs/<cell>/<point>/draw<d> (few-shot) or seed<s> (full), <dir>/cost/<cell>/<point>;
+each initialization is computed once for the study (<dir>/inits: runs that differ only in what the initializer
+does not read, a cell's points and its methods' lrs, share it; `init/cache.py`), the cost runs excepted.
 
 Resumable and exact: the directory records its protocol (protocol.json: `protocol.protocol_record`); a
 re-run with the same protocol continues (ended runs reused after their identity is checked, interrupted
@@ -123,7 +125,8 @@ class Study:
         return self.root / "runs" / cell.key / P.params_slug(point) / name
 
     def run_config(self, cell: P.Cell, point: dict[str, Any], draw: int) -> tuple[DictConfig, list[str]]:
-        return P.run_config(self.cfg, cell, point, draw, self.data(cell, draw), self.run_dir(cell, point, draw))
+        return P.run_config(self.cfg, cell, point, draw, self.data(cell, draw), self.run_dir(cell, point, draw),
+                            init_cache=self.root / "inits")
 
     def selection_draws(self, cell: P.Cell) -> list[int]:
         return list(range(self.s.select_draws)) if cell.regime == P.FEW else [0]
@@ -256,7 +259,7 @@ class Study:
                 self.cost[(cell.length, cell.method)] = json.loads(record.read_text())
                 continue
             shutil.rmtree(where, ignore_errors=True)
-            cfg, said = P.run_config(self.cfg, cell, point, 0, self.data(cell, 0), where)
+            cfg, said = P.run_config(self.cfg, cell, point, 0, self.data(cell, 0), where)  # its own init: timed
             runs.write_overrides(where, ["regime=cost of P (solo)", *said[1:]])  # never paired with the finals
             cuda = torch.cuda.is_available()
             if cuda:

@@ -5,6 +5,7 @@ Layout of the run directory (the Hydra run dir; pass the same hydra.run.dir agai
     trials/rung<i>/c<candidate>/draw<d>/  the same, one a draw, when a candidate trains on several draws
     trials/edge<e>/c<candidate>[/draw<d>]/  the candidates an edge round added (tune.extend_edges)
     final/seed<s>/                        the final runs
+    inits/                                the trials' initial prompts, one file per distinct init (train.init_cache)
     tune.json, tune.md                    the rung table, the winner, the final mean ± sd (atomic)
     tune_val_vs_budget.png                val accuracy against budget, one line per candidate
 A trial with a result.json (finished or failed) is never run again: re-running a killed tune skips
@@ -105,6 +106,10 @@ def run_tune(cfg: DictConfig, *, launcher: Optional[Launcher] = None, base_overr
     import vipamin_scale.distributed as D
 
     D.init_from_env()  # under torchrun the ranks agree on the lock (and every inline trial is distributed)
+    if cfg.train.init_cache is None:  # trials that differ only in what the initializer does not read share one init
+        cfg = copy.deepcopy(cfg)
+        cfg.train.init_cache = str(Path(cfg.train.out_dir).resolve() / "inits")
+        base_overrides = [*base_overrides, f"train.init_cache={cfg.train.init_cache}"]
     with runs.hold(Path(cfg.train.out_dir)):
         return _search(cfg, points, launcher, base_overrides, train_fn)
 
