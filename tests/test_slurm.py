@@ -21,6 +21,7 @@ from conftest import REPO, TINY, cli, cli_env
 from safetensors.torch import load_file
 
 from vipamin_scale import checkpoint as ckpt
+from vipamin_scale.faults import HOLD_AT_STEP_ENV
 from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
@@ -301,7 +302,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(two_node_run["run"] / "prompts.safetensors", run / "prompts.safetensors")
-    proc = _sbatch(slurm, tmp_path, run=run, wait=False, timeout=60)
+    # each rank waits at step 20 (epoch 1 of 6) for the signal: it lands mid-training however loaded the machine
+    proc = _sbatch(slurm, tmp_path, run=run, wait=False, timeout=60, env={HOLD_AT_STEP_ENV: "20"})
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     metrics = run / "metrics.jsonl"
@@ -334,7 +336,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
     assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
     assert "restart 0:" in log and "restart 1:" in log and "preempted at step" in log and "resumed from" in log
     preempted = int(log.split("preempted at step ")[1].split(":")[0])
-    assert 1 <= preempted < 6 * 16
+    assert 1 <= preempted <= 21  # by the check after the hold at step 20 (log_every=1: a check every step)
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 6 * 16 and result["world_size"] == 2
     _assert_same_trainable(_final_trainable(two_node_run["run"]), _final_trainable(run))

@@ -11,6 +11,11 @@ is the same run without them):
                                    checkpoint file (a pack writes one per run: with a pack of two, N = 3
                                    kills between the two runs' writes of its second save); first attempt only
     VIPAMIN_SCALE_KILL_RANK=r      only rank r kills itself (default: every rank)
+    VIPAMIN_SCALE_HOLD_AT_STEP=N   right after global step N, wait (up to 5 min) for the preemption signal
+                                   (SIGUSR1), in a run's first attempt only (not once resumed): a test's
+                                   `scancel --signal=USR1` then lands mid-training however loaded the machine
+                                   (not in the last epoch, where a run finishes instead of stopping); the rank
+                                   goes on at the signal and the next check acts on it
 
 Production runs leave them unset; `train` reads them once per run (`kill_switch`).
 """
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
 KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 KILL_AFTER_CHECKPOINT_ENV = "VIPAMIN_SCALE_KILL_AFTER_CHECKPOINT"
+HOLD_AT_STEP_ENV = "VIPAMIN_SCALE_HOLD_AT_STEP"
+HOLD_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,16 @@ class KillSwitch:
     step: int = -1  # -1: never
     rank: int = -1  # -1: every rank
     checkpoint: int = -1  # -1: never
+    hold: int = -1  # -1: never
 
     def after_step(self, step: int, rank: int) -> None:
         """Called by the training loop after each global step."""
         if step == self.step and self.rank in (-1, rank):
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.hold and self.rank in (-1, rank):
+            from vipamin_scale.preempt import wait_for_signal
+
+            wait_for_signal(HOLD_TIMEOUT_S)
 
     def after_checkpoint(self, count: int, rank: int) -> None:
         """Called after each checkpoint file written, with how many this process has written."""
@@ -42,9 +54,11 @@ class KillSwitch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_switch(restarted: bool) -> KillSwitch:
-    """The kill switch the environment asks for; none after a torchrun restart."""
+def kill_switch(restarted: bool, resumed: bool = False) -> KillSwitch:
+    """The kill switch the environment asks for; none after a torchrun restart, and no hold in a resumed run
+    (a requeued job passes the hold's step again)."""
     if restarted:
         return KillSwitch()
     return KillSwitch(int(os.environ.get(KILL_AT_STEP_ENV, "-1")), int(os.environ.get(KILL_RANK_ENV, "-1")),
-                      int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")))
+                      int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")),
+                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")))

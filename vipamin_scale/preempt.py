@@ -38,6 +38,14 @@ def _on_signal(signum, frame) -> None:  # async-signal context: set a flag, noth
     _flag.set()
 
 
+def wait_for_signal(timeout: float) -> bool:
+    """Block until the preemption signal has been received (or `timeout` seconds); whether it was."""
+    got = _flag.wait(timeout)
+    if not got:
+        log.warning("no preemption signal within %.0f s of the hold (VIPAMIN_SCALE_HOLD_AT_STEP); going on", timeout)
+    return got
+
+
 class Preemption:
     """One per training run: `requested(step)` is collective (every rank calls it at the same step)."""
 

@@ -593,7 +593,8 @@ class PackTrainer:
             for run in self.pack:
                 if run.resume_from is None:
                     run.metrics.start(OmegaConf.to_container(run.cfg, resolve=True), self.diagnostics.get(run.k))
-        self.kill = kill_switch(self.restarted)  # tests' fault injection (vipamin_scale/faults.py); off unless asked for
+        resumed = any(run.resume_from is not None for run in self.pack)
+        self.kill = kill_switch(self.restarted, resumed)  # tests' fault injection (faults.py); off unless asked for
         self.progress = progress_bar(self.total_steps, "train", "step", initial=st.step,
                                      enabled=cfg.train.progress and self.rank == 0)
         self.preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next check, requeue, exit
