@@ -31,6 +31,10 @@ def test_progress_lines_say_what_runs_and_when_it_ends(tmp_path, monkeypatch):
     import vipamin_scale.study.protocol as P
 
     monkeypatch.setattr(P, "train_count", lambda data: 10)  # the runs' data is not read here
+    p.working("selection of the linear probe's C (full/P10)", "features and fits, in this process")
+    assert lines[-1].startswith("study: selection of the linear probe's C (full/P10): features and fits, in this "
+                                "process (0:00); elapsed 0:0")  # minutes outside the packs are named, not "none"
+    assert json.loads((tmp_path / "status.json").read_text())["running"][0]["pack"].startswith("features and fits")
     p.begin("selection", [Cfg(10), Cfg(10), Cfg(50)], reused=1)
     p.planned([[0, 1], [2]], workers=1)
     assert lines[-1].startswith("study: selection: 1/4 runs done (1 reused); running: none")

@@ -73,6 +73,14 @@ class Progress(PackEvents):
             self.steps_left = sum(_steps(c) for c in cfgs)
         self.tick(force=True)
 
+    def working(self, phase: str, what: str) -> None:
+        """Work outside the packs starts in this process (the draws, the linear probe): the lines name it."""
+        with self._lock:
+            self.phase, self.total, self.runs_done, self.reused, self.steps_left = phase, 0, 0, 0, 0
+            self.labels, self.steps, self.ended, self._cfgs = [what], [0], set(), []
+            self._started_at = {0: time.monotonic()}
+        self.tick(force=True)
+
     def planned(self, plan: list[list[int]], workers: int) -> None:
         with self._lock:
             self.workers = workers
@@ -116,6 +124,8 @@ class Progress(PackEvents):
         st = st or self.state()
         running = "; ".join(f"{r['pack']} ({_clock(r['for_s'])})" for r in st["running"]) or "none"
         eta = ("?" if st["eta_s"] is None else f"~{_clock(st['eta_s'])} for this phase") if st["runs_done"] < st["runs_total"] else "–"
+        if not st["runs_total"] and st["running"]:  # work outside the packs (`working`)
+            return f"study: {st['phase']}: {running}; elapsed {_clock(st['elapsed_s'])}"
         return (f"study: {st['phase']}: {st['runs_done']}/{st['runs_total']} runs done"
                 + (f" ({st['reused']} reused)" if st["reused"] else "")
                 + f"; running: {running}; elapsed {_clock(st['elapsed_s'])}, ETA {eta}")

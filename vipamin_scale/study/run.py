@@ -106,6 +106,8 @@ class Study:
         if not per:
             return
         most = max(per.values())
+        self.progress.working("the few-shot draws", f"{most} draw(s) of {', '.join(map(str, per))} shot(s) into "
+                                                    f"{self.root / 'data'}")
         if self.cfg.data.name == "digits":
             from vipamin_scale.data.digits import digits_fewshot
 
@@ -192,6 +194,7 @@ class Study:
 
     def _select_probe(self, st: CellState) -> None:
         val = self.cfg.data.val_split
+        self.progress.working(f"selection of the linear probe's C ({st.cell.key})", "features and fits, in this process")
         while True:
             for c in st.sel.pending():
                 scores = []
@@ -219,6 +222,7 @@ class Study:
                 self.results[cell] = [{"status": "failed", "error": "every candidate of its selection failed"}] * cell.n
                 continue
             if self.methods[cell.method].probe:
+                self.progress.working(f"the linear probe's final fits ({cell.key})", "features and fits, in this process")
                 self.results[cell] = [self._probe_final(cell, point, d) for d in range(cell.n)]
                 continue
             todo += [(cell, d) for d in range(cell.n)]
