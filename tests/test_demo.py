@@ -22,11 +22,11 @@ def test_progress_lines_say_what_runs_and_when_it_ends(tmp_path, monkeypatch):
     p = Progress(tmp_path, every_s=0.2, echo=lines.append)
 
     class Cfg:  # what Progress reads of a run config
-        def __init__(self, length):
+        def __init__(self, length, epochs=6):
             self.prompt = type("p", (), {"length": length})
             self.data = type("d", (), {"max_train_samples": 10, "name": "shards", "root": None, "batch_size": 10,
                                        "train_split": "train"})
-            self.train = type("t", (), {"epochs": 6})
+            self.train = type("t", (), {"epochs": epochs})
 
     import vipamin_scale.study.protocol as P
 
@@ -35,7 +35,7 @@ def test_progress_lines_say_what_runs_and_when_it_ends(tmp_path, monkeypatch):
     assert lines[-1].startswith("study: selection of the linear probe's C (full/P10): features and fits, in this "
                                 "process (0:00); elapsed 0:0")  # minutes outside the packs are named, not "none"
     assert json.loads((tmp_path / "status.json").read_text())["running"][0]["pack"].startswith("features and fits")
-    p.begin("selection", [Cfg(10), Cfg(10), Cfg(50)], reused=1)
+    p.begin("selection", [Cfg(10), Cfg(10), Cfg(50, epochs=120)], reused=1)  # 6 + 6 steps, then 120
     p.planned([[0, 1], [2]], workers=1)
     assert lines[-1].startswith("study: selection: 1/4 runs done (1 reused); running: none")
     p.start()
@@ -46,6 +46,9 @@ def test_progress_lines_say_what_runs_and_when_it_ends(tmp_path, monkeypatch):
     p.done(0, [{}, {}])
     assert lines[-1].startswith("study: selection: 3/4 runs done (1 reused); running: P50 x 1 run (0:00)")
     assert "ETA ~" in lines[-1]  # the steps per second of the pack that ended, over the steps left
+    first = p.state()["eta_s"]
+    time.sleep(1.2)
+    assert p.state()["eta_s"] < first  # it falls while the pack runs, not only when one ends
     p.close("finished", runs_total=4)
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["phase"] == "finished" and status["runs_done"] == status["runs_total"] == 4

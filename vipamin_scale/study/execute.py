@@ -113,7 +113,11 @@ class Progress(PackEvents):
         with self._lock:
             running = [{"pack": self.labels[j], "for_s": round(now - t)} for j, t in self._started_at.items()
                        if j not in self.ended]
-            eta = (self.steps_left / self.rate / max(1, min(self.workers, len(running) or 1))
+            # the packs running have done about `rate` steps a second each since they started (the ETA falls
+            # between the lines, not only when a pack ends)
+            left = self.steps_left - sum(min(self.steps[j], self.rate * (now - t)) for j, t in self._started_at.items()
+                                         if j not in self.ended and j < len(self.steps)) if self.rate else 0
+            eta = (max(0.0, left) / self.rate / max(1, min(self.workers, len(running) or 1))
                    if self.rate and self.steps_left > 0 else None)
             return {"phase": self.phase, "runs_done": self.runs_done, "runs_total": self.total, "reused": self.reused,
                     "running": running, "elapsed_s": round(now - self.t0), "eta_s": None if eta is None else round(eta),
