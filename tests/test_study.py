@@ -94,7 +94,7 @@ def test_a_study_selects_over_draws_pairs_the_finals_and_gates(quick_study):
     for png in ("study_accuracy.png", "study_paired.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG") and (out / png).stat().st_size > 10_000
     assert "study: selection: " in proc.stdout and "runs done" in proc.stdout and "ETA" in proc.stdout
-    assert "study: selection of the linear probe's C (full/P" in proc.stdout  # the probe's minutes are named
+    assert "study: selection of the linear probe's C (full/" in proc.stdout  # the probe's minutes are named
     assert "Tables, plots, the other baselines and every run:" in proc.stdout
 
     # report --paired on the study: its final runs, each method at its own lr, the same pairs as study.md
