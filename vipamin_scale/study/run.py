@@ -99,6 +99,11 @@ class Study:
                                                                           out["max_train_samples"])
         return {**out, "n": P.train_count(view)}
 
+    def working(self, phase: str, what: str) -> None:
+        """Work outside the packs, named in the progress lines (when the study runs them: `run_study`)."""
+        if self.progress is not None:
+            self.progress.working(phase, what)
+
     def draw_roots(self) -> None:
         """The few-shot draws, written once under <dir>/data (digits: the embedded draws; shards: drawn from
         data.train_split of data.root, linked to its other splits)."""
@@ -106,7 +111,7 @@ class Study:
         if not per:
             return
         most = max(per.values())
-        self.progress.working("the few-shot draws", f"{most} draw(s) of {', '.join(map(str, per))} shot(s) into "
+        self.working("the few-shot draws", f"{most} draw(s) of {', '.join(map(str, per))} shot(s) into "
                                                     f"{self.root / 'data'}")
         if self.cfg.data.name == "digits":
             from vipamin_scale.data.digits import digits_fewshot
@@ -194,7 +199,7 @@ class Study:
 
     def _select_probe(self, st: CellState) -> None:
         val = self.cfg.data.val_split
-        self.progress.working(f"selection of the linear probe's C ({st.cell.key})", "features and fits, in this process")
+        self.working(f"selection of the linear probe's C ({st.cell.key})", "features and fits, in this process")
         while True:
             for c in st.sel.pending():
                 scores = []
@@ -222,7 +227,7 @@ class Study:
                 self.results[cell] = [{"status": "failed", "error": "every candidate of its selection failed"}] * cell.n
                 continue
             if self.methods[cell.method].probe:
-                self.progress.working(f"the linear probe's final fits ({cell.key})", "features and fits, in this process")
+                self.working(f"the linear probe's final fits ({cell.key})", "features and fits, in this process")
                 self.results[cell] = [self._probe_final(cell, point, d) for d in range(cell.n)]
                 continue
             todo += [(cell, d) for d in range(cell.n)]
