@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 import vipamin_scale.runs as runs
 import vipamin_scale.stats as stats
 from vipamin_scale.config import ConfigError, validate
-from vipamin_scale.study import protocol as P
+import vipamin_scale.study.protocol as P
 from vipamin_scale.study.execute import Progress, train_runs
 from vipamin_scale.study.probe import LinearProbe, probe_result
 from vipamin_scale.tune.halving import draw_score
