@@ -334,7 +334,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
                           400, "the requeued job to finish")
     log = _job_log(tmp_path)
     assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
-    assert "restart 0:" in log and "restart 1:" in log and "preempted at step" in log and "resumed from" in log
+    for said in ("restart 0:", "preempted at step", "restart 1:", "resumed from"):
+        assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
     preempted = int(log.split("preempted at step ")[1].split(":")[0])
     assert 1 <= preempted <= 21  # by the check after the hold at step 20 (log_every=1: a check every step)
     result = json.loads((run / "result.json").read_text())

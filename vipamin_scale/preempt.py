@@ -73,12 +73,13 @@ class Preemption:
         job = os.environ.get("SLURM_JOB_ID")
         if D.rank() == 0:
             if job:
+                # said before the requeue: `scontrol requeue` has Slurm stop this job's steps, this process with
+                # them, possibly before the command returns
+                log.info("preempted at step %d: checkpoint written; requeueing Slurm job %s", global_step, job)
                 proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                if proc.returncode == 0:
-                    log.info("preempted at step %d: checkpoint written, Slurm job %s requeued", global_step, job)
-                else:
-                    log.error("preempted at step %d: checkpoint written, but `scontrol requeue %s` failed: %s",
-                              global_step, job, proc.stderr.strip())
+                if proc.returncode != 0:
+                    log.error("`scontrol requeue %s` failed: %s; continue with train.resume=true", job,
+                              proc.stderr.strip())
             else:
                 log.info("preempted at step %d: checkpoint written; continue with train.resume=true", global_step)
         D.destroy()
