@@ -1,9 +1,12 @@
 """Shared test settings: one cache directory for the whole session (demo shards, converted weights)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -32,6 +35,22 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vipamin_scale.cli", *args]
+
+
+@contextlib.contextmanager
+def held_elsewhere(run_dir: Path) -> Iterator[int]:
+    """`run_dir`'s lock held by another live process (as a running command holds it); yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom vipamin_scale.runs import acquire\n"
+                               "acquire(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        (Path(run_dir) / "run.lock").unlink(missing_ok=True)
 
 
 

@@ -3,13 +3,12 @@ holds, is one `error:` line (exit 2) before anything is written; init and diagno
 a dict field set on the command line takes the value written."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import TINY, cli_env
+from conftest import TINY, cli_env, held_elsewhere
 from omegaconf import OmegaConf
 
 from vipamin_scale import runs
@@ -44,14 +43,11 @@ def test_a_run_directory_in_use_is_refused_before_anything_is_written(command, t
     its log) is written there."""
     run = tmp_path / "run"
     run.mkdir()
-    runs.acquire(run)  # this process holds it, as a running command would
-    try:
+    with held_elsewhere(run) as pid:
         code = main([command, *TINY, f"out={tmp_path / 'p.safetensors'}", f"hydra.run.dir={run}"])
-    finally:
-        runs.release(run)
     err = capfd.readouterr().err
     assert code == 2, err
-    assert err.strip().splitlines()[-1].startswith(f"error: train.out_dir: {run} is in use by pid {os.getpid()}"), err
+    assert err.strip().splitlines()[-1].startswith(f"error: train.out_dir: {run} is in use by pid {pid}"), err
     assert list(run.iterdir()) == []
 
 
@@ -64,12 +60,8 @@ def test_init_and_diagnose_hold_the_run_directory(command, tmp_path):
     run = tmp_path / "run"
     cfg = compose([*TINY, f"out={tmp_path / 'p.safetensors'}", f"hydra.run.dir={run}"])
     run.mkdir()
-    runs.acquire(run)
-    try:
-        with pytest.raises(runs.RunLocked, match="is in use by pid"):
-            HYDRA_TASKS[command](cfg)
-    finally:
-        runs.release(run)
+    with held_elsewhere(run), pytest.raises(runs.RunLocked, match="is in use by pid"):
+        HYDRA_TASKS[command](cfg)
     assert not (tmp_path / "p.safetensors").exists()
 
 

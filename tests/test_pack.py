@@ -211,16 +211,36 @@ def test_the_step_does_not_sync_the_host(tmp_path, digits_root, monkeypatch):
     assert copies == {"blocking": 0, "non_blocking": 4 * 2}, copies  # images and labels, once a step, not waited on
 
 
-def test_plan_packs_groups_compatible_runs_in_sweep_order(tmp_path):
+def test_plan_packs_groups_compatible_runs_costliest_first(tmp_path):
     from vipamin_scale.packs import plan_packs
 
     cfgs = [vipamin_scale.compose(["model=vit_test_d64", *o, f"train.out_dir={tmp_path / str(i)}"])
             for i, o in enumerate([["train.lr=0.1"], ["prompt.length=3"], ["init=vipamin"], ["train.seed=2"],
                                    ["prompt.length=3", "train.lr=0.2"]])]
+    assert cfgs[0].prompt.length > 3  # the default length: its packs cost more than P = 3's
     assert plan_packs(cfgs) == [[0, 2, 3], [1, 4]]
-    assert plan_packs(cfgs, pack_size=2) == [[0, 2], [3], [1, 4]]
+    assert plan_packs(cfgs, pack_size=2) == [[0, 2], [1, 4], [3]]
     with pytest.raises(ConfigError, match=r"^hydra\.launcher\.pack_size: must be >= 1"):
         plan_packs(cfgs, pack_size=0)
+
+
+def test_plan_packs_gives_each_worker_a_share_of_uneven_groups(tmp_path):
+    """Two workers, a costly group (P 100, 6 runs) beside a cheap one (P 1, 6 runs): the costly group is cut so that
+    no pack holds more than a worker's share of the whole, the cheap one stays whole; costliest first."""
+    from vipamin_scale.packs import plan_packs
+
+    cfgs = [vipamin_scale.compose(["model=vit_test_d64", f"prompt.length={p}", f"train.lr={0.1 * (i + 1)}",
+                                   f"train.out_dir={tmp_path / f'{p}_{i}'}"]) for p in (1, 100) for i in range(6)]
+    cost = {1: 1.0, 100: 10.0}
+
+    def by_length(cfg):
+        return cost[int(cfg.prompt.length)]
+
+    assert plan_packs(cfgs, workers=1, cost=by_length) == [list(range(6, 12)), list(range(6))]
+    # the whole: 66, a worker's share 33: the P 100 group (60) in 2 packs of 3 (30 each), P 1 (6) whole
+    assert plan_packs(cfgs, workers=2, cost=by_length) == [[6, 7, 8], [9, 10, 11], list(range(6))]
+    assert plan_packs(cfgs, pack_size=2, workers=2, cost=by_length) == [[6, 7], [8, 9], [10, 11], [0, 1], [2, 3],
+                                                                         [4, 5]]
 
 
 def test_runs_resuming_from_other_steps_never_share_a_pack(tmp_path, digits_root):
@@ -236,7 +256,7 @@ def test_runs_resuming_from_other_steps_never_share_a_pack(tmp_path, digits_root
     cfgs = [_cfg(cut, *VPT["random"], "train.resume=true"),
             _cfg(tmp_path / "new", *VPT["random"], "train.resume=true", "train.seed=5"),
             _cfg(tmp_path / "other", *VPT["random"], "train.seed=6")]
-    assert plan_packs(cfgs) == [[0], [1, 2]]
+    assert plan_packs(cfgs) == [[1, 2], [0]]  # the pack of two costs more
     with pytest.raises(ConfigError, match=rf"^train\.resume: a pack resumes its runs at one step, but {tmp_path / 'new'} "
                                           rf"has no checkpoint while {cut} has; train them in separate packs"):
         train_pack(cfgs[:2])

@@ -10,7 +10,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import REPO, cli, cli_env
+from conftest import REPO, cli, cli_env, torchrun
 from omegaconf import OmegaConf
 from test_report import _ok
 
@@ -261,14 +261,46 @@ def test_two_worker_processes_give_the_same_tables(quick_study, tmp_path):
     assert any("running: P1 x" in ln and "; P4 x" in ln for ln in proc.stdout.splitlines())  # two packs at once
 
 
-def test_a_study_under_torchrun_is_refused_before_anything_runs(tmp_path, monkeypatch):
-    """Every rank would run the whole study and train only its share of each round: refused, nothing written."""
-    from vipamin_scale.study import run_study
+@pytest.mark.slow
+def test_two_torchrun_workers_claim_the_packs_never_the_same_run_and_give_the_same_tables(quick_study, tmp_path):
+    """Under torchrun (2 ranks, gloo, no process group) each rank is a worker: both plan the same rounds, claim packs
+    through the run directories' locks and meet at each round's barrier; worker 0 writes the record. Every run is
+    trained once (one attempt, one line per step in its metrics), by one of the two workers, both of which
+    trained; the tables equal the one-process study's."""
+    out, _, doc = quick_study
+    run = tmp_path / "t2"
+    proc = subprocess.run(torchrun(2, "study", *QUICK, "study.cost=false", f"hydra.run.dir={run}"), cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _tables(json.loads((run / "study.json").read_text())) == _tables(doc)
+    assert proc.stdout.count("Test accuracy (%), few-shot") == 1  # the leader's summary only
+    trainers = set()
+    for record in (run / "runs").rglob("run.json"):
+        attempts = json.loads(record.read_text())["attempts"]
+        assert len(attempts) == 1, (record, attempts)
+        trainers.add(attempts[0]["pid"])
+        keys = [(e["event"], e.get("step")) for e in map(json.loads, (record.parent / "metrics.jsonl").read_text()
+                                                         .splitlines())]
+        assert len(keys) == len(set(keys)), record.parent  # no step logged twice: no two trainers
+    assert len(trainers) == 2
+    assert not list(run.rglob("run.lock"))
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="under torchrun every rank would run the whole study"):
-        run_study(compose([*QUICK, f"hydra.run.dir={tmp_path / 's'}"]))
-    assert not (tmp_path / "s").exists()
+
+@pytest.mark.slow
+def test_workers_sigkilled_mid_pack_restart_and_resume_to_the_same_tables(quick_study, tmp_path):
+    """Both torchrun workers SIGKILLed at their first pack's last step (before any result): torchrun restarts them
+    (--max-restarts=1), they take over their stale claims, resume the runs from their checkpoints, and the study
+    ends with the uninterrupted study's tables; the killed runs record two attempts."""
+    out, _, doc = quick_study
+    run = tmp_path / "k2"
+    proc = subprocess.run(torchrun(2, "study", *QUICK, "study.cost=false", f"hydra.run.dir={run}", max_restarts=1),
+                          cwd=REPO, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="2"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "taking over the stale lock" in proc.stderr
+    assert _tables(json.loads((run / "study.json").read_text())) == _tables(doc)
+    attempts = [len(json.loads(r.read_text())["attempts"]) for r in (run / "runs").rglob("run.json")]
+    assert 2 in attempts and set(attempts) <= {1, 2}
 
 
 def test_the_top_level_study_presets_are_the_protocols_on_vit_l_and_h(tmp_path):

@@ -233,7 +233,8 @@ def _task_study(cfg) -> None:
     from vipamin_scale.study.tables import summary_text
 
     doc = run_study(cfg)
-    print(summary_text(doc, cfg.train.out_dir), flush=True)
+    if doc is not None:  # None: a worker other than the leader (worker 0 prints the summary)
+        print(summary_text(doc, cfg.train.out_dir), flush=True)
 
 
 def _task_demo(cfg) -> None:

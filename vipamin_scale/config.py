@@ -322,7 +322,9 @@ class StudyConfig:
     selected_from: Optional[str] = None
     probe_C: dict[str, Any] = field(default_factory=lambda: {"log": [0.01, 10.0], "num": 4})  # the probe's grid of C
     cost: bool = True  # the cost of P: a solo few-shot run per (P, method) timing its step and init, peak memory
-    workers: int = positive(1)  # processes training packs at once (1 torch thread each on a CPU)
+    # local processes claiming packs (1 torch thread each on a CPU; GPU w mod the device count); under torchrun
+    # or srun each rank is one worker instead (this field is then 1 per rank)
+    workers: int = positive(1)
     # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share
     pack_size: Optional[int] = positive(None)
     note: str = ""  # a sentence recorded with the results (e.g. how the weights came)

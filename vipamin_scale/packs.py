@@ -1,30 +1,43 @@
-"""Packing a sweep: group its runs into packs (`train.train_pack`), spread the packs over ranks.
+"""Packing a sweep: group its runs into packs (`train.train_pack`), hand the packs to workers that claim them.
 
-    plan_packs(cfgs, pack_size=None) -> [[run index, ...], ...]   runs that can share a pack (equal
-                                        `train.pack_key`), in sweep order, cut into packs of at most
-                                        pack_size (None: each compatible group is one pack)
-    run_packed(cfgs, pack_size=None) -> [result per run]          every pack trained; under torchrun with
-                                        W ranks, rank r trains packs r, r + W, ... alone (world 1 each, no
-                                        collective between packs) and returns None for the others' runs
-                                        (their result.json is in their run directories). When this process
-                                        already joined a process group, every pack is trained by all ranks
-                                        together instead (a distributed run each), and every rank returns
-                                        every result. A run its directory refuses (`runs.refusal`: it holds
-                                        another run) is left out before any compute, as its solo run stops
+    plan_packs(cfgs, pack_size=None, workers=1, cost=None) -> [[run index, ...], ...]
+        runs that can share a pack (equal `train.pack_key`), each compatible group cut into packs of at most
+        pack_size and, with several workers, of at most a worker's share of the whole cost (so that every worker
+        finds work); the longest first (the cost: `run_cost`, or the caller's)
+    run_packed(cfgs, pack_size=None, ..., workers=1, wait=False) -> [result per run]
+        every pack trained by the workers that claim it (below); results in the order of `cfgs`
+
+The packs are a queue and the workers claim them. A worker is this process, each of `workers` spawned processes
+(one torch thread each; worker w on GPU w mod the device count), or each rank of a torchrun or srun job that has
+no process group up (world size W in the environment: each rank trains alone, on its own LOCAL_RANK device, and
+every rank plans the same packs). A worker takes the next pack of the plan whose runs have not ended and whose run
+directories' locks it can all take (`runs.claim`: the locks are the claim), trains the runs of it that have not
+ended by then, and claims again until the plan is done; a pack another worker holds is left to it. A worker that
+dies leaves its locks stale and its runs resumable (train.resume): the next claimant takes them over. With `wait`,
+a worker whose claims are done waits, with a line every 30 s, until every run of `cfgs` has ended (training any
+pack whose holder died), then every worker returns every run's result (read from the run directories): the
+barrier of a study's selection round. Without it, the runs another worker trained have None. Which worker
+trains a run never changes its result: each run of a pack equals its solo run.
+
+When this process already joined a process group, every pack is trained by all ranks together instead (a
+distributed run each), and every rank returns every result. A run its directory refuses (`runs.refusal`: it holds
+another run) is left out before any compute, as its solo run stops.
 
 The three ways in call `run_packed`: Python (`vipamin_scale.train_pack` for one pack), the Hydra launcher
 (`vipamin-scale train -m hydra/launcher=packed ...`, `launch_sweep` below, the plugin class in
-`hydra_plugins/vipamin_scale_packed`), and a tune launcher (`tune.launcher=packed`: each rung's candidate
-configs, `run_packed(cfgs, tune.pack_size)`, results in candidate order).
+`hydra_plugins/vipamin_scale_packed`), a tune launcher (`tune.launcher=packed`: each rung's candidate
+configs, `run_packed(cfgs, tune.pack_size)`, results in candidate order), and the study (`study/execute.py`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -37,17 +50,36 @@ from vipamin_scale.train import train_pack
 
 log = logging.getLogger(__name__)
 
+WAIT_LINE_S = 30.0  # a worker waiting at the barrier says so this often
+POLL_S = 1.0  # and looks at the run directories this often
 
-def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None) -> list[list[int]]:
-    """Indices of `cfgs` grouped by compatibility and, for runs that resume, by the step they resume
-    from (a pack trains in lockstep; first appearance order), each group cut into packs."""
+
+def run_cost(cfg: DictConfig) -> float:
+    """A run's work for planning, in (epochs x tokens a sample): a ViT's patch tokens (256, a 224-px ViT/14's)
+    plus its prompt's. Runs of one sweep read the same data, so the epochs and the prompt length tell them apart;
+    a caller that knows each run's steps passes its own cost (the study does)."""
+    return float(cfg.train.epochs) * (256 + int(cfg.prompt.length))
+
+
+def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, workers: int = 1,
+               cost: Optional[Callable[[DictConfig], float]] = None) -> list[list[int]]:
+    """Indices of `cfgs` grouped by compatibility and, for runs that resume, by the step they resume from (a
+    pack trains in lockstep), each group cut into packs (module docstring); the costliest first, ties in
+    first-appearance order."""
     if pack_size is not None and pack_size < 1:
         raise ConfigError(f"hydra.launcher.pack_size: must be >= 1 (or null: every compatible run); got {pack_size}")
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         groups.setdefault((pack_key(cfg), resume_point(cfg)), []).append(i)
-    size = pack_size or max(len(cfgs), 1)
-    return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+    costs = [(cost or run_cost)(cfg) for cfg in cfgs]
+    share = sum(costs) / workers if workers > 1 else math.inf
+    plan = []
+    for g in groups.values():
+        parts = math.ceil(sum(costs[i] for i in g) / share) if share < math.inf else 1
+        size = min(pack_size or len(g), math.ceil(len(g) / max(1, parts)))
+        plan += [g[j:j + size] for j in range(0, len(g), size)]
+    order = sorted(range(len(plan)), key=lambda j: (-sum(costs[i] for i in plan[j]), j))
+    return [plan[j] for j in order]
 
 
 def resume_point(cfg: DictConfig) -> Optional[str]:
@@ -61,62 +93,135 @@ def resume_point(cfg: DictConfig) -> Optional[str]:
 
 class PackEvents:
     """What `run_packed` tells its caller as it goes (a study's progress lines): the plan once, then each pack
-    as it ends, in this process. The default hears nothing."""
+    of it as this process ends it or finds it another worker's, and the barrier's wait. The default hears nothing."""
 
     def planned(self, plan: list[list[int]], workers: int) -> None:
-        """`plan`: the packs (run indices) in the order they are handed to the `workers` processes."""
+        """`plan`: the packs (run indices) in the order the `workers` processes of this call claim them."""
 
     def done(self, j: int, results: list[dict[str, Any]]) -> None:
-        """Pack j of the plan ended; its runs' results."""
+        """Pack j of the plan ended here; its runs' results."""
+
+    def elsewhere(self, j: int) -> None:
+        """Pack j of the plan is another worker's (held by it, or ended)."""
+
+    def waiting(self, line: str) -> None:
+        """This worker waits for the packs other workers hold (`line` says which); called every 30 s."""
 
 
 def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep_going: bool = False,
-               workers: int = 1, events: Optional[PackEvents] = None) -> list[Optional[dict[str, Any]]]:
+               workers: int = 1, events: Optional[PackEvents] = None,
+               cost: Optional[Callable[[DictConfig], float]] = None, wait: bool = False) -> list[Optional[dict[str, Any]]]:
     """Train `cfgs` as packs (module docstring); results in the order of `cfgs`. A run that fails alone is
     recorded by its pack (`train_pack`); an exception of a whole pack (e.g. its shared backbone cannot load)
     is raised, or with `keep_going` recorded for each of its runs (their result: the failure record, with
     "bug": True when the exception is not a user error, whose traceback is then logged) while the next
     packs go on. A run its directory refuses (`runs.refusal`) is not trained and nothing is written there;
-    its result is {"status": "failed", "error": ..., "refused": True}. `workers` > 1 (and no torchrun): the
-    packs are trained by that many spawned processes at once (one torch thread each; on a machine with GPUs,
-    worker w on GPU w mod the device count), in plan order, each pack alone in its process."""
+    its result is {"status": "failed", "error": ..., "refused": True}. `workers` > 1 (no torchrun): that
+    many spawned processes claim the packs. `cost`: each run's work, for the plan (`run_cost`)."""
     cfgs = list(cfgs)
-    plan = plan_packs(cfgs, pack_size)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if D.is_dist():  # a process group is up (its collectives would reach the other ranks): train packs together
-        world, rank = 1, 0
+    events = events or PackEvents()
     results: list[Optional[dict[str, Any]]] = [None] * len(cfgs)
-    mine = plan[rank::world] if world > 1 else plan
-    refused = _refused(cfgs, [i for pack in mine for i in pack])
+    together = D.is_dist()  # a process group is up (its collectives would reach the other ranks)
+    world = 1 if together else int(os.environ.get("WORLD_SIZE", "1"))
+    workers = 1 if world > 1 or together else max(1, workers)
+    plan = plan_packs(cfgs, pack_size, workers * world, cost)
+    refused = _refused(cfgs, [i for pack in plan for i in pack])
     for i, exc in refused.items():  # as its solo run: one line (the caller prints it), its directory untouched
         results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "refused": True}
     if refused:
         log.info("%d runs refused before any compute (their directories hold other runs)", len(refused))
-    mine = [kept for kept in ([i for i in pack if i not in refused] for pack in mine) if kept]
-    workers = 1 if world > 1 or D.is_dist() else max(1, min(workers, len(mine)))
+    plan = [kept for kept in ([i for i in pack if i not in refused] for pack in plan) if kept]
+    workers = min(workers, max(1, len(plan)))
     log.info("%d runs in %d packs (sizes %s)%s", len(cfgs), len(plan), [len(p) for p in plan],
-             f"; rank {rank} of {world} trains {len(mine)} of them" if world > 1 else
-             f" over {workers} processes" if workers > 1 else "")
-    events = events or PackEvents()
-    events.planned(mine, workers)
+             f"; rank {os.environ.get('RANK', '0')} is one of {world} workers claiming them" if world > 1 else
+             f", claimed by {workers} processes" if workers > 1 else "")
+    events.planned(plan, workers)
 
-    def ended(j: int, done: list[dict[str, Any]]) -> None:
-        for i, result in zip(mine[j], done):
+    def ended(j: int, done: Optional[list[dict[str, Any]]]) -> None:
+        if done is None:
+            events.elsewhere(j)
+            return
+        for i, result in zip(plan[j], done):
             results[i] = result
         events.done(j, done)
 
-    jobs = [([cfgs[i] for i in pack], keep_going) for pack in mine]
+    jobs = [([cfgs[i] for i in pack], keep_going, not together) for pack in plan]
     if workers > 1:
         from vipamin_scale.pool import run_in_processes, worker_counter
 
-        run_in_processes(_train_recorded, jobs, workers, initializer=_worker_device, initargs=(worker_counter(),),
+        run_in_processes(_claim_and_train, jobs, workers, initializer=_worker_device, initargs=(worker_counter(),),
                          on_done=ended)
     else:
         for j, job in enumerate(jobs):
-            # this rank trains alone: the torchrun environment hidden (the device, LOCAL_RANK, is kept)
-            with environ(WORLD_SIZE="1", RANK="0") if world > 1 else contextlib.nullcontext():
-                ended(j, _train_recorded(*job))
+            with _alone(world):
+                ended(j, _claim_and_train(*job))
+    if wait and not together:
+        with _alone(world):
+            _barrier(cfgs, plan, jobs, ended, events)
+        for i, cfg in enumerate(cfgs):
+            if results[i] is None:
+                results[i] = runs.read_result(Path(cfg.train.out_dir))
     return results
+
+
+def _alone(world: int):
+    """This rank trains alone: the torchrun environment hidden (the device, LOCAL_RANK, is kept)."""
+    return environ(WORLD_SIZE="1", RANK="0") if world > 1 else contextlib.nullcontext()
+
+
+def _ended(cfg: DictConfig) -> bool:
+    return runs.has_ended(Path(cfg.train.out_dir))
+
+
+def _claim_and_train(cfgs: list[DictConfig], keep_going: bool, claim: bool = True) -> Optional[list[dict[str, Any]]]:
+    """A worker's turn at one pack: None when its runs have all ended or another live worker holds one of them;
+    else, holding every run's lock, the pack's runs that have not ended by then trained (`_train_recorded`) and
+    every run's result. `claim=False` (every rank of a process group trains the pack together): no claim here,
+    the trainer's own lock (rank 0's) stands."""
+    if not claim:
+        return _train_recorded(cfgs, keep_going)
+    dirs = [Path(cfg.train.out_dir) for cfg in cfgs if not _ended(cfg)]
+    if not dirs or not runs.claim(dirs):
+        return None
+    try:
+        live = [k for k, cfg in enumerate(cfgs) if not _ended(cfg)]  # not ended by another worker before the claim
+        got = dict(zip(live, _train_recorded([cfgs[k] for k in live], keep_going) if live else []))
+        return [got[k] if k in got else runs.read_result(Path(cfg.train.out_dir)) for k, cfg in enumerate(cfgs)]
+    finally:
+        for out_dir in reversed(dirs):
+            runs.release(out_dir)
+
+
+def _barrier(cfgs: list[DictConfig], plan: list[list[int]], jobs: list[tuple], ended: Callable,
+             events: PackEvents) -> None:
+    """Wait until every run of `cfgs` has ended; a pack whose holder is gone is claimed and trained here."""
+    said = time.monotonic()
+    while True:
+        left = [j for j, pack in enumerate(plan) if not all(_ended(cfgs[i]) for i in pack)]
+        for j in left:
+            if all(runs.is_free(Path(cfgs[i].train.out_dir)) for i in plan[j] if not _ended(cfgs[i])):
+                got = _claim_and_train(*jobs[j])
+                if got is not None:
+                    ended(j, got)
+        left = [j for j in left if not all(_ended(cfgs[i]) for i in plan[j])]
+        if not left:
+            return
+        if time.monotonic() - said >= WAIT_LINE_S:
+            said = time.monotonic()
+            events.waiting(_held_line(cfgs, plan, left))
+        time.sleep(POLL_S)
+
+
+def _held_line(cfgs: list[DictConfig], plan: list[list[int]], left: list[int]) -> str:
+    """Which packs other workers hold, and who: `2 packs (P100 x 9 runs, ...) held by pid 12 on n3, ...`."""
+    holders = set()
+    for j in left:
+        for i in plan[j]:
+            holder = runs.read_json(Path(cfgs[i].train.out_dir) / runs.LOCK) or {}
+            if holder.get("pid"):
+                holders.add(f"pid {holder['pid']} on {holder.get('host')}")
+    return (f"waiting for {len(left)} pack(s) of {sum(len(plan[j]) for j in left)} runs that other workers hold"
+            + (f" ({', '.join(sorted(holders))})" if holders else ""))
 
 
 def _train_recorded(cfgs: list[DictConfig], keep_going: bool) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
 """A run directory's records, in one place: who writes into it, what run it holds, how it ended.
 This module alone reads and writes them (train, tune, the report and the benchmarks come here).
 
-    <out_dir>/run.lock             the writer's lock: {pid, host, started, slurm_job}; rank 0 holds it
-    <out_dir>/run.json             the run's identity: {fingerprint, identity, status}, and where its initial
-                                   prompts came from: init {key, file, sha256, computed} (`record_init`)
+    <out_dir>/run.lock             the writer's lock: {pid, host, started, slurm_job, attempt}; rank 0 holds it
+    <out_dir>/run.json             the run's identity: {fingerprint, identity, status}, where its initial
+                                   prompts came from: init {key, file, sha256, computed} (`record_init`), and
+                                   who trained it: attempts [{pid, host, started, slurm_job, attempt}, ...]
     <out_dir>/config.resolved.yaml the resolved config (every field, paths included)
     <out_dir>/result.json          how the run ended: the metrics (status ok) or the error (status failed)
     <out_dir>/result.rank<R>.json  a failure seen by rank R > 0 (rank 0 may not have lived to record it)
@@ -27,8 +28,11 @@ rewritten from the checkpoint's record.
 
 One writer. `hold(out_dir)` creates `run.lock` atomically (O_EXCL) on rank 0 and every rank learns
 the outcome through one collective. A lock held by a live process is refused with one line naming
-the holder (`RunLocked`); a stale lock (a dead pid on this host, or the same Slurm job: a requeue or
-a torchrun restart after SIGKILL) is taken over with a warning. The lock is removed on exit.
+the holder (`RunLocked`); a stale lock (a dead pid on this host, or a holder on another host in an earlier
+attempt of the same Slurm job: a requeue, or a torchrun restart after SIGKILL) is taken over with a warning.
+The lock is removed on exit. A process may hold a lock again (nested holds: removed when the outermost ends).
+`claim(out_dirs)` takes several at once or none: how a study's workers claim a pack (`packs.run_packed`);
+the workers of one Slurm job on several hosts (same job, same attempt) respect each other's locks.
 
 Every JSON written here is strict JSON (`dumps`: no NaN/Infinity tokens). `finished` runs are never
 overwritten by a failure record (`record_failure` leaves them alone).
@@ -354,14 +358,17 @@ def _restore_record(out_dir: Path, ident: dict[str, Any], source: Path, run: Opt
 
 
 def begin(out_dir: Path, cfg: DictConfig) -> None:
-    """Record the run's identity (status running; a resumed run keeps the record of its initial prompts) and its
-    resolved config. Rank 0 only."""
+    """Record the run's identity (status running; a resumed run keeps the record of its initial prompts and of its
+    earlier attempts), who trains it (`attempts`: host, pid, Slurm job, when, one per start) and its resolved
+    config. Rank 0 only."""
     out_dir = Path(out_dir)
     ident = identity(cfg)
     old = read_run(out_dir) or {}
-    kept = {"init": old["init"]} if old.get("fingerprint") == fingerprint(ident) and "init" in old else {}
-    write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident, **kept},
-               nan_as_null=False)
+    same = old.get("fingerprint") == fingerprint(ident)
+    kept = {"init": old["init"]} if same and "init" in old else {}
+    me = {k: v for k, v in _lock_record().items() if k != "pid_start"}
+    write_json(out_dir / RUN, {"fingerprint": fingerprint(ident), "status": "running", "identity": ident, **kept,
+                               "attempts": [*(old.get("attempts", []) if same else []), me]}, nan_as_null=False)
     atomic_write_bytes(out_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True).encode())
 
 
@@ -529,19 +536,43 @@ def is_held(out_dir: Path) -> bool:
     return holder.get("host") != socket.gethostname() or _alive(holder)
 
 
+def _attempt() -> list[int]:
+    """This process's attempt within its job: (Slurm requeues, torchrun restarts); a later attempt's process
+    takes over what an earlier one left."""
+    return [int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)]
+
+
 def _lock_record() -> dict[str, Any]:
     return {"pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "attempt": _attempt()}
+
+
+_held: dict[str, int] = {}  # the locks this process holds: path -> how many holds (nested)
+
+
+def _stale(holder: Mapping[str, Any], me: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a lock's holder is gone, and why: a dead pid on this host; on another host, an earlier attempt
+    of this Slurm job (a holder with no attempt recorded: any holder of the same job)."""
+    if "pid" not in holder:
+        return True, "unreadable"
+    if holder.get("host") == me["host"]:
+        return not _alive(holder), f"pid {holder.get('pid')} is gone"
+    same_job = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
+    earlier = "attempt" not in holder or list(holder["attempt"]) < list(me["attempt"])
+    return same_job and earlier, f"Slurm job {me['slurm_job']} restarted on {me['host']}"
 
 
 def acquire(out_dir: Path) -> Path:
     """Create `run.lock` atomically (a complete temp file hard-linked into place: the link fails when the
-    lock exists, and a reader never sees half a lock); take over a stale one with a warning; RunLocked
-    when a live process holds it. Stale: the holder's pid is gone (same host), or the holder ran on
-    another host in the same Slurm job (a requeue after a lost node)."""
+    lock exists, and a reader never sees half a lock); take over a stale one (`_stale`) with a warning;
+    RunLocked when another live process holds it. This process holding it already: one more hold."""
     out_dir = Path(out_dir)
     path = out_dir / LOCK
+    if str(path) in _held:
+        _held[str(path)] += 1
+        return path
     me = _lock_record()
     tmp = out_dir / f".{LOCK}.{me['host']}.{me['pid']}"
     tmp.write_text(dumps(me) + "\n")
@@ -549,17 +580,12 @@ def acquire(out_dir: Path) -> Path:
         for _ in range(3):
             try:
                 os.link(tmp, path)
+                _held[str(path)] = 1
                 return path
             except FileExistsError:
                 pass
             holder = read_json(path) or {}
-            if holder.get("host") == me["host"]:
-                stale, why = not _alive(holder), f"pid {holder.get('pid')} is gone"
-            else:
-                stale = me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]
-                why = f"Slurm job {me['slurm_job']} restarted on {me['host']}"
-            if "pid" not in holder:
-                stale, why = True, "unreadable"
+            stale, why = _stale(holder, me)
             if not stale:
                 raise RunLocked(f"train.out_dir: {out_dir} is in use by pid {holder.get('pid')} on host "
                                 f"{holder.get('host')} (since {holder.get('started')}); wait for it to end, or "
@@ -572,11 +598,36 @@ def acquire(out_dir: Path) -> Path:
 
 
 def release(out_dir: Path) -> None:
-    """Remove `run.lock` if this process holds it."""
+    """End one hold of `run.lock`; the outermost removes it (if this process holds it)."""
     path = Path(out_dir) / LOCK
+    count = _held.pop(str(path), 0)
+    if count > 1:
+        _held[str(path)] = count - 1
+        return
     holder = read_json(path) or {}
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
+
+
+def claim(out_dirs: list[Path]) -> bool:
+    """Hold every directory's lock, or none: False (nothing held) when a live process holds one of them."""
+    taken: list[Path] = []
+    try:
+        for out_dir in out_dirs:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            acquire(out_dir)
+            taken.append(out_dir)
+        return True
+    except RunLocked:
+        for out_dir in reversed(taken):
+            release(out_dir)
+        return False
+
+
+def is_free(out_dir: Path) -> bool:
+    """Whether this process could take the directory's lock now: none, or a stale one (`_stale`)."""
+    holder = read_json(Path(out_dir) / LOCK)
+    return not holder or str(Path(out_dir) / LOCK) in _held or _stale(holder, _lock_record())[0]
 
 
 @contextlib.contextmanager

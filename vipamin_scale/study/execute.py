@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import socket
 import threading
@@ -46,8 +45,9 @@ def _clock(seconds: float) -> str:
 class Progress(PackEvents):
     """The study's progress (module docstring); `start()` begins the lines, `close()` ends them."""
 
-    def __init__(self, study_dir: Path, every_s: float = EVERY_S, echo: Callable[[str], None] = print):
-        self.dir, self.every_s, self.echo = Path(study_dir), every_s, echo
+    def __init__(self, study_dir: Path, every_s: float = EVERY_S, echo: Callable[[str], None] = print,
+                 status: bool = True):
+        self.dir, self.every_s, self.echo, self.status = Path(study_dir), every_s, echo, status
         self.t0 = time.monotonic()
         self.started = datetime.datetime.now().isoformat(timespec="seconds")
         self.phase, self.total, self.runs_done, self.reused, self.steps_left = "starting", 0, 0, 0, 0
@@ -99,12 +99,32 @@ class Progress(PackEvents):
             self._trained_steps += self.steps[j]
             self._trained_s += took
             self.rate = self._trained_steps / self._trained_s if self._trained_s > 0 else None
-            waiting = [k for k in range(len(self.labels)) if k not in self.ended and k not in self._started_at]
-            if waiting:  # the pool hands out packs in plan order
-                self._started_at[waiting[0]] = now
+            self._next(now)
             failed = sum(r.get("status") == "failed" for r in results)
         if failed:
             log.warning("study: %s ended with %d failed run(s); their result.json say why", self.labels[j], failed)
+        self.tick(force=True)
+
+    def elsewhere(self, j: int) -> None:
+        """Pack j is another worker's: not counted here until the round's barrier (`round_ended`)."""
+        with self._lock:
+            self.ended.add(j)
+            self.steps_left -= self.steps[j]
+            self._started_at.pop(j, None)
+            self._next(time.monotonic())
+
+    def _next(self, now: float) -> None:
+        waiting = [k for k in range(len(self.labels)) if k not in self.ended and k not in self._started_at]
+        if waiting:  # the workers of this process claim packs in plan order
+            self._started_at[waiting[0]] = now
+
+    def waiting(self, line: str) -> None:
+        self.echo(f"study: {self.phase}: {line}")
+
+    def round_ended(self) -> None:
+        """Every run of the round has ended, here or at other workers."""
+        with self._lock:
+            self.runs_done, self.steps_left, self._started_at = self.total, 0, {}
         self.tick(force=True)
 
     # -- the lines --------------------------------------------------------------------------------
@@ -142,7 +162,8 @@ class Progress(PackEvents):
         self._last = now
         st = self.state()
         self.echo(self.line(st))
-        runs.write_json(self.dir / STATUS, st)
+        if self.status:
+            runs.write_json(self.dir / STATUS, st)
 
     def start(self) -> "Progress":
         def beat() -> None:
@@ -163,7 +184,8 @@ class Progress(PackEvents):
             if runs_total is not None:
                 self.total = self.runs_done = runs_total
                 self.reused = self.steps_left = 0
-        runs.write_json(self.dir / STATUS, self.state())
+        if self.status:
+            runs.write_json(self.dir / STATUS, self.state())
 
 
 def _steps(cfg: DictConfig) -> int:
@@ -172,6 +194,14 @@ def _steps(cfg: DictConfig) -> int:
 
     n = train_count(cfg.data)
     return int(cfg.train.epochs) * max(1, n // int(cfg.data.batch_size))
+
+
+def run_cost(cfg: DictConfig) -> float:
+    """A study run's work for the plan (`packs.plan_packs`): its optimizer steps x the images of a step x the
+    tokens of an image (the prompt's beside a ViT's patches: `packs.run_cost`)."""
+    from vipamin_scale.packs import run_cost as tokens
+
+    return _steps(cfg) * int(cfg.data.batch_size) * tokens(cfg) / float(cfg.train.epochs)
 
 
 def _describe(cfgs: Sequence[DictConfig]) -> str:
@@ -194,10 +224,11 @@ def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Optional[int
     progress.begin(phase, [cfgs[i] for i in todo], len(cfgs) - len(todo))
     out = [None if i in set(todo) else runs.read_result(Path(cfg.train.out_dir)) for i, cfg in enumerate(cfgs)]
     if todo:
-        size = pack_size or math.ceil(len(todo) / max(1, workers))
-        got = run_packed([cfgs[i] for i in todo], size, keep_going=True, workers=workers, events=progress)
+        got = run_packed([cfgs[i] for i in todo], pack_size, keep_going=True, workers=workers, events=progress,
+                         cost=run_cost, wait=True)
         for i, result in zip(todo, got):
             out[i] = result
+        progress.round_ended()
     return [r or {"status": "failed", "error": "no result (see the study's log)"} for r in out]
 
 

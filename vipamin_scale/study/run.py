@@ -28,6 +28,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,6 +37,7 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
+import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
 import vipamin_scale.stats as stats
 from vipamin_scale.config import ConfigError, validate
@@ -50,6 +52,7 @@ from vipamin_scale.tune.space import check_point
 log = logging.getLogger(__name__)
 
 PROTOCOL = "protocol.json"
+LEADER_WAIT_S = 600.0  # a worker waits this long for the leader's protocol.json
 
 
 @dataclass
@@ -72,8 +75,8 @@ class CellState:
 class Study:
     """One study's state: the config, its directory, data, cells and the runs' results."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg, self.s = cfg, cfg.study
+    def __init__(self, cfg: DictConfig, leader: bool = True):
+        self.cfg, self.s, self.leader = cfg, cfg.study, leader
         self.root = Path(cfg.train.out_dir)
         self.methods = P.methods(cfg)
         self.cells = P.cells(cfg)
@@ -175,8 +178,8 @@ class Study:
 
     def select(self) -> None:
         """Phase 2 (module docstring): rounds until no cell has a candidate left to score."""
-        for st in self.state.values():  # the probe's selections, in this process
-            if st.sel is not None and self.methods[st.cell.method].probe:
+        for st in self.state.values():  # the probe's selections, in this process (the leader's)
+            if st.sel is not None and self.methods[st.cell.method].probe and self.leader:
                 self._select_probe(st)
         prompt = [st for st in self.state.values() if st.sel is not None and not self.methods[st.cell.method].probe]
         rnd = 0
@@ -227,6 +230,8 @@ class Study:
                 self.results[cell] = [{"status": "failed", "error": "every candidate of its selection failed"}] * cell.n
                 continue
             if self.methods[cell.method].probe:
+                if not self.leader:
+                    continue
                 self.working(f"the linear probe's final fits ({cell.key})", "features and fits, in this process")
                 self.results[cell] = [self._probe_final(cell, point, d) for d in range(cell.n)]
                 continue
@@ -330,10 +335,17 @@ def _run_entry(result: Optional[dict[str, Any]], draw: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the directory's protocol
 
 
-def check_directory(root: Path, record: dict[str, Any]) -> None:
+def check_directory(root: Path, record: dict[str, Any], write: bool = True) -> None:
     """protocol.json: written by the first study into `root`; a later one must agree (`protocol_changes`),
-    else one ConfigError naming every field, before anything runs. Methods recorded are extended by new ones."""
+    else one ConfigError naming every field, before anything runs. Methods recorded are extended by new ones.
+    `write=False` (a worker other than the leader): waits for the leader's protocol.json, then checks it."""
     path = root / PROTOCOL
+    waited = time.monotonic()
+    while not write and not path.is_file():
+        if time.monotonic() - waited > LEADER_WAIT_S:
+            raise ConfigError(f"study: {path}: worker 0 did not write it within {LEADER_WAIT_S:.0f} s; is worker 0 "
+                              f"running, with the same hydra.run.dir?")
+        time.sleep(0.5)
     old = runs.read_json(path)
     if old is not None:
         diff = P.protocol_changes(old, record)
@@ -341,7 +353,8 @@ def check_directory(root: Path, record: dict[str, Any]) -> None:
             raise ConfigError(f"study: {root} holds a study of another protocol ({'; '.join(diff)}); use the same "
                               f"settings to continue it, or another hydra.run.dir")
         record = {**record, "methods": {**old.get("methods", {}), **record["methods"]}}
-    runs.write_json(path, record)
+    if write:
+        runs.write_json(path, record)
 
 
 def read_json_arg(value: str, what: str) -> dict[str, Any]:
@@ -424,30 +437,37 @@ def gate_protocol(cfg: DictConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the whole study
 
 
-def run_study(cfg: DictConfig) -> dict[str, Any]:
+def run_study(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """The study (module docstring); returns its record, also written as <dir>/study.json with study.md and plots.
-    Exit status: a failed gate (study.require_gate) raises GateFailed after writing study.json."""
+    Exit status: a failed gate (study.require_gate) raises GateFailed after writing study.json. Under torchrun or
+    srun, every rank runs this as one of the study's workers (`worker`): worker 0 (the leader) holds the study's
+    directory, runs the linear probe and the cost of P and writes the record; the others return None once the
+    final runs have ended."""
     from vipamin_scale.study.tables import GateFailed, publish
 
-    import os
-
     t0 = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("study: runs as one process that launches its own workers (study.workers=N local "
-                          "processes); under torchrun every rank would run the whole study: start it without torchrun")
     validate(cfg)
     P.check(cfg)
-    study = Study(cfg)
+    rank, world = worker()
+    if world > 1 and D.is_dist():
+        raise ConfigError("study: its workers train alone; a process group is up in this process")
+    study = Study(cfg, leader=rank == 0)
     chosen, given = selected_from(cfg) if cfg.study.selected_from else (None, None)
     reused_gate = gate_from(cfg) if cfg.study.gate_from else None
-    with runs.hold(study.root), quiet_runs():
-        check_directory(study.root, P.protocol_record(cfg))
-        study.progress = Progress(study.root).start()
+    with runs.hold(study.root) if study.leader else contextlib.nullcontext(), quiet_runs():
+        check_directory(study.root, P.protocol_record(cfg), write=study.leader)
+        study.progress = Progress(study.root, echo=print if study.leader else log.debug, status=study.leader).start()
+        if world > 1:
+            log.info("study: worker %d of %d (%s)", rank, world, "writes the record and tables" if study.leader else
+                     "trains the packs it claims; worker 0 writes the record and tables")
         try:
             study.draw_roots()
             study.start_selection(chosen)
             study.select()
             study.finals()
+            if not study.leader:
+                study.progress.close("finished")
+                return None
             study.measure_cost()
         except BaseException:
             study.progress.close("stopped")
@@ -459,6 +479,12 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     if doc["gate"] is not None and not doc["gate"]["passed"] and cfg.study.require_gate:
         raise GateFailed(doc)
     return doc
+
+
+def worker() -> tuple[int, int]:
+    """(this worker's number, how many): the ranks of a torchrun or srun job (RANK, WORLD_SIZE), each a worker that
+    plans the same study and claims its packs (`packs.run_packed`); (0, 1) when started alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @contextlib.contextmanager
