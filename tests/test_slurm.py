@@ -343,6 +343,61 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
     _assert_same_trainable(_final_trainable(two_node_run["run"]), _final_trainable(run))
 
 
+STUDY_SCRIPT = REPO / "slurm" / "study.sh"
+QUICK_STUDY = ["study=prompt_length_quick", "study.cost=false"]
+
+
+def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninterrupted_study(slurm, tmp_path):
+    """slurm/study.sh on 2 nodes (2 workers claiming packs): `scancel --signal=USR1` while both hold at their first
+    step (VIPAMIN_SCALE_HOLD_AT_STEP); each stops (exit 75), the script requeues the job once, the requeued job
+    continues the study, and its study.json holds the tables of the same study run in one process."""
+    from test_study import _tables
+
+    ref_dir, run = tmp_path / "ref", tmp_path / "study"
+    ref = subprocess.Popen(cli("study", *QUICK_STUDY, f"hydra.run.dir={ref_dir}"), env=cli_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**cli_env(), **slurm.env, "VENV": str(REPO / ".venv"), "RUN": str(run), "PRECISION": "fp32",
+           HOLD_AT_STEP_ENV: "1"}
+    proc = subprocess.run(["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                           "--time=10", "--job-name=vs-study", f"--output={tmp_path}/slurm-%j.out", "--parsable",
+                           str(STUDY_SCRIPT), *QUICK_STUDY], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+
+    def held(info):
+        if info.get("JobState") not in (None, "PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job ended before it was signalled: {info}\n{_job_log(tmp_path)[-4000:]}")
+        return _job_log(tmp_path).count("holding at step 1") >= 2  # both workers wait in their first pack
+
+    slurm.wait_for(job, held, 400, "both workers' first step")
+    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def restarted(info):
+        if not info:
+            return True
+        if info.get("Restarts") != "1":
+            return False
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)  # no 2-minute hold
+            return False
+        return info.get("JobState") in ("CONFIGURING", "RUNNING", "COMPLETED")
+
+    slurm.wait_for(job, restarted, 240, "the requeued job to start again")
+    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING", "REQUEUED"),
+                          600, "the requeued job to finish")
+    log = _job_log(tmp_path)
+    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    for said in ("restart 0:", "preempted", "the workers stopped; requeueing it", "restart 1:", "done:"):
+        assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+    assert _tables(json.loads((run / "study.json").read_text())) == _tables(json.loads((ref_dir / "study.json")
+                                                                                       .read_text()))
+
+
 def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, digits_root):
     """`-m hydra/launcher=slurm` (vipamin_scale/configs/hydra/launcher/slurm.yaml): each sweep point a Slurm job."""
     sweep = tmp_path / "sweep"

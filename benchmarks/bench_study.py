@@ -1,0 +1,272 @@
+"""Uneven packs on the CPU: 2 workers claiming packs against 1 worker and against the round-robin of before.
+
+    python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 160] [--epochs 2] [--repeats 3]
+    python benchmarks/bench_study.py --quick      # a smoke run (~30 s): 2 runs per length, 1 epoch, 1 repeat
+
+The runs: a study round's uneven mix on the tiny test backbone (vit_test_d64: depth 2, width 64, 32 px, patch 8,
+so 16 patch tokens + the class token), `--runs` runs at each prompt length of `--lengths` (VPT-Deep; P = 100 is
+~6.5x the tokens a sample of P = 1: 117 against 18), the lrs of a grid, digits (`data.max_train_samples`
+`--samples`, batch 32), `--epochs` epochs, val once at the end and test, `train.progress=false`. The same configs
+(`vipamin_scale.compose`) are trained by every layout, each time into fresh run directories:
+
+    1-worker     `run_packed(cfgs, workers=1)`: one process trains every pack of the plan, costliest first, with
+                 the machine's torch threads (2 here: what a lone worker gets by default)
+    claiming     `run_packed(cfgs, workers=2)`: two spawned processes (one torch thread each) claim the packs of
+                 the cost-balanced plan (each pack at most a worker's share of the cost)
+    round-robin  the layout before the claiming change (git 20406e1^), as the packed Hydra launcher had it under
+                 torchrun with its default pack_size=null: each compatible group one pack, no balancing, worker r
+                 trains packs r, r + 2, ... statically (two processes of `vipamin_scale.pool.run_in_processes`,
+                 one torch thread each, each looping `train_pack` over its fixed list). The plan is
+                 `plan_packs(cfgs, pack_size=None, workers=1)`: one pack per group (a P = 1 pack and a P = 100
+                 pack), as the old `plan_packs(cfgs, None)`; the old one ordered the groups by first appearance
+                 and the new one costliest first, which only swaps which of the two workers gets which pack.
+                 The old in-process path (`workers=2` without torchrun) handed the same two packs to a pool in
+                 plan order: with two packs and two workers, the same assignment.
+    rr-balanced  (`--balanced-rr`; not in the default set) the claiming layout's balanced plan handed out
+                 round-robin: `plan_packs(cfgs, workers=2)[r::2]`, to tell the balance from the claiming
+
+Each layout runs in a fresh Python process of its own (this script with --child), so none inherits another's
+imports, data caches or torch state; the figure is the wall time of the layout's call in that process (the
+workers' start-up included, the common `import torch, vipamin_scale` of the layout's process not). The layouts
+alternate (1-worker, claiming, round-robin, 1-worker, ...) for `--repeats` rounds, after one untimed warm-up run
+(the digits shards built, the files in the page cache; none with --quick). A round's ratios are its layouts' wall times over its own
+claiming layout's; the table gives the medians and ranges (min–max) over the rounds. Per-run equality: every run's
+final val and test accuracy and loss in every layout and round, compared exactly (==) with the first
+round's 1-worker layout. Also, per layout: each worker process's finish time (from its runs' result.json mtimes
+and run.json's pid), so an idle worker shows.
+
+Prints a Markdown table and writes benchmarks/results/bench_study.json (`--json`; `--quick`: a file under --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+LAYOUTS = ["1-worker", "claiming", "round-robin"]
+WORKERS = 2
+BASE = ["model=vit_test_d64", "model.pool=mean", "data=digits", "data.batch_size=32", "data.eval_batch_size=128",
+        "data.num_workers=0", "train.warmup_epochs=0.5", "train.log_every=1000", "train.progress=false",
+        "train.loggers=[jsonl]", "train.keep_last=1", "init=random"]
+KEYS = ("val_acc", "val_loss", "test_acc", "test_loss", "status")  # compared exactly across layouts and rounds
+LRS = [0.05, 0.1, 0.2, 0.5, 1.0, 0.02, 0.3, 0.7]
+
+
+def workload(runs: int, lengths: list[int], samples: int, epochs: int) -> list[list[str]]:
+    """The overrides of every run (no out_dir): for each prompt length, `runs` runs of different lrs."""
+    common = [*BASE, f"data.max_train_samples={samples}", f"train.epochs={epochs}", f"train.eval_every={epochs}"]
+    return [[*common, f"prompt.length={p}", f"train.lr={LRS[i % len(LRS)]}", f"train.seed={i // len(LRS)}"]
+            for p in lengths for i in range(runs)]
+
+
+def run_name(overrides: list[str]) -> str:
+    kv = dict(o.split("=", 1) for o in overrides)
+    return f"P{kv['prompt.length']}-lr{kv['train.lr']}-s{kv['train.seed']}"
+
+
+# ----------------------------------------------------------------------------- the child: one layout
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train_list(packs: list[list[Any]]) -> int:
+    """A round-robin worker: its fixed packs, one after the other."""
+    from vipamin_scale.train import train_pack
+
+    for cfgs in packs:
+        train_pack(cfgs)
+    return os.getpid()
+
+
+def child(spec_path: str) -> None:
+    """Train the spec's runs in the spec's layout; write the call's wall time and the plan to spec['timing']."""
+    import torch
+
+    import vipamin_scale
+    from vipamin_scale.packs import plan_packs, run_packed
+    from vipamin_scale.pool import run_in_processes
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfgs = [vipamin_scale.compose([*overrides, f"train.out_dir={out}"]) for out, overrides in spec["runs"]]
+    layout = spec["layout"]
+    threads = torch.get_num_threads()
+    t0, started = time.perf_counter(), time.time()
+    if layout == "1-worker":
+        plan = plan_packs(cfgs, None, 1)
+        run_packed(cfgs, workers=1)
+    elif layout == "claiming":
+        plan = plan_packs(cfgs, None, WORKERS)
+        run_packed(cfgs, workers=WORKERS)
+    elif layout in ("round-robin", "rr-balanced"):
+        plan = plan_packs(cfgs, None, 1 if layout == "round-robin" else WORKERS)
+        lists = [[[cfgs[i] for i in pack] for pack in plan[r::WORKERS]] for r in range(WORKERS)]
+        run_in_processes(_train_list, [(packs,) for packs in lists], WORKERS, initializer=_one_thread)
+    else:
+        raise SystemExit(f"unknown layout {layout}")
+    wall = time.perf_counter() - t0
+    Path(spec["timing"]).write_text(json.dumps({"wall_s": wall, "started": started, "threads_here": threads,
+                                                "plan": plan}))
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    result = json.loads((out / "result.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    return {"val_acc": result["final_eval"]["acc"], "val_loss": result["final_eval"]["loss"],
+            "test_acc": result["test"]["acc"], "test_loss": result["test"]["loss"],
+            "status": result.get("status", "ok"), "pid": run["attempts"][-1]["pid"],
+            "ended": (out / "result.json").stat().st_mtime}
+
+
+def run_layout(layout: str, names: list[str], overrides: list[list[str]], where: Path, cores: int) -> dict[str, Any]:
+    where.mkdir(parents=True)
+    spec = where / "spec.json"
+    spec.write_text(json.dumps({"layout": layout, "timing": str(where / "timing.json"),
+                                "runs": [[str(where / n), o] for n, o in zip(names, overrides)]}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores), "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    process_wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{layout}: the layout's process failed:\n{proc.stderr.decode()[-4000:]}")
+    timing = json.loads((where / "timing.json").read_text())
+    per_run = {n: read_run(where / n) for n in names}
+    workers: dict[int, dict[str, Any]] = {}
+    for n, r in per_run.items():
+        w = workers.setdefault(r["pid"], {"runs": 0, "finished_s": 0.0})
+        w["runs"] += 1
+        w["finished_s"] = max(w["finished_s"], r["ended"] - timing["started"])
+    finish = sorted(w["finished_s"] for w in workers.values())
+    return {"layout": layout, "wall_s": timing["wall_s"], "process_wall_s": process_wall,
+            "threads_in_layout_process": timing["threads_here"],
+            "plan": [[names[i] for i in pack] for pack in timing["plan"]],
+            "worker_processes": len(workers), "worker_finish_s": finish,
+            "worker_runs": [w["runs"] for w in sorted(workers.values(), key=lambda w: w["finished_s"])],
+            "runs": {n: {k: r[k] for k in KEYS} for n, r in per_run.items()}}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt(v: dict[str, float], f: str) -> str:
+    return f"{v['median']:{f}} ({v['min']:{f}}–{v['max']:{f}})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=None, help="runs at each prompt length (default 8; --quick 2)")
+    p.add_argument("--lengths", default="1,100", help="prompt lengths (VPT-Deep)")
+    p.add_argument("--samples", type=int, default=None, help="data.max_train_samples (default 160; --quick 64)")
+    p.add_argument("--epochs", type=int, default=None, help="default 2 (--quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; --quick 1)")
+    p.add_argument("--balanced-rr", action="store_true", help="also the balanced plan handed out round-robin")
+    p.add_argument("--quick", action="store_true", help="a smoke run well under a minute")
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_study"), help="work directory (emptied first)")
+    p.add_argument("--json", default=None, help="default benchmarks/results/bench_study.json (--quick: under --out)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child(a.child)
+        return 0
+    q = a.quick
+    n = a.runs or (2 if q else 8)
+    samples = a.samples or (64 if q else 160)
+    epochs = a.epochs or (1 if q else 2)
+    repeats = a.repeats or (1 if q else 3)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    layouts = [*LAYOUTS, *(["rr-balanced"] if a.balanced_rr else [])]
+    out = Path(a.out)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cores = os.cpu_count() or 1
+    overrides = workload(n, lengths, samples, epochs)
+    names = [run_name(o) for o in overrides]
+    record: dict[str, Any] = {
+        "machine": {"cpus": cores, "cpu": _cpu_name(), "load_average_at_start": os.getloadavg()},
+        "workload": {"runs": len(names), "per_length": n, "lengths": lengths, "samples": samples, "epochs": epochs,
+                     "overrides": overrides[0][:-3] + ["prompt.length / train.lr / train.seed: per run"],
+                     "names": names},
+        "repeats": repeats, "workers": WORKERS, "layouts": layouts}
+    t_all = time.perf_counter()
+    print(f"{len(names)} runs ({n} at each P in {lengths}), {samples} samples, {epochs} epochs; "
+          f"{repeats} rounds of {', '.join(layouts)}", flush=True)
+    if not q:
+        warm = run_layout("1-worker", names[:1], overrides[:1], out / "warmup", cores)  # untimed
+        print(f"  warm-up (1 run): {warm['wall_s']:.1f} s", flush=True)
+    rows = []
+    for r in range(repeats):
+        for layout in layouts:
+            row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, cores)}
+            rows.append(row)
+            print(f"  round {r} {layout}: {row['wall_s']:.1f} s (workers finish at "
+                  f"{', '.join(f'{s:.0f}' for s in row['worker_finish_s'])} s; packs "
+                  f"{[len(pk) for pk in row['plan']]})", flush=True)
+    reference = rows[0]["runs"]
+    for row in rows:
+        row["runs_differing"] = sorted(nm for nm in names if any(row["runs"][nm][k] != reference[nm][k] for k in KEYS))
+        claim = next(x for x in rows if x["round"] == row["round"] and x["layout"] == "claiming")
+        row["over_claiming"] = row["wall_s"] / claim["wall_s"]
+    summary = []
+    for layout in layouts:
+        mine = [x for x in rows if x["layout"] == layout]
+        summary.append({"layout": layout, "rounds": len(mine), "packs": [len(pk) for pk in mine[0]["plan"]],
+                        "worker_processes": mine[0]["worker_processes"],
+                        "wall_s": spread([x["wall_s"] for x in mine]),
+                        "over_claiming": spread([x["over_claiming"] for x in mine]),
+                        "worker_finish_s": [spread([x["worker_finish_s"][k] for x in mine])
+                                            for k in range(len(mine[0]["worker_finish_s"]))],
+                        "runs_differing": sorted({nm for x in mine for nm in x["runs_differing"]})})
+    record.update(summary=summary, rows=rows, total_s=time.perf_counter() - t_all,
+                  load_average_at_end=os.getloadavg(),
+                  all_runs_equal=all(not x["runs_differing"] for x in rows))
+    print(f"\n{len(names)} runs (P in {lengths}, {n} lrs each), {repeats} alternated rounds; wall s and ratio to the "
+          f"same round's claiming layout: median (min–max)\n")
+    print("| layout | packs (runs each) | worker processes | wall s | / claiming | workers finish at s | "
+          "runs equal to 1-worker round 0 |\n|---|---|---|---|---|---|---|")
+    for s in summary:
+        diff = "all" if not s["runs_differing"] else f"NO: {len(s['runs_differing'])} differ"
+        finish = " / ".join(f"{w['median']:.0f}" for w in s["worker_finish_s"])
+        print(f"| {s['layout']} | {s['packs']} | {s['worker_processes']} | {fmt(s['wall_s'], '.1f')} | "
+              f"{fmt(s['over_claiming'], '.2f')} | {finish} | {diff} |")
+    print(f"\nper-run results (val and test accuracy and loss) equal in every layout and round: "
+          f"{record['all_runs_equal']}; total {record['total_s']:.0f} s")
+    path = Path(a.json) if a.json else (out / "bench_study.json" if q else RESULTS / "bench_study.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"(written to {path})")
+    return 0 if record["all_runs_equal"] else 1
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
