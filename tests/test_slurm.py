@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from conftest import REPO, TINY, cli, cli_env
 from safetensors.torch import load_file
 
 from vipamin_scale import checkpoint as ckpt
-from vipamin_scale.faults import HOLD_AT_STEP_ENV
+from vipamin_scale.faults import HOLD_AT_STEP_ENV, SIGNAL_AT_BUILD_ENV
 from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
@@ -78,6 +79,111 @@ def test_preemption_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_r
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert json.loads((cut / "result.json").read_text())["steps"] == 24
+
+
+PREEMPT_ARGS = [*TINY, "prompt.dropout=0.1"]  # 8 steps an epoch, 3 epochs; dropout: the RNG state resumes too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_root):
+    """The run of PREEMPT_ARGS trained without a stop: what every preempted and resumed one must end at."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _resume_to_the_end(run, uninterrupted, env):
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}", "train.resume=true"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "preempted" not in proc.stdout, proc.stdout[-3000:]
+    a, b = _final_trainable(uninterrupted), _final_trainable(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert json.loads((run / "result.json").read_text())["steps"] == 24
+
+
+def test_sigusr2_mid_training_checkpoints_exits_75_and_resumes_exactly(tmp_path, uninterrupted):
+    """SIGUSR2 (submitit's signal) to a training process: it stops at the next check with a checkpoint and
+    PREEMPT_EXIT_CODE; resumed, it ends where the uninterrupted run does."""
+    run = tmp_path / "run"
+    env = cli_env(**{HOLD_AT_STEP_ENV: "10"})  # waits at step 10 (epoch 1) for the signal: it lands mid-training
+    proc = subprocess.Popen(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r'"event": "train", [^\n]*"step": 10,', (run / "metrics.jsonl").read_text()
+                            if (run / "metrics.jsonl").is_file() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == PREEMPT_EXIT_CODE, out[-3000:]
+    assert "preempted at step 11: checkpoint written; continue with train.resume=true" in out
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 11)
+    assert not (run / "result.json").exists()
+    _resume_to_the_end(run, uninterrupted, env)
+
+
+def test_a_signal_while_the_run_builds_stops_it_before_its_first_step(tmp_path, uninterrupted):
+    """SIGUSR1 right after the backbone is built (VIPAMIN_SCALE_SIGNAL_AT_BUILD): the process does not die of
+    it; it writes the checkpoint of step 0 (the initial prompts) and exits with PREEMPT_EXIT_CODE before any
+    step; resumed (the switch still set, off once resumed), it ends where the uninterrupted run does."""
+    run = tmp_path / "run"
+    env = cli_env(**{SIGNAL_AT_BUILD_ENV: "1"})
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == PREEMPT_EXIT_CODE, proc.stdout[-3000:]
+    assert "preempted at step 0: checkpoint written; continue with train.resume=true" in proc.stdout
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 0, 0)
+    metrics = run / "metrics.jsonl"
+    assert not metrics.is_file() or '"event": "train"' not in metrics.read_text()
+    assert not (run / "result.json").exists()
+    _resume_to_the_end(run, uninterrupted, env)
+
+
+def test_a_stop_asked_at_the_runs_last_check_lets_it_finish(tmp_path, uninterrupted):
+    """Asked at the last step (the run's last check): it finishes (exit 0, result.json) and says so."""
+    run = tmp_path / "run"
+    env = cli_env(**{PREEMPT_AT_STEP_ENV: "24"})
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "asked to stop at step 24, the run's last check: finishing the run" in proc.stdout
+    assert "preempted" not in proc.stdout
+    assert json.loads((run / "result.json").read_text())["steps"] == 24
+    a, b = _final_trainable(uninterrupted), _final_trainable(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_the_preemption_signals_are_kept_from_install_on():
+    """SIGUSR1 and SIGUSR2 set one flag that a new Preemption (a sweep's next run) does not clear; `install` is
+    idempotent; outside the main thread it installs nothing."""
+    code = """
+import os, signal, threading
+import vipamin_scale.preempt as p
+out = []
+t = threading.Thread(target=lambda: out.append(p.install()))
+t.start(); t.join()
+assert out == [False] and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+assert p.install() and p.install() and not p.signalled()
+os.kill(os.getpid(), signal.SIGUSR2)
+assert p.signalled()
+assert p.Preemption().requested() and p.signalled()
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "alive\n", proc.stderr[-3000:]
 
 
 def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_path):
