@@ -8,6 +8,7 @@ Also here, without Slurm: the preemption hook itself (checkpoint mid-epoch, exit
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -37,6 +38,15 @@ TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=16", "data.eva
                    "train.lr=0.5", "train.warmup_epochs=0.5", "train.log_every=1", "train.progress=false"]
 SBATCH = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
           "--job-name=vs-test"]
+
+
+def _fake_srun(tmp) -> str:
+    """A directory whose `srun` says its options on stderr and runs the command as it is (no Slurm)."""
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "srun").write_text('#!/bin/bash\necho "srun $*" >&2\nwhile [[ $1 == -* ]]; do shift; done\n'
+                                      'exec "$@"\n')
+    (tmp / "bin" / "srun").chmod(0o755)
+    return str(tmp / "bin")
 
 
 def _final_trainable(run_dir):
@@ -187,14 +197,15 @@ print("alive")
 
 
 def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_path):
-    """slurm/prompt_length_sweep.sh alone (its vith_vipamin.sh replaced by an echo): the length varies
-    slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}."""
+    """slurm/prompt_length_sweep.sh alone (its vith_vipamin.sh replaced by an echo, srun by a pass-through): the
+    length varies slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}.
+    PACK=1 starts its one process as a job step (srun), which the #SBATCH --signal=USR1@120 reaches."""
     (tmp_path / "slurm").mkdir()
     shutil.copy(REPO / "slurm" / "prompt_length_sweep.sh", tmp_path / "slurm")
     (tmp_path / "slurm" / "vith_vipamin.sh").write_text('echo "$INIT $PROMPT_LENGTH $RUN $DATA_ROOT $*"; '
                                                         'echo "experiment=$EXPERIMENT" >&2\n')
-    env = {"PATH": "/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7", "LENGTHS": "1 10 50",
-           "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
+    env = {"PATH": f"{_fake_srun(tmp_path)}:/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7",
+           "LENGTHS": "1 10 50", "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
 
     def task(i, **extra):
         return subprocess.run(["bash", str(tmp_path / "slurm" / "prompt_length_sweep.sh"), "x=1"], capture_output=True,
@@ -217,6 +228,7 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
         "train", "-m", "hydra/launcher=packed", "experiment=vitl_vipamin", "prompt.length=10", "init=vipamin,random",
         "engine=ddp", "train.resume=true", "init.seed=1", "train.seed=1", "data.root=/d/4shot_seed1",
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra:runtime.choices.init}-deep-len10-seed1", "x=1"]
+    assert packed.stderr.startswith("srun --kill-on-bad-exit=1 --nodes=1 --ntasks=1 echo train -m "), packed.stderr
     mine = task(4, PACK="1", VIPAMIN_SCALE="echo", EXPERIMENT="vith_vipamin", MODEL="vit_l16", PRECISION="fp32")
     assert mine.stdout.split()[3:10] == ["experiment=vith_vipamin", "model=vit_l16", "prompt.length=10",
                                          "init=vipamin,random", "engine=ddp", "train.precision=fp32", "model.dtype=fp32"]
@@ -268,17 +280,18 @@ def test_the_jobs_name_their_experiment_and_pass_only_the_settings_given(tmp_pat
 
 
 def test_prompt_length_sweep_pack_task_trains_its_inits_as_one_pack(tmp_path):
-    """PACK=1 for real (without Slurm): the task's two inits train as one pack into the run directories
-    the unpacked array writes, with the seed's init.seed, train.seed and draw."""
-    env = cli_env(REPO=str(REPO), SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3",
-                  INITS="random vipamin", SEEDS="0 5", MODEL="vit_test_d64", DATA="digits", PRECISION="fp32",
-                  SWEEP=str(tmp_path), VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
+    """PACK=1 for real (without Slurm: srun runs its command as it is): the task's two inits train as one pack
+    into the run directories the unpacked array writes, with the seed's init.seed, train.seed and draw."""
+    env = cli_env(PATH=f"{_fake_srun(tmp_path)}:{os.environ['PATH']}", REPO=str(REPO), SLURM_ARRAY_JOB_ID="7",
+                  SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3", INITS="random vipamin", SEEDS="0 5",
+                  MODEL="vit_test_d64", DATA="digits", PRECISION="fp32", SWEEP=str(tmp_path / "sweep"),
+                  VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
     proc = subprocess.run(["bash", str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean",
                            "data.max_train_samples=64", "data.batch_size=32", "train.epochs=1", "train.progress=false",
                            "init.num_images=32"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for init in ("random", "vipamin"):
-        run = tmp_path / f"{init}-deep-len2-seed5"
+        run = tmp_path / "sweep" / f"{init}-deep-len2-seed5"
         result = json.loads((run / "result.json").read_text())
         assert result["pack_size"] == 2 and result["prompt_length"] == 2 and result["method"] == init
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
