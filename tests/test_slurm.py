@@ -462,6 +462,46 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
     _assert_same_trainable(_final_trainable(two_node_run["run"]), _final_trainable(run))
 
 
+def test_usr1_reaches_the_pack_task_a_job_step_which_requeues_and_resumes(slurm, tmp_path, digits_root):
+    """prompt_length_sweep.sh PACK=1 on Slurm: its one process is a job step, so `scancel --signal=USR1` (the
+    script's --signal=USR1@120, no B:) reaches it; it checkpoints, requeues, and the requeued task finishes."""
+    sweep = tmp_path / "sweep"
+    env = {**cli_env(), **slurm.env, "PACK": "1", "LENGTHS": "2", "INITS": "random vipamin", "MODEL": "vit_test_d64",
+           "DATA": "digits", "PRECISION": "fp32", "SWEEP": str(sweep), HOLD_AT_STEP_ENV: "20",
+           "VIPAMIN_SCALE": f"{sys.executable} -m vipamin_scale.cli"}
+    cmd = ["sbatch", "--array=0", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=10", "--job-name=vs-pack", f"--output={tmp_path}/slurm-%A_%a.out", "--parsable",
+           str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean", "init.num_images=32", *TRAIN_OVERRIDES]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    metrics = sweep / "random-deep-len2" / "metrics.jsonl"
+    slurm.wait_for(job, lambda info: metrics.is_file() and '"event": "train"' in metrics.read_text(), 300,
+                   "the first training step")
+    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def restarted(info):
+        if info.get("Restarts") != "1":
+            return False
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)  # the ~2 min hold
+            return False
+        return True
+
+    slurm.wait_for(job, restarted, 240, "the requeued task to start again")
+    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING", "REQUEUED"),
+                          400, "the requeued task to finish")
+    log = _job_log(tmp_path)
+    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    for said in ("preempted at step", "resumed from"):
+        assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
+    for init in ("random", "vipamin"):
+        result = json.loads((sweep / f"{init}-deep-len2" / "result.json").read_text())
+        assert result["steps"] == 6 * 16 and result["pack_size"] == 2
+
+
 def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, digits_root):
     """`-m hydra/launcher=slurm` (vipamin_scale/configs/hydra/launcher/slurm.yaml): each sweep point a Slurm job."""
     sweep = tmp_path / "sweep"
