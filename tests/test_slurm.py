@@ -19,11 +19,11 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, cli, cli_env
+from conftest import REPO, TINY, cli, cli_env, torchrun
 from safetensors.torch import load_file
 
 from vipamin_scale import checkpoint as ckpt
-from vipamin_scale.faults import HOLD_AT_STEP_ENV, SIGNAL_AT_BUILD_ENV
+from vipamin_scale.faults import HOLD_AT_STEP_ENV, KILL_RANK_ENV, SIGNAL_AT_BUILD_ENV
 from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
@@ -158,6 +158,20 @@ def test_a_signal_while_the_run_builds_stops_it_before_its_first_step(tmp_path, 
     assert not metrics.is_file() or '"event": "train"' not in metrics.read_text()
     assert not (run / "result.json").exists()
     _resume_to_the_end(run, uninterrupted, env)
+
+
+def test_a_signal_to_one_rank_while_building_stops_every_rank_before_the_first_step(tmp_path, digits_root):
+    """torchrun, 2 ranks, only rank 1 signalled during the build: the ranks agree (`Preemption.requested`, a
+    collective) and both stop before the first step, with the checkpoint of step 0 written at world 2."""
+    run = tmp_path / "run"
+    proc = subprocess.run(torchrun(2, "train", *PREEMPT_ARGS, f"hydra.run.dir={run}"),
+                          env=cli_env(**{SIGNAL_AT_BUILD_ENV: "1", KILL_RANK_ENV: "1"}), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode != 0 and f"exitcode  : {PREEMPT_EXIT_CODE}" in proc.stdout, proc.stdout[-3000:]
+    assert "preempted at step 0: checkpoint written" in proc.stdout, proc.stdout[-3000:]
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["global_step"], state["world_size"], len(state["rng"])) == (0, 2, 2)
+    assert not (run / "result.json").exists()
 
 
 def test_a_stop_asked_at_the_runs_last_check_lets_it_finish(tmp_path, uninterrupted):
