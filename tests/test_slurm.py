@@ -3,7 +3,8 @@
 The job script runs unchanged; only its settings are overridden (environment + Hydra overrides)
 for a tiny ViT on CPU with DDP/gloo, one torchrun per fake node (world size 2). The Debian
 packages are installed when missing (root + apt); the tests skip only when that is impossible.
-Also here, without Slurm: the preemption hook itself (checkpoint mid-epoch, exit, exact resume).
+Also here, without Slurm: the preemption hook itself (SIGUSR1/SIGUSR2 or VIPAMIN_SCALE_PREEMPT_AT_STEP: checkpoint
+mid-epoch or before the first step, exit, exact resume) and the scripts' command lines.
 """
 from __future__ import annotations
 
