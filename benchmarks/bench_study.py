@@ -1,7 +1,8 @@
 """Uneven packs on the CPU: 2 workers claiming packs against 1 worker and against the round-robin of before.
 
-    python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 160] [--epochs 2] [--repeats 3]
-    python benchmarks/bench_study.py --quick      # a smoke run (~30 s): 2 runs per length, 1 epoch, 1 repeat
+    python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 320] [--epochs 8] [--repeats 3]
+                                     [--layouts 1-worker,claiming,round-robin,rr-balanced]
+    python benchmarks/bench_study.py --quick      # a smoke run: 1 run per length, 1 epoch, 1 round, no warm-up
 
 The runs: a study round's uneven mix on the tiny test backbone (vit_test_d64: depth 2, width 64, 32 px, patch 8,
 so 16 patch tokens + the class token), `--runs` runs at each prompt length of `--lengths` (VPT-Deep; P = 100 is
@@ -22,8 +23,8 @@ so 16 patch tokens + the class token), `--runs` runs at each prompt length of `-
                  and the new one costliest first, which only swaps which of the two workers gets which pack.
                  The old in-process path (`workers=2` without torchrun) handed the same two packs to a pool in
                  plan order: with two packs and two workers, the same assignment.
-    rr-balanced  (`--balanced-rr`; not in the default set) the claiming layout's balanced plan handed out
-                 round-robin: `plan_packs(cfgs, workers=2)[r::2]`, to tell the balance from the claiming
+    rr-balanced  the claiming layout's balanced plan handed out round-robin, `plan_packs(cfgs, workers=2)[r::2]`,
+                 statically as round-robin: what the balance gives without the claiming
 
 Each layout runs in a fresh Python process of its own (this script with --child), so none inherits another's
 imports, data caches or torch state; the figure is the wall time of the layout's call in that process (the
@@ -53,7 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
-LAYOUTS = ["1-worker", "claiming", "round-robin"]
+LAYOUTS = ["1-worker", "claiming", "round-robin", "rr-balanced"]
 WORKERS = 2
 BASE = ["model=vit_test_d64", "model.pool=mean", "data=digits", "data.batch_size=32", "data.eval_batch_size=128",
         "data.num_workers=0", "train.warmup_epochs=0.5", "train.log_every=1000", "train.progress=false",
@@ -134,12 +135,14 @@ def read_run(out: Path) -> dict[str, Any]:
             "ended": (out / "result.json").stat().st_mtime}
 
 
-def run_layout(layout: str, names: list[str], overrides: list[list[str]], where: Path, cores: int) -> dict[str, Any]:
+def run_layout(layout: str, names: list[str], overrides: list[list[str]], where: Path, threads: int) -> dict[str, Any]:
+    """One layout in a fresh process (`threads`: OMP_NUM_THREADS there; spawned workers set 1); its row."""
     where.mkdir(parents=True)
+    load = os.getloadavg()[0]
     spec = where / "spec.json"
     spec.write_text(json.dumps({"layout": layout, "timing": str(where / "timing.json"),
                                 "runs": [[str(where / n), o] for n, o in zip(names, overrides)]}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
@@ -154,7 +157,7 @@ def run_layout(layout: str, names: list[str], overrides: list[list[str]], where:
         w["runs"] += 1
         w["finished_s"] = max(w["finished_s"], r["ended"] - timing["started"])
     finish = sorted(w["finished_s"] for w in workers.values())
-    return {"layout": layout, "wall_s": timing["wall_s"], "process_wall_s": process_wall,
+    return {"layout": layout, "wall_s": timing["wall_s"], "process_wall_s": process_wall, "load_average_1min": load,
             "threads_in_layout_process": timing["threads_here"],
             "plan": [[names[i] for i in pack] for pack in timing["plan"]],
             "worker_processes": len(workers), "worker_finish_s": finish,
@@ -174,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=None, help="runs at each prompt length (default 8; --quick 2)")
     p.add_argument("--lengths", default="1,100", help="prompt lengths (VPT-Deep)")
-    p.add_argument("--samples", type=int, default=None, help="data.max_train_samples (default 160; --quick 64)")
-    p.add_argument("--epochs", type=int, default=None, help="default 2 (--quick 1)")
+    p.add_argument("--samples", type=int, default=None, help="data.max_train_samples (default 320; --quick 32)")
+    p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; --quick 1)")
-    p.add_argument("--balanced-rr", action="store_true", help="also the balanced plan handed out round-robin")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="which, in this order each round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the 1-worker layout's process (default: the CPU count)")
     p.add_argument("--quick", action="store_true", help="a smoke run well under a minute")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_study"), help="work directory (emptied first)")
     p.add_argument("--json", default=None, help="default benchmarks/results/bench_study.json (--quick: under --out)")
@@ -187,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         child(a.child)
         return 0
     q = a.quick
-    n = a.runs or (2 if q else 8)
-    samples = a.samples or (64 if q else 160)
-    epochs = a.epochs or (1 if q else 2)
+    n = a.runs or (1 if q else 8)
+    samples = a.samples or (32 if q else 320)
+    epochs = a.epochs or (1 if q else 8)
     repeats = a.repeats or (1 if q else 3)
     lengths = [int(x) for x in a.lengths.split(",")]
-    layouts = [*LAYOUTS, *(["rr-balanced"] if a.balanced_rr else [])]
+    layouts = a.layouts.split(",")
+    if "claiming" not in layouts or set(layouts) - set(LAYOUTS):
+        p.error(f"--layouts: some of {', '.join(LAYOUTS)}, claiming among them (the ratios' reference)")
     out = Path(a.out)
     if out.exists():
         import shutil
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     cores = os.cpu_count() or 1
+    threads = a.threads or cores
     overrides = workload(n, lengths, samples, epochs)
     names = [run_name(o) for o in overrides]
     record: dict[str, Any] = {
@@ -212,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(names)} runs ({n} at each P in {lengths}), {samples} samples, {epochs} epochs; "
           f"{repeats} rounds of {', '.join(layouts)}", flush=True)
     if not q:
-        warm = run_layout("1-worker", names[:1], overrides[:1], out / "warmup", cores)  # untimed
+        warm = run_layout("1-worker", names[:1], overrides[:1], out / "warmup", threads)  # untimed
         print(f"  warm-up (1 run): {warm['wall_s']:.1f} s", flush=True)
     rows = []
     for r in range(repeats):
         for layout in layouts:
-            row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, cores)}
+            row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, threads)}
             rows.append(row)
             print(f"  round {r} {layout}: {row['wall_s']:.1f} s (workers finish at "
                   f"{', '.join(f'{s:.0f}' for s in row['worker_finish_s'])} s; packs "

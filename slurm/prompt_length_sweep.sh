@@ -23,7 +23,10 @@
 # hydra/launcher=packed`: each run equal to its solo run, in the same run directories; the
 # initializer runs in-process, no prompts file), on one GPU, under engine=ddp (a pack of several runs
 # needs it; ENGINE=... otherwise); EXPERIMENT, MODEL, DATA, PROMPT, PRECISION, DTYPE, BATCH, MODEL_CKPT
-# as in vith_vipamin.sh, VIPAMIN_SCALE the command (default: python -m vipamin_scale.cli).
+# as in vith_vipamin.sh, VIPAMIN_SCALE the command (default: python -m vipamin_scale.cli). That process
+# runs as a job step (srun), as every trainer of these scripts does, never as the batch shell: Slurm's
+# --signal=USR1@120 (no B:) and `scancel --signal=USR1 JOBID` signal the job's steps, not the batch shell,
+# so one #SBATCH line serves both modes.
 #
 #SBATCH --job-name=prompt-length
 #SBATCH --array=0-4
@@ -87,7 +90,8 @@ if (( PACK == 1 )); then
     [[ -f $VENV/bin/activate ]] && source "$VENV/bin/activate"
     read -r -a CMD <<< "${VIPAMIN_SCALE:-python -m vipamin_scale.cli}"
     cd "$REPO"
-    exec "${CMD[@]}" train -m hydra/launcher=packed "${ARGS[@]}" "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=$SUBDIR" "$@"
+    exec srun --kill-on-bad-exit=1 --nodes=1 --ntasks=1 "${CMD[@]}" train -m hydra/launcher=packed "${ARGS[@]}" \
+        "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=$SUBDIR" "$@"
 fi
 RUN=$SWEEP/$INIT-${PROMPT:-deep}-len$PROMPT_LENGTH
 SEED_ARGS=()

@@ -87,12 +87,12 @@ TRAIN_ONLY=()
 [[ -n $DTYPE ]] && TRAIN_ONLY+=("model.dtype=$DTYPE")
 
 # One torchrun per node (vipamin_scale.launch: torchrun that exits with the first failing rank's code,
-# 2 for a user error). The task ignores SIGUSR1 (inherited through exec), so the launcher
-# survives it; the trainer processes install their own handler (vipamin_scale/preempt.py).
+# 2 for a user error). The task ignores SIGUSR1 and SIGUSR2 (inherited through exec), so the launcher
+# survives them; the trainer processes handle both from their start (vipamin_scale/preempt.py).
 launch() {  # launch PORT COMMAND [overrides...]
     local port=$1; shift
     srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
-        bash -c 'trap "" USR1; exec "$0" -m vipamin_scale.launch --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
+        bash -c 'trap "" USR1 USR2; exec "$0" -m vipamin_scale.launch --nnodes="$NNODES" --node-rank="$SLURM_NODEID" \
             --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$1" \
             --max-restarts="$MAX_RESTARTS" -m vipamin_scale.cli "${@:2}"' \
         "$VENV/bin/python" "$port" "$@"

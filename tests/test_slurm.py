@@ -3,13 +3,16 @@
 The job script runs unchanged; only its settings are overridden (environment + Hydra overrides)
 for a tiny ViT on CPU with DDP/gloo, one torchrun per fake node (world size 2). The Debian
 packages are installed when missing (root + apt); the tests skip only when that is impossible.
-Also here, without Slurm: the preemption hook itself (checkpoint mid-epoch, exit, exact resume).
+Also here, without Slurm: the preemption hook itself (SIGUSR1/SIGUSR2 or VIPAMIN_SCALE_PREEMPT_AT_STEP: checkpoint
+mid-epoch or before the first step, exit, exact resume) and the scripts' command lines.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,11 +20,11 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, cli, cli_env
+from conftest import REPO, TINY, cli, cli_env, torchrun
 from safetensors.torch import load_file
 
 from vipamin_scale import checkpoint as ckpt
-from vipamin_scale.faults import HOLD_AT_STEP_ENV
+from vipamin_scale.faults import HOLD_AT_STEP_ENV, KILL_RANK_ENV, SIGNAL_AT_BUILD_ENV
 from vipamin_scale.preempt import PREEMPT_AT_STEP_ENV, PREEMPT_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # a private Slurm cluster, multi-process jobs
@@ -36,6 +39,15 @@ TRAIN_OVERRIDES = ["data.max_train_samples=256", "data.batch_size=16", "data.eva
                    "train.lr=0.5", "train.warmup_epochs=0.5", "train.log_every=1", "train.progress=false"]
 SBATCH = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
           "--job-name=vs-test"]
+
+
+def _fake_srun(tmp) -> str:
+    """A directory whose `srun` says its options on stderr and runs the command as it is (no Slurm)."""
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "srun").write_text('#!/bin/bash\necho "srun $*" >&2\nwhile [[ $1 == -* ]]; do shift; done\n'
+                                      'exec "$@"\n')
+    (tmp / "bin" / "srun").chmod(0o755)
+    return str(tmp / "bin")
 
 
 def _final_trainable(run_dir):
@@ -80,15 +92,135 @@ def test_preemption_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, digits_r
     assert json.loads((cut / "result.json").read_text())["steps"] == 24
 
 
+PREEMPT_ARGS = [*TINY, "prompt.dropout=0.1"]  # 8 steps an epoch, 3 epochs; dropout: the RNG state resumes too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, digits_root):
+    """The run of PREEMPT_ARGS trained without a stop: what every preempted and resumed one must end at."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def _resume_to_the_end(run, uninterrupted, env):
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}", "train.resume=true"), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "preempted" not in proc.stdout, proc.stdout[-3000:]
+    a, b = _final_trainable(uninterrupted), _final_trainable(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert json.loads((run / "result.json").read_text())["steps"] == 24
+
+
+def test_sigusr2_mid_training_checkpoints_exits_75_and_resumes_exactly(tmp_path, uninterrupted):
+    """SIGUSR2 (submitit's signal) to a training process: it stops at the next check with a checkpoint and
+    PREEMPT_EXIT_CODE; resumed, it ends where the uninterrupted run does."""
+    run = tmp_path / "run"
+    env = cli_env(**{HOLD_AT_STEP_ENV: "10"})  # waits at step 10 (epoch 1) for the signal: it lands mid-training
+    proc = subprocess.Popen(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r'"event": "train", [^\n]*"step": 10,', (run / "metrics.jsonl").read_text()
+                            if (run / "metrics.jsonl").is_file() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == PREEMPT_EXIT_CODE, out[-3000:]
+    assert "preempted at step 11: checkpoint written; continue with train.resume=true" in out
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 3, 11)
+    assert not (run / "result.json").exists()
+    _resume_to_the_end(run, uninterrupted, env)
+
+
+def test_a_signal_while_the_run_builds_stops_it_before_its_first_step(tmp_path, uninterrupted):
+    """SIGUSR1 right after the backbone is built (VIPAMIN_SCALE_SIGNAL_AT_BUILD): the process does not die of
+    it; it writes the checkpoint of step 0 (the initial prompts) and exits with PREEMPT_EXIT_CODE before any
+    step; resumed (the switch still set, off once resumed), it ends where the uninterrupted run does."""
+    run = tmp_path / "run"
+    env = cli_env(**{SIGNAL_AT_BUILD_ENV: "1"})
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == PREEMPT_EXIT_CODE, proc.stdout[-3000:]
+    assert "preempted at step 0: checkpoint written; continue with train.resume=true" in proc.stdout
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 0, 0)
+    metrics = run / "metrics.jsonl"
+    assert not metrics.is_file() or '"event": "train"' not in metrics.read_text()
+    assert not (run / "result.json").exists()
+    _resume_to_the_end(run, uninterrupted, env)
+
+
+def test_a_signal_to_one_rank_while_building_stops_every_rank_before_the_first_step(tmp_path, digits_root):
+    """torchrun, 2 ranks, only rank 1 signalled during the build: the ranks agree (`Preemption.requested`, a
+    collective) and both stop before the first step, with the checkpoint of step 0 written at world 2."""
+    run = tmp_path / "run"
+    proc = subprocess.run(torchrun(2, "train", *PREEMPT_ARGS, f"hydra.run.dir={run}"),
+                          env=cli_env(**{SIGNAL_AT_BUILD_ENV: "1", KILL_RANK_ENV: "1"}), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode != 0 and f"exitcode  : {PREEMPT_EXIT_CODE}" in proc.stdout, proc.stdout[-3000:]
+    assert "preempted at step 0: checkpoint written" in proc.stdout, proc.stdout[-3000:]
+    state = ckpt.load(ckpt.latest(run / "checkpoints"))
+    assert (state["global_step"], state["world_size"], len(state["rng"])) == (0, 2, 2)
+    assert not (run / "result.json").exists()
+
+
+def test_a_stop_asked_at_the_runs_last_check_lets_it_finish(tmp_path, uninterrupted):
+    """Asked at the last step (the run's last check): it finishes (exit 0, result.json) and says so."""
+    run = tmp_path / "run"
+    env = cli_env(**{PREEMPT_AT_STEP_ENV: "24"})
+    proc = subprocess.run(cli("train", *PREEMPT_ARGS, f"hydra.run.dir={run}"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "asked to stop at step 24, the run's last check: finishing the run" in proc.stdout
+    assert "preempted" not in proc.stdout
+    assert json.loads((run / "result.json").read_text())["steps"] == 24
+    a, b = _final_trainable(uninterrupted), _final_trainable(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_the_preemption_signals_are_kept_from_install_on():
+    """SIGUSR1 and SIGUSR2 set one flag that a new Preemption (a sweep's next run) does not clear; `install` is
+    idempotent; outside the main thread it installs nothing."""
+    code = """
+import os, signal, threading
+import vipamin_scale.preempt as p
+out = []
+t = threading.Thread(target=lambda: out.append(p.install()))
+t.start(); t.join()
+assert out == [False] and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+assert p.install() and p.install() and not p.signalled()
+os.kill(os.getpid(), signal.SIGUSR2)
+assert p.signalled()
+assert p.Preemption().requested() and p.signalled()
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "alive\n", proc.stderr[-3000:]
+
+
 def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_path):
-    """slurm/prompt_length_sweep.sh alone (its vith_vipamin.sh replaced by an echo): the length varies
-    slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}."""
+    """slurm/prompt_length_sweep.sh alone (its vith_vipamin.sh replaced by an echo, srun by a pass-through): the
+    length varies slowest, the seed fastest; a seed sets init.seed and train.seed and fills DATA_ROOT's {seed}.
+    PACK=1 starts its one process as a job step (srun), which the #SBATCH --signal=USR1@120 reaches."""
     (tmp_path / "slurm").mkdir()
     shutil.copy(REPO / "slurm" / "prompt_length_sweep.sh", tmp_path / "slurm")
     (tmp_path / "slurm" / "vith_vipamin.sh").write_text('echo "$INIT $PROMPT_LENGTH $RUN $DATA_ROOT $*"; '
                                                         'echo "experiment=$EXPERIMENT" >&2\n')
-    env = {"PATH": "/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7", "LENGTHS": "1 10 50",
-           "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
+    env = {"PATH": f"{_fake_srun(tmp_path)}:/usr/bin:/bin", "REPO": str(tmp_path), "SLURM_ARRAY_JOB_ID": "7",
+           "LENGTHS": "1 10 50", "INITS": "vipamin random", "SEEDS": "0 1 2", "DATA_ROOT": "/d/4shot_seed{seed}"}
 
     def task(i, **extra):
         return subprocess.run(["bash", str(tmp_path / "slurm" / "prompt_length_sweep.sh"), "x=1"], capture_output=True,
@@ -111,6 +243,7 @@ def test_prompt_length_sweep_maps_the_array_index_to_length_init_and_seed(tmp_pa
         "train", "-m", "hydra/launcher=packed", "experiment=vitl_vipamin", "prompt.length=10", "init=vipamin,random",
         "engine=ddp", "train.resume=true", "init.seed=1", "train.seed=1", "data.root=/d/4shot_seed1",
         f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra:runtime.choices.init}-deep-len10-seed1", "x=1"]
+    assert packed.stderr.startswith("srun --kill-on-bad-exit=1 --nodes=1 --ntasks=1 echo train -m "), packed.stderr
     mine = task(4, PACK="1", VIPAMIN_SCALE="echo", EXPERIMENT="vith_vipamin", MODEL="vit_l16", PRECISION="fp32")
     assert mine.stdout.split()[3:10] == ["experiment=vith_vipamin", "model=vit_l16", "prompt.length=10",
                                          "init=vipamin,random", "engine=ddp", "train.precision=fp32", "model.dtype=fp32"]
@@ -162,17 +295,18 @@ def test_the_jobs_name_their_experiment_and_pass_only_the_settings_given(tmp_pat
 
 
 def test_prompt_length_sweep_pack_task_trains_its_inits_as_one_pack(tmp_path):
-    """PACK=1 for real (without Slurm): the task's two inits train as one pack into the run directories
-    the unpacked array writes, with the seed's init.seed, train.seed and draw."""
-    env = cli_env(REPO=str(REPO), SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3",
-                  INITS="random vipamin", SEEDS="0 5", MODEL="vit_test_d64", DATA="digits", PRECISION="fp32",
-                  SWEEP=str(tmp_path), VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
+    """PACK=1 for real (without Slurm: srun runs its command as it is): the task's two inits train as one pack
+    into the run directories the unpacked array writes, with the seed's init.seed, train.seed and draw."""
+    env = cli_env(PATH=f"{_fake_srun(tmp_path)}:{os.environ['PATH']}", REPO=str(REPO), SLURM_ARRAY_JOB_ID="7",
+                  SLURM_ARRAY_TASK_ID="1", PACK="1", LENGTHS="2 3", INITS="random vipamin", SEEDS="0 5",
+                  MODEL="vit_test_d64", DATA="digits", PRECISION="fp32", SWEEP=str(tmp_path / "sweep"),
+                  VIPAMIN_SCALE=f"{sys.executable} -m vipamin_scale.cli")
     proc = subprocess.run(["bash", str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean",
                            "data.max_train_samples=64", "data.batch_size=32", "train.epochs=1", "train.progress=false",
                            "init.num_images=32"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for init in ("random", "vipamin"):
-        run = tmp_path / f"{init}-deep-len2-seed5"
+        run = tmp_path / "sweep" / f"{init}-deep-len2-seed5"
         result = json.loads((run / "result.json").read_text())
         assert result["pack_size"] == 2 and result["prompt_length"] == 2 and result["method"] == init
         config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
@@ -396,6 +530,46 @@ def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninte
     assert ref.returncode == 0, err[-3000:]
     assert _tables(json.loads((run / "study.json").read_text())) == _tables(json.loads((ref_dir / "study.json")
                                                                                        .read_text()))
+
+
+def test_usr1_reaches_the_pack_task_a_job_step_which_requeues_and_resumes(slurm, tmp_path, digits_root):
+    """prompt_length_sweep.sh PACK=1 on Slurm: its one process is a job step, so `scancel --signal=USR1` (the
+    script's --signal=USR1@120, no B:) reaches it; it checkpoints, requeues, and the requeued task finishes."""
+    sweep = tmp_path / "sweep"
+    env = {**cli_env(), **slurm.env, "PACK": "1", "LENGTHS": "2", "INITS": "random vipamin", "MODEL": "vit_test_d64",
+           "DATA": "digits", "PRECISION": "fp32", "SWEEP": str(sweep), HOLD_AT_STEP_ENV: "20",
+           "VIPAMIN_SCALE": f"{sys.executable} -m vipamin_scale.cli"}
+    cmd = ["sbatch", "--array=0", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+           "--time=10", "--job-name=vs-pack", f"--output={tmp_path}/slurm-%A_%a.out", "--parsable",
+           str(REPO / "slurm" / "prompt_length_sweep.sh"), "model.pool=mean", "init.num_images=32", *TRAIN_OVERRIDES]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    metrics = sweep / "random-deep-len2" / "metrics.jsonl"
+    slurm.wait_for(job, lambda info: metrics.is_file() and '"event": "train"' in metrics.read_text(), 300,
+                   "the first training step")
+    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def restarted(info):
+        if info.get("Restarts") != "1":
+            return False
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)  # the ~2 min hold
+            return False
+        return True
+
+    slurm.wait_for(job, restarted, 240, "the requeued task to start again")
+    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING", "REQUEUED"),
+                          400, "the requeued task to finish")
+    log = _job_log(tmp_path)
+    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    for said in ("preempted at step", "resumed from"):
+        assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
+    for init in ("random", "vipamin"):
+        result = json.loads((sweep / f"{init}-deep-len2" / "result.json").read_text())
+        assert result["steps"] == 6 * 16 and result["pack_size"] == 2
 
 
 def test_hydra_submitit_launcher_runs_a_sweep_as_slurm_jobs(slurm, tmp_path, digits_root):

@@ -49,6 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
+import vipamin_scale.preempt as preempt
 from vipamin_scale.config import CONFIG_DIR, ConfigError, hydra_args, register
 from vipamin_scale.runs import RankFailed, SweepFailed, user_error_line
 
@@ -350,6 +351,7 @@ def _run_hydra(name: str, task: Callable, args: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg) -> None:
+        preempt.install()  # a submitit job (hydra/launcher=slurm) enters here, not through `main`
         previous = signal.signal(signal.SIGTERM, on_sigterm) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         try:
             task(cfg)
@@ -391,6 +393,7 @@ def _study_status(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preempt.install()  # from the start: a preemption signal while a run builds is kept, not the process's death
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)

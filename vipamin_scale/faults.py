@@ -1,6 +1,6 @@
 """Fault injection for the tests of resume, elastic restarts and preemption: a declared, documented option.
 
-Two environment variables (not config fields: a fault is not part of a run's identity, so the resumed run
+Environment variables (not config fields: a fault is not part of a run's identity, so the resumed run
 is the same run without them):
 
     VIPAMIN_SCALE_KILL_AT_STEP=N   the training process SIGKILLs itself right after global step N (no
@@ -10,12 +10,16 @@ is the same run without them):
                                    the training process SIGKILLs itself right after writing its N-th
                                    checkpoint file (a pack writes one per run: with a pack of two, N = 3
                                    kills between the two runs' writes of its second save); first attempt only
-    VIPAMIN_SCALE_KILL_RANK=r      only rank r kills itself (default: every rank)
-    VIPAMIN_SCALE_HOLD_AT_STEP=N   right after global step N, wait (up to 5 min) for the preemption signal
-                                   (SIGUSR1), in a run's first attempt only (not once resumed): a test's
+    VIPAMIN_SCALE_KILL_RANK=r      only rank r acts on these switches (default: every rank)
+    VIPAMIN_SCALE_HOLD_AT_STEP=N   right after global step N, wait (up to 5 min) for a preemption signal
+                                   (SIGUSR1, SIGUSR2), in a run's first attempt only (not once resumed): a test's
                                    `scancel --signal=USR1` then lands mid-training however loaded the machine
                                    (not in the last epoch, where a run finishes instead of stopping); the rank
                                    goes on at the signal and the next check acts on it
+    VIPAMIN_SCALE_SIGNAL_AT_BUILD=1
+                                   the training process sends itself SIGUSR1 right after its backbone is
+                                   built, on a run's first attempt only (not once resumed): a preemption
+                                   signal that comes before the first step, while the run still builds
 
 Production runs leave them unset; `train` reads them once per run (`kill_switch`).
 """
@@ -29,6 +33,7 @@ KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
 KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 KILL_AFTER_CHECKPOINT_ENV = "VIPAMIN_SCALE_KILL_AFTER_CHECKPOINT"
 HOLD_AT_STEP_ENV = "VIPAMIN_SCALE_HOLD_AT_STEP"
+SIGNAL_AT_BUILD_ENV = "VIPAMIN_SCALE_SIGNAL_AT_BUILD"
 HOLD_TIMEOUT_S = 300.0
 
 
@@ -38,6 +43,7 @@ class KillSwitch:
     rank: int = -1  # -1: every rank
     checkpoint: int = -1  # -1: never
     hold: int = -1  # -1: never
+    signal_at_build: bool = False
 
     def after_step(self, step: int, rank: int) -> None:
         """Called by the training loop after each global step."""
@@ -48,6 +54,11 @@ class KillSwitch:
 
             wait_for_signal(HOLD_TIMEOUT_S)
 
+    def after_backbone(self, rank: int) -> None:
+        """Called by the build right after the backbone is loaded."""
+        if self.signal_at_build and self.rank in (-1, rank):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     def after_checkpoint(self, count: int, rank: int) -> None:
         """Called after each checkpoint file written, with how many this process has written."""
         if count == self.checkpoint and self.rank in (-1, rank):
@@ -55,10 +66,11 @@ class KillSwitch:
 
 
 def kill_switch(restarted: bool, resumed: bool = False) -> KillSwitch:
-    """The kill switch the environment asks for; none after a torchrun restart, and no hold in a resumed run
-    (a requeued job passes the hold's step again)."""
+    """The kill switch the environment asks for; none after a torchrun restart, and no hold or signal in a
+    resumed run (a requeued job passes the hold's step and builds again)."""
     if restarted:
         return KillSwitch()
     return KillSwitch(int(os.environ.get(KILL_AT_STEP_ENV, "-1")), int(os.environ.get(KILL_RANK_ENV, "-1")),
                       int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")),
-                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")))
+                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")),
+                      not resumed and os.environ.get(SIGNAL_AT_BUILD_ENV) == "1")

@@ -1,17 +1,31 @@
-"""Preemption: checkpoint at the next step boundary, requeue the Slurm job, exit.
+"""Preemption: checkpoint at the next check, requeue the Slurm job, exit.
 
-Slurm sends SIGUSR1 before a job's time limit (`#SBATCH --signal=USR1@120`), and an operator can
-send it at any time (`scancel --signal=USR1 JOBID`). Each rank's handler only sets a flag; at
-every check of the train loop (every `train.log_every` steps and at epoch end) the ranks agree
-(the flag rides in the loop's one fused collective, `local`; or `requested`, a collective of its
-own: the signal reaches ranks at different steps, or only some of them), then every rank takes part in the checkpoint, rank 0 runs
-`scontrol requeue $SLURM_JOB_ID`, and every rank exits with `PREEMPT_EXIT_CODE`. The requeued
-job runs the same script with `train.resume=true` and continues exactly where this one stopped
-(the checkpoint records the step within the epoch; `train.py` skips the steps already taken).
+Signals. SIGUSR1 (slurm/*.sh: `#SBATCH --signal=USR1@120`, or `scancel --signal=USR1 JOBID` at any time)
+and SIGUSR2 (submitit's, hence hydra/launcher=slurm's) both ask the process to stop. `install()` handles
+them, once per process, from its start: the CLI's entry, each Hydra job's task (where a submitit job
+enters: there it replaces submitit's own USR2 handler) and each pack worker's initializer call it, so a
+signal that comes while a backbone loads or prompts initialize is kept, never the signal's default death. The
+handler only sets a process-wide flag, which nothing clears: `signalled()` says whether this process
+was asked to stop, whenever that was (a sweep checks it between its packs).
+
+Where training acts on it. The train loop checks every `train.log_every` steps and at each epoch end;
+there the ranks agree (the flag rides in the loop's one fused collective, `local`: the signal reaches
+ranks at different steps, or only some of them), then every rank takes part in the checkpoint, rank 0
+runs `scontrol requeue $SLURM_JOB_ID`, and every rank exits with `PREEMPT_EXIT_CODE`. The requeued job
+runs the same script with `train.resume=true` and continues exactly where this one stopped (the
+checkpoint records the step within the epoch; `train.py` skips the steps already taken). Two edges:
+
+- asked before the first step (`requested`, a collective of its own, right after the build): the
+  checkpoint of the position the run starts from (step 0: the initial prompts, so the resume skips the
+  init; a resumed run: its checkpoint again), requeue, exit. No step is taken, so the resumed run is the
+  uninterrupted one.
+- asked at the run's last check (the end of its last epoch): the run finishes instead (its final test
+  and result.json cost less than a checkpoint, a requeue and a new start); one line says so. The flag
+  stays set: a sweep stops before its next pack, and a solo run exits 0 with its result.
 
 Outside Slurm (no `SLURM_JOB_ID`) the same signal checkpoints and exits; resume by hand with
-`train.resume=true`. `VIPAMIN_SCALE_PREEMPT_AT_STEP=N` acts as if the signal arrived just
-before global step N ended (for tests; acted on at the first check at or after step N).
+`train.resume=true`. `VIPAMIN_SCALE_PREEMPT_AT_STEP=N` acts as if the signal arrived just before
+global step N ended (for tests; acted on at the first check at or after step N).
 """
 from __future__ import annotations
 
@@ -20,22 +34,38 @@ import os
 import signal
 import subprocess
 import threading
+from typing import NoReturn
 
-import torch
-
-import vipamin_scale.distributed as D
-
+# torch and vipamin_scale.distributed are imported where used: the CLI installs the handlers before every
+# command, `--help` and `report` included
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNAL = signal.SIGUSR1
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on purpose, resumable
 PREEMPT_AT_STEP_ENV = "VIPAMIN_SCALE_PREEMPT_AT_STEP"
 
 _flag = threading.Event()
+_installed = False
 
 
 def _on_signal(signum, frame) -> None:  # async-signal context: set a flag, nothing else
     _flag.set()
+
+
+def install() -> bool:
+    """Handle SIGUSR1 and SIGUSR2 in this process from now on (the first call; later ones do nothing);
+    whether they are handled. Only the main thread can: elsewhere nothing is installed."""
+    global _installed
+    if not _installed and threading.current_thread() is threading.main_thread():
+        for signum in PREEMPT_SIGNALS:
+            signal.signal(signum, _on_signal)
+        _installed = True
+    return _installed
+
+
+def signalled() -> bool:
+    """Whether this process received a preemption signal since `install()` (never cleared)."""
+    return _flag.is_set()
 
 
 def wait_for_signal(timeout: float) -> bool:
@@ -46,41 +76,48 @@ def wait_for_signal(timeout: float) -> bool:
     return got
 
 
+def exit_requeued(said: str) -> NoReturn:
+    """Rank 0 logs `said` and requeues the Slurm job (when in one); every rank exits with `PREEMPT_EXIT_CODE`."""
+    import vipamin_scale.distributed as D
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if D.rank() == 0:
+        if job:
+            # said before the requeue: `scontrol requeue` has Slurm stop this job's steps, this process with
+            # them, possibly before the command returns
+            log.info("%s; requeueing Slurm job %s", said, job)
+            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.error("`scontrol requeue %s` failed: %s; continue with train.resume=true", job, proc.stderr.strip())
+        else:
+            log.info("%s; continue with train.resume=true", said)
+    D.destroy()
+    raise SystemExit(PREEMPT_EXIT_CODE)
+
+
 class Preemption:
-    """One per training run: `requested(step)` is collective (every rank calls it at the same step)."""
+    """One per training run (installs the handlers if the process has not); `requested()` is collective."""
 
     def __init__(self):
-        _flag.clear()
+        install()
         self.at_step = int(os.environ.get(PREEMPT_AT_STEP_ENV, "-1"))
-        self.installed = threading.current_thread() is threading.main_thread()
-        if self.installed:
-            signal.signal(PREEMPT_SIGNAL, _on_signal)
 
     def local(self, first_step: int, last_step: int) -> bool:
         """This rank's flag for the steps `first_step..last_step` since the last check (no collective)."""
-        return _flag.is_set() or first_step <= self.at_step <= last_step
+        return signalled() or first_step <= self.at_step <= last_step
 
-    def requested(self, global_step: int) -> bool:
-        local = self.local(global_step, global_step)
+    def requested(self) -> bool:
+        """Whether any rank was signalled (every rank calls it at the same point: before the first step)."""
+        import torch
+
+        import vipamin_scale.distributed as D
+
         if not D.is_dist():
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float64)
+            return signalled()
+        flag = torch.tensor([1.0 if signalled() else 0.0], dtype=torch.float64)
         D.all_reduce_sum(flag)
         return flag.item() > 0
 
-    def stop(self, global_step: int) -> None:
+    def stop(self, global_step: int) -> NoReturn:
         """After the checkpoint: rank 0 requeues the Slurm job; every rank exits."""
-        job = os.environ.get("SLURM_JOB_ID")
-        if D.rank() == 0:
-            if job:
-                # said before the requeue: `scontrol requeue` has Slurm stop this job's steps, this process with
-                # them, possibly before the command returns
-                log.info("preempted at step %d: checkpoint written; requeueing Slurm job %s", global_step, job)
-                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    log.error("`scontrol requeue %s` failed: %s; continue with train.resume=true", job,
-                              proc.stderr.strip())
-            else:
-                log.info("preempted at step %d: checkpoint written; continue with train.resume=true", global_step)
-        D.destroy()
-        raise SystemExit(PREEMPT_EXIT_CODE)
+        exit_requeued(f"preempted at step {global_step}: checkpoint written")

@@ -313,6 +313,7 @@ class PackTrainer:
             raise ConfigError(f"data.root: the runs of a pack must have as many classes; got {sorted(counts)}")
         self.num_classes = counts.pop()
         backbone = load_backbone(cfg).to(D.device())
+        self.kill.after_backbone(self.rank)
         # The loaders first: a pack whose data disagree in step count fails before any compute.
         mean, std = normalization(cfg, backbone)
         self.loader_args = dict(img_size=cfg.model.img_size, mean=mean, std=std, rank=self.rank, world_size=self.world)
@@ -586,18 +587,22 @@ class PackTrainer:
     # -- the whole run ----------------------------------------------------------------------------
     def train(self) -> None:
         cfg, st = self.cfg, self.state
+        self.preempt = Preemption()  # SIGUSR1/SIGUSR2 (Slurm): checkpoint at the next check, requeue, exit
         self.restore()
+        resumed = any(run.resume_from is not None for run in self.pack)
+        self.kill = kill_switch(self.restarted, resumed)  # tests' fault injection (faults.py); off unless asked for
         self.build()
         self.load_state()
         if self.rank == 0:
             for run in self.pack:
                 if run.resume_from is None:
                     run.metrics.start(OmegaConf.to_container(run.cfg, resolve=True), self.diagnostics.get(run.k))
-        resumed = any(run.resume_from is not None for run in self.pack)
-        self.kill = kill_switch(self.restarted, resumed)  # tests' fault injection (faults.py); off unless asked for
+        if self.preempt.requested():  # asked before the first step (while building): stop here (preempt.py)
+            self.save(st.skip)
+            self._close_metrics()
+            self.preempt.stop(st.step)
         self.progress = progress_bar(self.total_steps, "train", "step", initial=st.step,
                                      enabled=cfg.train.progress and self.rank == 0)
-        self.preempt = Preemption()  # SIGUSR1 (Slurm): checkpoint at the next check, requeue, exit
         st.reset_window(len(self.pack), self.engine.device)
         while st.epoch < cfg.train.epochs:
             t_epoch = time.perf_counter()
@@ -610,9 +615,12 @@ class PackTrainer:
                 self.record_eval(self.evaluate(self.eval_loaders))
             st.epoch += 1
             self.save(0)
-            if st.epoch < cfg.train.epochs and stop:
+            if stop and st.epoch < cfg.train.epochs:
                 self._close_metrics()
                 self.preempt.stop(st.step)
+            if stop and self.rank == 0:
+                log.info("asked to stop at step %d, the run's last check: finishing the run instead of a checkpoint "
+                         "and requeue", st.step)
         self.progress.close()
         self.finish()
 
