@@ -12,7 +12,8 @@ is the same run without them):
                                    kills between the two runs' writes of its second save); first attempt only
     VIPAMIN_SCALE_KILL_RANK=r      only rank r acts on these switches (default: every rank)
     VIPAMIN_SCALE_HOLD_AT_STEP=N   right after global step N, wait (up to 5 min) for a preemption signal
-                                   (SIGUSR1, SIGUSR2), in a run's first attempt only (not once resumed): a test's
+                                   (SIGUSR1, SIGUSR2), with a warning line, once per process, in a run's first
+                                   attempt of a job's first attempt only (not once resumed or requeued): a test's
                                    `scancel --signal=USR1` then lands mid-training however loaded the machine
                                    (not in the last epoch, where a run finishes instead of stopping); the rank
                                    goes on at the signal and the next check acts on it
@@ -37,6 +38,14 @@ SIGNAL_AT_BUILD_ENV = "VIPAMIN_SCALE_SIGNAL_AT_BUILD"
 HOLD_TIMEOUT_S = 300.0
 
 
+_held_once = False  # a process holds once (a study's worker trains many runs, each passing the hold's step)
+
+
+def _hold_done() -> None:
+    global _held_once
+    _held_once = True
+
+
 @dataclass(frozen=True)
 class KillSwitch:
     step: int = -1  # -1: never
@@ -49,10 +58,11 @@ class KillSwitch:
         """Called by the training loop after each global step."""
         if step == self.step and self.rank in (-1, rank):
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.hold and self.rank in (-1, rank):
+        if step == self.hold and self.rank in (-1, rank) and not _held_once:
             from vipamin_scale.preempt import wait_for_signal
 
-            wait_for_signal(HOLD_TIMEOUT_S)
+            _hold_done()
+            wait_for_signal(HOLD_TIMEOUT_S, step)
 
     def after_backbone(self, rank: int) -> None:
         """Called by the build right after the backbone is loaded."""
@@ -70,7 +80,8 @@ def kill_switch(restarted: bool, resumed: bool = False) -> KillSwitch:
     resumed run (a requeued job passes the hold's step and builds again)."""
     if restarted:
         return KillSwitch()
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
     return KillSwitch(int(os.environ.get(KILL_AT_STEP_ENV, "-1")), int(os.environ.get(KILL_RANK_ENV, "-1")),
                       int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")),
-                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")),
+                      -1 if resumed or requeued else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")),
                       not resumed and os.environ.get(SIGNAL_AT_BUILD_ENV) == "1")

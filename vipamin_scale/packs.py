@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
+import vipamin_scale.preempt as preempt
 import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError, pack_key
 from vipamin_scale.pool import environ
@@ -149,10 +150,15 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep
     if workers > 1:
         from vipamin_scale.pool import run_in_processes, worker_counter
 
-        run_in_processes(_claim_and_train, jobs, workers, initializer=_worker_device, initargs=(worker_counter(),),
-                         on_done=ended)
+        got = run_in_processes(_pool_turn, jobs, workers, initializer=_worker_device,
+                               initargs=(worker_counter(),), on_done=lambda j, r: r != STOPPED and ended(j, r))
+        if STOPPED in got or preempt.signalled():
+            preempt.exit_requeued(f"preempted: {got.count(STOPPED)} of {len(jobs)} packs stopped (their runs "
+                                  f"checkpointed or not started)")
     else:
         for j, job in enumerate(jobs):
+            if preempt.Preemption().requested() if together else preempt.signalled():
+                preempt.exit_requeued(f"preempted before pack {j + 1} of {len(jobs)}: the packs before it ended")
             with _alone(world):
                 ended(j, _claim_and_train(*job))
     if wait and not together:
@@ -192,11 +198,29 @@ def _claim_and_train(cfgs: list[DictConfig], keep_going: bool, claim: bool = Tru
             runs.release(out_dir)
 
 
+STOPPED = "stopped"  # a spawned worker's answer for a pack it stopped on a preemption signal (or never began)
+
+
+def _pool_turn(cfgs: list[DictConfig], keep_going: bool, claim: bool = True) -> Any:
+    """`_claim_and_train` in a spawned worker: a preemption (signalled before the pack, or the trainer's exit 75)
+    is answered STOPPED, not raised (the pool would wait forever for a worker that exited)."""
+    if preempt.signalled():
+        return STOPPED
+    try:
+        return _claim_and_train(cfgs, keep_going, claim)
+    except SystemExit as exc:
+        if exc.code == preempt.PREEMPT_EXIT_CODE:
+            return STOPPED
+        raise
+
+
 def _barrier(cfgs: list[DictConfig], plan: list[list[int]], jobs: list[tuple], ended: Callable,
              events: PackEvents) -> None:
     """Wait until every run of `cfgs` has ended; a pack whose holder is gone is claimed and trained here."""
     said = time.monotonic()
     while True:
+        if preempt.signalled():
+            preempt.exit_requeued("preempted at a round's barrier: this worker's packs had ended")
         left = [j for j, pack in enumerate(plan) if not all(_ended(cfgs[i]) for i in pack)]
         for j in left:
             if all(runs.is_free(Path(cfgs[i].train.out_dir)) for i in plan[j] if not _ended(cfgs[i])):
@@ -245,6 +269,7 @@ def _worker_device(counter) -> None:
     `distributed.device()` is GPU w mod the device count); one torch thread."""
     import torch
 
+    preempt.install()  # a signal before this worker's first pack is kept, not its death
     with counter.get_lock():
         w = counter.value
         counter.value += 1

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on purpose, resumable
 PREEMPT_AT_STEP_ENV = "VIPAMIN_SCALE_PREEMPT_AT_STEP"
+REQUEUE_ENV = "VIPAMIN_SCALE_REQUEUE"  # "0": stop without requeueing (the job script requeues)
 
 _flag = threading.Event()
 _installed = False
@@ -68,8 +69,10 @@ def signalled() -> bool:
     return _flag.is_set()
 
 
-def wait_for_signal(timeout: float) -> bool:
-    """Block until the preemption signal has been received (or `timeout` seconds); whether it was."""
+def wait_for_signal(timeout: float, step: int) -> bool:
+    """Block, after global step `step`, until the preemption signal has been received (or `timeout` seconds);
+    whether it was."""
+    log.warning("holding at step %d for a preemption signal (VIPAMIN_SCALE_HOLD_AT_STEP)", step)
     got = _flag.wait(timeout)
     if not got:
         log.warning("no preemption signal within %.0f s of the hold (VIPAMIN_SCALE_HOLD_AT_STEP); going on", timeout)
@@ -77,12 +80,16 @@ def wait_for_signal(timeout: float) -> bool:
 
 
 def exit_requeued(said: str) -> NoReturn:
-    """Rank 0 logs `said` and requeues the Slurm job (when in one); every rank exits with `PREEMPT_EXIT_CODE`."""
+    """Rank 0 logs `said` and requeues the Slurm job (when in one, unless VIPAMIN_SCALE_REQUEUE=0: a job script
+    with several workers requeues once they all stopped, as slurm/study.sh does); every rank exits with
+    `PREEMPT_EXIT_CODE`."""
     import vipamin_scale.distributed as D
 
     job = os.environ.get("SLURM_JOB_ID")
     if D.rank() == 0:
-        if job:
+        if job and os.environ.get(REQUEUE_ENV) == "0":
+            log.info("%s; the job script requeues Slurm job %s", said, job)
+        elif job:
             # said before the requeue: `scontrol requeue` has Slurm stop this job's steps, this process with
             # them, possibly before the command returns
             log.info("%s; requeueing Slurm job %s", said, job)
