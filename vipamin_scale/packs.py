@@ -32,6 +32,7 @@ import vipamin_scale.checkpoint as ckpt
 import vipamin_scale.distributed as D
 import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError, pack_key
+from vipamin_scale.pack_memory import resolve_pack_size
 from vipamin_scale.pool import environ
 from vipamin_scale.train import train_pack
 
@@ -197,7 +198,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             _save_config(OmegaConf.create(list(overrides)), "overrides.yaml", record)
         cfgs.append(task_cfg)
         jobs.append((list(overrides), task_cfg, hydra_cfg, out_dir))
-    results = run_packed(cfgs, launcher.pack_size, keep_going=True)
+    results = run_packed(cfgs, resolve_pack_size(launcher.pack_size, cfgs, "hydra.launcher.pack_size"), keep_going=True)
     returns = []
     for (overrides, task_cfg, hydra_cfg, out_dir), result in zip(jobs, results):
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
