@@ -1,19 +1,24 @@
-"""How many runs a pack holds (issue 31, item 2): `pack_size=auto` from a measured step (vipamin_scale/pack_memory.py)
-and its config fields."""
+"""How many runs a pack holds (issue 31, item 2): `pack_size=auto` from a measured step (vipamin_scale/pack_memory.py),
+its config fields; a pack that runs out of device memory split in two down to solo runs (`packs.train_or_split`),
+each run equal to the same pack trained whole."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 
 import pytest
 import torch
 from conftest import cli, cli_env
-from test_pack import _cfg
+from test_pack import _cfg, _same_run
 
+from vipamin_scale import checkpoint as ckpt
 from vipamin_scale import runs
 from vipamin_scale.config import ConfigError, default_config, validate
+from vipamin_scale.faults import OOM_ABOVE_K_ENV
 from vipamin_scale.pack_memory import CPU_PACK_SIZE, auto_pack_size, resolve_pack_size
-from vipamin_scale.train import measure_pack_memory
+from vipamin_scale.packs import run_packed
+from vipamin_scale.train import PackTrainer, measure_pack_memory
 
 GiB = 2 ** 30
 
@@ -118,3 +123,74 @@ def test_a_packs_step_and_eval_are_measured_through_the_trainer(tmp_path, digits
     one, two = measure_pack_memory(cfgs[:1]), measure_pack_memory(cfgs)
     assert all(0 < a < b for a, b in zip(one, two)) and torch.equal(torch.get_rng_state(), rng), (one, two)
     assert not any((tmp_path / f"r{i}" / name).exists() for i in range(2) for name in (runs.RUN, runs.CHECKPOINTS))
+
+
+def test_a_run_out_of_memory_alone_after_a_split_fails_alone(tmp_path, digits_root, monkeypatch):
+    """VIPAMIN_SCALE_OOM_ABOVE_K=0: a pack of two splits, each run runs out of memory alone and is recorded failed
+    (run_packed returns, the other run was tried); a pack of one given as such raises, as its solo run does."""
+    monkeypatch.setenv(OOM_ABOVE_K_ENV, "0")
+    cfgs = [_cfg(tmp_path / n, "init=random", f"train.lr={lr}") for n, lr in (("a", 0.1), ("b", 0.3))]
+    results = run_packed(cfgs)
+    for name, result in zip("ab", results):
+        assert result["status"] == "failed" and result["error"].startswith(
+            "OutOfMemoryError: CUDA out of memory (simulated: VIPAMIN_SCALE_OOM_ABOVE_K=0, K=1)")
+        assert json.loads((tmp_path / name / runs.RUN).read_text())["status"] == "failed"
+    with pytest.raises(torch.OutOfMemoryError):
+        run_packed([_cfg(tmp_path / "c", "init=random")])
+
+
+@pytest.mark.slow
+def test_a_pack_out_of_memory_is_split_and_each_run_equals_the_whole_pack(tmp_path, digits_root, monkeypatch, caplog):
+    """A pack of 4 runs (lrs, seeds) that runs out of memory at its first step (VIPAMIN_SCALE_OOM_ABOVE_K=1, after the
+    build) is split 4 -> 2 + 2 -> 1 + 1 (one warning per split), each part trained from its start in the directories
+    the failed attempts started (the study's overrides.json kept): every run equals the same pack trained whole, with
+    one attempt's metrics. Packs of 2 that run out of memory after their first checkpoint (step 3): the attempt's
+    checkpoints dropped, a fresh run starts over, a resuming run resumes where the pack started (here: step 0)."""
+    grid = {f"r{i}": [f"train.lr={lr}", f"train.seed={s}", f"init.seed={s}"]
+            for i, (lr, s) in enumerate([(0.1, 0), (0.3, 0), (0.2, 1), (0.5, 1)])}
+    whole = run_packed([_cfg(tmp_path / "whole" / n, "init=random", *o) for n, o in grid.items()])
+    assert [r["pack_size"] for r in whole] == [4] * 4
+    for n, o in grid.items():
+        runs.write_overrides(tmp_path / "split" / n, o)
+    monkeypatch.setenv(OOM_ABOVE_K_ENV, "1")
+    with caplog.at_level(logging.INFO):
+        split = run_packed([_cfg(tmp_path / "split" / n, "init=random", *o) for n, o in grid.items()])
+    lines = [r.getMessage() for r in caplog.records if "ran out of device memory" in r.getMessage()]
+    d = tmp_path / "split"
+    assert lines == [f"a pack of 4 runs ({d / 'r0'} ... {d / 'r3'}) ran out of device memory: split into packs of 2 "
+                     "and 2, each trained from its start",
+                     f"a pack of 2 runs ({d / 'r0'} ... {d / 'r1'}) ran out of device memory: split into packs of 1 "
+                     "and 1, each trained from its start",
+                     f"a pack of 2 runs ({d / 'r2'} ... {d / 'r3'}) ran out of device memory: split into packs of 1 "
+                     "and 1, each trained from its start"]
+    assert [r["pack_size"] for r in split] == [1] * 4
+    for n, o in grid.items():
+        _same_run(d / n, tmp_path / "whole" / n)
+        _one_attempt(d / n, tmp_path / "whole" / n)
+        assert runs.run_overrides(d / n) == o
+
+    monkeypatch.delenv(OOM_ABOVE_K_ENV)
+    real = PackTrainer.train_step
+
+    def step(self, batches, live):
+        if len(self.pack) > 1 and self.state.step == 2:  # epoch 0 (2 steps) ended: its checkpoints are written
+            assert all(ckpt.latest(run.out_dir / runs.CHECKPOINTS) is not None for run in self.pack)
+            raise torch.OutOfMemoryError("CUDA out of memory (the test's)")
+        return real(self, batches, live)
+
+    monkeypatch.setattr(PackTrainer, "train_step", step)
+    caplog.clear()
+    late = {"fresh": ("r0", "r1", []), "resumed": ("r2", "r3", ["train.resume=true"])}
+    with caplog.at_level(logging.INFO):
+        for kind, (a, b, extra) in late.items():
+            results = run_packed([_cfg(tmp_path / kind / n, "init=random", *grid[n], *extra) for n in (a, b)])
+            assert [r["pack_size"] for r in results] == [1, 1]
+            for n in (a, b):
+                _same_run(tmp_path / kind / n, tmp_path / "whole" / n)
+                _one_attempt(tmp_path / kind / n, tmp_path / "whole" / n)
+    assert not [r for r in caplog.records if r.getMessage().startswith("resumed from")]
+
+
+def _one_attempt(run, whole) -> None:
+    """The run's metrics hold as many records as the whole pack's run (no failed attempt's left beside them)."""
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == len((whole / "metrics.jsonl").read_text().splitlines())

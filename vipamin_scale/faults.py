@@ -1,6 +1,7 @@
-"""Fault injection for the tests of resume, elastic restarts and preemption: a declared, documented option.
+"""Fault injection for the tests of resume, elastic restarts, preemption and out-of-memory packs: a declared,
+documented option.
 
-Two environment variables (not config fields: a fault is not part of a run's identity, so the resumed run
+Environment variables (not config fields: a fault is not part of a run's identity, so the resumed run
 is the same run without them):
 
     VIPAMIN_SCALE_KILL_AT_STEP=N   the training process SIGKILLs itself right after global step N (no
@@ -16,6 +17,9 @@ is the same run without them):
                                    `scancel --signal=USR1` then lands mid-training however loaded the machine
                                    (not in the last epoch, where a run finishes instead of stopping); the rank
                                    goes on at the signal and the next check acts on it
+    VIPAMIN_SCALE_OOM_ABOVE_K=N    a pack of more than N runs raises torch.OutOfMemoryError at its first training
+                                   step (after the build: its run directories are started), as a device too small
+                                   for it would; `packs.train_or_split` then splits it (N = 0: a run alone too)
 
 Production runs leave them unset; `train` reads them once per run (`kill_switch`).
 """
@@ -29,6 +33,7 @@ KILL_AT_STEP_ENV = "VIPAMIN_SCALE_KILL_AT_STEP"
 KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 KILL_AFTER_CHECKPOINT_ENV = "VIPAMIN_SCALE_KILL_AFTER_CHECKPOINT"
 HOLD_AT_STEP_ENV = "VIPAMIN_SCALE_HOLD_AT_STEP"
+OOM_ABOVE_K_ENV = "VIPAMIN_SCALE_OOM_ABOVE_K"
 HOLD_TIMEOUT_S = 300.0
 
 
@@ -38,6 +43,14 @@ class KillSwitch:
     rank: int = -1  # -1: every rank
     checkpoint: int = -1  # -1: never
     hold: int = -1  # -1: never
+    oom_above: int = -1  # -1: never
+
+    def before_step(self, runs: int) -> None:
+        """Called by the training loop before each step of its pack of `runs` runs."""
+        if 0 <= self.oom_above < runs:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {OOM_ABOVE_K_ENV}={self.oom_above}, K={runs})")
 
     def after_step(self, step: int, rank: int) -> None:
         """Called by the training loop after each global step."""
@@ -61,4 +74,5 @@ def kill_switch(restarted: bool, resumed: bool = False) -> KillSwitch:
         return KillSwitch()
     return KillSwitch(int(os.environ.get(KILL_AT_STEP_ENV, "-1")), int(os.environ.get(KILL_RANK_ENV, "-1")),
                       int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")),
-                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")))
+                      -1 if resumed else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")),
+                      int(os.environ.get(OOM_ABOVE_K_ENV, "-1")))

@@ -566,6 +566,7 @@ class PackTrainer:
             if i < st.skip:
                 continue
             st.lrs[st.step + 1] = [self.engine.run_lr(k) if self.pack[k].live else 0.0 for k in range(len(self.pack))]
+            self.kill.before_step(len(self.pack))
             losses = self.train_step(batches, live)
             st.step += 1
             self._accumulate(losses, live)
