@@ -90,7 +90,8 @@ def test_the_tune_packed_launcher_resolves_auto_at_its_first_rung(tmp_path, monk
 
     sizes = []
     monkeypatch.setattr(packs, "run_packed", lambda cfgs, pack_size, keep_going: sizes.append(pack_size))
-    launcher = PackedLauncher.from_config(_cfg(tmp_path / "tune", "tune.launcher=packed", "tune.pack_size=auto"), [], None)
+    base = _cfg(tmp_path / "tune", "tune.launcher=packed", "tune.pack_size=auto")
+    launcher = PackedLauncher.from_config(base, [], None)
     with caplog.at_level(logging.INFO, logger="vipamin_scale.pack_memory"):
         for rung in range(2):
             launcher.run([Trial(f"rung{rung}/c{i}", tmp_path / f"rung{rung}" / f"c{i}", {}, {"train.lr": 0.1 * (i + 1)})
@@ -193,4 +194,5 @@ def test_a_pack_out_of_memory_is_split_and_each_run_equals_the_whole_pack(tmp_pa
 
 def _one_attempt(run, whole) -> None:
     """The run's metrics hold as many records as the whole pack's run (no failed attempt's left beside them)."""
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == len((whole / "metrics.jsonl").read_text().splitlines())
+    records = [len((d / "metrics.jsonl").read_text().splitlines()) for d in (run, whole)]
+    assert records[0] == records[1], records

@@ -270,9 +270,9 @@ class TuneConfig:
     # process, a rung's trials as packs over one backbone, vipamin_scale/packs.py)
     launcher: str = choice("inline", "local", "slurm", "packed")
     workers: int = positive(1)  # local: trials run at once
-    # packed: at most this many runs per pack; None: every compatible trial of a rung; auto: as many as one measured
-    # step says the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little there: 1.09x the solo runs'
-    # runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
+    # packed: at most this many runs per pack; None: every compatible trial of a rung; auto: as many as a measured
+    # step and eval batch say the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little there: 1.09x
+    # the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
     pack_size: Any = pack_size_field()
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
     # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
@@ -334,8 +334,8 @@ class StudyConfig:
     cost: bool = True  # the cost of P: a solo few-shot run per (P, method) timing its step and init, peak memory
     workers: int = positive(1)  # processes training packs at once (1 torch thread each on a CPU)
     # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share; auto: as many
-    # as one measured step says the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little there:
-    # 1.09x the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
+    # as a measured step and eval batch say the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little
+    # there: 1.09x the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
     pack_size: Any = pack_size_field()
     note: str = ""  # a sentence recorded with the results (e.g. how the weights came)
 

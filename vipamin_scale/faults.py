@@ -50,7 +50,8 @@ class KillSwitch:
         if 0 <= self.oom_above < runs:
             import torch
 
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {OOM_ABOVE_K_ENV}={self.oom_above}, K={runs})")
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {OOM_ABOVE_K_ENV}={self.oom_above}, "
+                                         f"K={runs})")
 
     def after_step(self, step: int, rank: int) -> None:
         """Called by the training loop after each global step."""

@@ -83,9 +83,9 @@ def auto_pack_size(cfg: DictConfig, *, processes: int = 1,
             fits = min(n for n, _ in phases)
             k = max(1, fits)
             share = f" / {processes} processes" if processes > 1 else ""
-            how = (f"measured: {'; '.join(said for _, said in phases)}; {MEMORY_FRACTION} x {_gib(capacity)} GiB{share} "
-                   + (f"holds K={fits}" if fits >= 1 else "holds no run: K=1, which may run out of memory as its solo "
-                                                          "run would"))
+            how = (f"measured: {'; '.join(said for _, said in phases)}; {MEMORY_FRACTION} x {_gib(capacity)} GiB"
+                   f"{share} " + (f"holds K={fits}" if fits >= 1 else
+                                  "holds no run: K=1, which may run out of memory as its solo run would"))
     if D.is_dist():
         k, how = min(D.all_gather_object((k, how)))
     log.info("pack_size=auto: K=%d (%s)", k, how)
