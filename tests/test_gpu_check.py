@@ -72,11 +72,15 @@ def test_smoke_run_records_every_section_and_the_comparisons_pass(tmp_path):
     assert packed["k2"]["runs"] == 2 and packed["k2"]["gain"] > 0 and packed["k2"]["max_acc_diff"] <= 1e-5
     assert packed["solo"]["processes"] == 1 and "gpu_peak_mb_per_run" not in packed["solo"]
     assert packed["k2"]["step_s"] > 0 and packed["k2"]["images_per_s_per_process"] > 0  # the real loop's step
+    auto = packed["auto"]  # pack_size=auto on a CPU: the stated default, a pack of it measured
+    assert auto["k"] == 4 and auto["how"].startswith("the CPU default") and auto["peak_mb"] > 0
+    assert "budget_mb" not in auto
     dev = s["init_size"]["math_on_device"]
     assert dev["passed"] and dev["max_abs_diff_vs_cpu"] == 0.0 and dev["device"] == "cpu"
     md = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- gpu-check:begin -->" in md and "| throughput | ok |" in md and "CPU smoke run" in md
     assert "| engines | zero3 |" in md and "| fewshot | today |" in md and "| k2 | 1 x 2 |" in md
+    assert "pack_size=auto: K = 4 (the CPU default" in md
     assert _digest(COMMITTED) == before  # the committed figures are never touched by a smoke run
 
 
@@ -176,3 +180,16 @@ def test_nccl_more_ranks_than_gpus_is_one_config_error():
     D.check_ranks_per_gpu(1, 4)
     with pytest.raises(ConfigError, match=r"2 ranks on this node see 1 CUDA device.*--nproc-per-node=1.*=gloo"):
         D.check_ranks_per_gpu(2, 1)
+
+
+def test_the_packed_report_gives_auto_k_and_its_peak_against_the_budget():
+    """gpu-check's packed section on a GPU: pack_size=auto's K, how it was chosen, the measured peak of a pack of K
+    against the budget K was fitted to (rendered here from a recorded row: no GPU needed)."""
+    _module()  # benchmarks/ on sys.path
+    from gpu_check.report import _packed
+
+    row = {"k": 30, "how": "measured: ...", "train_peak_mb": 60000.0, "eval_peak_mb": 50000.0, "peak_mb": 60000.0,
+           "budget_mb": 69632.0, "within_budget": True}
+    assert _packed({"auto": row}) == ["", "pack_size=auto: K = 30 (measured: ...); a pack of 30 measured: peak 60000 "
+                                          "MB (training steps 60000, eval batch 50000), budget 69632 MB (within)."]
+    assert _packed({"auto": {"error": "OutOfMemoryError: x"}})[-1] == "pack_size=auto: failed: OutOfMemoryError: x"

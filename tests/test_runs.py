@@ -281,9 +281,9 @@ def test_every_field_counts_in_the_identity_unless_it_says_it_does_not():
     assert {k for k, r in config.RANGES.items() if r == "positive"} == {
         "model.img_size", "prompt.length", "prompt.bpt_rank", "init.num_images", "init.batch_size", "init.k",
         "init.kmeans_iters", "data.batch_size", "data.eval_batch_size", "train.eval_every", "train.keep_last",
-        "train.log_every", "tune.min_epochs", "tune.workers", "tune.select_draws", "tune.pack_size",
-        "study.select_draws", "study.full_samples", "study.full_epochs", "study.full_batch", "study.workers",
-        "study.pack_size"}
+        "train.log_every", "tune.min_epochs", "tune.workers", "tune.select_draws",
+        "study.select_draws", "study.full_samples", "study.full_epochs", "study.full_batch", "study.workers"}
+    assert config.PACK_SIZES == ("tune.pack_size", "study.pack_size")  # null | an int >= 1 | auto (test_pack_memory)
     assert {k for k, r in config.RANGES.items() if r == "non_negative"} == {
         "data.num_workers", "data.max_skip", "train.epochs", "train.lr", "train.weight_decay", "train.warmup_epochs",
         "init.bpt_eps", "data.shuffle_buffer", "tune.final_seeds", "study.min_steps", "study.full_seeds"}

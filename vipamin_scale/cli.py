@@ -120,8 +120,8 @@ def check_overrides(args: list[str], command: str = "train") -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigTypeError, ValidationError
 
-    from vipamin_scale.config import (DICT_FIELDS, config_groups, default_config, group_options, override_positions,
-                                      schema_fields, user_config_dir)
+    from vipamin_scale.config import (DICT_FIELDS, PACK_SIZES, check_pack_size, config_groups, default_config,
+                                      group_options, override_positions, schema_fields, user_config_dir)
 
     parser = OverridesParser.create()
     overrides = []
@@ -136,6 +136,8 @@ def check_overrides(args: list[str], command: str = "train") -> None:
     typed = default_config()
     for o in overrides:
         key = o.key_or_group
+        if key in ("hydra.launcher.pack_size", *PACK_SIZES) and not (o.is_sweep_override() or o.is_delete()):
+            check_pack_size(key, o.value())  # the packed launcher's too (Hydra's other keys are Hydra's to check)
         if key.split(".")[0].split("/")[0] == "hydra" or o.is_delete():
             continue
         if key in groups and more_configs:  # options may come from the user's own config directories

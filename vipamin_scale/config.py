@@ -48,6 +48,7 @@ class ConfigError(UserError, ValueError):
 # What a field declares about itself, in its dataclass `field(metadata=...)` (the schema is the one list):
 #   choices    the options of a `choice(...)` field (`CHOICES`)
 #   range      positive | non_negative | unit: the values `validate` accepts (`RANGES`)
+#   pack_size  True: a bound on the runs per pack, null | an int >= 1 | auto (`PACK_SIZES`, `check_pack_size`)
 #   identity   False: the field cannot change a run's result (`NOT_IDENTITY`; runs.identity leaves it out).
 #              Every field counts in a run's identity unless it says so: a new field is in it by default.
 #   packable   True: the runs of one pack may differ in it (`PACKABLE`; `pack_key`, `check_pack`): neither the
@@ -91,6 +92,12 @@ def non_negative(default: Any, **declared: Any) -> Any:
 def unit(default: Any, **declared: Any) -> Any:
     """A number field that must lie in [0, 1] (checked by `validate`)."""
     return _declared(default, range="unit", **declared)
+
+
+def pack_size_field(**declared: Any) -> Any:
+    """A field bounding the runs per pack: null (default: every compatible run), an int >= 1, or `auto`
+    (`pack_memory.auto_pack_size`); checked by `validate` (`check_pack_size`)."""
+    return _declared(None, pack_size=True, **declared)
 
 
 def bookkeeping(default: Any, **declared: Any) -> Any:
@@ -263,7 +270,10 @@ class TuneConfig:
     # process, a rung's trials as packs over one backbone, vipamin_scale/packs.py)
     launcher: str = choice("inline", "local", "slurm", "packed")
     workers: int = positive(1)  # local: trials run at once
-    pack_size: Optional[int] = positive(None)  # packed: at most this many runs per pack; None: every compatible trial of a rung
+    # packed: at most this many runs per pack; None: every compatible trial of a rung; auto: as many as a measured
+    # step and eval batch say the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little there: 1.09x
+    # the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
+    pack_size: Any = pack_size_field()
     command: Optional[str] = None  # local/slurm: the training command; None: "<python> -m vipamin_scale.cli train"
     # launcher=slurm: submitit's parameters per trial job (null = the cluster's default); add others with
     # `+tune.slurm.<name>=...` (submitit names: slurm_partition, slurm_account, slurm_qos, mem_gb, ...)
@@ -325,8 +335,10 @@ class StudyConfig:
     # local processes claiming packs (1 torch thread each on a CPU; GPU w mod the device count); under torchrun
     # or srun each rank is one worker instead (this field is then 1 per rank)
     workers: int = positive(1)
-    # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share
-    pack_size: Optional[int] = positive(None)
+    # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share; auto: as many
+    # as a measured step and eval batch say the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little
+    # there: 1.09x the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")
+    pack_size: Any = pack_size_field()
     note: str = ""  # a sentence recorded with the results (e.g. how the weights came)
 
 
@@ -367,6 +379,20 @@ CHOICES: dict[str, tuple[Any, ...]] = {name: f.metadata["choices"] for name, f i
 
 # field -> its range (positive | non_negative | unit), from the schema's `positive(...)`, ... fields
 RANGES: dict[str, str] = {name: f.metadata["range"] for name, f in schema_fields() if "range" in f.metadata}
+
+# the fields bounding the runs per pack, from the schema's `pack_size_field()` fields (`check_pack_size`)
+PACK_SIZES: tuple[str, ...] = tuple(name for name, f in schema_fields() if f.metadata.get("pack_size"))
+
+AUTO_PACK_SIZE = "auto"  # a pack size asking for as many runs as the device's memory holds (pack_memory.py)
+
+
+def check_pack_size(key: str, value: Any) -> None:
+    """One ConfigError naming `key` unless `value` is a pack size: None, an int >= 1 or "auto"."""
+    if value is None or value == AUTO_PACK_SIZE or type(value) is int and value >= 1:
+        return
+    raise ConfigError(f"{key}: must be an int >= 1, auto (as many runs as the device's memory holds) or null (every "
+                      f"compatible run); got {value!r}")
+
 
 def _declaring(key: str, value: Any) -> tuple[str, ...]:
     """Dotted names (a section's name covers all its fields) of every field whose metadata sets `key` to `value`."""
@@ -607,6 +633,8 @@ def validate(cfg: DictConfig) -> None:
             value = _get(cfg, key)
             if value is not None and not accepts(value):  # None: an Optional field left unset
                 raise ConfigError(f"{key}: {says}; got {value!r}")
+    for key in PACK_SIZES:
+        check_pack_size(key, _get(cfg, key))
     if cfg.init.energy is not None and not 0.0 < cfg.init.energy <= 1.0:
         raise ConfigError(f"init.energy: must lie in (0, 1]; got {cfg.init.energy!r}")
     if cfg.init.official_compat and (cfg.init.ln_aware or cfg.init.orth_scale != "raw"):

@@ -1,4 +1,5 @@
-"""Fault injection for the tests of resume, elastic restarts and preemption: a declared, documented option.
+"""Fault injection for the tests of resume, elastic restarts, preemption and out-of-memory packs: a declared,
+documented option.
 
 Environment variables (not config fields: a fault is not part of a run's identity, so the resumed run
 is the same run without them):
@@ -21,6 +22,9 @@ is the same run without them):
                                    the training process sends itself SIGUSR1 right after its backbone is
                                    built, on a run's first attempt only (not once resumed): a preemption
                                    signal that comes before the first step, while the run still builds
+    VIPAMIN_SCALE_OOM_ABOVE_K=N    a pack of more than N runs raises torch.OutOfMemoryError at its first training
+                                   step (after the build: its run directories are started), as a device too small
+                                   for it would; `packs.train_or_split` then splits it (N = 0: a run alone too)
 
 Production runs leave them unset; `train` reads them once per run (`kill_switch`).
 """
@@ -35,6 +39,7 @@ KILL_RANK_ENV = "VIPAMIN_SCALE_KILL_RANK"
 KILL_AFTER_CHECKPOINT_ENV = "VIPAMIN_SCALE_KILL_AFTER_CHECKPOINT"
 HOLD_AT_STEP_ENV = "VIPAMIN_SCALE_HOLD_AT_STEP"
 SIGNAL_AT_BUILD_ENV = "VIPAMIN_SCALE_SIGNAL_AT_BUILD"
+OOM_ABOVE_K_ENV = "VIPAMIN_SCALE_OOM_ABOVE_K"
 HOLD_TIMEOUT_S = 300.0
 
 
@@ -53,6 +58,15 @@ class KillSwitch:
     checkpoint: int = -1  # -1: never
     hold: int = -1  # -1: never
     signal_at_build: bool = False
+    oom_above: int = -1  # -1: never
+
+    def before_step(self, runs: int) -> None:
+        """Called by the training loop before each step of its pack of `runs` runs."""
+        if 0 <= self.oom_above < runs:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {OOM_ABOVE_K_ENV}={self.oom_above}, "
+                                         f"K={runs})")
 
     def after_step(self, step: int, rank: int) -> None:
         """Called by the training loop after each global step."""
@@ -84,4 +98,5 @@ def kill_switch(restarted: bool, resumed: bool = False) -> KillSwitch:
     return KillSwitch(int(os.environ.get(KILL_AT_STEP_ENV, "-1")), int(os.environ.get(KILL_RANK_ENV, "-1")),
                       int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "-1")),
                       -1 if resumed or requeued else int(os.environ.get(HOLD_AT_STEP_ENV, "-1")),
-                      not resumed and os.environ.get(SIGNAL_AT_BUILD_ENV) == "1")
+                      not resumed and os.environ.get(SIGNAL_AT_BUILD_ENV) == "1",
+                      int(os.environ.get(OOM_ABOVE_K_ENV, "-1")))

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import vipamin_scale.checkpoint as ckpt
@@ -46,8 +47,9 @@ import vipamin_scale.distributed as D
 import vipamin_scale.preempt as preempt
 import vipamin_scale.runs as runs
 from vipamin_scale.config import ConfigError, pack_key
+from vipamin_scale.pack_memory import resolve_pack_size
 from vipamin_scale.pool import environ
-from vipamin_scale.train import train_pack
+from vipamin_scale.train import free_device_memory, train_pack
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +251,10 @@ def _held_line(cfgs: list[DictConfig], plan: list[list[int]], left: list[int]) -
 
 
 def _train_recorded(cfgs: list[DictConfig], keep_going: bool) -> list[dict[str, Any]]:
-    """One pack trained (`train_pack`); with `keep_going`, an exception of the whole pack recorded for each
+    """One pack trained (`train_or_split`); with `keep_going`, an exception of the whole pack recorded for each
     of its runs (the one place a failed pack is recorded) instead of raised."""
     try:
-        return train_pack(cfgs)
+        return train_or_split(cfgs)
     except Exception as exc:
         if not keep_going:
             raise
@@ -262,6 +264,45 @@ def _train_recorded(cfgs: list[DictConfig], keep_going: bool) -> list[dict[str, 
             runs.record_exception(cfg, exc)
         return [{**(runs.read_result(Path(cfg.train.out_dir)) or {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}),
                  **({"bug": True} if bug else {})} for cfg in cfgs]
+
+
+def train_or_split(cfgs: list[DictConfig], split: bool = False) -> list[dict[str, Any]]:
+    """`train_pack(cfgs)`; a pack of K > 1 that runs out of device memory (torch.OutOfMemoryError) is split in two
+    halves, each trained from where the pack started (`_drop_new_checkpoints`; a fresh run's start replaces the rest
+    of the attempt, a resumed run's rewinds it), with one warning line, down to packs of one. A run that runs out of
+    memory alone after a split (`split`) fails alone: recorded as a run failing in a pack is, the others go on; a pack
+    of one given as such raises, as its solo run. Under a process group (every rank trains the pack) the error is
+    raised: the ranks would have to agree on the split."""
+    before = {cfg.train.out_dir: set(ckpt.list_checkpoints(Path(cfg.train.out_dir) / runs.CHECKPOINTS)) for cfg in cfgs}
+    try:
+        return train_pack(cfgs)
+    except torch.OutOfMemoryError as exc:
+        if D.is_dist() or len(cfgs) == 1 and not split:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+        if len(cfgs) == 1:
+            runs.record_exception(cfgs[0], exc)
+    free_device_memory()  # what the failed attempt held, released with its exception
+    if len(cfgs) == 1:
+        log.error("%s: %s (the pack's other runs go on)", cfgs[0].train.out_dir, error)
+        return [runs.read_result(Path(cfgs[0].train.out_dir)) or {"status": "failed", "error": error}]
+    half = (len(cfgs) + 1) // 2
+    log.warning("a pack of %d runs (%s ... %s) ran out of device memory: split into packs of %d and %d, each trained "
+                "from its start", len(cfgs), cfgs[0].train.out_dir, cfgs[-1].train.out_dir, half, len(cfgs) - half)
+    _drop_new_checkpoints(cfgs, before)
+    return train_or_split(cfgs[:half], split=True) + train_or_split(cfgs[half:], split=True)
+
+
+def _drop_new_checkpoints(cfgs: Sequence[DictConfig], before: dict[str, set[Path]]) -> None:
+    """Delete the checkpoints a failed attempt wrote (those not in `before`, each run's listing before it), so that
+    its runs start again where it started; a directory another live process holds is left alone."""
+    for cfg in cfgs:
+        out_dir = Path(cfg.train.out_dir)
+        if runs.is_held(out_dir):
+            continue
+        for path in ckpt.list_checkpoints(out_dir / runs.CHECKPOINTS):
+            if path not in before[cfg.train.out_dir]:
+                path.unlink()
 
 
 def _worker_device(counter) -> None:
@@ -327,7 +368,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             _save_config(OmegaConf.create(list(overrides)), "overrides.yaml", record)
         cfgs.append(task_cfg)
         jobs.append((list(overrides), task_cfg, hydra_cfg, out_dir))
-    results = run_packed(cfgs, launcher.pack_size, keep_going=True)
+    results = run_packed(cfgs, resolve_pack_size(launcher.pack_size, cfgs, "hydra.launcher.pack_size"), keep_going=True)
     returns = []
     for (overrides, task_cfg, hydra_cfg, out_dir), result in zip(jobs, results):
         ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=OmegaConf.create({"hydra": hydra_cfg}),
@@ -362,4 +403,4 @@ def _message(error: str) -> str:
     return rest if sep and head.isidentifier() else error
 
 
-__all__ = ["plan_packs", "run_packed", "launch_sweep", "sweep_code"]
+__all__ = ["plan_packs", "run_packed", "train_or_split", "launch_sweep", "sweep_code"]

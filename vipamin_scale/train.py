@@ -4,6 +4,8 @@
                          run: its failure record); the trained prompts and heads are in the runs'
                          checkpoints, never returned
     run_training(cfg) =  train_pack([cfg])[0], raising what made the run fail
+    measure_pack_memory(cfgs) -> (train, eval) peak bytes of a pack's build and first steps, and of an eval
+                         batch (no run records: how `pack_size=auto` measures, vipamin_scale/pack_memory.py)
 
 A pack (issue 22, ARCHITECTURE.md "Packs") is K ordinary runs, each a full config with its own run
 directory, trained side by side over one backbone (`models/packed.py`): the runs' trainable tensors are
@@ -72,6 +74,7 @@ pack (a rank's data error is not seen by the others, as for a solo run).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -101,8 +104,8 @@ from vipamin_scale.tracking import MetricsLog, wants_diagnostics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PackTrainer", "Run", "TrainState", "TrainingDiverged", "check_pack", "pack_key", "run_training",
-           "train_pack"]
+__all__ = ["PackTrainer", "Run", "TrainState", "TrainingDiverged", "check_pack", "free_device_memory",
+           "measure_pack_memory", "pack_key", "run_training", "train_pack"]
 
 
 class TrainingDiverged(UserError):
@@ -173,6 +176,74 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if run.error is not None:
         raise run.error
     return run.result
+
+
+def measure_pack_memory(cfgs: Sequence[DictConfig], steps: int = 2) -> tuple[int, int]:
+    """(train, eval): the peak bytes of building the pack of `cfgs` and taking `steps` training steps (the second holds
+    the optimizer's moments, as every later one), and of one eval batch after them (every run's, as `evaluate` runs
+    it), without run records (their directories get the initial prompts and metrics only). On a GPU the CUDA
+    allocator's peaks, what this process holds there included; on a CPU the CPU allocator's peak above what it held
+    before each phase (the profiler's memory events: slow, for tests). The global RNGs are restored."""
+    check_pack(cfgs)
+    rng = ckpt.rng_state()
+    try:
+        return _measure(cfgs, steps, D.device())
+    finally:
+        ckpt.set_rng_state(rng)
+        free_device_memory()  # the measured pack went with `_measure`'s frame
+
+
+def _measure(cfgs: Sequence[DictConfig], steps: int, device: torch.device) -> tuple[int, int]:
+    trainer = PackTrainer([Run(cfg, Path(cfg.train.out_dir)) for cfg in cfgs], restarted=False, alone=False)
+
+    def train() -> None:
+        trainer.build()
+        trainer.engine.model.train()
+        iters = {}
+        for key, loader in trainer.train_loaders.items():
+            loader.set_epoch(0)
+            iters[key] = iter(loader)
+        for _ in range(min(steps, trainer.steps_per_epoch)):
+            trainer.train_step({key: next(it)[:2] for key, it in iters.items()}, trainer.pack)
+
+    def evaluate() -> None:
+        trainer.evaluate({root: _FirstBatch(loader) for root, loader in trainer.eval_loaders.items()})
+
+    peaks = _peak_bytes(train, device), _peak_bytes(evaluate, device)
+    trainer._close_metrics()
+    return peaks
+
+
+def _peak_bytes(fn, device: torch.device) -> int:
+    """The peak bytes allocated while `fn()` runs: the CUDA allocator's (all it holds included), or the CPU's above
+    what it held before."""
+    if device.type != "cuda":
+        from vipamin_scale.profiling import allocator_peak
+
+        return allocator_peak(fn)[0]
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device)
+
+
+class _FirstBatch:
+    """A loader's first batch as a loader of one batch (a measured eval)."""
+
+    def __init__(self, loader):
+        self.batch = next(iter(loader))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        return iter([self.batch])
+
+
+def free_device_memory() -> None:
+    """Release what dropped tensors left cached on the GPU (reference cycles collected first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _train_pack(cfgs: Sequence[DictConfig], alone: bool = False) -> list[Run]:
@@ -496,6 +567,7 @@ class PackTrainer:
             if i < st.skip:
                 continue
             st.lrs[st.step + 1] = [self.engine.run_lr(k) if self.pack[k].live else 0.0 for k in range(len(self.pack))]
+            self.kill.before_step(len(self.pack))
             losses = self.train_step(batches, live)
             st.step += 1
             self._accumulate(losses, live)

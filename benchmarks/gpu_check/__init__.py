@@ -28,7 +28,8 @@ outside still leaves what it measured. They run in common.SECTIONS' order: issue
   packed      issues 22 and 33: the accuracy benchmark's 4-shot workload (demo shape, random weights, 112 px,
               batch 10, 80 steps, val + test) as runs/hour of 14 processes of one run each against packs of
               K = 1..64 in one process; per layout the real loop's step time (loader -> device -> step) and
-              images/s, peak GPU memory per run; accuracies equal to the solo runs'.
+              images/s, peak GPU memory per run; accuracies equal to the solo runs'. Then pack_size=auto's K
+              for the workload (pack_memory.auto_pack_size) and the measured peak of a pack of that K.
   init_size   (also) the per-layer math on the GPU in float64 against the CPU's, within 1e-10, and its time.
   train       `vipamin-scale train` (the CLI, tiny model, a few steps) under engine=ddp, zero2 and
               zero3 with activation checkpointing, each in fp32 and bf16, all at once; every loss

@@ -7,7 +7,8 @@ step (train_time_s / steps: the loader's next batch, the one copy to the device,
 optimizer step and the loss checks), the images per second of all its runs together, peak GPU memory
 (torch.cuda.max_memory_allocated) per process and per run, runs per hour and the gain over the 14 processes, and
 the largest difference of a packed run's val or test accuracy to the same run in the 14-process layout.
-Target: >= 5x the runs per hour.
+Target: >= 5x the runs per hour. Then `pack_size=auto` for the workload: its K, how it was chosen, and the peak
+memory of a pack of that K (its training steps and an eval batch; on a GPU against the 0.85 budget it was fitted to).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from gpu_check.common import Record
+from gpu_check.common import Record, compose_config
 
 
 def workload(smoke: bool) -> list[str]:
@@ -66,4 +67,26 @@ def run(rec: Record, ctx: dict) -> None:
             return row
 
         rec.item(f"k{k}", pack)
+    rec.item("auto", lambda: auto_row(compose_config([*base, *runs[0], f"train.out_dir={work / 'auto' / 'run'}"]),
+                                      work / "auto"))
     rec.save()
+
+
+def auto_row(cfg, work: Path) -> dict:
+    """`pack_size=auto` for the workload (pack_memory.auto_pack_size: its K and how it was chosen), then a pack of
+    that K measured as auto measures (train.measure_pack_memory): its peak, and on a GPU the budget it was fitted to."""
+    from gpu_check.common import cuda
+
+    from vipamin_scale.pack_memory import MEMORY_FRACTION, auto_pack_size, measured_copies
+    from vipamin_scale.train import measure_pack_memory
+
+    k, how = auto_pack_size(cfg)
+    train_peak, eval_peak = measure_pack_memory(measured_copies(cfg, k, work / f"k{k}"))
+    row = {"k": k, "how": how, "train_peak_mb": train_peak / 2 ** 20, "eval_peak_mb": eval_peak / 2 ** 20,
+           "peak_mb": max(train_peak, eval_peak) / 2 ** 20}
+    if cuda():
+        import torch
+
+        row["budget_mb"] = MEMORY_FRACTION * torch.cuda.get_device_properties(0).total_memory / 2 ** 20
+        row["within_budget"] = row["peak_mb"] <= row["budget_mb"]
+    return row

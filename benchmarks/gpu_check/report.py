@@ -125,9 +125,22 @@ def _packed(res: dict) -> list[str]:
                     f"{fmt(r.get('images_per_s_per_process'), '.0f')} | {fmt(r['wall_s'], '.0f')} | "
                     f"{fmt(r['runs_per_hour'], '.0f')} | {fmt(r.get('gain', 1.0 if key == 'solo' else None), '.2f')} | "
                     f"{fmt(r.get('gpu_peak_mb_per_run'), '.0f')} | {fmt(r.get('max_acc_diff'), '.1e')} |")
+    auto = res.get("auto")
+    tail = ["", _auto_line(auto)] if isinstance(auto, dict) else []
     if not rows:
-        return []
+        return tail
     return ["", f"Packed trials (issues 22, 33; {res.get('target')}): {res.get('workload')}. Step: the real loop's "
             "(loader, one copy to the device, step), per process.", "",
             "| layout | processes x runs | step ms | images/s / process | wall s | runs/hour | gain | peak GPU MB / run | "
-            "max acc diff vs solo |", "|---|---|---|---|---|---|---|---|---|", *rows]
+            "max acc diff vs solo |", "|---|---|---|---|---|---|---|---|---|", *rows, *tail]
+
+
+def _auto_line(auto: dict) -> str:
+    """`pack_size=auto` for the packed workload: its K, how it was chosen, the measured peak of a pack of K."""
+    if "k" not in auto:
+        return f"pack_size=auto: failed: {str(auto.get('error'))[:120]}"
+    budget = (f", budget {fmt(auto['budget_mb'], '.0f')} MB ({'within' if auto['within_budget'] else 'OVER'})"
+              if "budget_mb" in auto else "")
+    return (f"pack_size=auto: K = {auto['k']} ({auto['how']}); a pack of {auto['k']} measured: peak "
+            f"{fmt(auto['peak_mb'], '.0f')} MB (training steps {fmt(auto['train_peak_mb'], '.0f')}, eval batch "
+            f"{fmt(auto['eval_peak_mb'], '.0f')}){budget}.")

@@ -9,7 +9,7 @@ from hydra.plugins.launcher import Launcher
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, pack_size: Optional[int] = None) -> None:
+    def __init__(self, pack_size: Optional[int | str] = None) -> None:
         self.pack_size = pack_size
         self.config = self.hydra_context = self.task_function = None
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import DictConfig
 
 import vipamin_scale.runs as runs
+from vipamin_scale.config import pack_key
 from vipamin_scale.packs import PackEvents, run_packed
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def _describe(cfgs: Sequence[DictConfig]) -> str:
     return f"P{'/'.join(map(str, lengths))} x {len(cfgs)} run{'s' if len(cfgs) != 1 else ''}"
 
 
-def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Optional[int], progress: Progress,
+def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Any, progress: Progress,
                phase: str, overrides: Optional[Sequence[list[str]]] = None) -> list[dict[str, Any]]:
     """Every run's result (module docstring), in order: its result.json, or the failure record its pack returned
     (a run whose directory another process holds has none written there). `overrides`: what sets each run
@@ -224,6 +225,11 @@ def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Optional[int
     progress.begin(phase, [cfgs[i] for i in todo], len(cfgs) - len(todo))
     out = [None if i in set(todo) else runs.read_result(Path(cfg.train.out_dir)) for i, cfg in enumerate(cfgs)]
     if todo:
+        if pack_size == "auto":  # each worker measures its own device: plans may differ, claims are per run
+            from vipamin_scale.pack_memory import auto_pack_size
+
+            groups = {pack_key(cfgs[i]): cfgs[i] for i in todo}
+            pack_size = min(auto_pack_size(cfg)[0] for cfg in groups.values())
         got = run_packed([cfgs[i] for i in todo], pack_size, keep_going=True, workers=workers, events=progress,
                          cost=run_cost, wait=True)
         for i, result in zip(todo, got):

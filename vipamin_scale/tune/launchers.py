@@ -7,8 +7,8 @@ directory, config and records (vipamin_scale/runs.py), whoever starts it.
              replaces the command, e.g. "launch/torchrun.sh train")
     slurm    each as a Slurm job through submitit (`tune.slurm` holds submitit's parameters)
     packed   all of a rung's trials in this process as packs over one backbone (`run_packed`, packs of at
-             most `tune.pack_size` runs; each trial equals its inline run); under torchrun each pack is
-             a distributed run of all ranks, as inline's trials are
+             most `tune.pack_size` runs, auto: measured at the first rung; each trial equals its inline run);
+             under torchrun each pack is a distributed run of all ranks, as inline's trials are
 
 The contract of a launcher: `run(trials)` gets trials that have not ended, all of one rung (so they may
 run side by side), and returns when each has ended with a result.json, finished or failed (a trial
@@ -197,7 +197,7 @@ class PackedLauncher(InlineLauncher):
 
     name = "packed"
 
-    def __init__(self, base: DictConfig, pack_size: Optional[int] = None):
+    def __init__(self, base: DictConfig, pack_size: Optional[int | str] = None):
         super().__init__(base, train_fn=lambda cfg: None)  # trains through run_packed, never train_fn
         self.pack_size = pack_size
 
@@ -207,12 +207,16 @@ class PackedLauncher(InlineLauncher):
 
     def run(self, trials: Sequence[Trial]) -> None:
         import vipamin_scale.distributed as D
+        from vipamin_scale.pack_memory import resolve_pack_size
         from vipamin_scale.packs import run_packed
 
         for trial in trials:
             log.info("tune: %s %s", trial.name, fmt_params(trial.params))
+        cfgs = [self.config(t) for t in trials]
+        # auto: measured once, at the first rung (the later rungs' runs differ in their epochs, not their steps)
+        self.pack_size = resolve_pack_size(self.pack_size, cfgs, "tune.pack_size")
         # under torchrun run_tune joined the process group: every pack is trained by all ranks together
-        run_packed([self.config(t) for t in trials], self.pack_size, keep_going=True)
+        run_packed(cfgs, self.pack_size, keep_going=True)
         D.barrier()
         for trial in trials:  # a run that could not record itself (e.g. its directory was held)
             if D.rank() == 0 and not runs.has_ended(trial.dir):
