@@ -2,7 +2,8 @@
 
     python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 320] [--epochs 8] [--repeats 3]
                                      [--layouts 1-worker,claiming,round-robin,rr-balanced]
-    python benchmarks/bench_study.py --quick      # a smoke run: 1 run per length, 1 epoch, 1 round, no warm-up
+    python benchmarks/bench_study.py --quick      # a smoke run: 1 run per length, 1 epoch, 1 round of the first
+                                                  # 3 layouts, in this process, no warm-up
 
 The runs: a study round's uneven mix on the tiny test backbone (vit_test_d64: depth 2, width 64, 32 px, patch 8,
 so 16 patch tokens + the class token), `--runs` runs at each prompt length of `--lengths` (VPT-Deep; P = 100 is
@@ -35,6 +36,9 @@ claiming layout's; the table gives the medians and ranges (min–max) over the r
 final val and test accuracy and loss in every layout and round, compared exactly (==) with the first
 round's 1-worker layout. Also, per layout: each worker process's finish time (from its runs' result.json mtimes
 and run.json's pid), so an idle worker shows.
+
+`--commit REV`: the package measured is an export of REV (`git archive`), not the working tree (which other
+work may be changing meanwhile); the JSON records which.
 
 Prints a Markdown table and writes benchmarks/results/bench_study.json (`--json`; `--quick`: a file under --out).
 """
@@ -95,15 +99,18 @@ def _train_list(packs: list[list[Any]]) -> int:
 
 def child(spec_path: str) -> None:
     """Train the spec's runs in the spec's layout; write the call's wall time and the plan to spec['timing']."""
+    spec = json.loads(Path(spec_path).read_text())
+    sys.path.insert(0, spec["root"])  # before vipamin_scale is imported (the spawned workers get this sys.path)
     import torch
 
     import vipamin_scale
     from vipamin_scale.packs import plan_packs, run_packed
     from vipamin_scale.pool import run_in_processes
 
-    spec = json.loads(Path(spec_path).read_text())
+    assert Path(vipamin_scale.__file__).resolve().is_relative_to(Path(spec["root"]).resolve()), vipamin_scale.__file__
     cfgs = [vipamin_scale.compose([*overrides, f"train.out_dir={out}"]) for out, overrides in spec["runs"]]
     layout = spec["layout"]
+    torch.set_num_threads(spec["threads"])  # the 1-worker layout's trainer; spawned workers set their own 1
     threads = torch.get_num_threads()
     t0, started = time.perf_counter(), time.time()
     if layout == "1-worker":
@@ -135,20 +142,26 @@ def read_run(out: Path) -> dict[str, Any]:
             "ended": (out / "result.json").stat().st_mtime}
 
 
-def run_layout(layout: str, names: list[str], overrides: list[list[str]], where: Path, threads: int) -> dict[str, Any]:
-    """One layout in a fresh process (`threads`: OMP_NUM_THREADS there; spawned workers set 1); its row."""
+def run_layout(layout: str, names: list[str], overrides: list[list[str]], where: Path, threads: int,
+               root: Path = REPO, inline: bool = False) -> dict[str, Any]:
+    """One layout in a fresh process (`threads`: OMP_NUM_THREADS there; spawned workers set 1; the package
+    imported from `root`); its row."""
     where.mkdir(parents=True)
     load = os.getloadavg()[0]
     spec = where / "spec.json"
-    spec.write_text(json.dumps({"layout": layout, "timing": str(where / "timing.json"),
+    spec.write_text(json.dumps({"layout": layout, "timing": str(where / "timing.json"), "root": str(root),
+                                "threads": threads,
                                 "runs": [[str(where / n), o] for n, o in zip(names, overrides)]}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+    if inline:  # --quick: a smoke run, in this process (no fresh process per layout)
+        child(str(spec))
+    else:
+        proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{layout}: the layout's process failed:\n{proc.stderr.decode()[-4000:]}")
     process_wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{layout}: the layout's process failed:\n{proc.stderr.decode()[-4000:]}")
     timing = json.loads((where / "timing.json").read_text())
     per_run = {n: read_run(where / n) for n in names}
     workers: dict[int, dict[str, Any]] = {}
@@ -180,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="data.max_train_samples (default 320; --quick 32)")
     p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; --quick 1)")
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="which, in this order each round")
+    p.add_argument("--layouts", default=None, help=f"which, in this order each round (default {','.join(LAYOUTS)}; "
+                                                   f"--quick: {','.join(LAYOUTS[:3])})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the 1-worker layout's process (default: the CPU count)")
     p.add_argument("--quick", action="store_true", help="a smoke run well under a minute")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_study"), help="work directory (emptied first)")
     p.add_argument("--json", default=None, help="default benchmarks/results/bench_study.json (--quick: under --out)")
+    p.add_argument("--commit", default=None,
+                   help="measure the package of this commit (git archive into OUT/package), not the working tree's")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = a.epochs or (1 if q else 8)
     repeats = a.repeats or (1 if q else 3)
     lengths = [int(x) for x in a.lengths.split(",")]
-    layouts = a.layouts.split(",")
+    layouts = (a.layouts or ",".join(LAYOUTS[:3] if q else LAYOUTS)).split(",")
     if "claiming" not in layouts or set(layouts) - set(LAYOUTS):
         p.error(f"--layouts: some of {', '.join(LAYOUTS)}, claiming among them (the ratios' reference)")
     out = Path(a.out)
@@ -206,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    package = {"root": "the working tree", "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "vipamin_scale", "hydra_plugins"))}
+    root = REPO
+    if a.commit:
+        root = out / "package"
+        root.mkdir()
+        sha = _git("rev-parse", a.commit)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+        package = {"root": f"git archive {sha}", "commit": sha, "dirty": False}
     cores = os.cpu_count() or 1
     threads = a.threads or cores
     overrides = workload(n, lengths, samples, epochs)
@@ -215,24 +240,32 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"runs": len(names), "per_length": n, "lengths": lengths, "samples": samples, "epochs": epochs,
                      "overrides": overrides[0][:-3] + ["prompt.length / train.lr / train.seed: per run"],
                      "names": names},
-        "repeats": repeats, "workers": WORKERS, "layouts": layouts}
+        "package": package, "repeats": repeats, "workers": WORKERS, "layouts": layouts,
+        "threads_1_worker": threads}
     t_all = time.perf_counter()
     print(f"{len(names)} runs ({n} at each P in {lengths}), {samples} samples, {epochs} epochs; "
           f"{repeats} rounds of {', '.join(layouts)}", flush=True)
     if not q:
-        warm = run_layout("1-worker", names[:1], overrides[:1], out / "warmup", threads)  # untimed
+        warm = run_layout("1-worker", names[:1], overrides[:1], out / "warmup", threads, root)  # untimed
         print(f"  warm-up (1 run): {warm['wall_s']:.1f} s", flush=True)
     rows = []
     for r in range(repeats):
         for layout in layouts:
-            row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, threads)}
+            row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, threads, root, q)}
             rows.append(row)
             print(f"  round {r} {layout}: {row['wall_s']:.1f} s (workers finish at "
                   f"{', '.join(f'{s:.0f}' for s in row['worker_finish_s'])} s; packs "
                   f"{[len(pk) for pk in row['plan']]})", flush=True)
-    reference = rows[0]["runs"]
+    reference = next(x for x in rows if x["layout"] == "claiming")["runs"]  # round 0's claiming layout
     for row in rows:
-        row["runs_differing"] = sorted(nm for nm in names if any(row["runs"][nm][k] != reference[nm][k] for k in KEYS))
+        row["trainer_threads"] = threads if row["layout"] == "1-worker" else 1
+        mine, ref = row["runs"], reference
+        row["runs_differing"] = sorted(nm for nm in names if any(mine[nm][k] != ref[nm][k] for k in KEYS))
+        row["acc_differing"] = sorted(nm for nm in names if any(mine[nm][k] != ref[nm][k]
+                                                                for k in ("val_acc", "test_acc", "status")))
+        row["max_loss_diff"] = max(abs(mine[nm][k] - ref[nm][k]) for nm in names for k in ("val_loss", "test_loss"))
+        own = next(x for x in rows if x["layout"] == row["layout"])["runs"]  # its own layout's round 0
+        row["equal_to_own_round0"] = all(mine[nm][k] == own[nm][k] for nm in names for k in KEYS)
         claim = next(x for x in rows if x["round"] == row["round"] and x["layout"] == "claiming")
         row["over_claiming"] = row["wall_s"] / claim["wall_s"]
     summary = []
@@ -244,26 +277,49 @@ def main(argv: list[str] | None = None) -> int:
                         "over_claiming": spread([x["over_claiming"] for x in mine]),
                         "worker_finish_s": [spread([x["worker_finish_s"][k] for x in mine])
                                             for k in range(len(mine[0]["worker_finish_s"]))],
-                        "runs_differing": sorted({nm for x in mine for nm in x["runs_differing"]})})
+                        "trainer_threads": mine[0]["trainer_threads"],
+                        "runs_differing": sorted({nm for x in mine for nm in x["runs_differing"]}),
+                        "acc_differing": sorted({nm for x in mine for nm in x["acc_differing"]}),
+                        "max_loss_diff": max(x["max_loss_diff"] for x in mine),
+                        "equal_across_rounds": all(x["equal_to_own_round0"] for x in mine)})
+    # Bit-equal expected where the trainers run with the reference's torch threads (1); another thread count
+    # sums in another order (float), so there the accuracies must agree and the losses may differ in the last digits.
+    broken = [x for x in rows if x["acc_differing"] or (x["trainer_threads"] == 1 and x["runs_differing"])
+              or not x["equal_to_own_round0"]]
     record.update(summary=summary, rows=rows, total_s=time.perf_counter() - t_all,
-                  load_average_at_end=os.getloadavg(),
-                  all_runs_equal=all(not x["runs_differing"] for x in rows))
+                  load_average_at_end=os.getloadavg(), reference="round 0's claiming layout",
+                  all_runs_bit_equal=all(not x["runs_differing"] for x in rows),
+                  all_accuracies_equal=all(not x["acc_differing"] for x in rows), unexpected=len(broken))
     print(f"\n{len(names)} runs (P in {lengths}, {n} lrs each), {repeats} alternated rounds; wall s and ratio to the "
           f"same round's claiming layout: median (min–max)\n")
-    print("| layout | packs (runs each) | worker processes | wall s | / claiming | workers finish at s | "
-          "runs equal to 1-worker round 0 |\n|---|---|---|---|---|---|---|")
+    print("| layout | packs (runs each) | processes x torch threads | wall s | / claiming | workers finish at s | "
+          "per-run results vs claiming round 0 |\n|---|---|---|---|---|---|---|")
     for s in summary:
-        diff = "all" if not s["runs_differing"] else f"NO: {len(s['runs_differing'])} differ"
+        k = len(names)
+        if not s["runs_differing"]:
+            diff = f"bit-equal, {k}/{k} runs"
+        elif not s["acc_differing"]:
+            diff = (f"accuracies equal {k}/{k}; losses differ in {len(s['runs_differing'])} runs "
+                    f"(max {s['max_loss_diff']:.1e})")
+        else:
+            diff = f"ACCURACY DIFFERS in {len(s['acc_differing'])} runs"
+        diff += "" if s["equal_across_rounds"] else "; NOT equal across its rounds"
         finish = " / ".join(f"{w['median']:.0f}" for w in s["worker_finish_s"])
-        print(f"| {s['layout']} | {s['packs']} | {s['worker_processes']} | {fmt(s['wall_s'], '.1f')} | "
-              f"{fmt(s['over_claiming'], '.2f')} | {finish} | {diff} |")
-    print(f"\nper-run results (val and test accuracy and loss) equal in every layout and round: "
-          f"{record['all_runs_equal']}; total {record['total_s']:.0f} s")
+        print(f"| {s['layout']} | {s['packs']} | {s['worker_processes']} x {s['trainer_threads']} | "
+              f"{fmt(s['wall_s'], '.1f')} | {fmt(s['over_claiming'], '.2f')} | {finish} | {diff} |")
+    print(f"\nper-run results (val and test accuracy and loss): bit-equal in every layout and round: "
+          f"{record['all_runs_bit_equal']}; accuracies equal: {record['all_accuracies_equal']}; unexpected "
+          f"differences (accuracy, or a 1-thread layout not bit-equal, or a layout unequal across rounds): "
+          f"{record['unexpected']}; total {record['total_s']:.0f} s")
     path = Path(a.json) if a.json else (out / "bench_study.json" if q else RESULTS / "bench_study.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"(written to {path})")
-    return 0 if record["all_runs_equal"] else 1
+    return 1 if broken else 0
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
 
 
 def _cpu_name() -> str:

@@ -94,7 +94,7 @@ from vipamin_scale.config import (ConfigError, UserError, check_global_batch, ch
                                   validate)
 from vipamin_scale.data import build_loader, check_splits, dataset_info, resolve_root
 from vipamin_scale.engine import build_engine
-from vipamin_scale.faults import kill_switch
+from vipamin_scale.faults import KillSwitch, kill_switch
 from vipamin_scale.init.cache import SharedInits
 from vipamin_scale.models import build_model, load_backbone, normalization
 from vipamin_scale.models.packed import PromptedPack, run_losses
@@ -195,6 +195,7 @@ def measure_pack_memory(cfgs: Sequence[DictConfig], steps: int = 2) -> tuple[int
 
 def _measure(cfgs: Sequence[DictConfig], steps: int, device: torch.device) -> tuple[int, int]:
     trainer = PackTrainer([Run(cfg, Path(cfg.train.out_dir)) for cfg in cfgs], restarted=False, alone=False)
+    trainer.kill = KillSwitch()  # no injected fault in a measurement (`train` sets the run's own)
 
     def train() -> None:
         trainer.build()
