@@ -1,44 +1,63 @@
 """Uneven packs on the CPU: 2 workers claiming packs against 1 worker and against the round-robin of before.
 
     python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 320] [--epochs 8] [--repeats 3]
-                                     [--layouts 1-worker,claiming,round-robin,rr-balanced]
-    python benchmarks/bench_study.py --quick      # a smoke run: 1 run per length, 1 epoch, 1 round of the first
-                                                  # 3 layouts, in this process, no warm-up
+                                     [--layouts 1-worker,claiming,round-robin,rr-balanced] [--threads 1]
+                                     [--commit REV]
+    python benchmarks/bench_study.py --quick      # a smoke run (~30 s): 1 run per length, 1 epoch, 1 round of
+                                                  # the first 3 layouts, in this process, no warm-up
 
 The runs: a study round's uneven mix on the tiny test backbone (vit_test_d64: depth 2, width 64, 32 px, patch 8,
-so 16 patch tokens + the class token), `--runs` runs at each prompt length of `--lengths` (VPT-Deep; P = 100 is
-~6.5x the tokens a sample of P = 1: 117 against 18), the lrs of a grid, digits (`data.max_train_samples`
-`--samples`, batch 32), `--epochs` epochs, val once at the end and test, `train.progress=false`. The same configs
-(`vipamin_scale.compose`) are trained by every layout, each time into fresh run directories:
+so 16 patch tokens + the class token), `--runs` runs at each prompt length of `--lengths` (VPT-Deep; a sample of
+P = 100 has 117 tokens, one of P = 1 18), each run its own lr, digits (`data.max_train_samples` `--samples`,
+batch 32: 10 steps an epoch), `--epochs` epochs, val once at the end and test, `train.progress=false`. The same
+configs (`vipamin_scale.compose`) are trained by every layout, each time into fresh run directories:
 
-    1-worker     `run_packed(cfgs, workers=1)`: one process trains every pack of the plan, costliest first, with
-                 the machine's torch threads (2 here: what a lone worker gets by default)
+    1-worker     `run_packed(cfgs, workers=1)`: one process trains every pack of the plan (one per prompt length),
+                 costliest first, with `--threads` torch threads (default 1: the worker count is what differs;
+                 see below for 2)
     claiming     `run_packed(cfgs, workers=2)`: two spawned processes (one torch thread each) claim the packs of
-                 the cost-balanced plan (each pack at most a worker's share of the cost)
-    round-robin  the layout before the claiming change (git 20406e1^), as the packed Hydra launcher had it under
-                 torchrun with its default pack_size=null: each compatible group one pack, no balancing, worker r
+                 the plan balanced over 2 workers (each pack at most a worker's share of the cost, `run_cost`)
+    round-robin  the layout before the claiming change (20406e1^), as the packed Hydra launcher had it under
+                 torchrun at its default pack_size=null: each compatible group one pack, no balancing, worker r
                  trains packs r, r + 2, ... statically (two processes of `vipamin_scale.pool.run_in_processes`,
                  one torch thread each, each looping `train_pack` over its fixed list). The plan is
-                 `plan_packs(cfgs, pack_size=None, workers=1)`: one pack per group (a P = 1 pack and a P = 100
-                 pack), as the old `plan_packs(cfgs, None)`; the old one ordered the groups by first appearance
-                 and the new one costliest first, which only swaps which of the two workers gets which pack.
-                 The old in-process path (`workers=2` without torchrun) handed the same two packs to a pool in
-                 plan order: with two packs and two workers, the same assignment.
+                 `plan_packs(cfgs, pack_size=None, workers=1)`: one pack per compatible group, i.e. a P = 1 pack
+                 and a P = 100 pack, as the old `plan_packs(cfgs, None)` cut them; the old one listed the groups
+                 in first-appearance order and this one costliest first, which only swaps which worker gets which
+                 pack. (The old in-process path, `workers=2` without torchrun, handed the same two packs to a pool
+                 of two: the same assignment.) `pack_size=ceil(n/2)` would not be the old layout: it splits the
+                 groups, which the old launcher did only when told a pack_size.
     rr-balanced  the claiming layout's balanced plan handed out round-robin, `plan_packs(cfgs, workers=2)[r::2]`,
-                 statically as round-robin: what the balance gives without the claiming
+                 statically, as round-robin: what the balanced plan gives without the claiming
+
+The balanced plan here: `run_cost` counts a 224-px ViT/14's 256 patch tokens, so it rates a P = 100 run 1.39x
+a P = 1 run (356 / 257 tokens), not the tiny ViT's ~6.5x (117 / 18). The P = 100 group (8 x 356) is more than a
+worker's share (half of 8 x 257 + 8 x 356) and is cut into two packs of 4, the P = 1 group is one pack of 8 and
+comes first: the first worker to finish it takes the second P = 100 pack.
 
 Each layout runs in a fresh Python process of its own (this script with --child), so none inherits another's
 imports, data caches or torch state; the figure is the wall time of the layout's call in that process (the
-workers' start-up included, the common `import torch, vipamin_scale` of the layout's process not). The layouts
-alternate (1-worker, claiming, round-robin, 1-worker, ...) for `--repeats` rounds, after one untimed warm-up run
-(the digits shards built, the files in the page cache; none with --quick). A round's ratios are its layouts' wall times over its own
-claiming layout's; the table gives the medians and ranges (min–max) over the rounds. Per-run equality: every run's
-final val and test accuracy and loss in every layout and round, compared exactly (==) with the first
-round's 1-worker layout. Also, per layout: each worker process's finish time (from its runs' result.json mtimes
-and run.json's pid), so an idle worker shows.
+spawned workers' start-up included; the `import torch, vipamin_scale` every layout's process does first, not).
+The layouts alternate (1-worker, claiming, round-robin, rr-balanced, 1-worker, ...) for `--repeats` rounds,
+after one untimed warm-up run (the digits shards built, the files in the page cache). A round's ratios are its
+layouts' wall times over its own claiming layout's; the table gives the medians and ranges (min–max) over the
+rounds, and per layout each worker process's finish time (its runs' last result.json mtime, the worker known by
+run.json's pid): an idle worker shows as an early finish.
 
-`--commit REV`: the package measured is an export of REV (`git archive`), not the working tree (which other
-work may be changing meanwhile); the JSON records which.
+Per-run equality: every run's final val and test accuracy and loss in every layout and round, compared exactly
+(==) with round 0's claiming layout. Where the trainers run one torch thread (every layout at the default
+--threads 1) they must be bit-equal; a trainer with 2 threads sums in another order, so there the accuracies
+must be equal and the losses may differ in the last digits. Each layout must also be bit-equal across its own
+rounds. The exit status is 1 when any of that fails.
+
+On `--threads 2` (torch's default on this 2-core machine): with another session's process on one of the cores,
+a lone process of 2 threads trained the same pack ~2x slower than at 1 thread (its threads wait for each other
+at every op), so a 2-thread 1-worker baseline measures the machine's sharing, not the workers; it is not the
+default.
+
+`--commit REV`: the package measured is an export of REV (`git archive` into OUT/package), not the working tree
+(which other work may be changing meanwhile); the JSON records which. `--quick` trains its layouts in this
+process (a smoke run of the code paths; its figures are not a measurement).
 
 Prints a Markdown table and writes benchmarks/results/bench_study.json (`--json`; `--quick`: a file under --out).
 """
@@ -46,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -195,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="alternated rounds (default 3; --quick 1)")
     p.add_argument("--layouts", default=None, help=f"which, in this order each round (default {','.join(LAYOUTS)}; "
                                                    f"--quick: {','.join(LAYOUTS[:3])})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of the 1-worker layout's process (default: the CPU count)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the 1-worker layout's trainer")
     p.add_argument("--quick", action="store_true", help="a smoke run well under a minute")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_study"), help="work directory (emptied first)")
     p.add_argument("--json", default=None, help="default benchmarks/results/bench_study.json (--quick: under --out)")
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    package = {"root": "the working tree", "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "vipamin_scale", "hydra_plugins"))}
+    package = {"root": "the working tree", "commit": _git("rev-parse", "HEAD"),
+               "dirty": bool(_git("status", "--porcelain", "--", "vipamin_scale", "hydra_plugins"))}
     root = REPO
     if a.commit:
         root = out / "package"
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
         package = {"root": f"git archive {sha}", "commit": sha, "dirty": False}
     cores = os.cpu_count() or 1
-    threads = a.threads or cores
+    threads = a.threads
     overrides = workload(n, lengths, samples, epochs)
     names = [run_name(o) for o in overrides]
     record: dict[str, Any] = {
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  round {r} {layout}: {row['wall_s']:.1f} s (workers finish at "
                   f"{', '.join(f'{s:.0f}' for s in row['worker_finish_s'])} s; packs "
-                  f"{[len(pk) for pk in row['plan']]})", flush=True)
+                  f"{[len(pk) for pk in row['plan']]}; load average {row['load_average_1min']:.1f} before)", flush=True)
     reference = next(x for x in rows if x["layout"] == "claiming")["runs"]  # round 0's claiming layout
     for row in rows:
         row["trainer_threads"] = threads if row["layout"] == "1-worker" else 1

@@ -298,7 +298,7 @@ def _drop_new_checkpoints(cfgs: Sequence[DictConfig], before: dict[str, set[Path
     its runs start again where it started; a directory another live process holds is left alone."""
     for cfg in cfgs:
         out_dir = Path(cfg.train.out_dir)
-        if runs.is_held(out_dir):
+        if not runs.is_free(out_dir):  # another process's (this worker's own claim is no obstacle)
             continue
         for path in ckpt.list_checkpoints(out_dir / runs.CHECKPOINTS):
             if path not in before[cfg.train.out_dir]:
