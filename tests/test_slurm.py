@@ -481,15 +481,26 @@ STUDY_SCRIPT = REPO / "slurm" / "study.sh"
 QUICK_STUDY = ["study=prompt_length_quick", "study.cost=false"]
 
 
-def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninterrupted_study(slurm, tmp_path):
+@pytest.fixture(scope="module")
+def one_process_study(tmp_path_factory):
+    """The quick study's tables, run in one process (what every multi-worker layout must give)."""
+    from test_study import _tables
+
+    out = tmp_path_factory.mktemp("one_process") / "s"
+    proc = subprocess.run(cli("study", *QUICK_STUDY, f"hydra.run.dir={out}"), env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _tables(json.loads((out / "study.json").read_text()))
+
+
+def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninterrupted_study(slurm, tmp_path,
+                                                                                              one_process_study):
     """slurm/study.sh on 2 nodes (2 workers claiming packs): `scancel --signal=USR1` while both hold at their first
     step (VIPAMIN_SCALE_HOLD_AT_STEP); each stops (exit 75), the script requeues the job once, the requeued job
     continues the study, and its study.json holds the tables of the same study run in one process."""
     from test_study import _tables
 
-    ref_dir, run = tmp_path / "ref", tmp_path / "study"
-    ref = subprocess.Popen(cli("study", *QUICK_STUDY, f"hydra.run.dir={ref_dir}"), env=cli_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "study"
     env = {**cli_env(), **slurm.env, "VENV": str(REPO / ".venv"), "RUN": str(run), "PRECISION": "fp32",
            HOLD_AT_STEP_ENV: "1"}
     proc = subprocess.run(["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -526,10 +537,26 @@ def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninte
     assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
     for said in ("restart 0:", "preempted", "the workers stopped; requeueing it", "restart 1:", "done:"):
         assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
-    _, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err[-3000:]
-    assert _tables(json.loads((run / "study.json").read_text())) == _tables(json.loads((ref_dir / "study.json")
-                                                                                       .read_text()))
+    assert _tables(json.loads((run / "study.json").read_text())) == one_process_study
+
+
+def test_a_study_as_a_slurm_array_of_two_workers_gives_the_one_process_tables(slurm, tmp_path, one_process_study):
+    """study.launcher=slurm study.workers=2: two array tasks (submitit), each a worker claiming packs; this process
+    waits and prints the summary; the tables equal the one-process study's, and both workers trained runs."""
+    from test_study import _tables
+
+    out = tmp_path / "array"
+    args = ["study", *QUICK_STUDY, "study.launcher=slurm", "study.workers=2", "study.slurm.slurm_partition=debug",
+            "study.slurm.gpus_per_node=null", "study.slurm.cpus_per_task=1", "study.slurm.timeout_min=10",
+            f"hydra.run.dir={out}"]
+    proc = subprocess.run(cli(*args), cwd=REPO, env={**cli_env(), **slurm.env}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{slurm.logs()}"
+    assert "Test accuracy (%), few-shot" in proc.stdout
+    assert _tables(json.loads((out / "study.json").read_text())) == one_process_study
+    trainers = {json.loads(r.read_text())["attempts"][0]["pid"] for r in (out / "runs").rglob("run.json")}
+    assert len(trainers) == 2
+    assert len(list((out / ".submitit").glob("*/*_log.out"))) == 2
 
 
 def test_usr1_reaches_the_pack_task_a_job_step_which_requeues_and_resumes(slurm, tmp_path, digits_root):

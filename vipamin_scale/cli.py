@@ -223,6 +223,8 @@ def _task_init(cfg) -> None:
     if not cfg.out:
         raise ConfigError("out: where to write the prompts file, e.g. out=prompts.safetensors")
     init_command(cfg, cfg.out)
+    if preempt.signalled():  # asked to stop while the prompts were computed: written, so a requeued job skips the init
+        preempt.exit_requeued(f"preempted during the init: {cfg.out} written")
 
 
 def _task_diagnose(cfg) -> None:

@@ -332,9 +332,18 @@ class StudyConfig:
     selected_from: Optional[str] = None
     probe_C: dict[str, Any] = field(default_factory=lambda: {"log": [0.01, 10.0], "num": 4})  # the probe's grid of C
     cost: bool = True  # the cost of P: a solo few-shot run per (P, method) timing its step and init, peak memory
-    # local processes claiming packs (1 torch thread each on a CPU; GPU w mod the device count); under torchrun
-    # or srun each rank is one worker instead (this field is then 1 per rank)
+    # local: study.workers processes of this one claim the packs | slurm: study.workers Slurm array tasks through
+    # submitit, each a worker claiming packs (study.slurm: submitit's parameters per task); this process waits, with
+    # the study's progress lines, and prints its summary
+    launcher: str = choice("local", "slurm")
+    # local processes claiming packs (1 torch thread each on a CPU; GPU w mod the device count), or the array tasks
+    # of launcher=slurm; under torchrun or srun each rank is one worker instead (this field is then 1 per rank)
     workers: int = positive(1)
+    # launcher=slurm: submitit's parameters per worker task (null = the cluster's default); add others with
+    # `+study.slurm.<name>=...` (slurm_partition, slurm_account, slurm_qos, mem_gb, ...)
+    slurm: dict[str, Any] = field(default_factory=lambda: {
+        "slurm_partition": None, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 1, "cpus_per_task": 16,
+        "timeout_min": 720})
     # runs per pack at most; None: the compatible runs of a round, cut so that every worker gets a share; auto: as many
     # as a measured step and eval batch say the GPU holds (pack_memory.auto_pack_size), 4 on a CPU (packs gain little
     # there: 1.09x the solo runs' runs/hour at K = 4, 0.87x at K = 16, benchmarks/RESULTS.md "Packs")

@@ -87,8 +87,9 @@ def exit_requeued(said: str) -> NoReturn:
 
     job = os.environ.get("SLURM_JOB_ID")
     if D.rank() == 0:
-        if job and os.environ.get(REQUEUE_ENV) == "0":
-            log.info("%s; the job script requeues Slurm job %s", said, job)
+        if job and (os.environ.get(REQUEUE_ENV) == "0" or not _first_worker()):
+            log.info("%s; %s requeues Slurm job %s", said, "the job script" if os.environ.get(REQUEUE_ENV) == "0"
+                     else "its first worker", job)
         elif job:
             # said before the requeue: `scontrol requeue` has Slurm stop this job's steps, this process with
             # them, possibly before the command returns
@@ -100,6 +101,17 @@ def exit_requeued(said: str) -> NoReturn:
             log.info("%s; continue with train.resume=true", said)
     D.destroy()
     raise SystemExit(PREEMPT_EXIT_CODE)
+
+
+def _first_worker() -> bool:
+    """Whether this process is its job's first: rank 0 of its process group; with none up (the ranks of a job that
+    each train alone, e.g. packs claimed under torchrun), the job's first process (LOCAL_RANK and SLURM_PROCID 0), so
+    that such a job is requeued once."""
+    import vipamin_scale.distributed as D
+
+    if D.is_dist():
+        return D.rank() == 0
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
 
 
 class Preemption:

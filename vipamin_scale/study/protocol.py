@@ -52,7 +52,7 @@ SET_PER_RUN = ("prompt.length", "train.epochs", "train.warmup_epochs", "train.ev
 PROTOCOL_FIELDS = ("space", "extend_edges", "select_draws", "min_steps", "warmup_fraction", "full_samples",
                    "full_epochs", "full_batch", "probe_C")
 # Study fields that say what and how to run, not what the protocol is: never a cut.
-NOT_PROTOCOL = ("name", "workers", "pack_size", "note", "gate_from", "selected_from")
+NOT_PROTOCOL = ("name", "launcher", "workers", "slurm", "pack_size", "note", "gate_from", "selected_from")
 
 
 @dataclass(frozen=True)

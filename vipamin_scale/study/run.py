@@ -451,6 +451,10 @@ def run_study(cfg: DictConfig) -> Optional[dict[str, Any]]:
     rank, world = worker()
     if world > 1 and D.is_dist():
         raise ConfigError("study: its workers train alone; a process group is up in this process")
+    if cfg.study.launcher == "slurm" and world == 1:  # the workers are Slurm array tasks; this process waits
+        from vipamin_scale.study.slurm import run_on_slurm
+
+        return run_on_slurm(cfg)
     study = Study(cfg, leader=rank == 0)
     chosen, given = selected_from(cfg) if cfg.study.selected_from else (None, None)
     reused_gate = gate_from(cfg) if cfg.study.gate_from else None
