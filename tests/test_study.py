@@ -264,15 +264,19 @@ def test_two_worker_processes_give_the_same_tables(quick_study, tmp_path):
 @pytest.mark.slow
 def test_two_torchrun_workers_claim_the_packs_never_the_same_run_and_give_the_same_tables(quick_study, tmp_path):
     """Under torchrun (2 ranks, gloo, no process group) each rank is a worker: both plan the same rounds, claim packs
-    through the run directories' locks and meet at each round's barrier; worker 0 writes the record. Every run is
+    (at most pack_size=auto's K, 4 on a CPU, recorded) through the run directories' locks and meet at each round's
+    barrier; worker 0 writes the record. Every run is
     trained once (one attempt, one line per step in its metrics), by one of the two workers, both of which
     trained; the tables equal the one-process study's."""
     out, _, doc = quick_study
     run = tmp_path / "t2"
-    proc = subprocess.run(torchrun(2, "study", *QUICK, "study.cost=false", f"hydra.run.dir={run}"), cwd=REPO,
-                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(torchrun(2, "study", *QUICK, "study.cost=false", "study.pack_size=auto",
+                                   f"hydra.run.dir={run}"), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert _tables(json.loads((run / "study.json").read_text())) == _tables(doc)
+    two = json.loads((run / "study.json").read_text())
+    assert _tables(two) == _tables(doc)
+    assert two["pack_sizes"]["selection"]["k"] == 4 and "the CPU default" in two["pack_sizes"]["selection"]["how"][0]
     assert proc.stdout.count("Test accuracy (%), few-shot") == 1  # the leader's summary only
     trainers = set()
     for record in (run / "runs").rglob("run.json"):

@@ -57,6 +57,7 @@ class Progress(PackEvents):
         self.ended: set[int] = set()
         self._started_at: dict[int, float] = {}  # the packs running: plan index -> when it started
         self.workers = 1
+        self.pack_sizes: dict[str, dict[str, Any]] = {}  # phase -> pack_size=auto's K and how it was chosen
         self.rate: Optional[float] = None  # steps a second, over the packs that ended this session
         self._trained_steps, self._trained_s, self._round_t0 = 0, 0.0, time.monotonic()
         self._lock = threading.Lock()
@@ -229,7 +230,9 @@ def train_runs(cfgs: Sequence[DictConfig], workers: int, pack_size: Any, progres
             from vipamin_scale.pack_memory import auto_pack_size
 
             groups = {pack_key(cfgs[i]): cfgs[i] for i in todo}
-            pack_size = min(auto_pack_size(cfg)[0] for cfg in groups.values())
+            chosen = [auto_pack_size(cfg) for cfg in groups.values()]
+            pack_size = min(k for k, _ in chosen)
+            progress.pack_sizes[phase] = {"k": pack_size, "how": [how for _, how in chosen]}
         got = run_packed([cfgs[i] for i in todo], pack_size, keep_going=True, workers=workers, events=progress,
                          cost=run_cost, wait=True)
         for i, result in zip(todo, got):

@@ -522,6 +522,8 @@ def record(study: Study, reused_gate: Optional[dict[str, Any]], seconds: float) 
            "methods": list(study.methods), "lengths": list(cfg.study.lengths),
            "shots": {str(k): n for k, n in P.draws_per_shot(cfg).items()}, "seconds": seconds,
            "cost": [{"length": p, "method": m, **c} for (p, m), c in sorted(study.cost.items())]}
+    # pack_size=auto: the K this process (worker 0) measured per phase; each worker measures its own device
+    doc["pack_sizes"] = dict(study.progress.pack_sizes) if study.progress is not None else {}
     doc["paired"] = paired_records(doc)
     doc["gate"] = (reused_gate or gate_record(doc, cfg)) if cfg.study.gate else None
     return doc
