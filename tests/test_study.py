@@ -307,6 +307,22 @@ def test_workers_sigkilled_mid_pack_restart_and_resume_to_the_same_tables(quick_
     assert 2 in attempts and set(attempts) <= {1, 2}
 
 
+@pytest.mark.slow
+def test_a_worker_process_killed_mid_pack_is_taken_over_and_a_rerun_gives_the_same_tables(quick_study, tmp_path):
+    """study.workers=2 with every process SIGKILLing itself at a run's step 2: the worker processes die mid-pack; the
+    study's process says so and takes their packs over (no wait for a result that never comes), dying there too;
+    the command again ends the study with the uninterrupted study's tables."""
+    out, _, doc = quick_study
+    killed = tmp_path / "kw"
+    proc = _study(killed, "study.workers=2", "study.cost=false", env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="2"),
+                  timeout=600)
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
+    assert "a pack worker process died; this process takes over its packs" in proc.stdout + proc.stderr
+    again = _study(killed, "study.workers=2", "study.cost=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _tables(json.loads((killed / "study.json").read_text())) == _tables(doc)
+
+
 def test_the_top_level_study_presets_are_the_protocols_on_vit_l_and_h(tmp_path):
     """configs/study/ (the top-level tree, on Hydra's search path): a preset's protocol on a big backbone in bf16,
     no cut of it; a method's group found over both trees."""

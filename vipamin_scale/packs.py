@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -152,8 +153,14 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep
     if workers > 1:
         from vipamin_scale.pool import run_in_processes, worker_counter
 
-        got = run_in_processes(_pool_turn, jobs, workers, initializer=_worker_device,
-                               initargs=(worker_counter(),), on_done=lambda j, r: r != STOPPED and ended(j, r))
+        try:
+            got = run_in_processes(_pool_turn, jobs, workers, initializer=_worker_device,
+                                   initargs=(worker_counter(),), on_done=lambda j, r: r != STOPPED and ended(j, r))
+        except BrokenProcessPool:
+            if not wait:
+                raise
+            log.warning("a pack worker process died; this process takes over its packs (their runs resume)")
+            got = []
         if STOPPED in got or preempt.signalled():
             preempt.exit_requeued(f"preempted: {got.count(STOPPED)} of {len(jobs)} packs stopped (their runs "
                                   f"checkpointed or not started)")

@@ -5,14 +5,14 @@
 Workers are spawned (no fork of a process holding torch threads or CUDA) with one torch thread
 each (OMP_NUM_THREADS=1 in their environment; on a 2-core machine 2 such processes beat one with 2
 threads). They exit on their own at the end, so their libraries clean up (no leaked semaphores); an
-error in a job stops the pool and is raised here. `workers <= 1` runs the jobs in this process.
+error in a job stops the pool (the other workers terminated) and is raised here, and a worker that dies
+(SIGKILL, the kernel's out-of-memory killer) raises concurrent.futures' BrokenProcessPool here. `workers <= 1` runs the jobs in this process.
 `on_done(i, result)` is called in this process as each job ends (in the order they end): a caller's
 progress line, so no minutes pass in silence.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -38,7 +38,7 @@ def environ(**values: str) -> Iterator[None]:
 
 
 def _safely(report: Callable[[int, Any], None], i: int, result: Any) -> None:
-    """`report(i, result)` on the pool's result thread, where an exception would stall the pool."""
+    """`report(i, result)`; a failing report is a warning, never the pool's end."""
     try:
         report(i, result)
     except Exception as exc:
@@ -60,19 +60,25 @@ def run_in_processes(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int
             report(i, results[-1])
         return results
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    results: list[Any] = [None] * len(jobs)
     with environ(**{k: "1" for k in THREAD_VARS}):
-        pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                                   initargs=initargs)
         try:
-            pending = [pool.apply_async(fn, args, callback=functools.partial(_safely, report, i))
-                       for i, args in enumerate(jobs)]
-            results = [p.get() for p in pending]
+            pending = {pool.submit(fn, *args): i for i, args in enumerate(jobs)}
+            for done in as_completed(pending):
+                i = pending[done]
+                results[i] = done.result()  # a worker that died (SIGKILL, out of memory): BrokenProcessPool
+                _safely(report, i, results[i])
         except BaseException:
-            pool.terminate()
+            for proc in list((pool._processes or {}).values()):  # no public terminate before Python 3.14
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
-        pool.close()
-        pool.join()
-        return results
+        pool.shutdown(wait=True)
+    return results
 
 
 def worker_counter():
