@@ -346,6 +346,31 @@ def _job_log(tmp):
     return "\n".join(p.read_text(errors="replace") for p in sorted(tmp.glob("slurm-*.out")))
 
 
+def _signal_requeue_and_finish(slurm, job, tmp, finish_s):
+    """`scancel --signal=USR1 JOB`, then wait for the requeued job (Restarts=1; slurmctld's ~2-minute BeginTime hold
+    released) to start again and to finish COMPLETED; its log."""
+    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def restarted(info):
+        if not info:
+            return True
+        if info.get("Restarts") != "1":
+            return False
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)
+            return False
+        return True
+
+    slurm.wait_for(job, restarted, 240, "the requeued job to start again")
+    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                            "COMPLETING", "REQUEUED"),
+                          finish_s, "the requeued job to finish")
+    log = _job_log(tmp)
+    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    return log
+
+
 @pytest.fixture(scope="module")
 def two_node_run(slurm, tmp_path_factory, digits_root):
     """The script on 2 nodes, start to end, beside a single-process init with the same settings."""
@@ -448,26 +473,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_prompts(slurm, two_no
         return metrics.is_file() and '"event": "train"' in metrics.read_text()
 
     slurm.wait_for(job, training, 400, "the first training step")
-    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
-    assert sig.returncode == 0, sig.stderr
-
-    def restarted(info):
-        if not info:
-            return True
-        if info.get("Restarts") != "1":
-            return False
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            # slurmctld holds a requeued job for ~2 minutes before it may start; release it now
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)
-            return False
-        return info.get("JobState") in ("CONFIGURING", "RUNNING", "COMPLETED")
-
-    slurm.wait_for(job, restarted, 240, "the requeued job to start again")
-    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
-                                                                            "COMPLETING", "REQUEUED"),
-                          400, "the requeued job to finish")
-    log = _job_log(tmp_path)
-    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    log = _signal_requeue_and_finish(slurm, job, tmp_path, 400)
     for said in ("restart 0:", "preempted at step", "restart 1:", "resumed from"):
         assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
     preempted = int(log.split("preempted at step ")[1].split(":")[0])
@@ -516,25 +522,7 @@ def test_a_study_job_of_two_workers_is_signalled_requeued_and_ends_as_the_uninte
         return _job_log(tmp_path).count("holding at step 1") >= 2  # both workers wait in their first pack
 
     slurm.wait_for(job, held, 400, "both workers' first step")
-    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
-    assert sig.returncode == 0, sig.stderr
-
-    def restarted(info):
-        if not info:
-            return True
-        if info.get("Restarts") != "1":
-            return False
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)  # no 2-minute hold
-            return False
-        return info.get("JobState") in ("CONFIGURING", "RUNNING", "COMPLETED")
-
-    slurm.wait_for(job, restarted, 240, "the requeued job to start again")
-    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
-                                                                            "COMPLETING", "REQUEUED"),
-                          600, "the requeued job to finish")
-    log = _job_log(tmp_path)
-    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    log = _signal_requeue_and_finish(slurm, job, tmp_path, 600)
     for said in ("restart 0:", "preempted", "the workers stopped; requeueing it", "restart 1:", "done:"):
         assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
     assert _tables(json.loads((run / "study.json").read_text())) == one_process_study
@@ -575,23 +563,7 @@ def test_usr1_reaches_the_pack_task_a_job_step_which_requeues_and_resumes(slurm,
     metrics = sweep / "random-deep-len2" / "metrics.jsonl"
     slurm.wait_for(job, lambda info: metrics.is_file() and '"event": "train"' in metrics.read_text(), 300,
                    "the first training step")
-    sig = slurm.run("scancel", "--signal=USR1", job, timeout=30)
-    assert sig.returncode == 0, sig.stderr
-
-    def restarted(info):
-        if info.get("Restarts") != "1":
-            return False
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", timeout=30)  # the ~2 min hold
-            return False
-        return True
-
-    slurm.wait_for(job, restarted, 240, "the requeued task to start again")
-    done = slurm.wait_for(job, lambda i: not i or i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
-                                                                            "COMPLETING", "REQUEUED"),
-                          400, "the requeued task to finish")
-    log = _job_log(tmp_path)
-    assert done == {} or done["JobState"] == "COMPLETED", f"{done}\n{log[-6000:]}"
+    log = _signal_requeue_and_finish(slurm, job, tmp_path, 400)
     for said in ("preempted at step", "resumed from"):
         assert said in log, f"{said!r} is not in the job's log:\n{log[-6000:]}"
     for init in ("random", "vipamin"):
