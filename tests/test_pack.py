@@ -266,14 +266,16 @@ def test_runs_resuming_from_other_steps_never_share_a_pack(tmp_path, digits_root
 
 
 @pytest.mark.slow
-def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digits_root):
-    """`vipamin-scale train -m hydra/launcher=packed` under torchrun (2 ranks): 4 jobs in packs of 2, one
-    pack per rank, each trained alone (world 1); every job directory holds Hydra's records and a run's."""
+@pytest.mark.parametrize("resume", [False, True])
+def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digits_root, resume):
+    """`vipamin-scale train -m hydra/launcher=packed` under torchrun (2 ranks): 4 jobs in packs of 2, each trained
+    alone (world 1), by claim when the runs continue (train.resume=true), else round-robin (a run another rank
+    finished would be refused as an earlier sweep's); every job directory holds Hydra's records and a run's."""
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
             f"--master-port={free_port()}", "-m", "vipamin_scale.cli", "train", "-m", "hydra/launcher=packed",
             "hydra.launcher.pack_size=2", *TINY, *SHORT, "train.epochs=1", "train.lr=0.05,0.16", "init=random,vipamin",
-            f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'unused'}"]
+            f"train.resume={str(resume).lower()}", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'unused'}"]
     proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -283,7 +285,8 @@ def test_hydra_packed_launcher_spreads_packs_over_torchrun_ranks(tmp_path, digit
         assert result["pack_size"] == 2 and result["world_size"] == 1 and result["steps"] == 2
         assert (job / ".hydra" / "overrides.yaml").is_file()
         assert json.loads((job / "run.json").read_text())["status"] == "finished"
-    assert "rank 1 of 2 trains 1 of them" in proc.stdout + proc.stderr
+    said = "rank 1 is one of 2 workers claiming them" if resume else "rank 1 of 2: packs round-robin"
+    assert said in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

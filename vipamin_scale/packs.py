@@ -13,7 +13,10 @@ no process group up (world size W in the environment: each rank trains alone, on
 every rank plans the same packs). A worker takes the next pack of the plan whose runs have not ended and whose run
 directories' locks it can all take (`runs.claim`: the locks are the claim), trains the runs of it that have not
 ended by then, and claims again until the plan is done; a pack another worker holds is left to it. A worker that
-dies leaves its locks stale and its runs resumable (train.resume): the next claimant takes them over. With `wait`,
+dies leaves its locks stale and its runs resumable (train.resume): the next claimant takes them over. Ranks claim
+only when their runs continue (train.resume=true, as a study's and tune's do) or with `wait`; ranks whose runs start
+fresh take the plan's packs round-robin instead (pack r, r + W, ...), since a run that starts fresh refuses a
+directory that holds a run, and one another rank just trained is such a directory. With `wait`,
 a worker whose claims are done waits, with a line every 30 s, until every run of `cfgs` has ended (training any
 pack whose holder died), then every worker returns every run's result (read from the run directories): the
 barrier of a study's selection round. Without it, the runs another worker trained have None. Which worker
@@ -129,6 +132,13 @@ def run_packed(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, keep
     world = 1 if together else int(os.environ.get("WORLD_SIZE", "1"))
     workers = 1 if world > 1 or together else max(1, workers)
     plan = plan_packs(cfgs, pack_size, workers * world, cost)
+    if world > 1 and not (wait or all(cfg.train.resume for cfg in cfgs)):
+        # runs that start fresh refuse a directory holding a run, which a run another rank just trained does too:
+        # the ranks take the packs round-robin (each refuses only its own), not by claim
+        rank = int(os.environ.get("RANK", "0"))
+        plan = plan[rank::world]
+        log.info("rank %d of %d: packs round-robin (train.resume=false: a run another rank finished would look like "
+                 "an earlier sweep's)", rank, world)
     refused = _refused(cfgs, [i for pack in plan for i in pack])
     for i, exc in refused.items():  # as its solo run: one line (the caller prints it), its directory untouched
         results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "refused": True}
