@@ -3,7 +3,7 @@
     python benchmarks/bench_study.py [--runs 8] [--lengths 1,100] [--samples 320] [--epochs 8] [--repeats 3]
                                      [--layouts 1-worker,claiming,round-robin,rr-balanced] [--threads 1]
                                      [--commit REV]
-    python benchmarks/bench_study.py --quick      # a smoke run (~30 s): 1 run per length, 1 epoch, 1 round of
+    python benchmarks/bench_study.py --quick      # a smoke run (~40 s): 1 run per length, 1 epoch, 1 round of
                                                   # the first 3 layouts, in this process, no warm-up
 
 The runs: a study round's uneven mix on the tiny test backbone (vit_test_d64: depth 2, width 64, 32 px, patch 8,
@@ -41,8 +41,11 @@ spawned workers' start-up included; the `import torch, vipamin_scale` every layo
 The layouts alternate (1-worker, claiming, round-robin, rr-balanced, 1-worker, ...) for `--repeats` rounds,
 after one untimed warm-up run (the digits shards built, the files in the page cache). A round's ratios are its
 layouts' wall times over its own claiming layout's; the table gives the medians and ranges (min–max) over the
-rounds, and per layout each worker process's finish time (its runs' last result.json mtime, the worker known by
-run.json's pid): an idle worker shows as an early finish.
+rounds, and per layout (medians): when the first run began (run.json's attempt record, whole seconds: the
+spawned workers' start-up), each worker process's finish time (its runs' last result.json mtime, the worker
+known by run.json's pid; an idle worker shows as an early finish), the CPU seconds of the call (the layout's
+process and its joined workers, getrusage) and the cores used, CPU s / wall s: what the machine gave the layout
+(2 at most here; less while other sessions' processes run).
 
 Per-run equality: every run's final val and test accuracy and loss in every layout and round, compared exactly
 (==) with round 0's claiming layout. Where the trainers run one torch thread (every layout at the default
@@ -64,7 +67,9 @@ Prints a Markdown table and writes benchmarks/results/bench_study.json (`--json`
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -115,6 +120,14 @@ def _train_list(packs: list[list[Any]]) -> int:
     return os.getpid()
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and of its children that have been waited for."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def child(spec_path: str) -> None:
     """Train the spec's runs in the spec's layout; write the call's wall time and the plan to spec['timing']."""
     spec = json.loads(Path(spec_path).read_text())
@@ -130,7 +143,7 @@ def child(spec_path: str) -> None:
     layout = spec["layout"]
     torch.set_num_threads(spec["threads"])  # the 1-worker layout's trainer; spawned workers set their own 1
     threads = torch.get_num_threads()
-    t0, started = time.perf_counter(), time.time()
+    cpu0, t0, started = _cpu_s(), time.perf_counter(), time.time()
     if layout == "1-worker":
         plan = plan_packs(cfgs, None, 1)
         run_packed(cfgs, workers=1)
@@ -144,8 +157,9 @@ def child(spec_path: str) -> None:
     else:
         raise SystemExit(f"unknown layout {layout}")
     wall = time.perf_counter() - t0
-    Path(spec["timing"]).write_text(json.dumps({"wall_s": wall, "started": started, "threads_here": threads,
-                                                "plan": plan}))
+    cpu = _cpu_s() - cpu0  # this process's and its (joined) workers' CPU time during the call
+    Path(spec["timing"]).write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "started": started,
+                                                "threads_here": threads, "plan": plan}))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -157,6 +171,7 @@ def read_run(out: Path) -> dict[str, Any]:
     return {"val_acc": result["final_eval"]["acc"], "val_loss": result["final_eval"]["loss"],
             "test_acc": result["test"]["acc"], "test_loss": result["test"]["loss"],
             "status": result.get("status", "ok"), "pid": run["attempts"][-1]["pid"],
+            "began": datetime.datetime.fromisoformat(run["attempts"][-1]["started"]).timestamp(),
             "ended": (out / "result.json").stat().st_mtime}
 
 
@@ -184,11 +199,14 @@ def run_layout(layout: str, names: list[str], overrides: list[list[str]], where:
     per_run = {n: read_run(where / n) for n in names}
     workers: dict[int, dict[str, Any]] = {}
     for n, r in per_run.items():
-        w = workers.setdefault(r["pid"], {"runs": 0, "finished_s": 0.0})
+        w = workers.setdefault(r["pid"], {"runs": 0, "finished_s": 0.0, "began_s": math.inf})
         w["runs"] += 1
         w["finished_s"] = max(w["finished_s"], r["ended"] - timing["started"])
+        w["began_s"] = min(w["began_s"], r["began"] - timing["started"])  # run.json: whole seconds
     finish = sorted(w["finished_s"] for w in workers.values())
     return {"layout": layout, "wall_s": timing["wall_s"], "process_wall_s": process_wall, "load_average_1min": load,
+            "cpu_s": timing["cpu_s"], "cores_used": timing["cpu_s"] / timing["wall_s"],
+            "first_run_began_s": max(0.0, min(w["began_s"] for w in workers.values())),
             "threads_in_layout_process": timing["threads_here"],
             "plan": [[names[i] for i in pack] for pack in timing["plan"]],
             "worker_processes": len(workers), "worker_finish_s": finish,
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for layout in layouts:
             row = {"round": r, **run_layout(layout, names, overrides, out / f"round{r}" / layout, threads, root, q)}
             rows.append(row)
-            print(f"  round {r} {layout}: {row['wall_s']:.1f} s (workers finish at "
+            print(f"  round {r} {layout}: {row['wall_s']:.1f} s, {row['cores_used']:.2f} cores (workers finish at "
                   f"{', '.join(f'{s:.0f}' for s in row['worker_finish_s'])} s; packs "
                   f"{[len(pk) for pk in row['plan']]}; load average {row['load_average_1min']:.1f} before)", flush=True)
     reference = next(x for x in rows if x["layout"] == "claiming")["runs"]  # round 0's claiming layout
@@ -292,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         summary.append({"layout": layout, "rounds": len(mine), "packs": [len(pk) for pk in mine[0]["plan"]],
                         "worker_processes": mine[0]["worker_processes"],
                         "wall_s": spread([x["wall_s"] for x in mine]),
+                        "cpu_s": spread([x["cpu_s"] for x in mine]),
+                        "cores_used": spread([x["cores_used"] for x in mine]),
+                        "first_run_began_s": spread([x["first_run_began_s"] for x in mine]),
                         "over_claiming": spread([x["over_claiming"] for x in mine]),
                         "worker_finish_s": [spread([x["worker_finish_s"][k] for x in mine])
                                             for k in range(len(mine[0]["worker_finish_s"]))],
@@ -310,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                   all_accuracies_equal=all(not x["acc_differing"] for x in rows), unexpected=len(broken))
     print(f"\n{len(names)} runs (P in {lengths}, {n} lrs each), {repeats} alternated rounds; wall s and ratio to the "
           f"same round's claiming layout: median (min–max)\n")
-    print("| layout | packs (runs each) | processes x torch threads | wall s | / claiming | workers finish at s | "
-          "per-run results vs claiming round 0 |\n|---|---|---|---|---|---|---|")
+    print("| layout | packs (runs each) | processes x torch threads | wall s | / claiming | first run begins at s | "
+          "workers finish at s | CPU s | cores used | per-run results vs claiming round 0 |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         k = len(names)
         if not s["runs_differing"]:
@@ -324,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         diff += "" if s["equal_across_rounds"] else "; NOT equal across its rounds"
         finish = " / ".join(f"{w['median']:.0f}" for w in s["worker_finish_s"])
         print(f"| {s['layout']} | {s['packs']} | {s['worker_processes']} x {s['trainer_threads']} | "
-              f"{fmt(s['wall_s'], '.1f')} | {fmt(s['over_claiming'], '.2f')} | {finish} | {diff} |")
+              f"{fmt(s['wall_s'], '.1f')} | {fmt(s['over_claiming'], '.2f')} | "
+              f"{s['first_run_began_s']['median']:.0f} | {finish} | {s['cpu_s']['median']:.0f} | "
+              f"{fmt(s['cores_used'], '.2f')} | {diff} |")
     print(f"\nper-run results (val and test accuracy and loss): bit-equal in every layout and round: "
           f"{record['all_runs_bit_equal']}; accuracies equal: {record['all_accuracies_equal']}; unexpected "
           f"differences (accuracy, or a 1-thread layout not bit-equal, or a layout unequal across rounds): "
