@@ -62,10 +62,24 @@ POLL_S = 1.0  # and looks at the run directories this often
 
 
 def run_cost(cfg: DictConfig) -> float:
-    """A run's work for planning, in (epochs x tokens a sample): a ViT's patch tokens (256, a 224-px ViT/14's)
-    plus its prompt's. Runs of one sweep read the same data, so the epochs and the prompt length tell them apart;
-    a caller that knows each run's steps passes its own cost (the study does)."""
-    return float(cfg.train.epochs) * (256 + int(cfg.prompt.length))
+    """A run's work for planning, in (epochs x tokens a sample): the ViT's sequence, its patch tokens at
+    model.img_size (`patch_tokens`) and the CLS, plus the prompt's. Runs of one sweep read the same data, so the
+    epochs and the prompt length tell them apart; a caller that knows each run's steps passes its own cost (the
+    study does)."""
+    return float(cfg.train.epochs) * (patch_tokens(cfg) + 1 + int(cfg.prompt.length))
+
+
+def patch_tokens(cfg: DictConfig) -> int:
+    """The patch tokens of model.name at model.img_size: the patch size from the tiny test configs or the timm
+    name (`..._patch14_...`); 14 when neither says."""
+    import re
+
+    from vipamin_scale.models.backbones import TINY_CONFIGS
+
+    name = str(cfg.model.name)
+    found = re.search(r"patch(\d+)", name)
+    patch = TINY_CONFIGS[name]["patch_size"] if name in TINY_CONFIGS else int(found.group(1)) if found else 14
+    return (int(cfg.model.img_size) // patch) ** 2
 
 
 def plan_packs(cfgs: Sequence[DictConfig], pack_size: Optional[int] = None, workers: int = 1,
