@@ -116,13 +116,17 @@ def test_a_study_rerun_reuses_every_run_and_a_killed_one_resumes_to_the_same_tab
     assert "0/0 runs done" not in again.stdout and " reused)" in again.stdout
     assert _tables(json.loads((out / "study.json").read_text())) == _tables(doc)
 
+    # study.workers=2, every process SIGKILLing itself at a run's step 2 (its first pack's last step): the worker
+    # processes die mid-pack; the study's process says so and takes their packs over (no wait for a result that
+    # never comes), dying there too; the command again ends the study with the uninterrupted study's tables
     killed = tmp_path / "k"
-    proc = _study(killed, env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="2"))  # SIGKILL at the first pack's last step
+    proc = _study(killed, "study.workers=2", env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="2"))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "a pack worker process died; this process takes over its packs" in proc.stdout + proc.stderr
     status = subprocess.run(cli("study", "--status", str(killed)), env=cli_env(), capture_output=True, text=True,
                             timeout=120)
     assert status.returncode == 0 and "study stopped" in status.stdout, status.stdout
-    resumed = _study(killed)
+    resumed = _study(killed, "study.workers=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     theirs = _tables(json.loads((killed / "study.json").read_text()))
     assert theirs == _tables(doc)
@@ -250,18 +254,6 @@ def test_report_pairs_each_method_at_its_own_selected_lr(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_worker_processes_give_the_same_tables(quick_study, tmp_path):
-    """study.workers=2: the packs of a round go to two spawned processes (`packs.run_packed`); every run equals
-    the one trained in-process, so the tables are the same."""
-    out, _, doc = quick_study
-    proc = _study(tmp_path / "w2", "study.workers=2", "study.cost=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "w2" / "study.json").read_text())
-    assert _tables(two) == _tables(doc)
-    assert any("running: P1 x" in ln and "; P4 x" in ln for ln in proc.stdout.splitlines())  # two packs at once
-
-
-@pytest.mark.slow
 def test_two_torchrun_workers_claim_the_packs_never_the_same_run_and_give_the_same_tables(quick_study, tmp_path):
     """Under torchrun (2 ranks, gloo, no process group) each rank is a worker: both plan the same rounds, claim packs
     (at most pack_size=auto's K, 4 on a CPU, recorded) through the run directories' locks and meet at each round's
@@ -305,22 +297,6 @@ def test_workers_sigkilled_mid_pack_restart_and_resume_to_the_same_tables(quick_
     assert _tables(json.loads((run / "study.json").read_text())) == _tables(doc)
     attempts = [len(json.loads(r.read_text())["attempts"]) for r in (run / "runs").rglob("run.json")]
     assert 2 in attempts and set(attempts) <= {1, 2}
-
-
-@pytest.mark.slow
-def test_a_worker_process_killed_mid_pack_is_taken_over_and_a_rerun_gives_the_same_tables(quick_study, tmp_path):
-    """study.workers=2 with every process SIGKILLing itself at a run's step 2: the worker processes die mid-pack; the
-    study's process says so and takes their packs over (no wait for a result that never comes), dying there too;
-    the command again ends the study with the uninterrupted study's tables."""
-    out, _, doc = quick_study
-    killed = tmp_path / "kw"
-    proc = _study(killed, "study.workers=2", "study.cost=false", env=cli_env(VIPAMIN_SCALE_KILL_AT_STEP="2"),
-                  timeout=600)
-    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
-    assert "a pack worker process died; this process takes over its packs" in proc.stdout + proc.stderr
-    again = _study(killed, "study.workers=2", "study.cost=false")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _tables(json.loads((killed / "study.json").read_text())) == _tables(doc)
 
 
 def test_the_top_level_study_presets_are_the_protocols_on_vit_l_and_h(tmp_path):
