@@ -270,7 +270,8 @@ def _barrier(cfgs: list[DictConfig], plan: list[list[int]], jobs: list[tuple], e
 
 
 def _held_line(cfgs: list[DictConfig], plan: list[list[int]], left: list[int]) -> str:
-    """Which packs other workers hold, and who: `2 packs (P100 x 9 runs, ...) held by pid 12 on n3, ...`."""
+    """Which packs other workers hold, and who: `waiting for 2 pack(s) of 9 runs that other workers hold (pid 12 on
+    n3, ...)`."""
     holders = set()
     for j in left:
         for i in plan[j]:
